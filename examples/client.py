@@ -1,0 +1,154 @@
+"""Call a sluice model with the stock Triton gRPC client (``tritonclient.grpc``), unchanged.
+
+sluice speaks the KServe v2 / Triton gRPC protocol, so any Triton client works::
+
+    python examples/client.py --url 127.0.0.1:8001                  # iris, latest version
+    python examples/client.py --url 127.0.0.1:8001 --version 1      # iris version 1 (LogisticRegression)
+    python examples/client.py --url 127.0.0.1:8001 --model mlp      # 3 random rows through the tiny MLP
+
+Exit status: 0 on success, 2 if the server cannot be reached or is not ready, 3 if the model is not
+ready, 4 if the inference call fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+# Three rows of sklearn's iris data set, one per class (setosa, versicolor, virginica).
+IRIS_ROWS = np.array(
+    [[5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [6.3, 3.3, 6.0, 2.5]],
+    dtype=np.float32,
+)
+IRIS_CLASSES = ("setosa", "versicolor", "virginica")
+
+NUMPY_DTYPES: dict[str, Any] = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _make_inputs(model: str, metadata: Any, rows: int, seed: int) -> list[grpcclient.InferInput]:
+    """Iris gets the three canned rows; any other model gets seeded random rows shaped from its metadata."""
+    if model == "iris":
+        name = metadata.inputs[0].name if metadata.inputs else "input"
+        tensor = grpcclient.InferInput(name, list(IRIS_ROWS.shape), "FP32")
+        tensor.set_data_from_numpy(IRIS_ROWS)
+        return [tensor]
+    if not metadata.inputs:
+        raise ValueError(f"model {model!r} publishes no input metadata; cannot make up inputs for it")
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for meta in metadata.inputs:
+        dtype = NUMPY_DTYPES.get(meta.datatype)
+        if dtype is None:
+            raise ValueError(f"input {meta.name!r} has datatype {meta.datatype}; this example can't fill it")
+        # Replace every dynamic (-1) dimension: the first by the row count, any other by 1.
+        shape = [int(d) for d in meta.shape]
+        shape = [rows if i == 0 and d < 0 else (1 if d < 0 else d) for i, d in enumerate(shape)]
+        data = rng.standard_normal(shape).astype(dtype)
+        tensor = grpcclient.InferInput(meta.name, shape, meta.datatype)
+        tensor.set_data_from_numpy(data)
+        inputs.append(tensor)
+    return inputs
+
+
+def _print_result(model: str, result: Any) -> None:
+    names = [o.name for o in result.get_response().outputs]
+    if model == "iris" and {"label", "probabilities"} <= set(names):
+        labels = result.as_numpy("label").reshape(-1)  # some servers return [N, 1]
+        probs = result.as_numpy("probabilities")
+        for row, label, p in zip(IRIS_ROWS, labels, probs, strict=True):
+            pretty = ", ".join(f"{c}={v:.3f}" for c, v in zip(IRIS_CLASSES, p, strict=True))
+            name = IRIS_CLASSES[int(label)]
+            print(f"  {[round(float(v), 1) for v in row]} -> label {int(label)} ({name}); {pretty}")
+        return
+    np.set_printoptions(precision=4, suppress=True, linewidth=100, threshold=40)
+    for name in names:
+        value = result.as_numpy(name)
+        print(f"  {name}: shape {list(value.shape)} dtype {value.dtype}")
+        print("   ", str(value).replace("\n", "\n    "))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Call a sluice (KServe v2 / Triton gRPC) model.")
+    parser.add_argument("--url", default="127.0.0.1:8001", help="host:port of the gRPC endpoint")
+    parser.add_argument("--model", default="iris", help="model name (default: iris)")
+    parser.add_argument("--version", default="", help='model version; "" = the server picks (latest)')
+    parser.add_argument("--rows", type=int, default=3, help="rows to send for non-iris models")
+    parser.add_argument("--seed", type=int, default=0, help="RNG seed for non-iris inputs")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    args = parser.parse_args(argv)
+
+    try:
+        client = grpcclient.InferenceServerClient(url=args.url)
+    except InferenceServerException as exc:
+        return _fail(2, f"cannot create a client for {args.url}: {exc}")
+
+    with client:
+        try:
+            live = client.is_server_live(client_timeout=args.timeout)
+            ready = client.is_server_ready(client_timeout=args.timeout)
+        except InferenceServerException as exc:
+            return _fail(
+                2,
+                f"server at {args.url} is unreachable ({exc.status() or 'no status'}: {exc.message()}).\n"
+                "       Is it running? e.g. `sluice serve --repo DIR --port 8001`",
+            )
+        if not (live and ready):
+            return _fail(2, f"server at {args.url} answers but is not ready (live={live}, ready={ready})")
+        print(f"server {args.url}: live, ready")
+
+        shown_version = args.version or "latest"
+        try:
+            model_ready = client.is_model_ready(args.model, args.version, client_timeout=args.timeout)
+        except InferenceServerException as exc:
+            return _fail(3, f"model readiness check failed: {exc.message()}")
+        if not model_ready:
+            return _fail(3, f"model {args.model!r} version {shown_version} is not ready (or unknown)")
+        try:
+            metadata = client.get_model_metadata(args.model, args.version, client_timeout=args.timeout)
+        except InferenceServerException as exc:
+            return _fail(3, f"cannot read metadata of {args.model!r}: {exc.message()}")
+        print(f"model {metadata.name!r} versions {list(metadata.versions)} ready ({metadata.platform})")
+
+        try:
+            inputs = _make_inputs(args.model, metadata, args.rows, args.seed)
+        except ValueError as exc:
+            return _fail(4, str(exc))
+        # Ask for every output the metadata lists (none listed: the server sends all of them).
+        outputs = [grpcclient.InferRequestedOutput(o.name) for o in metadata.outputs] or None
+        try:
+            result = client.infer(
+                args.model,
+                inputs,
+                model_version=args.version,
+                outputs=outputs,
+                client_timeout=args.timeout,
+            )
+        except InferenceServerException as exc:
+            return _fail(4, f"inference failed ({exc.status()}): {exc.message()}")
+        response = result.get_response()
+        print(f"response from {response.model_name!r} version {response.model_version or '?'}:")
+        _print_result(args.model, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Typed JSON documents stored under the key schema, and the one routing-document validator.
+
+The CLI, the gateway controller and the docs all go through :func:`parse_routing_document`, so a
+document that one accepts, all accept, with the same error messages.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mesh.errors import InvalidDocumentError, InvalidNameError
+from mesh.keys import validate_instance_id, validate_model_name, validate_version
+
+MAX_WEIGHT = 1_000_000
+_HEADER_RE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+class InstanceState(str, enum.Enum):
+    """Lifecycle of one registered instance; the gateway routes only to ``serving``."""
+
+    SERVING = "serving"
+    DRAINING = "draining"
+
+
+def _format_validation_error(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "document"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}")
+    return problems
+
+
+def _load_json(raw: bytes | str, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidDocumentError(what, [f"not valid JSON: {exc}"]) from exc
+
+
+class InstanceRecord(BaseModel):
+    """One process serving one model version, at ``models/<model>/instances/<version>/<instance-id>``.
+
+    Unknown fields are ignored when reading, so newer services can add fields without breaking
+    older gateways.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    address: str
+    """``host:port`` of the gRPC endpoint that serves this version."""
+    model: str
+    version: int = Field(ge=1)
+    instance_id: str
+    state: InstanceState = InstanceState.SERVING
+    sha256: str | None = None
+    """Hex digest of the served ``model.onnx``."""
+    started: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    """When the version started serving; unix seconds or ISO 8601 are accepted, ISO is written."""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        try:
+            return validate_model_name(value)
+        except InvalidNameError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("instance_id")
+    @classmethod
+    def _check_instance_id(cls, value: str) -> str:
+        try:
+            return validate_instance_id(value)
+        except InvalidNameError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("sha256")
+    @classmethod
+    def _check_sha256(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256_RE.fullmatch(value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+    @field_validator("started")
+    @classmethod
+    def _assume_utc(cls, value: datetime) -> datetime:
+        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> InstanceRecord:
+        data = _load_json(raw, "instance record")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidDocumentError("instance record", _format_validation_error(exc)) from exc
+
+
+class RoutingDocument(BaseModel):
+    """How traffic of one model splits over its versions, at ``models/<model>/routing``.
+
+    Build it through :func:`parse_routing_document` (or :meth:`from_weights`), which validate.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: dict[int, int]
+    """Version → relative weight (≥ 0); the weights sum to more than 0."""
+    sticky_header: str | None = None
+    """Requests with the same value of this header go to the same version."""
+    default_version: int | None = None
+    """Takes all traffic when no weighted version has serving instances."""
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[int | str, int], sticky_header: str | None = None,
+                     default_version: int | None = None) -> RoutingDocument:
+        document: dict[str, Any] = {"weights": {str(k): v for k, v in weights.items()}}
+        if sticky_header is not None:
+            document["sticky_header"] = sticky_header
+        if default_version is not None:
+            document["default_version"] = default_version
+        return parse_routing_document(document)
+
+    def to_dict(self) -> dict[str, Any]:
+        document: dict[str, Any] = {"weights": {str(v): w for v, w in sorted(self.weights.items())}}
+        if self.sticky_header is not None:
+            document["sticky_header"] = self.sticky_header
+        if self.default_version is not None:
+            document["default_version"] = self.default_version
+        return document
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
+
+    def percentages(self) -> dict[int, float]:
+        total = sum(self.weights.values())
+        return {version: 100.0 * weight / total for version, weight in sorted(self.weights.items())}
+
+
+ROUTING_FIELDS = ("weights", "sticky_header", "default_version")
+
+
+def parse_routing_document(raw: bytes | str | Mapping[str, Any]) -> RoutingDocument:
+    """Validate a routing document (JSON text or already-decoded mapping).
+
+    Raises :class:`InvalidDocumentError` listing every problem, each naming its field.
+    """
+    data = _load_json(raw, "routing document") if isinstance(raw, (bytes, str)) else raw
+    if not isinstance(data, Mapping):
+        raise InvalidDocumentError("routing document", [f"must be a JSON object, got {type(data).__name__}"])
+    problems: list[str] = []
+    for field in data:
+        if field not in ROUTING_FIELDS:
+            problems.append(f"unknown field {field!r} (allowed: {', '.join(ROUTING_FIELDS)})")
+
+    weights: dict[int, int] = {}
+    raw_weights = data.get("weights")
+    if raw_weights is None:
+        problems.append("weights: required (an object of version -> weight)")
+    elif not isinstance(raw_weights, Mapping):
+        problems.append(f"weights: must be an object of version -> weight, got {type(raw_weights).__name__}")
+    elif not raw_weights:
+        problems.append("weights: must name at least one version")
+    else:
+        for version_text, weight in raw_weights.items():
+            try:
+                version = validate_version(str(version_text))
+            except InvalidNameError:
+                problems.append(f"weights: version {version_text!r} is not a positive integer")
+                continue
+            if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+                problems.append(f"weights: weight of version {version_text!r} must be an integer "
+                                f"0..{MAX_WEIGHT}, got {weight!r}")
+                continue
+            if version in weights:
+                problems.append(f"weights: version {version_text!r} appears twice")
+                continue
+            weights[version] = weight
+        if weights and len(weights) == len(raw_weights) and sum(weights.values()) <= 0:
+            problems.append("weights must sum to > 0")
+
+    sticky_header = data.get("sticky_header")
+    if sticky_header is not None:
+        if not isinstance(sticky_header, str) or not _HEADER_RE.fullmatch(sticky_header.lower()):
+            problems.append(f"sticky_header: {sticky_header!r} is not an HTTP header name")
+        else:
+            sticky_header = sticky_header.lower()
+
+    default_version = data.get("default_version")
+    if default_version is not None and (isinstance(default_version, bool)
+                                        or not isinstance(default_version, int) or default_version < 1):
+        problems.append(f"default_version: {default_version!r} is not a positive integer")
+
+    if problems:
+        raise InvalidDocumentError("routing document", problems)
+    return RoutingDocument.model_construct(weights=weights, sticky_header=sticky_header,
+                                           default_version=default_version)
+
+
+class StatusDocument(BaseModel):
+    """What the gateway applied for one model, at ``models/<model>/status`` (written by the gateway)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    effective_weights: dict[int, int] = Field(default_factory=dict)
+    """Version → weight actually in Envoy's route (weighted versions without instances dropped)."""
+    applied_revision: int = 0
+    """The etcd revision of the registry state that was rendered."""
+    envoy_config_version: str = ""
+    published_at: datetime | None = None
+    warnings: list[str] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+    """E.g. an invalid routing document (the last good routing stays in force)."""
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> StatusDocument:
+        data = _load_json(raw, "status document")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidDocumentError("status document", _format_validation_error(exc)) from exc

@@ -1,0 +1,121 @@
+"""Per-model configuration: ``<repo>/<model>/config.yaml``. Every key is optional."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.errors import ModelLoadError
+
+CONFIG_FILE = "config.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DynamicBatching(_Strict):
+    """How concurrent requests are merged into one ONNX Runtime call."""
+
+    max_queue_delay_us: int = Field(0, ge=0, le=10_000_000)
+    """Once a request waits, how long to hold it for more to arrive (0: run with what is queued)."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Stop waiting early when the batch reaches one of these sizes."""
+    max_queue_size: int = Field(1024, ge=1)
+    """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED."""
+
+
+class SessionOptions(_Strict):
+    intra_op_threads: int = Field(1, ge=0)
+    inter_op_threads: int = Field(1, ge=0)
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = "all"
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    memory_arena: bool = True
+
+
+class ExecutionProvider(_Strict):
+    name: Literal["cpu", "cuda", "tensorrt"]
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class VersionPolicy(_Strict):
+    """Which versions on disk are served: exactly one of ``all``, ``latest`` or ``specific``."""
+
+    all: bool = False
+    latest: int | None = Field(None, ge=1)
+    specific: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        chosen = sum((self.all, self.latest is not None, self.specific is not None))
+        if chosen > 1:
+            raise ValueError("version_policy takes exactly one of all, latest, specific")
+        return self
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The versions to serve, ascending. The default (nothing set) serves all of them."""
+        ordered = sorted(versions)
+        if self.latest is not None:
+            return ordered[-self.latest :]
+        if self.specific is not None:
+            wanted = set(self.specific)
+            return [v for v in ordered if v in wanted]
+        return ordered
+
+
+class WarmupInput(_Strict):
+    name: str
+    datatype: str | None = None
+    shape: tuple[int, ...]
+    fill: float = 0.0
+
+
+class ModelConfig(_Strict):
+    """Everything ``config.yaml`` may set for one model (all its versions)."""
+
+    max_batch_size: int | None = Field(None, ge=0)
+    """0 disables batching; unset means 32 where every input's first dimension is dynamic."""
+    dynamic_batching: DynamicBatching = DynamicBatching()
+    instances: int = Field(1, ge=1, le=64)
+    """ONNX Runtime calls that may run at the same time for one version."""
+    session: SessionOptions = SessionOptions()
+    execution_providers: tuple[ExecutionProvider, ...] = (ExecutionProvider(name="cpu"),)
+    allow_cpu_fallback: bool = False
+    """With a GPU provider asked for, serve on CPU when it is not usable instead of failing."""
+    version_policy: VersionPolicy = VersionPolicy()
+    require_ready_marker: bool = False
+    """Only load a version once a ``READY`` file exists in its folder."""
+    warmup: tuple[WarmupInput, ...] = ()
+    """Warm-up inputs; when empty, one is generated from the model's signature."""
+    warmup_runs: int = Field(1, ge=0, le=100)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_strings(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        return value
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read ``model_dir/config.yaml``; a missing file means all defaults."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return ModelConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelLoadError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ModelLoadError(f"{path}: {problems}") from exc

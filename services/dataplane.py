@@ -1,0 +1,105 @@
+"""The transport-free core of the service: inference, metadata, statistics, readiness.
+
+gRPC servicers only convert protobuf to these calls and back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from services import __version__
+from services.errors import SluiceError, status_name
+from services.manager import ModelManager
+from services.model import VersionInfo
+from services.registry import ModelRegistry, ServedVersion, VersionStatus
+from services.types import InferOutput, InferRequest, InferResponse
+
+SERVER_NAME = "sluice"
+EXTENSIONS = ("model_repository", "statistics", "binary_tensor_data")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[int]
+    info: VersionInfo
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry, manager: ModelManager) -> None:
+        self.registry = registry
+        self.manager = manager
+        self.started = False
+        self.stopping = False
+
+    # -- health -------------------------------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Ready once the start-up load pass finished and until shutdown begins.
+
+        It never depends on a model that failed to load: that model is simply not ready.
+        """
+        return self.started and not self.stopping
+
+    def model_ready(self, name: str, version: int | None) -> bool:
+        try:
+            self.registry.resolve(name, version)
+        except SluiceError:
+            return False
+        return not self.stopping
+
+    # -- metadata -----------------------------------------------------------------------------
+    def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
+        return SERVER_NAME, __version__, EXTENSIONS
+
+    def model_metadata(self, name: str, version: int | None) -> ModelMetadata:
+        served = self.registry.resolve(name, version)
+        return ModelMetadata(name, self.registry.ready_versions(name), served.model.info())
+
+    def resolve(self, name: str, version: int | None) -> ServedVersion:
+        return self.registry.resolve(name, version)
+
+    def repository_index(self) -> list[VersionStatus]:
+        return self.registry.index()
+
+    def statistics(self, name: str, version: int | None) -> list[ServedVersion]:
+        if not name:
+            return [s for versions in self.registry.served().values() for s in versions.values()]
+        if version is None:
+            self.registry.resolve(name, None)  # raises the right error for unknown models
+            return list(self.registry.served().get(name, {}).values())
+        return [self.registry.resolve(name, version)]
+
+    # -- inference ----------------------------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        started = time.monotonic()
+        served = self.registry.resolve(request.model, request.version)
+        model = served.model
+        metrics = served.metrics
+        metrics.inflight.inc()
+        try:
+            rows = model.validate(request.inputs, request.outputs)
+            feeds = {tensor.name: tensor.data for tensor in request.inputs}
+            names = tuple(request.outputs) if request.outputs else tuple(model.output_names)
+            result = await served.batcher.submit(feeds, rows, tuple(request.outputs), request.deadline)
+        except SluiceError as exc:
+            served.stats.fail.add(time.monotonic() - started)
+            metrics.failed(status_name(exc))
+            raise
+        finally:
+            metrics.inflight.dec()
+        total = time.monotonic() - started
+        served.stats.record_success(rows, total, result.queue_seconds)
+        metrics.ok.inc()
+        metrics.queue.observe(result.queue_seconds)
+        metrics.compute.observe(result.compute_seconds)
+        metrics.total.observe(total)
+        specs = {spec.name: spec.datatype for spec in model.outputs}
+        outputs = [
+            InferOutput(name, specs[name], tuple(int(d) for d in array.shape), array)
+            for name, array in zip(names, result.outputs, strict=True)
+        ]
+        return InferResponse(model.name, model.version, request.id, outputs)

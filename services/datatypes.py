@@ -1,0 +1,156 @@
+"""KServe v2 datatypes: mapping to numpy and ONNX, raw byte decoding and BYTES framing."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from services.errors import InvalidRequestError, UnsupportedError
+
+# KServe datatype name -> numpy dtype (little-endian, as the wire format is). BYTES is an object
+# array of ``bytes``; BF16 has no numpy dtype of its own and is refused where it is needed.
+_NUMPY: Final[dict[str, np.dtype[Any]]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "BYTES": np.dtype(np.object_),
+}
+
+_FROM_NUMPY: Final[dict[str, str]] = {
+    np.dtype(np.bool_).str: "BOOL",
+    **{dtype.str: name for name, dtype in _NUMPY.items() if name not in ("BOOL", "BYTES")},
+}
+
+# ONNX tensor element type as ONNX Runtime reports it ("tensor(float)") -> KServe name.
+_ONNX: Final[dict[str, str]] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+    "tensor(bfloat16)": "BF16",
+}
+
+# Triton model-config enum names (ModelConfig RPC) for each KServe datatype.
+TRITON_TYPE: Final[dict[str, str]] = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+    "BF16": "TYPE_BF16",
+}
+
+ALL_DATATYPES: Final[tuple[str, ...]] = (*_NUMPY.keys(), "BF16")
+
+
+def from_onnx(onnx_type: str) -> str:
+    """KServe datatype of an ONNX Runtime type string such as ``tensor(float)``."""
+    try:
+        return _ONNX[onnx_type]
+    except KeyError:
+        raise UnsupportedError(f"ONNX type {onnx_type} has no KServe v2 datatype") from None
+
+
+def to_numpy(datatype: str) -> np.dtype[Any]:
+    try:
+        return _NUMPY[datatype]
+    except KeyError:
+        if datatype == "BF16":
+            raise UnsupportedError("datatype BF16 is not supported by ONNX Runtime's Python API") from None
+        raise InvalidRequestError(
+            f"unknown datatype {datatype!r}; expected one of {', '.join(ALL_DATATYPES)}"
+        ) from None
+
+
+def from_numpy(array: npt.NDArray[Any]) -> str:
+    """KServe datatype of an output array from ONNX Runtime."""
+    if array.dtype.kind in ("O", "U", "S"):
+        return "BYTES"
+    try:
+        return _FROM_NUMPY[array.dtype.newbyteorder("<").str if array.dtype.byteorder == ">" else array.dtype.str]
+    except KeyError:
+        raise UnsupportedError(f"output dtype {array.dtype} has no KServe v2 datatype") from None
+
+
+def element_count(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> npt.NDArray[np.object_]:
+    """Split BYTES framing (4-byte little-endian length, then the bytes) into ``count`` elements."""
+    view = memoryview(raw)
+    out = np.empty(count, dtype=np.object_)
+    offset = 0
+    total = len(view)
+    for index in range(count):
+        if offset + 4 > total:
+            raise InvalidRequestError(
+                f"input '{name}': BYTES data ends after {index} of {count} elements "
+                f"(no 4-byte length prefix at offset {offset})"
+            )
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > total:
+            raise InvalidRequestError(
+                f"input '{name}': BYTES element {index} declares {length} bytes but only "
+                f"{total - offset} remain"
+            )
+        out[index] = bytes(view[offset : offset + length])
+        offset += length
+    if offset != total:
+        raise InvalidRequestError(
+            f"input '{name}': {total - offset} bytes left over after {count} BYTES elements"
+        )
+    return out
+
+
+def encode_bytes(array: npt.NDArray[Any]) -> bytes:
+    """BYTES framing of an array of str/bytes, row-major."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts.append(struct.pack("<I", len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def to_raw(array: npt.NDArray[Any]) -> bytes:
+    """Row-major little-endian bytes of an output array, as ``raw_output_contents`` carries them."""
+    if array.dtype.kind in ("O", "U", "S"):
+        return encode_bytes(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array).tobytes()

@@ -1,0 +1,61 @@
+"""The service's exception root. Transport-free: the gRPC layer maps these to status codes."""
+
+from __future__ import annotations
+
+
+class SluiceError(Exception):
+    """Root of every error a client or operator can cause; the message is shown to the client."""
+
+
+class InvalidRequestError(SluiceError):
+    """The request is malformed: wrong input name, shape, datatype, byte length, framing…"""
+
+
+class ModelNotFoundError(SluiceError):
+    """No such model, or no such version of it."""
+
+
+class ModelNotReadyError(SluiceError):
+    """The model (version) exists but cannot serve right now (loading, draining, failed)."""
+
+
+class QueueFullError(SluiceError):
+    """The model's request queue is at its limit."""
+
+
+class DeadlineExceededError(SluiceError):
+    """The request's deadline passed before it could run."""
+
+
+class UnsupportedError(SluiceError):
+    """The operation or datatype is not supported by this server or runtime."""
+
+
+class ModelLoadError(SluiceError):
+    """A model version could not be loaded; the reason says why."""
+
+
+class InferenceError(SluiceError):
+    """ONNX Runtime failed while running a request that passed validation."""
+
+
+# The one table from errors to status codes (canonical gRPC code names). The gRPC interceptor
+# applies it; metrics label failures with it. Anything not listed here is INTERNAL.
+STATUS_CODES: dict[type[SluiceError], str] = {
+    InvalidRequestError: "INVALID_ARGUMENT",
+    ModelNotFoundError: "NOT_FOUND",
+    ModelNotReadyError: "UNAVAILABLE",
+    QueueFullError: "RESOURCE_EXHAUSTED",
+    DeadlineExceededError: "DEADLINE_EXCEEDED",
+    UnsupportedError: "UNIMPLEMENTED",
+    ModelLoadError: "FAILED_PRECONDITION",
+    InferenceError: "INTERNAL",
+}
+
+
+def status_name(exc: BaseException) -> str:
+    for cls in type(exc).__mro__:
+        code = STATUS_CODES.get(cls)  # type: ignore[call-overload]
+        if code is not None:
+            return code
+    return "INTERNAL"

@@ -1,0 +1,219 @@
+"""Protobuf ⇄ data-plane objects. Raw tensors become zero-copy numpy views of the request bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import model_config_pb2 as mc
+from services import datatypes
+from services.errors import InvalidRequestError
+from services.model import PLATFORM
+from services.registry import ServedVersion
+from services.stats import Duration
+from services.types import InferInput, InferRequest, InferResponse, ParameterValue, TensorSpec
+
+# Which InferTensorContents field carries each datatype when typed contents are used.
+_CONTENTS_FIELD: Final[dict[str, str]] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def parse_version(text: str) -> int | None:
+    """Empty means "let the server choose"; otherwise a positive integer."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidRequestError(f"model_version {text!r} is not a positive integer")
+    return int(text)
+
+
+def parameters_from(params: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    out: dict[str, ParameterValue] = {}
+    for key, value in params.items():
+        which = value.WhichOneof("parameter_choice")
+        if which is not None:
+            out[key] = getattr(value, which)
+    return out
+
+
+def parameters_to(params: Mapping[str, ParameterValue], target: Any) -> None:
+    for key, value in params.items():
+        slot = target[key]
+        if isinstance(value, bool):
+            slot.bool_param = value
+        elif isinstance(value, int):
+            slot.int64_param = value
+        elif isinstance(value, float):
+            slot.double_param = value
+        else:
+            slot.string_param = str(value)
+
+
+def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidRequestError(f"input '{tensor.name}': shape {list(shape)} has a negative dimension")
+    return shape
+
+
+def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray[Any, Any]:
+    count = datatypes.element_count(shape)
+    if datatype == "BYTES":
+        return datatypes.decode_bytes(raw, count, name).reshape(shape)
+    dtype = datatypes.to_numpy(datatype)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidRequestError(
+            f"input '{name}': raw data is {len(raw)} bytes, expected {expected} "
+            f"({count} × {datatype} for shape {list(shape)})"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]
+                   ) -> np.ndarray[Any, Any]:
+    datatype = tensor.datatype
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        datatypes.to_numpy(datatype)  # unknown names get their own message
+        raise InvalidRequestError(
+            f"input '{tensor.name}': datatype {datatype} has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    count = datatypes.element_count(shape)
+    if len(values) != count:
+        raise InvalidRequestError(
+            f"input '{tensor.name}': contents.{field} has {len(values)} elements, expected {count} "
+            f"for shape {list(shape)}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(shape)
+    dtype = datatypes.to_numpy(datatype)
+    try:
+        return np.array(values, dtype=dtype).reshape(shape)
+    except OverflowError as exc:
+        raise InvalidRequestError(f"input '{tensor.name}': value out of range for {datatype}: {exc}") from None
+
+
+def request_from(msg: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+    if not msg.model_name:
+        raise InvalidRequestError("model_name is empty")
+    raw = msg.raw_input_contents
+    if raw and len(raw) != len(msg.inputs):
+        raise InvalidRequestError(
+            f"raw_input_contents has {len(raw)} entries for {len(msg.inputs)} inputs; "
+            "send every input raw, or none"
+        )
+    inputs: list[InferInput] = []
+    for index, tensor in enumerate(msg.inputs):
+        shape = _shape(tensor)
+        if raw:
+            data = _from_raw(tensor.name, tensor.datatype, shape, raw[index])
+        else:
+            data = _from_contents(tensor, shape)
+        inputs.append(InferInput(tensor.name, tensor.datatype, shape, data))
+    return InferRequest(
+        model=msg.model_name,
+        version=parse_version(msg.model_version),
+        inputs=inputs,
+        outputs=[o.name for o in msg.outputs],
+        id=msg.id,
+        parameters=parameters_from(msg.parameters) if msg.parameters else {},
+        deadline=deadline,
+    )
+
+
+def response_to(response: InferResponse) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(
+        model_name=response.model,
+        model_version=str(response.version),
+        id=response.id,
+        outputs=[pb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape)
+                 for o in response.outputs],
+        raw_output_contents=[datatypes.to_raw(o.data) for o in response.outputs],
+    )
+    if response.parameters:
+        parameters_to(response.parameters, msg.parameters)
+    return msg
+
+
+def tensor_metadata(specs: Sequence[TensorSpec]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+            for s in specs]
+
+
+def model_config(served: ServedVersion) -> mc.ModelConfig:
+    """Triton's view of the model: with batching on, dims leave out the batch dimension."""
+    model = served.model
+    config = model.config
+    batching = model.max_batch_size > 0
+
+    def dims(spec: TensorSpec) -> list[int]:
+        return list(spec.shape[1:] if batching else spec.shape)
+
+    msg = mc.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=model.max_batch_size,
+        input=[mc.ModelInput(name=s.name, data_type=mc.DataType.Value(datatypes.TRITON_TYPE[s.datatype]),
+                             dims=dims(s)) for s in model.inputs],
+        output=[mc.ModelOutput(name=s.name, data_type=mc.DataType.Value(datatypes.TRITON_TYPE[s.datatype]),
+                               dims=dims(s)) for s in model.outputs],
+        instance_group=[mc.ModelInstanceGroup(name=f"{model.name}_0", count=config.instances,
+                                              kind=mc.ModelInstanceGroup.KIND_CPU)],
+    )
+    policy = config.version_policy
+    if policy.latest is not None:
+        msg.version_policy.latest.num_versions = policy.latest
+    elif policy.specific is not None:
+        msg.version_policy.specific.versions.extend(policy.specific)
+    else:
+        msg.version_policy.all.SetInParent()
+    if batching:
+        batching_cfg = config.dynamic_batching
+        msg.dynamic_batching.max_queue_delay_microseconds = batching_cfg.max_queue_delay_us
+        msg.dynamic_batching.preferred_batch_size.extend(batching_cfg.preferred_batch_sizes)
+    for key, value in config.labels.items():
+        msg.parameters[key].string_value = value
+    return msg
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics(served: ServedVersion) -> pb.ModelStatistics:
+    s = served.stats
+    return pb.ModelStatistics(
+        name=served.name,
+        version=str(served.version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success), fail=_duration(s.fail), queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input), compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+                     for size, d in sorted(s.batches.items())],
+    )

@@ -1,0 +1,276 @@
+"""One loaded model version: an ONNX Runtime session, its signature and request validation.
+
+Everything here is synchronous and may block: callers run it in the service's executors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import structlog
+
+from services import datatypes
+from services.config import ExecutionProvider, ModelConfig
+from services.errors import InferenceError, InvalidRequestError, ModelLoadError
+from services.types import InferInput, TensorSpec
+
+log = structlog.get_logger(__name__)
+
+MODEL_FILE = "model.onnx"
+DEFAULT_MAX_BATCH = 32
+PLATFORM = "onnxruntime_onnx"
+
+_OPT_LEVEL = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_PROVIDER = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _dims(shape: Sequence[Any] | None) -> tuple[int, ...]:
+    """ONNX Runtime shapes mix ints, symbolic names and None; KServe uses -1 for all unknowns."""
+    if shape is None:
+        return ()
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _session_options(config: ModelConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.session.intra_op_threads
+    options.inter_op_num_threads = config.session.inter_op_threads
+    options.graph_optimization_level = _OPT_LEVEL[config.session.graph_optimization_level]
+    options.execution_mode = (
+        ort.ExecutionMode.ORT_PARALLEL
+        if config.session.execution_mode == "parallel"
+        else ort.ExecutionMode.ORT_SEQUENTIAL
+    )
+    options.enable_cpu_mem_arena = config.session.memory_arena
+    # ONNX Runtime prints warnings straight to stderr otherwise; errors still raise.
+    options.log_severity_level = 3
+    return options
+
+
+def _providers(wanted: Sequence[ExecutionProvider]) -> list[tuple[str, dict[str, Any]]]:
+    available = set(ort.get_available_providers())
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    for provider in wanted:
+        ort_name = _PROVIDER[provider.name]
+        if ort_name not in available:
+            raise ModelLoadError(
+                f"execution provider {provider.name} ({ort_name}) is not in this ONNX Runtime build; "
+                f"available: {', '.join(sorted(available))}"
+            )
+        chosen.append((ort_name, {k: str(v) for k, v in provider.options.items()}))
+    return chosen
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: int
+    path: Path
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    providers: tuple[str, ...]
+    load_seconds: float
+
+
+class OnnxModel:
+    """An ONNX Runtime session for one version of a model, with its KServe signature."""
+
+    def __init__(self, name: str, version: int, path: Path, config: ModelConfig) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.config = config
+        started = time.perf_counter()
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such file")
+        self.sha256 = file_sha256(path)
+        try:
+            self._session = ort.InferenceSession(
+                str(path),
+                sess_options=_session_options(config),
+                providers=_providers(config.execution_providers),
+            )
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from exc
+        self._check_providers()
+        self.inputs = tuple(
+            TensorSpec(i.name, datatypes.from_onnx(i.type), _dims(i.shape)) for i in self._session.get_inputs()
+        )
+        self.outputs = tuple(
+            TensorSpec(o.name, datatypes.from_onnx(o.type), _dims(o.shape))
+            for o in self._session.get_outputs()
+        )
+        self._input_by_name = {spec.name: spec for spec in self.inputs}
+        self._output_names = [spec.name for spec in self.outputs]
+        self.max_batch_size = self._batch_size()
+        self.load_seconds = time.perf_counter() - started
+
+    def _check_providers(self) -> None:
+        wanted = [_PROVIDER[p.name] for p in self.config.execution_providers]
+        active = self._session.get_providers()
+        missing = [p for p in wanted if p not in active]
+        if missing and "CPUExecutionProvider" not in wanted:
+            message = (
+                f"{self.path}: execution provider(s) {', '.join(missing)} could not be used "
+                f"(ONNX Runtime fell back to {', '.join(active)})"
+            )
+            if not self.config.allow_cpu_fallback:
+                raise ModelLoadError(message + "; set allow_cpu_fallback: true to serve on CPU anyway")
+            log.warning("execution provider fallback", model=self.name, version=self.version,
+                        missing=missing, active=active)
+
+    def _batch_size(self) -> int:
+        batchable = all(spec.shape and spec.shape[0] == -1 for spec in (*self.inputs, *self.outputs))
+        configured = self.config.max_batch_size
+        if configured is None:
+            return DEFAULT_MAX_BATCH if batchable else 0
+        if configured > 0 and not batchable:
+            log.warning(
+                "batching disabled: not every input and output has a dynamic first dimension",
+                model=self.name, version=self.version, max_batch_size=configured,
+            )
+            return 0
+        return configured
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(self._session.get_providers())
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._output_names
+
+    def info(self) -> VersionInfo:
+        return VersionInfo(self.name, self.version, self.path, self.sha256, self.inputs, self.outputs,
+                           self.max_batch_size, self.providers, self.load_seconds)
+
+    def validate(self, inputs: Sequence[InferInput], outputs: Sequence[str]) -> int:
+        """Check a request against the signature; returns its batch rows (1 when not batching).
+
+        Every message names the input and the expected vs received value.
+        """
+        seen: set[str] = set()
+        rows = -1
+        for tensor in inputs:
+            spec = self._input_by_name.get(tensor.name)
+            if spec is None:
+                raise InvalidRequestError(
+                    f"unknown input '{tensor.name}' for model '{self.name}' version {self.version}; "
+                    f"expected inputs: {', '.join(self._input_by_name)}"
+                )
+            if tensor.name in seen:
+                raise InvalidRequestError(f"input '{tensor.name}' appears more than once")
+            seen.add(tensor.name)
+            if tensor.datatype != spec.datatype:
+                raise InvalidRequestError(
+                    f"input '{tensor.name}': expected datatype {spec.datatype}, got {tensor.datatype}"
+                )
+            if not _shape_matches(spec.shape, tensor.shape):
+                raise InvalidRequestError(
+                    f"input '{tensor.name}': expected shape {_fmt(spec.shape)}, got {_fmt(tensor.shape)}"
+                )
+            if self.max_batch_size:
+                if rows not in (-1, tensor.shape[0]):
+                    raise InvalidRequestError(
+                        f"input '{tensor.name}': first (batch) dimension is {tensor.shape[0]}, "
+                        f"other inputs have {rows}"
+                    )
+                rows = tensor.shape[0]
+        missing = [name for name in self._input_by_name if name not in seen]
+        if missing:
+            raise InvalidRequestError(
+                f"missing input(s) {', '.join(repr(m) for m in missing)} for model '{self.name}' "
+                f"version {self.version}"
+            )
+        for name in outputs:
+            if name not in self._output_names:
+                raise InvalidRequestError(
+                    f"unknown output '{name}' requested; model '{self.name}' version {self.version} has "
+                    f"outputs: {', '.join(self._output_names)}"
+                )
+        if self.max_batch_size and rows > self.max_batch_size:
+            raise InvalidRequestError(
+                f"batch of {rows} rows exceeds max_batch_size {self.max_batch_size} of model '{self.name}'"
+            )
+        return max(rows, 1)
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] | None = None
+            ) -> list[npt.NDArray[Any]]:
+        """One ONNX Runtime call. Blocking: runs on an executor thread, never on the event loop."""
+        try:
+            return list(self._session.run(list(outputs) if outputs else self._output_names, dict(feeds)))
+        except Exception as exc:
+            raise InferenceError(
+                f"model '{self.name}' version {self.version} failed to run: {_first_line(exc)}"
+            ) from exc
+
+    def warmup_feeds(self) -> list[dict[str, npt.NDArray[Any]]]:
+        """Inputs for warm-up runs: from the config, or one row generated from the signature."""
+        if self.config.warmup:
+            feeds: dict[str, npt.NDArray[Any]] = {}
+            for item in self.config.warmup:
+                spec = self._input_by_name.get(item.name)
+                if spec is None:
+                    raise ModelLoadError(f"warmup input '{item.name}' is not an input of the model")
+                feeds[item.name] = _filled(spec.datatype, item.shape, item.fill)
+            return [feeds] * self.config.warmup_runs
+        generated = {spec.name: _filled(spec.datatype, tuple(d if d >= 0 else 1 for d in spec.shape), 0.0)
+                     for spec in self.inputs}
+        return [generated] * self.config.warmup_runs
+
+    def warm_up(self) -> None:
+        for feeds in self.warmup_feeds():
+            try:
+                self.run(feeds)
+            except InferenceError as exc:
+                raise ModelLoadError(f"warm-up failed: {exc}") from exc
+
+
+def _filled(datatype: str, shape: tuple[int, ...], fill: float) -> npt.NDArray[Any]:
+    if datatype == "BYTES":
+        return np.full(shape, b"", dtype=np.object_)
+    return np.full(shape, fill, dtype=datatypes.to_numpy(datatype))
+
+
+def _shape_matches(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
+    if len(expected) != len(got):
+        return False
+    return all(e in (-1, g) for e, g in zip(expected, got, strict=True))
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]

@@ -1,0 +1,160 @@
+"""The in-process model registry: what is served, looked up on every request.
+
+The served set is an immutable mapping replaced as a whole, so publishing a new version (or
+retiring one) is a single reference change that a concurrent request sees entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from services.batcher import Batcher
+from services.errors import ModelNotFoundError, ModelNotReadyError
+from services.metrics import VersionMetrics
+from services.model import OnnxModel
+from services.stats import VersionStats
+
+
+class VersionState(enum.StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"  # failed to load; reason says why
+    DRAINING = "DRAINING"
+    UNLOADED = "UNLOADED"
+
+
+@dataclass(slots=True)
+class ServedVersion:
+    model: OnnxModel
+    batcher: Batcher
+    metrics: VersionMetrics
+    stats: VersionStats = field(default_factory=VersionStats)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def version(self) -> int:
+        return self.model.version
+
+    @classmethod
+    def start(cls, model: OnnxModel, metrics: VersionMetrics) -> ServedVersion:
+        """Wrap a loaded model with its queue and workers, ready to take requests."""
+        stats = VersionStats()
+
+        def on_execution(batch_rows: int, compute_seconds: float) -> None:
+            stats.record_execution(batch_rows, compute_seconds)
+            metrics.batch.observe(batch_rows)
+
+        batcher = Batcher(model, on_execution)
+        batcher.start()
+        return cls(model, batcher, metrics, stats)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionStatus:
+    model: str
+    version: int
+    state: VersionState
+    reason: str = ""
+
+
+_Served = Mapping[str, Mapping[int, ServedVersion]]
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._served: _Served = MappingProxyType({})
+        self._status: dict[tuple[str, int], VersionStatus] = {}
+        self._model_errors: dict[str, str] = {}
+
+    # -- request path -------------------------------------------------------------------------
+    def resolve(self, name: str, version: int | None) -> ServedVersion:
+        """The version a request goes to: the one asked for, else the newest one serving."""
+        versions = self._served.get(name)
+        if not versions:
+            status = [s for (m, _), s in self._status.items() if m == name]
+            if status or name in self._model_errors:
+                reasons = "; ".join(f"version {s.version}: {s.state}{' (' + s.reason + ')' if s.reason else ''}"
+                                    for s in sorted(status, key=lambda s: s.version))
+                raise ModelNotReadyError(
+                    f"model '{name}' has no version ready to serve"
+                    + (f": {reasons}" if reasons else f": {self._model_errors.get(name, '')}"))
+            raise ModelNotFoundError(f"unknown model '{name}'; serving: {', '.join(sorted(self._served)) or 'none'}")
+        if version is None:
+            return versions[max(versions)]
+        served = versions.get(version)
+        if served is None:
+            status = self._status.get((name, version))
+            if status is not None and status.state is not VersionState.UNLOADED:
+                raise ModelNotReadyError(
+                    f"model '{name}' version {version} is {status.state}"
+                    + (f": {status.reason}" if status.reason else ""))
+            raise ModelNotFoundError(
+                f"model '{name}' has no version {version}; serving versions: "
+                f"{', '.join(str(v) for v in sorted(versions))}")
+        return served
+
+    def served(self) -> _Served:
+        return self._served
+
+    def ready_versions(self, name: str) -> list[int]:
+        return sorted(self._served.get(name, {}))
+
+    # -- control path -------------------------------------------------------------------------
+    def publish(self, served: ServedVersion) -> ServedVersion | None:
+        """Serve ``served``; returns the instance it replaced (same name and version), if any."""
+        current = dict(self._served.get(served.name, {}))
+        previous = current.get(served.version)
+        current[served.version] = served
+        self._replace(served.name, current)
+        self.set_status(served.name, served.version, VersionState.READY)
+        return previous
+
+    def retire(self, name: str, version: int, state: VersionState = VersionState.DRAINING,
+               reason: str = "") -> ServedVersion | None:
+        """Stop routing new requests to a version; returns it so the caller can drain it."""
+        current = dict(self._served.get(name, {}))
+        previous = current.pop(version, None)
+        self._replace(name, current)
+        self.set_status(name, version, state, reason)
+        return previous
+
+    def _replace(self, name: str, versions: dict[int, ServedVersion]) -> None:
+        served = dict(self._served)
+        if versions:
+            served[name] = MappingProxyType(versions)
+        else:
+            served.pop(name, None)
+        self._served = MappingProxyType(served)
+
+    def set_status(self, name: str, version: int, state: VersionState, reason: str = "") -> None:
+        self._status[(name, version)] = VersionStatus(name, version, state, reason)
+
+    def set_model_error(self, name: str, reason: str | None) -> None:
+        """An error that belongs to the model rather than a version (e.g. a bad config.yaml)."""
+        if reason is None:
+            self._model_errors.pop(name, None)
+        else:
+            self._model_errors[name] = reason
+
+    def forget(self, name: str, version: int) -> None:
+        self._status.pop((name, version), None)
+
+    def status(self, name: str, version: int) -> VersionStatus | None:
+        return self._status.get((name, version))
+
+    def index(self) -> list[VersionStatus]:
+        """Every model and version the service knows of, with its state, sorted."""
+        rows = list(self._status.values())
+        known = {s.model for s in rows}
+        rows.extend(VersionStatus(name, 0, VersionState.UNAVAILABLE, reason)
+                    for name, reason in self._model_errors.items() if name not in known)
+        return sorted(rows, key=lambda s: (s.model, s.version))
+
+    def model_names(self) -> list[str]:
+        return sorted({s.model for s in self._status.values()} | set(self._model_errors))

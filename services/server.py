@@ -1,0 +1,122 @@
+"""The model service process: start-up → serve → graceful shutdown.
+
+Start-up loads the repository before the port opens for inference readiness; shutdown (SIGTERM or
+SIGINT) flips health to NOT_SERVING, stops accepting, lets in-flight requests finish within the
+grace period, then drains and unloads every model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from protos.inference._pool import POOL
+from services.dataplane import DataPlane
+from services.grpc.interceptor import ErrorInterceptor
+from services.grpc.servicer import InferenceServicer
+from services.manager import ModelManager
+from services.metrics import ServiceMetrics
+from services.registry import ModelRegistry
+from services.settings import ServiceSettings
+
+log = structlog.get_logger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _reflection_pool() -> None:
+    """Reflection reads one pool: make the health service visible in ours too."""
+    try:
+        POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
+    except KeyError:
+        POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+
+
+class ModelServer:
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.registry = ModelRegistry()
+        self.manager = ModelManager(settings.repo, self.registry, self.metrics,
+                                    load_threads=settings.load_threads, drain_timeout=settings.drain_timeout)
+        self.plane = DataPlane(self.registry, self.manager)
+        self.health = health_aio.HealthServicer()
+        self.port = settings.port
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        s = self.settings
+        started = time.perf_counter()
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
+        max_bytes = s.max_message_mb * 1024 * 1024
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", max_bytes),
+                ("grpc.max_send_message_length", max_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane, self.manager), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        _reflection_pool()
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server, pool=POOL)
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.host}:{s.port}")
+        self._server = server
+        # Liveness first (the port answers while models load), readiness once loaded.
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        log.info("listening", address=f"{s.host}:{self.port}", metrics_port=self.metrics_port,
+                 repo=str(s.repo))
+        await self.manager.load_all()
+        await self.refresh_health()
+        self.plane.started = True
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready", models=self.registry.model_names(), seconds=round(time.perf_counter() - started, 3))
+
+    async def refresh_health(self) -> None:
+        """One health service name per model: SERVING while it has a version ready."""
+        for name in self.registry.model_names():
+            ready = bool(self.registry.ready_versions(name)) and not self.plane.stopping
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready
+                                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        log.info("shutting down", grace_period=self.settings.grace_period)
+        self.plane.stopping = True
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            # Stops accepting at once; running RPCs get the grace period to finish.
+            await self._server.stop(self.settings.grace_period)
+        await self.manager.close()
+        log.info("stopped")

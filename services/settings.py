@@ -1,0 +1,67 @@
+"""Settings of one model-service process: CLI flags > environment (``SLUICE_…``) > config file > defaults."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("sluice_config_file", default=None)
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_", extra="forbid")
+
+    repo: Path = Path("models")
+    """The model repository: <repo>/<model>/<version>/model.onnx."""
+    host: str = "127.0.0.1"
+    """Address to listen on; 0.0.0.0 inside containers."""
+    port: int = Field(8001, ge=0, le=65535)
+    """gRPC port (8001 as Triton's; 0 picks a free one)."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(8002, ge=0, le=65535)
+    """Prometheus /metrics port (0 picks a free one; -1 disables it)."""
+    max_message_mb: int = Field(64, ge=1, le=2047)
+    """Largest gRPC message accepted or sent, in MiB."""
+    grace_period: float = Field(10.0, ge=0)
+    """On SIGTERM: seconds to finish in-flight requests after the server stops accepting new ones."""
+    drain_timeout: float = Field(30.0, ge=0)
+    """Seconds a retired model version gets to finish its queued requests."""
+    load_threads: int = Field(1, ge=1, le=16)
+    """Threads that load models (kept small so loading never starves serving)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> ServiceSettings:
+    """Build the settings from CLI flags (None = not given), the environment and a YAML file."""
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    token = _CONFIG_FILE.set(config_file)
+    try:
+        return ServiceSettings(**{k: v for k, v in flags.items() if v is not None})
+    finally:
+        _CONFIG_FILE.reset(token)
