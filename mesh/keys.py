@@ -45,7 +45,7 @@ class ParsedKey:
 
 
 def validate_model_name(model: str) -> str:
-    """Return ``model`` if it is 1–63 characters of ``A-Z a-z 0-9 _ . -``, alphanumeric at both ends."""
+    """Return ``model`` if it is 1-63 characters of ``A-Z a-z 0-9 _ . -``, alphanumeric at both ends."""
     if not isinstance(model, str) or not _MODEL_RE.fullmatch(model):
         raise InvalidNameError(
             f"model name {model!r} is invalid: use 1-63 characters A-Z a-z 0-9 _ . -, "
@@ -55,7 +55,7 @@ def validate_model_name(model: str) -> str:
 
 
 def validate_instance_id(instance_id: str) -> str:
-    """Return ``instance_id`` if it is 1–128 characters of ``A-Z a-z 0-9 _ . : @ -``."""
+    """Return ``instance_id`` if it is 1-128 characters of ``A-Z a-z 0-9 _ . : @ -``."""
     if not isinstance(instance_id, str) or not _INSTANCE_RE.fullmatch(instance_id):
         raise InvalidNameError(
             f"instance id {instance_id!r} is invalid: use 1-128 characters A-Z a-z 0-9 _ . : @ -, "
@@ -119,7 +119,7 @@ class KeySchema:
         return f"{self.model_prefix(model)}status"
 
     def parse(self, key: str | bytes) -> ParsedKey:
-        """Split a key back into (model, kind, version, instance id); :class:`InvalidKeyError` if it does not fit."""
+        """Split a key into (model, kind, version, instance id); InvalidKeyError if it does not fit."""
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
         if not text.startswith(self.models_prefix):
             raise InvalidKeyError(f"key {text!r} is not under {self.models_prefix!r}")

@@ -55,7 +55,7 @@ STATUS_CODES: dict[type[SluiceError], str] = {
 
 def status_name(exc: BaseException) -> str:
     for cls in type(exc).__mro__:
-        code = STATUS_CODES.get(cls)  # type: ignore[call-overload]
+        code = STATUS_CODES.get(cls)
         if code is not None:
             return code
     return "INTERNAL"

@@ -79,8 +79,9 @@ class ModelRegistry:
         if not versions:
             status = [s for (m, _), s in self._status.items() if m == name]
             if status or name in self._model_errors:
-                reasons = "; ".join(f"version {s.version}: {s.state}{' (' + s.reason + ')' if s.reason else ''}"
-                                    for s in sorted(status, key=lambda s: s.version))
+                reasons = "; ".join(
+                    f"version {s.version}: {s.state}" + (f" ({s.reason})" if s.reason else "")
+                    for s in sorted(status, key=lambda s: s.version))
                 raise ModelNotReadyError(
                     f"model '{name}' has no version ready to serve"
                     + (f": {reasons}" if reasons else f": {self._model_errors.get(name, '')}"))
@@ -89,11 +90,11 @@ class ModelRegistry:
             return versions[max(versions)]
         served = versions.get(version)
         if served is None:
-            status = self._status.get((name, version))
-            if status is not None and status.state is not VersionState.UNLOADED:
+            known = self._status.get((name, version))
+            if known is not None and known.state is not VersionState.UNLOADED:
                 raise ModelNotReadyError(
-                    f"model '{name}' version {version} is {status.state}"
-                    + (f": {status.reason}" if status.reason else ""))
+                    f"model '{name}' version {version} is {known.state}"
+                    + (f": {known.reason}" if known.reason else ""))
             raise ModelNotFoundError(
                 f"model '{name}' has no version {version}; serving versions: "
                 f"{', '.join(str(v) for v in sorted(versions))}")

@@ -69,7 +69,8 @@ class ModelServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane, self.manager), server)
+        servicer = InferenceServicer(self.plane, self.manager)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _reflection_pool()
         reflection.enable_server_reflection(

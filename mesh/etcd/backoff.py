@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Backoff:
-    """``initial``, ×``factor`` per failure, at most ``maximum`` seconds, ±``jitter`` (fraction)."""
+    """``initial``, times ``factor`` per failure, at most ``maximum`` seconds, +/- ``jitter`` (fraction)."""
 
     initial: float = 0.2
     maximum: float = 5.0
@@ -20,7 +20,7 @@ class Backoff:
     def next_delay(self) -> float:
         delay = min(self.maximum, self.initial * self.factor ** self._attempt)
         self._attempt += 1
-        return max(0.0, delay * (1 + random.uniform(-self.jitter, self.jitter)))  # noqa: S311  # not crypto
+        return max(0.0, delay * (1 + random.uniform(-self.jitter, self.jitter)))  # not crypto
 
     def reset(self) -> None:
         self._attempt = 0

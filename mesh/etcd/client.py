@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-import grpc
 import structlog
 
 from mesh.errors import EtcdAuthError, EtcdUnavailableError, LeaseLostError, MeshError
-from mesh.etcd._aetcd import TlsClient, translate_error
+from mesh.etcd._aetcd import TlsClient, grpc, translate_error
 from mesh.settings import EtcdSettings, parse_endpoint
 
 T = TypeVar("T")
@@ -101,7 +100,7 @@ class EtcdClient:
         """The endpoint calls go to now."""
         return self.settings.endpoints[self._index]
 
-    def _make_credentials(self) -> grpc.ChannelCredentials:
+    def _make_credentials(self) -> Any:
         def read(path: Any) -> bytes | None:
             return None if path is None else bytes(path.read_bytes())
 
@@ -158,7 +157,7 @@ class EtcdClient:
             raise error from exc
 
     async def connect(self) -> None:
-        """Find an endpoint that answers within ``connect_timeout``, else raise :class:`EtcdUnavailableError`."""
+        """Pick the first endpoint that answers within ``connect_timeout``, else raise EtcdUnavailableError."""
         problems = []
         for _ in self.settings.endpoints:
             try:
@@ -257,7 +256,7 @@ class EtcdClient:
         """Drop history below ``revision`` (watches from older revisions then need a resync)."""
         await self._call(lambda c: c.compact(revision, physical=True))
 
-    async def watch(self, prefix: str | bytes, start_revision: int) -> AsyncIterator[KeyEvent]:
+    async def watch(self, prefix: str | bytes, start_revision: int) -> AsyncGenerator[KeyEvent, None]:
         """Raw watch of a prefix from ``start_revision``: raises on disconnect or compaction.
 
         Use :func:`mesh.etcd.watch_prefix` instead, which resumes and resyncs.

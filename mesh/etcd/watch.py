@@ -12,6 +12,7 @@ aetcd's watch raises on disconnect (``ConnectionFailedError``) and after compact
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -97,13 +98,7 @@ async def watch_prefix(
                         retry_in=round(delay, 2))
             if resync_on_reconnect and revision is not None:
                 revision, reason = None, "reconnect"
-            await _sleep(delay)
-
-
-async def _sleep(delay: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(delay)
+            await asyncio.sleep(delay)
 
 
 def _text(prefix: str | bytes) -> str:

@@ -80,7 +80,7 @@ def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> n
     if len(raw) != expected:
         raise InvalidRequestError(
             f"input '{name}': raw data is {len(raw)} bytes, expected {expected} "
-            f"({count} × {datatype} for shape {list(shape)})"
+            f"({count} x {datatype} for shape {list(shape)})"
         )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
@@ -125,10 +125,7 @@ def request_from(msg: pb.ModelInferRequest, deadline: float | None) -> InferRequ
     inputs: list[InferInput] = []
     for index, tensor in enumerate(msg.inputs):
         shape = _shape(tensor)
-        if raw:
-            data = _from_raw(tensor.name, tensor.datatype, shape, raw[index])
-        else:
-            data = _from_contents(tensor, shape)
+        data = _from_raw(tensor.name, tensor.datatype, shape, raw[index]) if raw else _from_contents(tensor, shape)
         inputs.append(InferInput(tensor.name, tensor.datatype, shape, data))
     return InferRequest(
         model=msg.model_name,
@@ -174,9 +171,9 @@ def model_config(served: ServedVersion) -> mc.ModelConfig:
         platform=PLATFORM,
         backend="onnxruntime",
         max_batch_size=model.max_batch_size,
-        input=[mc.ModelInput(name=s.name, data_type=mc.DataType.Value(datatypes.TRITON_TYPE[s.datatype]),
+        input=[mc.ModelInput(name=s.name, data_type=datatypes.TRITON_TYPE[s.datatype],
                              dims=dims(s)) for s in model.inputs],
-        output=[mc.ModelOutput(name=s.name, data_type=mc.DataType.Value(datatypes.TRITON_TYPE[s.datatype]),
+        output=[mc.ModelOutput(name=s.name, data_type=datatypes.TRITON_TYPE[s.datatype],
                                dims=dims(s)) for s in model.outputs],
         instance_group=[mc.ModelInstanceGroup(name=f"{model.name}_0", count=config.instances,
                                               kind=mc.ModelInstanceGroup.KIND_CPU)],

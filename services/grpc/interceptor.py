@@ -35,13 +35,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions to status codes for unary and streaming handlers alike."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+        self._cache: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         cached = self._cache.get(method)
         if cached is not None:
@@ -54,14 +54,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            inner: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 try:
                     return await inner(request, context)
-                except Exception as exc:  # noqa: BLE001 - this is the translation point
+                except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
                     await _abort(exc, context, method)
@@ -70,14 +70,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 unary_unary, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
-            inner_stream = handler.stream_stream
+            inner_stream: Any = handler.stream_stream
 
             async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
                                     ) -> AsyncIterator[Any]:
                 try:
                     async for response in inner_stream(requests, context):
                         yield response
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
                     await _abort(exc, context, method)

@@ -29,7 +29,7 @@ def _unsupported(rpc: str, hint: str) -> UnsupportedError:
     return UnsupportedError(f"{rpc} is not supported by sluice; {hint}")
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, manager: ModelManager) -> None:
         self.plane = plane
         self.manager = manager

@@ -1,0 +1,78 @@
+"""The "floor": a bare grpc.aio server that implements only ModelInfer and answers with a canned response.
+
+It parses each request (any server must) and returns a pre-built ``ModelInferResponse`` for the
+requested model; nothing else happens. Its throughput is the upper bound for any Python gRPC server on
+this machine, so every other target is reported relative to it.
+
+Messages come from tritonclient's generated ``service_pb2`` / ``service_pb2_grpc`` (the same wire
+protocol sluice speaks: ``inference.GRPCInferenceService``).
+
+    python -m bench.floor_server --port 9001 --canned mlp=/tmp/mlp.resp.bin --canned heavy=/tmp/h.bin
+
+Each ``--canned`` file holds one serialized ModelInferResponse (written by bench/run.py from the
+in-process onnxruntime result for the benchmark input, so the floor's answers are also correct ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+
+class FloorServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Only ModelInfer; every other RPC keeps the generated UNIMPLEMENTED default."""
+
+    def __init__(self, canned: dict[str, service_pb2.ModelInferResponse]) -> None:
+        self._canned = canned
+
+    async def ModelInfer(  # noqa: N802 (generated gRPC method name)
+        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
+        response = self._canned.get(request.model_name)
+        if response is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"floor: no canned response for {request.model_name!r}")
+        return response
+
+
+def load_canned(specs: list[str]) -> dict[str, service_pb2.ModelInferResponse]:
+    canned = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"--canned wants NAME=PATH, got {spec!r}")
+        canned[name] = service_pb2.ModelInferResponse.FromString(Path(path).read_bytes())
+    return canned
+
+
+async def serve(port: int, canned: dict[str, service_pb2.ModelInferResponse], host: str) -> None:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(canned), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise SystemExit(f"floor: cannot bind {host}:{port}")
+    await server.start()
+    print(f"floor: serving {sorted(canned)} on {host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="bare grpc.aio ModelInfer server with canned responses")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--canned", action="append", default=[], metavar="MODEL=PATH")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, load_canned(args.canned), args.host))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Load generation with h2load plus the correctness checks that keep its numbers honest.
+
+h2load speaks plain HTTP/2, so a gRPC call is a POST of a pre-encoded body: the 5-byte gRPC frame
+header (compressed flag + big-endian length) followed by a serialized ``ModelInferRequest`` whose
+tensors travel in ``raw_input_contents``. h2load counts a gRPC error as a success (HTTP 200 with a
+non-zero ``grpc-status`` trailer), so before every measurement:
+
+* one real call with ``tritonclient.grpc`` checks the outputs against in-process onnxruntime, and
+* one raw call with the exact bytes h2load will send returns the correct response's size, which is
+  compared with the average response size h2load reports afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def encode_request(model: str, inputs: dict[str, np.ndarray], version: str = "") -> bytes:
+    """Serialized ModelInferRequest carrying ``inputs`` as raw_input_contents (no gRPC frame)."""
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    for name, array in inputs.items():
+        tensor = request.inputs.add()
+        tensor.name = name
+        tensor.datatype = np_to_triton_dtype(array.dtype)
+        tensor.shape.extend(array.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    return request.SerializeToString()
+
+
+def encode_response(model: str, outputs: dict[str, np.ndarray], version: str = "1") -> bytes:
+    """Serialized ModelInferResponse with raw_output_contents (the floor server's canned answer)."""
+    response = service_pb2.ModelInferResponse(model_name=model, model_version=version)
+    for name, array in outputs.items():
+        tensor = response.outputs.add()
+        tensor.name = name
+        tensor.datatype = np_to_triton_dtype(array.dtype)
+        tensor.shape.extend(array.shape)
+        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    return response.SerializeToString()
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """Length-prefixed gRPC message: flag byte 0 (uncompressed) + 4-byte big-endian length + bytes."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    message: str
+    response_bytes: int = 0  # size of one correct response message, gRPC frame header included
+
+
+def _compare(
+    got: dict[str, np.ndarray], expected: dict[str, np.ndarray], rtol: float, atol: float
+) -> str | None:
+    for name, want in expected.items():
+        have = got.get(name)
+        if have is None:
+            return f"output {name!r} missing (got {sorted(got)})"
+        if have.size != want.size:
+            return f"output {name!r} has {have.size} values, expected {want.size}"
+        if not np.allclose(have.reshape(want.shape), want, rtol=rtol, atol=atol):
+            err = float(np.max(np.abs(have.reshape(want.shape) - want)))
+            return f"output {name!r} differs from onnxruntime (max abs err {err:.3g})"
+    return None
+
+
+def check_target(
+    port: int,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    body: bytes,
+    timeout: float = 15.0,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+) -> CheckResult:
+    """One tritonclient call + one raw call with the benchmark body; both must match onnxruntime."""
+    url = f"127.0.0.1:{port}"
+    try:
+        with grpcclient.InferenceServerClient(url=url) as client:
+            tensors = []
+            for name, array in inputs.items():
+                tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                tensor.set_data_from_numpy(array)
+                tensors.append(tensor)
+            result = client.infer(model, tensors, client_timeout=timeout)
+            got = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+    except InferenceServerException as exc:
+        return CheckResult(False, f"tritonclient infer failed: {exc.status()} {exc.message()}")
+    problem = _compare(got, expected, rtol, atol)
+    if problem:
+        return CheckResult(False, f"tritonclient: {problem}")
+
+    raw = raw_call(port, body, timeout)
+    if isinstance(raw, str):
+        return CheckResult(False, f"raw ModelInfer with the h2load body failed: {raw}")
+    parsed = grpcclient.InferResult(service_pb2.ModelInferResponse.FromString(raw))
+    got_raw = {o.name: parsed.as_numpy(o.name) for o in parsed.get_response().outputs}
+    problem = _compare(got_raw, expected, rtol, atol)
+    if problem:
+        return CheckResult(False, f"raw call: {problem}")
+    return CheckResult(True, "ok", response_bytes=len(raw) + 5)
+
+
+def raw_call(port: int, body: bytes, timeout: float) -> bytes | str:
+    """ModelInfer with an already-serialized request; returns the serialized response or an error."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(MODEL_INFER_PATH, request_serializer=None, response_deserializer=None)
+        try:
+            return call(body, timeout=timeout)  # type: ignore[no-any-return]
+        except grpc.RpcError as exc:
+            return f"{exc.code()} {exc.details()}"  # type: ignore[attr-defined]
+
+
+def wait_until_serving(port: int, body: bytes, timeout: float, alive: object = None) -> str | None:
+    """Poll ModelInfer with ``body`` until it succeeds; None when ready, else the last error.
+
+    ``alive`` is an optional callable returning an error string once the server process has died.
+    """
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if callable(alive):
+            died = alive()
+            if died:
+                return died
+        result = raw_call(port, body, timeout=2.0)
+        if isinstance(result, bytes):
+            return None
+        last = result
+        time.sleep(0.5)
+    return f"not serving after {timeout:.0f}s: {last}"
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class H2Result:
+    ok: bool
+    message: str
+    seconds: float = 0.0
+    succeeded: int = 0
+    failed: int = 0
+    data_bytes: int = 0
+    rps: float = 0.0
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def avg_response_bytes(self) -> float:
+        return self.data_bytes / self.succeeded if self.succeeded else 0.0
+
+
+_FINISHED = re.compile(r"finished in ([\d.]+)(us|ms|s|m)\b")
+_REQUESTS = re.compile(
+    r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, "
+    r"(\d+) timeout"
+)
+_TRAFFIC = re.compile(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers .*?\((\d+)\) data")
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def h2load_path() -> str | None:
+    return shutil.which("h2load")
+
+
+def h2load_command(
+    port: int, body_path: Path, concurrency: int, *, duration: float | None = None, requests: int = 0,
+    log_path: Path | None = None, cpu: str | None = None,
+) -> list[str]:
+    """One HTTP/2 connection (-c 1) carrying ``concurrency`` concurrent streams (-m)."""
+    cmd = ["taskset", "-c", cpu] if cpu is not None else []
+    cmd += [h2load_path() or "h2load", "-c", "1", "-t", "1", "-m", str(concurrency)]
+    cmd += ["-D", f"{duration:g}"] if duration else ["-n", str(requests)]
+    if log_path is not None:
+        cmd.append(f"--log-file={log_path}")
+    cmd += [
+        "--data", str(body_path),
+        "-H", "content-type: application/grpc",
+        "-H", "te: trailers",
+        f"http://127.0.0.1:{port}{MODEL_INFER_PATH}",
+    ]
+    return cmd
+
+
+def run_h2load(
+    port: int, body_path: Path, concurrency: int, duration: float, log_path: Path, cpu: str | None,
+    warmup_requests: int = 200,
+) -> H2Result:
+    """Warm up with a fixed request count, then measure for ``duration`` seconds."""
+    warm = h2load_command(port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu)
+    try:
+        subprocess.run(warm, capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return H2Result(False, "h2load warm-up did not finish within 60s")
+    log_path.unlink(missing_ok=True)
+    cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
+    except subprocess.TimeoutExpired:
+        return H2Result(False, f"h2load did not finish within {duration + 60:.0f}s")
+    return parse_h2load(proc.returncode, proc.stdout + proc.stderr, log_path)
+
+
+def parse_h2load(returncode: int, output: str, log_path: Path) -> H2Result:
+    finished = _FINISHED.search(output)
+    requests = _REQUESTS.search(output)
+    traffic = _TRAFFIC.search(output)
+    if returncode != 0 or not (finished and requests and traffic):
+        tail = " | ".join(output.strip().splitlines()[-3:])
+        return H2Result(False, f"h2load rc={returncode}: {tail}")
+    seconds = float(finished.group(1)) * _UNIT_SECONDS[finished.group(2)]
+    succeeded = int(requests.group(4))
+    failed = int(requests.group(5)) + int(requests.group(6)) + int(requests.group(7))
+    latencies: list[float] = []
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            cols = line.split("\t")
+            if len(cols) >= 3 and cols[1] == "200":
+                latencies.append(int(cols[2]) / 1000.0)
+    latencies.sort()
+    return H2Result(
+        ok=succeeded > 0,
+        message="ok" if succeeded else "no request succeeded",
+        seconds=seconds,
+        succeeded=succeeded,
+        failed=failed,
+        data_bytes=int(traffic.group(3)),
+        rps=succeeded / seconds if seconds else 0.0,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        latencies_ms=latencies,
+    )

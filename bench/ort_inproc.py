@@ -1,0 +1,73 @@
+"""In-process onnxruntime baseline: ``session.run`` in a loop, one thread, no server, no network.
+
+Run by bench/run.py in a child process pinned to the server core (``taskset -c 0``)::
+
+    python -m bench.ort_inproc --model DIR/mlp/1/model.onnx --input x.npy --duration 5
+
+Prints one JSON object: calls, seconds, rps, p50_ms, p99_ms (per-call latency of ``session.run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, int(np.ceil(q / 100.0 * len(sorted_values))))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: float) -> dict[str, float]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    run = session.run
+    end = time.perf_counter() + warmup
+    while time.perf_counter() < end:
+        run(None, feeds)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    end = start + duration
+    now = start
+    while now < end:
+        t0 = time.perf_counter_ns()
+        run(None, feeds)
+        latencies.append((time.perf_counter_ns() - t0) / 1e6)
+        now = time.perf_counter()
+    elapsed = now - start
+    latencies.sort()
+    return {
+        "calls": len(latencies),
+        "seconds": elapsed,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--input", action="append", required=True, metavar="NAME=NPY")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    args = parser.parse_args()
+    feeds = {}
+    for spec in args.input:
+        name, _, path = spec.partition("=")
+        feeds[name] = np.load(path)
+    print(json.dumps(measure(args.model, feeds, args.duration, args.warmup)))
+
+
+if __name__ == "__main__":
+    main()
