@@ -65,9 +65,7 @@ class CheckResult:
     response_bytes: int = 0  # size of one correct response message, gRPC frame header included
 
 
-def _compare(
-    got: dict[str, np.ndarray], expected: dict[str, np.ndarray], rtol: float, atol: float
-) -> str | None:
+def _compare(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], rtol: float, atol: float) -> str | None:
     for name, want in expected.items():
         have = got.get(name)
         if have is None:
@@ -86,6 +84,7 @@ def check_target(
     inputs: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
     body: bytes,
+    *,
     timeout: float = 15.0,
     rtol: float = 1e-3,
     atol: float = 1e-4,
@@ -188,8 +187,14 @@ def h2load_path() -> str | None:
 
 
 def h2load_command(
-    port: int, body_path: Path, concurrency: int, *, duration: float | None = None, requests: int = 0,
-    log_path: Path | None = None, cpu: str | None = None,
+    port: int,
+    body_path: Path,
+    concurrency: int,
+    *,
+    duration: float | None = None,
+    requests: int = 0,
+    log_path: Path | None = None,
+    cpu: str | None = None,
 ) -> list[str]:
     """One HTTP/2 connection (-c 1) carrying ``concurrency`` concurrent streams (-m)."""
     cmd = ["taskset", "-c", cpu] if cpu is not None else []
@@ -198,16 +203,25 @@ def h2load_command(
     if log_path is not None:
         cmd.append(f"--log-file={log_path}")
     cmd += [
-        "--data", str(body_path),
-        "-H", "content-type: application/grpc",
-        "-H", "te: trailers",
+        "--data",
+        str(body_path),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
         f"http://127.0.0.1:{port}{MODEL_INFER_PATH}",
     ]
     return cmd
 
 
 def run_h2load(
-    port: int, body_path: Path, concurrency: int, duration: float, log_path: Path, cpu: str | None,
+    port: int,
+    body_path: Path,
+    concurrency: int,
+    duration: float,
+    *,
+    log_path: Path,
+    cpu: str | None,
     warmup_requests: int = 200,
 ) -> H2Result:
     """Warm up with a fixed request count, then measure for ``duration`` seconds."""

@@ -47,3 +47,5 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # watchfiles logs every batch of changes at INFO; sluice logs what it does about them.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)

@@ -131,7 +131,7 @@ class RoutingDocument(BaseModel):
     """Takes all traffic when no weighted version has serving instances."""
 
     @classmethod
-    def from_weights(cls, weights: Mapping[int | str, int], sticky_header: str | None = None,
+    def from_weights(cls, weights: Mapping[Any, Any], sticky_header: str | None = None,
                      default_version: int | None = None) -> RoutingDocument:
         document: dict[str, Any] = {"weights": {str(k): v for k, v in weights.items()}}
         if sticky_header is not None:

@@ -72,6 +72,7 @@ class Registrar:
         self._synced = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._verify_pending = False
 
     @property
     def state(self) -> RegistrarState:
@@ -163,6 +164,11 @@ class Registrar:
 
     def _on_keepalive(self, ok: bool, error: str | None) -> None:
         if ok:
+            if not self._connected:
+                # Back after an outage the lease survived: check nothing was lost meanwhile.
+                log.info("etcd_reconnected", lease_id=f"{self._lease_id or 0:x}")
+                self._verify_pending = True
+                self._wake.set()
             self._connected = True
         elif error is not None:
             self._set_error(error)
@@ -209,7 +215,8 @@ class Registrar:
                 if keepalive in done:
                     keepalive.result()  # raises LeaseLostError
                     raise LeaseLostError(f"lease {lease_id:x} keepalive stopped")
-                await self._sync(lease_id, rewrite=False, verify=not done)
+                verify, self._verify_pending = self._verify_pending or not done, False
+                await self._sync(lease_id, rewrite=False, verify=verify)
         finally:
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError, EtcdError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from typing import Any
 
 from mesh.errors import ConflictError, InvalidDocumentError, InvalidKeyError
 from mesh.etcd.client import EtcdClient, KeyEvent, KeyValue
@@ -234,13 +235,15 @@ async def set_weights(
     client: EtcdClient,
     schema: KeySchema,
     model: str,
-    weights: Mapping[int | str, int],
+    weights: Mapping[Any, Any],
     *,
     sticky_header: str | None = None,
     default_version: int | None = None,
     expected_revision: int | None = None,
 ) -> RoutingChange:
     """Replace the weights of ``model`` with one compare-and-swap transaction.
+
+    ``weights`` maps version → weight (``{"1": 90, 2: 10}``); it is checked by the shared validator.
 
     ``sticky_header``/``default_version``: None keeps the current value, ``""``/``0`` removes it.
     ``expected_revision`` (the ``routing_revision`` an operator looked at; 0 = "must not exist")

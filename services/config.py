@@ -88,6 +88,8 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     require_ready_marker: bool = False
     """Only load a version once a ``READY`` file exists in its folder."""
+    on_signature_change: Literal["refuse", "warn"] = "refuse"
+    """A version whose inputs/outputs would break clients of the version it follows: refuse or warn."""
     warmup: tuple[WarmupInput, ...] = ()
     """Warm-up inputs; when empty, one is generated from the model's signature."""
     warmup_runs: int = Field(1, ge=0, le=100)

@@ -32,7 +32,15 @@ class UnsupportedError(SluiceError):
 
 
 class ModelLoadError(SluiceError):
-    """A model version could not be loaded; the reason says why."""
+    """A model version could not be loaded; the reason says why.
+
+    ``transient`` marks failures worth retrying without a file change (out of memory, files that
+    changed while loading, I/O errors); the others wait until the files change again.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class InferenceError(SluiceError):

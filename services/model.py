@@ -48,6 +48,12 @@ def _dims(shape: Sequence[Any] | None) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
 
 
+def fingerprint(path: Path) -> tuple[int, int]:
+    """Size and modification time: cheap to compare, changes whenever the file is rewritten."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -110,7 +116,11 @@ class OnnxModel:
         started = time.perf_counter()
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such file")
-        self.sha256 = file_sha256(path)
+        try:
+            self.fingerprint = fingerprint(path)
+            self.sha256 = file_sha256(path)
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read: {exc}", transient=True) from exc
         try:
             self._session = ort.InferenceSession(
                 str(path),
@@ -119,8 +129,16 @@ class OnnxModel:
             )
         except ModelLoadError:
             raise
+        except MemoryError as exc:
+            raise ModelLoadError(f"{path}: out of memory while loading", transient=True) from exc
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from exc
+        try:
+            changed = fingerprint(path) != self.fingerprint
+        except OSError:
+            changed = True
+        if changed:
+            raise ModelLoadError(f"{path}: the file changed while it was being loaded", transient=True)
         self._check_providers()
         self.inputs = tuple(
             TensorSpec(i.name, datatypes.from_onnx(i.type), _dims(i.shape)) for i in self._session.get_inputs()
@@ -133,6 +151,10 @@ class OnnxModel:
         self._output_names = [spec.name for spec in self.outputs]
         self.max_batch_size = self._batch_size()
         self.load_seconds = time.perf_counter() - started
+
+    def close(self) -> None:
+        """Drop the session so ONNX Runtime frees its memory (the object must not be used after)."""
+        self._session = None
 
     def _check_providers(self) -> None:
         wanted = [_PROVIDER[p.name] for p in self.config.execution_providers]
@@ -253,6 +275,35 @@ class OnnxModel:
                 self.run(feeds)
             except InferenceError as exc:
                 raise ModelLoadError(f"warm-up failed: {exc}") from exc
+
+
+def signature_conflicts(old: OnnxModel, new: OnnxModel) -> list[str]:
+    """Ways in which ``new`` would break a client written against ``old`` (empty: compatible)."""
+    problems: list[str] = []
+    new_inputs = {spec.name: spec for spec in new.inputs}
+    old_inputs = {spec.name: spec for spec in old.inputs}
+    for spec in old.inputs:
+        other = new_inputs.get(spec.name)
+        if other is None:
+            problems.append(f"input '{spec.name}' was removed")
+        elif other.datatype != spec.datatype:
+            problems.append(f"input '{spec.name}' changed datatype {spec.datatype} -> {other.datatype}")
+        elif not _shape_compatible(spec.shape, other.shape):
+            problems.append(f"input '{spec.name}' changed shape {_fmt(spec.shape)} -> {_fmt(other.shape)}")
+    problems.extend(f"new required input '{name}'" for name in new_inputs if name not in old_inputs)
+    new_outputs = {spec.name: spec for spec in new.outputs}
+    for spec in old.outputs:
+        out = new_outputs.get(spec.name)
+        if out is None:
+            problems.append(f"output '{spec.name}' was removed")
+        elif out.datatype != spec.datatype:
+            problems.append(f"output '{spec.name}' changed datatype {spec.datatype} -> {out.datatype}")
+    return problems
+
+
+def _shape_compatible(old: tuple[int, ...], new: tuple[int, ...]) -> bool:
+    """Every request valid for ``old`` is valid for ``new``."""
+    return len(old) == len(new) and all(n in (-1, o) for o, n in zip(old, new, strict=True))
 
 
 def _filled(datatype: str, shape: tuple[int, ...], fill: float) -> npt.NDArray[Any]:

@@ -60,3 +60,18 @@ def scan(repo: Path) -> dict[str, dict[int, VersionOnDisk]]:
             versions[version] = VersionOnDisk(model_dir.name, version, version_dir)
         models[model_dir.name] = versions
     return models
+
+
+def snapshot(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """(relative path, size, mtime) of every file below ``directory``: equal snapshots taken a
+    quiet interval apart mean nobody is writing there."""
+    entries: list[tuple[str, int, int]] = []
+    if not directory.exists():
+        return ()
+    for path in sorted(directory.rglob("*")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # removed while we looked
+        entries.append((str(path.relative_to(directory)), stat.st_size, stat.st_mtime_ns))
+    return tuple(entries)

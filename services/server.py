@@ -25,8 +25,9 @@ from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import InferenceServicer
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
-from services.registry import ModelRegistry
+from services.registry import ModelRegistry, ServedVersion
 from services.settings import ServiceSettings
+from services.watcher import RepositoryWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +48,12 @@ class ModelServer:
         self.metrics = ServiceMetrics()
         self.registry = ModelRegistry()
         self.manager = ModelManager(settings.repo, self.registry, self.metrics,
-                                    load_threads=settings.load_threads, drain_timeout=settings.drain_timeout)
+                                    load_threads=settings.load_threads, drain_timeout=settings.drain_timeout,
+                                    quiet_seconds=settings.reload_quiet_ms / 1000)
+        self.manager.on_ready.append(self._on_ready)
+        self.manager.on_retire.append(self._on_retire)
+        self.watcher = (RepositoryWatcher(settings.repo, self.manager, settings.reload_quiet_ms,
+                                          settings.watch_polling) if settings.watch else None)
         self.plane = DataPlane(self.registry, self.manager)
         self.health = health_aio.HealthServicer()
         self.port = settings.port
@@ -87,6 +93,8 @@ class ModelServer:
         log.info("listening", address=f"{s.host}:{self.port}", metrics_port=self.metrics_port,
                  repo=str(s.repo))
         await self.manager.load_all()
+        if self.watcher is not None:
+            self.watcher.start()
         await self.refresh_health()
         self.plane.started = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -98,6 +106,14 @@ class ModelServer:
             ready = bool(self.registry.ready_versions(name)) and not self.plane.stopping
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready
                                   else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def _on_ready(self, served: ServedVersion) -> None:
+        if self.plane.started:
+            await self.refresh_health()
+
+    async def _on_retire(self, name: str, version: int) -> None:
+        if self.plane.started and self.registry.ready_versions(name) == [version]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -116,6 +132,8 @@ class ModelServer:
         log.info("shutting down", grace_period=self.settings.grace_period)
         self.plane.stopping = True
         await self.health.enter_graceful_shutdown()
+        if self.watcher is not None:
+            await self.watcher.stop()
         if self._server is not None:
             # Stops accepting at once; running RPCs get the grace period to finish.
             await self._server.stop(self.settings.grace_period)

@@ -27,7 +27,7 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8001, ge=0, le=65535)
     """gRPC port (8001 as Triton's; 0 picks a free one)."""
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(8002, ge=0, le=65535)
+    metrics_port: int = Field(8002, ge=-1, le=65535)
     """Prometheus /metrics port (0 picks a free one; -1 disables it)."""
     max_message_mb: int = Field(64, ge=1, le=2047)
     """Largest gRPC message accepted or sent, in MiB."""
@@ -35,6 +35,12 @@ class ServiceSettings(BaseSettings):
     """On SIGTERM: seconds to finish in-flight requests after the server stops accepting new ones."""
     drain_timeout: float = Field(30.0, ge=0)
     """Seconds a retired model version gets to finish its queued requests."""
+    watch: bool = True
+    """Watch the repository and load, replace and retire versions as files change."""
+    watch_polling: bool = False
+    """Poll instead of inotify (network file systems, some container volumes)."""
+    reload_quiet_ms: int = Field(300, ge=10, le=60_000)
+    """A version is loaded once its files have been unchanged for this long."""
     load_threads: int = Field(1, ge=1, le=16)
     """Threads that load models (kept small so loading never starves serving)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -68,8 +68,7 @@ def main() -> None:
             session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             # Triton shapes exclude the batch dimension.
             inputs = [
-                Tensor(name=i.name, dtype=ORT_TO_NUMPY[i.type], shape=tuple(i.shape[1:]))
-                for i in session.get_inputs()
+                Tensor(name=i.name, dtype=ORT_TO_NUMPY[i.type], shape=tuple(i.shape[1:])) for i in session.get_inputs()
             ]
             outputs = [
                 Tensor(name=o.name, dtype=ORT_TO_NUMPY[o.type], shape=tuple(o.shape[1:]) or (1,))

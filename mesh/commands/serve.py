@@ -24,6 +24,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB (default 64)")
     parser.add_argument("--grace-period", type=float, help="seconds to finish in-flight requests on SIGTERM")
     parser.add_argument("--drain-timeout", type=float, help="seconds a retired version gets to drain")
+    parser.add_argument("--watch", action=argparse.BooleanOptionalAction,
+                        help="load, replace and retire versions as repository files change (default on)")
+    parser.add_argument("--watch-polling", action=argparse.BooleanOptionalAction,
+                        help="poll the repository instead of inotify (network file systems)")
+    parser.add_argument("--reload-quiet-ms", type=int,
+                        help="load a version once its files were unchanged this long (default 300)")
     parser.add_argument("--load-threads", type=int, help="threads that load models (default 1)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["auto", "json", "console"])

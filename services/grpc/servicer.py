@@ -125,7 +125,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.parameters:
             raise _unsupported("RepositoryModelLoad with parameters",
                                "place the model files in the repository and load it by name")
-        await self.manager.sync_model(request.model_name)
+        await self.manager.load_model(request.model_name)
         if not self.plane.model_ready(request.model_name, None):
             index = [r for r in self.plane.repository_index() if r.model == request.model_name]
             reasons = "; ".join(f"version {r.version}: {r.state} {r.reason}".strip() for r in index)

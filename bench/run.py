@@ -1,0 +1,493 @@
+"""Benchmark the same ONNX models on several servers in one run and print a Markdown table.
+
+Targets (``--targets``):
+  ort       in-process onnxruntime, ``session.run`` in a loop, 1 thread (no server, no network)
+  floor     bare grpc.aio server answering ModelInfer with a canned response (Python gRPC upper bound)
+  sluice    ``sluice serve --repo DIR --port P --metrics-port 0``
+  mlserver  Seldon MLServer 1.7 + a custom onnxruntime runtime (bench/.venvs/mlserver)
+  pytriton  NVIDIA PyTriton 0.7 + an onnxruntime callable, dynamic batching (bench/.venvs/pytriton)
+
+Load: h2load, one HTTP/2 connection with CONC concurrent streams, posting a pre-encoded gRPC
+ModelInfer body. Servers are pinned to core 0 and h2load to core 1 (``--server-cpu``/``--client-cpu``).
+
+    python -m bench --setup                      # peer venvs + h2load, once
+    python -m bench                              # all targets, mlp+heavy, concurrency 1,8,32, 5 s each
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `examples` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import onnxruntime as ort
+
+from bench import loadgen
+from bench.targets import (
+    ALL_TARGETS,
+    BENCH_DIR,
+    REPO_ROOT,
+    SERVER_TARGETS,
+    VENVS,
+    MLServerTarget,
+    RunContext,
+    ServerProcess,
+    Target,
+    TargetError,
+)
+from examples.build_models import build_all
+
+ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(double)": np.float64}
+# Average response size seen by h2load may differ this much from one correct response (rounding only).
+SIZE_TOLERANCE = 0.02
+PEER_PACKAGES = {
+    "mlserver": ["mlserver==1.7.*", "uvloop==0.21.0", f"onnxruntime=={ort.__version__}", "numpy"],
+    "pytriton": ["nvidia-pytriton==0.7.*", f"onnxruntime=={ort.__version__}", "numpy"],
+}
+
+
+@dataclass
+class Point:
+    """One cell group of the table: a target serving a model at a concurrency."""
+
+    target: str
+    model: str
+    concurrency: int
+    status: str  # ok | failed | skipped
+    rps: float = math.nan
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    requests: int = 0
+    note: str = ""
+
+
+@dataclass
+class ModelCase:
+    name: str
+    path: Path
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    body: bytes  # serialized ModelInferRequest
+    body_path: Path  # gRPC-framed body for h2load
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def _base_python() -> str:
+    """The interpreter this venv was made from (peer venvs need a shared libpython: PyTriton)."""
+    candidate = Path(sys.base_prefix) / "bin" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    return str(candidate) if candidate.exists() else sys.executable
+
+
+def _run_step(cmd: list[str], timeout: float) -> bool:
+    print(f"[setup] $ {shlex.join(cmd)}", flush=True)
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"[setup] timed out after {timeout:.0f}s", flush=True)
+        return False
+    if proc.returncode != 0:
+        print(f"[setup] failed with exit code {proc.returncode}", flush=True)
+    return proc.returncode == 0
+
+
+def setup(peers: list[str]) -> int:
+    """apt-get install h2load if missing; create/refresh the peer venvs. Returns an exit code."""
+    ok = True
+    if loadgen.h2load_path() is None:
+        if os.geteuid() != 0:
+            print("[setup] h2load missing: run `sudo apt-get update && sudo apt-get install -y nghttp2-client`")
+            ok = False
+        else:
+            ok = _run_step(["apt-get", "update"], 600) and _run_step(
+                ["apt-get", "install", "-y", "--no-install-recommends", "nghttp2-client"], 600
+            )
+    else:
+        print(f"[setup] h2load present: {loadgen.h2load_path()}")
+    base = _base_python()
+    for peer in peers:
+        venv = VENVS / peer
+        if not (venv / "bin" / "python").exists() and not _run_step([base, "-m", "venv", str(venv)], 300):
+            ok = False
+            continue
+        ok = _run_step([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *PEER_PACKAGES[peer]], 1800) and ok
+    print("[setup] done" if ok else "[setup] finished with errors (see above)")
+    return 0 if ok else 1
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def prepare_cases(repo: Path, models: list[str], batch: int, workdir: Path) -> dict[str, ModelCase]:
+    """Seeded inputs, onnxruntime's outputs for them, and the request bodies / canned responses."""
+    cases = {}
+    for index, name in enumerate(models):
+        path = repo / name / "1" / "model.onnx"
+        session = _session(path)
+        rng = np.random.default_rng(1000 + index)
+        inputs = {}
+        for arg in session.get_inputs():
+            dims = [batch if i == 0 else int(d) for i, d in enumerate(arg.shape)]
+            inputs[arg.name] = rng.standard_normal(dims).astype(ORT_TO_NUMPY[arg.type])
+        names = [o.name for o in session.get_outputs()]
+        expected = dict(zip(names, session.run(names, inputs), strict=True))
+        body = loadgen.encode_request(name, inputs)
+        body_path = workdir / f"{name}.body.bin"
+        body_path.write_bytes(loadgen.grpc_frame(body))
+        (workdir / f"{name}.response.bin").write_bytes(loadgen.encode_response(name, expected))
+        for arg_name, array in inputs.items():
+            np.save(workdir / f"{name}.{arg_name}.npy", array)
+        cases[name] = ModelCase(name, path, inputs, expected, body, body_path)
+    return cases
+
+
+def run_ort(case: ModelCase, duration: float, cpu: str | None, workdir: Path) -> Point:
+    cmd = ["taskset", "-c", cpu] if cpu is not None else []
+    cmd += [sys.executable, "-m", "bench.ort_inproc", "--model", str(case.path), "--duration", f"{duration:g}"]
+    for arg_name in case.inputs:
+        cmd += ["--input", f"{arg_name}={workdir / f'{case.name}.{arg_name}.npy'}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120, check=False, cwd=REPO_ROOT)
+    except subprocess.TimeoutExpired:
+        return Point("ort", case.name, 1, "failed", note="in-process run timed out")
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
+        return Point("ort", case.name, 1, "failed", note=f"rc={proc.returncode}: {tail}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Point(
+        "ort",
+        case.name,
+        1,
+        "ok",
+        rps=data["rps"],
+        p50_ms=data["p50_ms"],
+        p99_ms=data["p99_ms"],
+        requests=int(data["calls"]),
+        note="in-process session.run, 1 thread",
+    )
+
+
+def measure_point(
+    server: ServerProcess, case: ModelCase, concurrency: int, args: argparse.Namespace, workdir: Path
+) -> Point:
+    point = Point(server.name, case.name, concurrency, "failed")
+    check = loadgen.check_target(server.port, case.name, case.inputs, case.expected, case.body)
+    if not check.ok:
+        point.note = f"check before run: {check.message}"
+        return point
+    log_path = workdir / "logs" / f"h2load-{server.name}-{case.name}-c{concurrency}.tsv"
+    result = loadgen.run_h2load(
+        server.port, case.body_path, concurrency, args.duration, log_path=log_path, cpu=args.client_cpu
+    )
+    if not result.ok:
+        point.note = result.message
+        return point
+    point.rps, point.p50_ms, point.p99_ms, point.requests = (result.rps, result.p50_ms, result.p99_ms, result.succeeded)
+    avg = result.avg_response_bytes
+    if abs(avg - check.response_bytes) > SIZE_TOLERANCE * check.response_bytes:
+        point.note = (
+            f"h2load's average response is {avg:.0f} B but a correct one is {check.response_bytes} B: "
+            "errors counted as successes?"
+        )
+        return point
+    if result.failed:
+        point.note = f"{result.failed} requests failed/errored/timed out"
+        return point
+    died = server.died()
+    if died:
+        point.note = f"server died during the run: {died}"
+        return point
+    point.status = "ok"
+    point.note = f"resp {check.response_bytes} B ok"
+    return point
+
+
+def bench_target(target: Target, cases: dict[str, ModelCase], ctx: RunContext, args: argparse.Namespace) -> list[Point]:
+    """Start one server, measure every (model, concurrency), always stop it."""
+    combos = [(m, c) for m in cases for c in args.concurrency]
+    reason = target.unavailable()
+    if reason:
+        print(f"[{target.name}] skipped: {reason}", flush=True)
+        return [Point(target.name, m, c, "skipped", note=reason) for m, c in combos]
+    points: list[Point] = []
+    server: ServerProcess | None = None
+    started = time.monotonic()
+    try:
+        print(f"[{target.name}] starting ...", flush=True)
+        server = target.start(ctx)
+        first = next(iter(cases.values()))
+        error = loadgen.wait_until_serving(server.port, first.body, ctx.startup_timeout, alive=server.died)
+        if error:
+            raise TargetError(f"did not start: {error} (log: {server.log_path})")
+        print(f"[{target.name}] serving on :{server.port} after {time.monotonic() - started:.1f}s", flush=True)
+        for model, concurrency in combos:
+            case = cases[model]
+            error = loadgen.wait_until_serving(server.port, case.body, 60, alive=server.died)
+            if error:
+                points.append(Point(target.name, model, concurrency, "failed", note=error))
+                continue
+            point = measure_point(server, case, concurrency, args, ctx.workdir)
+            print(
+                f"[{target.name}] {model:<6} c={concurrency:<3} {point.status:<6} {point.rps:9.1f} req/s  "
+                f"p50 {point.p50_ms:7.3f} ms  p99 {point.p99_ms:7.3f} ms  {point.note}",
+                flush=True,
+            )
+            points.append(point)
+    except TargetError as exc:
+        print(f"[{target.name}] failed: {exc}", flush=True)
+        done = {(p.model, p.concurrency) for p in points}
+        points += [Point(target.name, m, c, "failed", note=str(exc)) for m, c in combos if (m, c) not in done]
+    finally:
+        if server is not None:
+            server.stop()
+    return points
+
+
+# -------------------------------------------------------------------------------------------- table
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float, ref: Point | None) -> str:
+    if ref is None or ref.status != "ok" or math.isnan(value) or not ref.rps:
+        return "-"
+    return f"{value / ref.rps:.2f}x"
+
+
+def render_table(points: list[Point], targets: list[str], labels: dict[str, str]) -> str:
+    by_key = {(p.target, p.model, p.concurrency): p for p in points}
+    models = list(dict.fromkeys(p.model for p in points))
+    concurrencies = sorted({p.concurrency for p in points})
+    lines = [
+        "| model | conc | target | req/s | p50 ms | p99 ms | vs floor | vs PyTriton | vs MLServer | notes |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for model in models:
+        for conc in concurrencies:
+            floor = by_key.get(("floor", model, conc))
+            pytriton = by_key.get(("pytriton", model, conc))
+            mlserver = by_key.get(("mlserver", model, conc))
+            for target in targets:
+                p = by_key.get((target, model, conc))
+                if p is None:
+                    continue
+                label = labels.get(target, target)
+                if p.status != "ok":
+                    note = p.note.replace("|", "/")[:160]
+                    lines.append(f"| {model} | {conc} | {label} | {p.status} | | | | | | {note} |")
+                    continue
+                lines.append(
+                    f"| {model} | {conc} | {label} | {_fmt(p.rps, 0)} | {_fmt(p.p50_ms, 3)} | "
+                    f"{_fmt(p.p99_ms, 3)} | {_ratio(p.rps, floor)} | {_ratio(p.rps, pytriton)} | "
+                    f"{_ratio(p.rps, mlserver)} | {p.note} |"
+                )
+    return "\n".join(lines)
+
+
+def _peer_version(venv: str, package: str) -> str:
+    python = VENVS / venv / "bin" / "python"
+    if not python.exists():
+        return "not installed"
+    try:
+        out = subprocess.run(
+            [str(python), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return "?"
+    return out.stdout.strip() or "?"
+
+
+def environment() -> dict[str, str]:
+    import grpc
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    h2load = loadgen.h2load_path()
+    h2_version = "missing"
+    if h2load:
+        out = subprocess.run([h2load, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        h2_version = out.stdout.strip()
+    return {
+        "cpu": f"{cpu} ({os.cpu_count()} cores visible)",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "grpcio": grpc.__version__,
+        "mlserver": _peer_version("mlserver", "mlserver"),
+        "pytriton": _peer_version("pytriton", "nvidia-pytriton"),
+        "h2load": h2_version,
+    }
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = [
+        "python -m bench",
+        f"--targets {','.join(args.targets)}",
+        f"--models {','.join(args.models)}",
+        f"--concurrency {','.join(map(str, args.concurrency))}",
+        f"--duration {args.duration:g}",
+        f"--batch {args.batch}",
+    ]
+    if args.mlserver_workers:
+        parts.append(f"--mlserver-workers {args.mlserver_workers}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _csv(kind: type = str) -> object:
+    def parse(text: str) -> list[object]:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--targets", type=_csv(), default=list(ALL_TARGETS), help=f"from {','.join(ALL_TARGETS)}")
+    parser.add_argument("--models", type=_csv(), default=["mlp", "heavy"], help="models from examples/build_models.py")
+    parser.add_argument("--concurrency", type=_csv(int), default=[1, 8, 32], help="concurrent streams (default 1,8,32)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per point (default 5)")
+    parser.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
+    parser.add_argument("--server-cpu", default="0", help="taskset core list for servers ('' = no pinning)")
+    parser.add_argument("--client-cpu", default="1", help="taskset core list for h2load ('' = no pinning)")
+    parser.add_argument("--mlserver-workers", type=int, default=0, help="MLServer parallel_workers (default 0)")
+    parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds a server may take to start")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/.results/<time>)")
+    parser.add_argument("--setup", action="store_true", help="install h2load and the peer venvs first")
+    parser.add_argument("--setup-only", action="store_true", help="only do --setup, measure nothing")
+    args = parser.parse_args(argv)
+    unknown = [t for t in args.targets if t not in ALL_TARGETS]
+    if unknown:
+        parser.error(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+    args.server_cpu = args.server_cpu or None
+    args.client_cpu = args.client_cpu or None
+    return args
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.setup or args.setup_only:
+        peers = [t for t in args.targets if t in PEER_PACKAGES] if not args.setup_only else list(PEER_PACKAGES)
+        rc = setup(peers)
+        if rc or args.setup_only:
+            return rc
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` blocks stop the servers
+
+    out = args.out or BENCH_DIR / ".results" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    labels = {
+        "ort": "onnxruntime in-process",
+        **{name: cls.label for name, cls in SERVER_TARGETS.items()},
+    }
+    env = environment()
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        workdir = Path(tmp)
+        repo = workdir / "models"
+        build_all(repo)
+        cases = prepare_cases(repo, args.models, args.batch, workdir)
+        ctx = RunContext(
+            repo=repo,
+            models=args.models,
+            workdir=workdir,
+            server_cpu=args.server_cpu,
+            canned={m: workdir / f"{m}.response.bin" for m in args.models},
+            startup_timeout=args.startup_timeout,
+        )
+        try:
+            if "ort" in args.targets:
+                for case in cases.values():
+                    point = run_ort(case, args.duration, args.server_cpu, workdir)
+                    print(
+                        f"[ort] {case.name:<6} {point.status} {point.rps:9.1f} calls/s  p50 {point.p50_ms:.3f} ms "
+                        f"p99 {point.p99_ms:.3f} ms {'' if point.status == 'ok' else point.note}",
+                        flush=True,
+                    )
+                    points.append(point)
+            h2load_missing = loadgen.h2load_path() is None
+            for name in [t for t in args.targets if t in SERVER_TARGETS]:
+                if h2load_missing:
+                    note = "h2load not found: `python -m bench --setup` (apt package nghttp2-client)"
+                    points += [Point(name, m, c, "skipped", note=note) for m in cases for c in args.concurrency]
+                    continue
+                target = MLServerTarget(args.mlserver_workers) if name == "mlserver" else SERVER_TARGETS[name]()
+                points += bench_target(target, cases, ctx, args)
+        except KeyboardInterrupt:
+            print("\ninterrupted: servers stopped, partial results below", flush=True)
+        finally:
+            # Keep the server logs next to the results.
+            logs = workdir / "logs"
+            if logs.exists():
+                for log in logs.glob("*.log"):
+                    (out / log.name).write_bytes(log.read_bytes())
+
+    table = render_table(points, [t for t in ALL_TARGETS if t in args.targets], labels)
+    header = "\n".join(f"- {k}: {v}" for k, v in env.items())
+    pin = f"servers on core {args.server_cpu}, h2load on core {args.client_cpu}"
+    report = (
+        f"Command: `{command_line(args)}`\n\n"
+        f"{header}\n- pinning: {pin}; {args.duration:g} s per point; {args.batch} row(s) per request; "
+        "h2load: 1 HTTP/2 connection, CONC concurrent streams\n\n"
+        f"{table}\n"
+    )
+    (out / "results.md").write_text(report)
+    (out / "results.json").write_text(
+        json.dumps(
+            {"command": command_line(args), "environment": env, "points": [asdict(p) for p in points]},
+            indent=2,
+            default=str,
+        )
+    )
+    print("\n" + report)
+    print(f"(results, JSON and server logs in {out})")
+    return 0 if any(p.status == "ok" for p in points) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The servers under test and how to start, check and stop them.
+
+Every server runs in its own process group (``start_new_session=True``), pinned with ``taskset`` to the
+server core, with stdout/stderr in a log file. ``ServerProcess.stop`` sends SIGTERM to the whole group,
+waits, then SIGKILLs it, so helper processes (Triton's Python stubs, MLServer workers) go too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO_ROOT / "bench"
+VENVS = BENCH_DIR / ".venvs"
+SLUICE_BIN = REPO_ROOT / ".venv" / "bin" / "sluice"
+
+ORT_TO_TRITON = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(double)": "FP64"}
+
+
+class TargetError(RuntimeError):
+    """A target could not be started; the message goes into the results table."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip()[:200] for line in text[-lines:])
+
+
+@dataclass
+class ServerProcess:
+    """A started server: its process group, the gRPC port and the log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    _log_file: object = field(default=None, repr=False)
+
+    def died(self) -> str | None:
+        """None while running; otherwise why it stopped (exit code + log tail)."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        return f"{self.name} exited with code {code}: {log_tail(self.log_path)}"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, wait up to ``timeout``, then SIGKILL what is left."""
+        pgid = self.proc.pid  # start_new_session=True: the group id is the leader's pid
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            if not _group_members(pgid):
+                break
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self.proc.poll()  # reap the leader so it does not linger as a zombie
+                if not _group_members(pgid):
+                    break
+                time.sleep(0.1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        close = getattr(self._log_file, "close", None)
+        if callable(close):
+            close()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # Format: pid (comm) state ppid pgrp ...; comm may hold spaces, so split after the last ')'.
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def spawn(
+    name: str,
+    cmd: list[str],
+    log_path: Path,
+    port: int,
+    *,
+    cpu: str | None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> ServerProcess:
+    if cpu is not None:
+        cmd = ["taskset", "-c", cpu, *cmd]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = log_path.open("wb")
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    log_file.write(("$ " + " ".join(cmd) + "\n").encode())
+    log_file.flush()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=full_env,
+        cwd=str(cwd or REPO_ROOT),
+        start_new_session=True,
+    )
+    return ServerProcess(name=name, proc=proc, port=port, log_path=log_path, _log_file=log_file)
+
+
+@dataclass
+class RunContext:
+    """What every target needs to start: the model repository and where to put its files."""
+
+    repo: Path  # DIR/<model>/<version>/model.onnx (+ config.yaml), from examples/build_models.py
+    models: list[str]
+    workdir: Path  # scratch space for this run (canned responses, configs, logs)
+    server_cpu: str | None  # taskset core list for servers, None = no pinning
+    canned: dict[str, Path] = field(default_factory=dict)  # model -> serialized ModelInferResponse
+    startup_timeout: float = 180.0
+
+
+class Target(ABC):
+    """A server to benchmark. ``unavailable()`` says why it can't run here (None = it can)."""
+
+    name: str = ""
+    label: str = ""
+
+    def unavailable(self) -> str | None:
+        return None
+
+    @abstractmethod
+    def start(self, ctx: RunContext) -> ServerProcess: ...
+
+
+class FloorTarget(Target):
+    name = "floor"
+    label = "floor (bare grpc.aio, canned)"
+
+    def start(self, ctx: RunContext) -> ServerProcess:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.floor_server", "--port", str(port)]
+        for model in ctx.models:
+            cmd += ["--canned", f"{model}={ctx.canned[model]}"]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "floor.log", port, cpu=ctx.server_cpu)
+
+
+class SluiceTarget(Target):
+    name = "sluice"
+    label = "sluice"
+
+    def unavailable(self) -> str | None:
+        if not SLUICE_BIN.exists():
+            return f"{SLUICE_BIN.relative_to(REPO_ROOT)} not found (install the project: pip install -e .)"
+        try:
+            probe = subprocess.run(
+                [str(SLUICE_BIN), "serve", "--help"], capture_output=True, text=True, timeout=60, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return "`sluice serve --help` did not answer within 60s"
+        if probe.returncode != 0:
+            last = (probe.stderr or probe.stdout).strip().splitlines()[-1:] or ["?"]
+            return f"`sluice serve --help` failed (rc={probe.returncode}): {last[0][:160]}"
+        return None
+
+    def start(self, ctx: RunContext) -> ServerProcess:
+        port = free_port()
+        cmd = [str(SLUICE_BIN), "serve", "--repo", str(ctx.repo), "--port", str(port), "--metrics-port", "0"]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "sluice.log", port, cpu=ctx.server_cpu)
+
+
+def _tensor_meta(values: list[ort.NodeArg]) -> list[dict[str, object]]:
+    return [
+        {"name": v.name, "datatype": ORT_TO_TRITON[v.type], "shape": [d if isinstance(d, int) else -1 for d in v.shape]}
+        for v in values
+    ]
+
+
+class MLServerTarget(Target):
+    """Seldon MLServer 1.7 + bench/peers/mlserver_runtime.py (onnxruntime, 1 intra-op thread)."""
+
+    name = "mlserver"
+    label = "MLServer 1.7"
+    venv = VENVS / "mlserver"
+
+    def __init__(self, parallel_workers: int = 0) -> None:
+        self.parallel_workers = parallel_workers
+
+    def unavailable(self) -> str | None:
+        if not (self.venv / "bin" / "mlserver").exists():
+            return f"{self.venv.relative_to(REPO_ROOT)} missing: run `python -m bench --setup`"
+        return None
+
+    def write_workspace(self, ctx: RunContext, grpc_port: int) -> Path:
+        ws = ctx.workdir / "mlserver"
+        ws.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "http_port": free_port(),
+            "grpc_port": grpc_port,
+            "metrics_port": free_port(),
+            # 0 = inference in the server process. With workers (the default, 1) every request also
+            # crosses a multiprocessing queue, which only costs on a single pinned core.
+            "parallel_workers": self.parallel_workers,
+            "debug": False,
+            "load_models_at_startup": True,
+        }
+        (ws / "settings.json").write_text(json.dumps(settings, indent=2))
+        for model in ctx.models:
+            path = ctx.repo / model / "1" / "model.onnx"
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            model_dir = ws / model
+            model_dir.mkdir(exist_ok=True)
+            model_settings = {
+                "name": model,
+                "implementation": "mlserver_runtime.OnnxRuntime",
+                "inputs": _tensor_meta(session.get_inputs()),
+                "outputs": _tensor_meta(session.get_outputs()),
+                "parameters": {"uri": str(path), "version": "1"},
+            }
+            (model_dir / "model-settings.json").write_text(json.dumps(model_settings, indent=2))
+        return ws
+
+    def start(self, ctx: RunContext) -> ServerProcess:
+        port = free_port()
+        ws = self.write_workspace(ctx, port)
+        env = {"PYTHONPATH": str(BENCH_DIR / "peers"), "BENCH_ORT_THREADS": "1"}
+        cmd = [str(self.venv / "bin" / "mlserver"), "start", str(ws)]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "mlserver.log", port, cpu=ctx.server_cpu, env=env)
+
+
+class PyTritonTarget(Target):
+    """NVIDIA PyTriton 0.7 + bench/peers/pytriton_server.py (dynamic batching, onnxruntime 1 thread)."""
+
+    name = "pytriton"
+    label = "PyTriton 0.7"
+    venv = VENVS / "pytriton"
+
+    def unavailable(self) -> str | None:
+        if not (self.venv / "bin" / "python").exists():
+            return f"{self.venv.relative_to(REPO_ROOT)} missing: run `python -m bench --setup`"
+        return None
+
+    def libpython_dir(self) -> str:
+        """The venv interpreter's LIBDIR: Triton's Python stub must find libpython3.X.so there."""
+        out = subprocess.run(
+            [str(self.venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return out.stdout.strip()
+
+    def start(self, ctx: RunContext) -> ServerProcess:
+        port = free_port()
+        workspace = ctx.workdir / "pytriton-ws"
+        if workspace.exists():
+            shutil.rmtree(workspace)
+        try:
+            libdir = self.libpython_dir()
+        except (subprocess.SubprocessError, OSError) as exc:
+            raise TargetError(f"cannot query the pytriton venv's interpreter: {exc}") from exc
+        env = {
+            "LD_LIBRARY_PATH": ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p),
+            # PyTriton copies Triton into the workspace and makes temp model folders; keep both here.
+            "TMPDIR": str(ctx.workdir),
+        }
+        cmd = [
+            str(self.venv / "bin" / "python"),
+            str(BENCH_DIR / "peers" / "pytriton_server.py"),
+            "--repo",
+            str(ctx.repo),
+            "--models",
+            ",".join(ctx.models),
+            "--grpc-port",
+            str(port),
+            "--http-port",
+            str(free_port()),
+            "--metrics-port",
+            str(free_port()),
+            "--workspace",
+            str(workspace),
+            "--threads",
+            "1",
+        ]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "pytriton.log", port, cpu=ctx.server_cpu, env=env)
+
+
+SERVER_TARGETS: dict[str, type[Target]] = {
+    "floor": FloorTarget,
+    "sluice": SluiceTarget,
+    "mlserver": MLServerTarget,
+    "pytriton": PyTritonTarget,
+}
+ALL_TARGETS = ["ort", *SERVER_TARGETS]

@@ -1,0 +1,327 @@
+"""``sluice models | status | weights …``: read the registry and steer traffic from a terminal.
+
+Every etcd flag maps 1:1 to a field of :class:`mesh.settings.EtcdSettings`; what a flag leaves
+unset comes from ``SLUICE_ETCD_…`` in the environment, then the default. Errors are one line on
+stderr with exit code 1 (etcd unreachable, invalid document, lost compare-and-swap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mesh import logging as sluice_logging
+from mesh.errors import InvalidDocumentError, MeshError
+from mesh.etcd.client import EtcdClient
+from mesh.keys import KeySchema
+from mesh.registry import (
+    ModelState,
+    RegistryState,
+    RoutingChange,
+    get_routing,
+    load_state,
+    promote,
+    set_weights,
+)
+from mesh.settings import EtcdSettings
+
+OUTPUT_FORMATS = ("table", "json", "yaml")
+_ETCD_FLAGS = ("endpoints", "prefix", "ca_cert", "cert", "key", "username", "password", "connect_timeout",
+               "request_timeout")
+
+
+def etcd_flags() -> argparse.ArgumentParser:
+    """The etcd connection flags, shared by every command that talks to etcd."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("etcd connection (env SLUICE_ETCD_<NAME>)")
+    group.add_argument("--etcd", dest="endpoints", metavar="ENDPOINTS",
+                       help="comma-separated host:port list (default 127.0.0.1:2379)")
+    group.add_argument("--prefix", help="key prefix (default /sluice/)")
+    group.add_argument("--ca-cert", help="CA bundle of etcd's server certificate (turns TLS on)")
+    group.add_argument("--cert", help="client certificate for etcd's --client-cert-auth")
+    group.add_argument("--key", help="private key of --cert")
+    group.add_argument("--username", help="etcd user when etcd auth is on")
+    group.add_argument("--password", help="its password (prefer SLUICE_ETCD_PASSWORD)")
+    group.add_argument("--connect-timeout", type=float, help="seconds to reach etcd (default 5)")
+    group.add_argument("--request-timeout", type=float, help="seconds per request (default 5)")
+    return parent
+
+
+def _output_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table", help="output format")
+
+
+def register(subparsers: Any) -> None:
+    common = etcd_flags()
+
+    models = subparsers.add_parser("models", parents=[common], help="list the models in the registry")
+    _output_flag(models)
+    models.set_defaults(func=lambda args: _run(args, _models))
+
+    status = subparsers.add_parser(
+        "status", parents=[common], help="versions, instances and weights of models",
+        description="Per model and version: instances (address, state, age), the configured weight "
+                    "(routing document), the effective weight (what the gateway applied), last error.",
+    )
+    status.add_argument("model", nargs="?", help="only this model")
+    _output_flag(status)
+    status.set_defaults(func=lambda args: _run(args, _status))
+
+    weights = subparsers.add_parser("weights", help="read or change a model's traffic split")
+    actions = weights.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    get = actions.add_parser("get", parents=[common], help="show the routing document of MODEL")
+    get.add_argument("model")
+    _output_flag(get)
+    get.set_defaults(func=lambda args: _run(args, _weights_get))
+
+    set_ = actions.add_parser(
+        "set", parents=[common], help="set the weights of MODEL, e.g. 1=90 2=10",
+        description="Replace the weights with one compare-and-swap transaction: if anyone changed "
+                    "the routing document meanwhile, nothing is written and the exit code is 1.",
+    )
+    set_.add_argument("model")
+    set_.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    set_.add_argument("--sticky-header", help="requests with equal values of this header stick to one "
+                                              "version ('' removes it; default: keep)")
+    set_.add_argument("--default-version", type=int,
+                      help="version taking all traffic when no weighted one serves (0 removes; default: keep)")
+    set_.add_argument("--if-revision", type=int, metavar="REV",
+                      help="write only if the routing document is still at this revision (0: absent)")
+    set_.set_defaults(func=lambda args: _run(args, _weights_set))
+
+    promote_ = actions.add_parser("promote", parents=[common],
+                                  help="send all traffic of MODEL to VERSION (weights {VERSION: 100})")
+    promote_.add_argument("model")
+    promote_.add_argument("version")
+    promote_.add_argument("--if-revision", type=int, metavar="REV",
+                          help="write only if the routing document is still at this revision")
+    promote_.set_defaults(func=lambda args: _run(args, _weights_promote))
+
+
+Command = Callable[[argparse.Namespace, EtcdClient, KeySchema], Awaitable[int]]
+
+
+def settings_from_args(args: argparse.Namespace) -> EtcdSettings:
+    """Flags that were given override the environment, which overrides the defaults."""
+    overrides = {name: getattr(args, name) for name in _ETCD_FLAGS if getattr(args, name, None) is not None}
+    return EtcdSettings(**overrides)
+
+
+def _fail(message: str) -> int:
+    print(f"sluice: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace, command: Command) -> int:
+    sluice_logging.configure("warning", "console")
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        return _fail(f"invalid etcd settings: {problems}")
+
+    async def main() -> int:
+        client = EtcdClient(settings)
+        try:
+            await client.connect()
+            return await command(args, client, KeySchema(settings.prefix))
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(main())
+    except MeshError as exc:
+        return _fail(str(exc))
+
+
+def _print(data: Any, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(data, indent=2, sort_keys=False))
+    else:
+        print(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _weights_text(weights: dict[int, int]) -> str:
+    return " ".join(f"{v}={w}" for v, w in sorted(weights.items())) or "(none)"
+
+
+async def _models(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
+    state = await load_state(client, schema)
+    data: list[dict[str, Any]] = [{"model": m.name, "versions": m.versions(), "serving_versions": m.serving_versions(),
+             "instances": sum(len(r) for r in m.instances.values()), "has_routing": m.routing_revision > 0}
+            for m in state.models.values()]
+    if args.output != "table":
+        _print({"revision": state.revision, "models": data}, args.output)
+        return 0
+    if not data:
+        print(f"no models under {schema.models_prefix}")
+        return 0
+    rows = [[d["model"], ",".join(map(str, d["versions"])) or "-", str(d["instances"]),
+             "yes" if d["has_routing"] else "no"] for d in data]
+    print(_table(rows, ["MODEL", "VERSIONS", "INSTANCES", "ROUTING"]))
+    return 0
+
+
+def model_report(model: ModelState, now: float) -> dict[str, Any]:
+    """One model of ``sluice status -o json``."""
+    configured = model.routing.weights if model.routing else {}
+    effective = model.status.effective_weights if model.status else {}
+    versions = sorted(set(model.versions()) | set(configured) | set(effective))
+    errors = [*([f"routing: {model.routing_error}"] if model.routing_error else []),
+              *([f"status: {model.status_error}"] if model.status_error else []),
+              *(model.status.errors if model.status else []), *model.problems]
+    return {
+        "model": model.name,
+        "routing_revision": model.routing_revision,
+        "routing": model.routing.to_dict() if model.routing else None,
+        "status": model.status.model_dump(mode="json") if model.status else None,
+        "versions": [{
+            "version": version,
+            "weight": configured.get(version),
+            "effective_weight": effective.get(version),
+            "instances": [{
+                "instance_id": r.instance_id, "address": r.address, "state": r.state.value,
+                "started": r.started.isoformat(), "age_s": round(now - r.started.timestamp(), 1),
+                "sha256": r.sha256, "labels": r.labels,
+            } for r in model.instances.get(version, {}).values()],
+        } for version in versions],
+        "warnings": list(model.status.warnings) if model.status else [],
+        "errors": errors,
+    }
+
+
+def _status_rows(report: dict[str, Any], has_routing: bool) -> list[list[str]]:
+    rows: list[list[str]] = []
+    last_error = report["errors"][0] if report["errors"] else "-"
+    for version in report["versions"] or [{"version": "-", "weight": None, "effective_weight": None,
+                                            "instances": []}]:
+        instances = version["instances"] or [None]
+        for i, inst in enumerate(instances):
+            first = i == 0
+            weight = version["weight"] if version["weight"] is not None else (0 if has_routing else "-")
+            effective = version["effective_weight"] if version["effective_weight"] is not None else "-"
+            rows.append([
+                report["model"] if first and not rows else "",
+                str(version["version"]) if first else "",
+                f"{inst['address']} {inst['state']} {_age(inst['age_s'])}" if inst else "(no instances)",
+                str(weight) if first else "",
+                str(effective) if first else "",
+                last_error if not rows else "",
+            ])
+    return rows
+
+
+async def _status(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
+    state: RegistryState = await load_state(client, schema)
+    models = list(state.models.values())
+    if args.model is not None:
+        models = [m for m in models if m.name == args.model]
+        if not models:
+            return _fail(f"model {args.model!r} is not in the registry under {schema.models_prefix}")
+    now = time.time()
+    reports = [model_report(m, now) for m in models]
+    if args.output != "table":
+        _print({"revision": state.revision, "models": reports}, args.output)
+        return 0
+    if not reports:
+        print(f"no models under {schema.models_prefix}")
+        return 0
+    rows = [row for m, r in zip(models, reports, strict=True) for row in _status_rows(r, m.routing is not None)]
+    print(_table(rows, ["MODEL", "VERSION", "INSTANCES (address state age)", "WEIGHT", "EFFECTIVE",
+                        "LAST ERROR"]))
+    for model in models:
+        if model.routing_error is not None:
+            print(f"{model.name}: {model.routing_error} (the gateway keeps the last good routing)")
+        elif model.routing is None:
+            print(f"{model.name}: no routing document: all traffic to the newest serving version")
+    return 0
+
+
+async def _weights_get(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
+    routing, revision = await get_routing(client, schema, args.model)
+    if args.output != "table":
+        _print({"model": args.model, "revision": revision,
+                "routing": routing.to_dict() if routing else None}, args.output)
+        return 0
+    if routing is None:
+        print(f"{args.model}: no routing document: all traffic to the newest serving version")
+        return 0
+    shares = " ".join(f"{v}={w} ({p:.1f}%)" for (v, w), p in
+                      zip(sorted(routing.weights.items()), routing.percentages().values(), strict=True))
+    extras = "".join(f" {name}={value}" for name, value in
+                     (("sticky_header", routing.sticky_header), ("default_version", routing.default_version))
+                     if value is not None)
+    print(f"{args.model}: {shares}{extras} (revision {revision})")
+    return 0
+
+
+def parse_weight_args(pairs: list[str]) -> dict[str, Any]:
+    """``["1=90", "2=10"]`` → ``{"1": 90, "2": 10}``; non-integers pass through to the validator."""
+    weights: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        version, sep, weight = pair.partition("=")
+        if not sep:
+            problems.append(f"weights: expected VERSION=WEIGHT, got {pair!r}")
+            continue
+        if version.strip() in weights:
+            problems.append(f"weights: version {version.strip()!r} appears twice")
+        try:
+            weights[version.strip()] = int(weight)
+        except ValueError:
+            weights[version.strip()] = weight
+    if problems:
+        raise InvalidDocumentError("weights", problems)
+    return weights
+
+
+async def _report_change(change: RoutingChange, client: EtcdClient, schema: KeySchema) -> int:
+    before = _weights_text(change.before.weights) if change.before else (
+        "(invalid document)" if change.before_error else "(no routing document)")
+    print(f"{change.model}: {before} → {_weights_text(change.after.weights)} (revision {change.revision})")
+    snapshot = await client.get_prefix(schema.instances_prefix(change.model))
+    state = await load_state(client, schema) if snapshot.items else None
+    model = state.model(change.model) if state else None
+    serving = set(model.serving_versions()) if model else set()
+    for version, weight in sorted(change.after.weights.items()):
+        if weight > 0 and version not in serving:
+            print(f"warning: version {version} has weight {weight} but no serving instances: the gateway "
+                  "leaves it out until one registers", file=sys.stderr)
+    return 0
+
+
+async def _weights_set(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
+    weights = parse_weight_args(args.weights)
+    change = await set_weights(client, schema, args.model, weights, sticky_header=args.sticky_header,
+                               default_version=args.default_version, expected_revision=args.if_revision)
+    return await _report_change(change, client, schema)
+
+
+async def _weights_promote(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
+    change = await promote(client, schema, args.model, args.version, expected_revision=args.if_revision)
+    return await _report_change(change, client, schema)
