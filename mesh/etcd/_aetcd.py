@@ -6,17 +6,14 @@ Only this package imports aetcd (etcd3 and aetcd cannot share a process: duplica
 from __future__ import annotations
 
 import asyncio
-import importlib
 from typing import Any
 
 import aetcd
 import aetcd.exceptions
+import grpc
 from aetcd import rpc, watcher
 
 from mesh.errors import EtcdAuthError, EtcdError, EtcdUnavailableError, MeshError, RevisionCompactedError
-
-# grpc ships no type information and the project's mypy config silences only aetcd: reach it untyped.
-grpc: Any = importlib.import_module("grpc")
 
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                       grpc.StatusCode.CANCELLED)
@@ -25,7 +22,7 @@ _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
 class TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
     """``aetcd.Client`` whose channel can be a TLS channel (aetcd itself only opens insecure ones)."""
 
-    def __init__(self, *, credentials: Any, **kwargs: Any) -> None:
+    def __init__(self, *, credentials: grpc.ChannelCredentials | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._credentials = credentials
         self._is_connecting: bool = False

@@ -11,10 +11,11 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import grpc
 import structlog
 
 from mesh.errors import EtcdAuthError, EtcdUnavailableError, LeaseLostError, MeshError
-from mesh.etcd._aetcd import TlsClient, grpc, translate_error
+from mesh.etcd._aetcd import TlsClient, translate_error
 from mesh.settings import EtcdSettings, parse_endpoint
 
 T = TypeVar("T")
@@ -100,7 +101,7 @@ class EtcdClient:
         """The endpoint calls go to now."""
         return self.settings.endpoints[self._index]
 
-    def _make_credentials(self) -> Any:
+    def _make_credentials(self) -> grpc.ChannelCredentials:
         def read(path: Any) -> bytes | None:
             return None if path is None else bytes(path.read_bytes())
 
@@ -144,8 +145,8 @@ class EtcdClient:
                 await client.close()
 
     async def _call(self, op: Callable[[Any], Awaitable[T]]) -> T:
-        client = await self._session()
         try:
+            client = await self._session()
             return await asyncio.wait_for(op(client), self.settings.request_timeout + 1)
         except Exception as exc:
             error = self._translate(exc)
@@ -163,8 +164,10 @@ class EtcdClient:
             try:
                 await asyncio.wait_for(self.status(), self.settings.connect_timeout)
                 return
-            except (EtcdUnavailableError, asyncio.TimeoutError) as exc:
-                problems.append(str(exc) or f"etcd at {self.endpoint} did not answer in time")
+            except EtcdUnavailableError as exc:
+                problems.append(str(exc))  # _call has moved on to the next endpoint already
+            except asyncio.TimeoutError:
+                problems.append(f"etcd at {self.endpoint} did not answer within {self.settings.connect_timeout}s")
                 await self._drop_session(failover=True)
         raise EtcdUnavailableError("; ".join(problems))
 

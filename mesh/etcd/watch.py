@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,7 +49,7 @@ async def watch_prefix(
     resync_on_reconnect: bool = False,
     backoff: Backoff | None = None,
     on_connection: Callable[[bool, str | None], None] | None = None,
-) -> AsyncIterator[WatchEvent]:
+) -> AsyncGenerator[WatchEvent, None]:
     """Yield a :class:`Resync`, then every change under ``prefix``, forever (cancel or ``aclose`` to stop).
 
     ``resync_on_reconnect`` lists again after every disconnect instead of resuming (resuming is

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -25,6 +24,7 @@ _counter = itertools.count()
 
 # Holds requests open long enough that concurrent ones reliably land in one batch.
 BATCH_WINDOW_US = 300_000
+MLP_WINDOW_US = 20_000
 
 
 def build_zoo(repo: Path) -> Path:
@@ -43,6 +43,13 @@ def build_zoo(repo: Path) -> Path:
     models.write_model(repo, "windowed", models.identity("FP32"), config={
         "max_batch_size": 8,
         "dynamic_batching": {"max_queue_delay_us": BATCH_WINDOW_US},
+    })
+    models.write_model(repo, "windowed_rows", models.identity("FP32"), config={
+        "max_batch_size": 8,
+        "dynamic_batching": {"max_queue_delay_us": BATCH_WINDOW_US},
+    })
+    models.write_model(repo, "mlp_batched", (repo / "mlp" / "1" / "model.onnx").read_bytes(), config={
+        "dynamic_batching": {"max_queue_delay_us": MLP_WINDOW_US},
     })
     models.write_model(repo, "broken", b"this is not an ONNX model")
     return repo
@@ -90,8 +97,3 @@ def client(zoo: ServiceHandle) -> Iterator[triton_grpc.InferenceServerClient]:
         yield triton
     assert zoo.process.alive(), zoo.process.log_text()[-4000:]
 
-
-def infer_input(name: str, array: Any, datatype: str) -> triton_grpc.InferInput:
-    tensor = triton_grpc.InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array)
-    return tensor
