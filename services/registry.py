@@ -152,14 +152,14 @@ class ModelRegistry:
     def index(self) -> list[VersionStatus]:
         """Every model and version the service knows of, with its state, sorted."""
         rows = []
-        for row in self._status.values():
-            model_error = self._model_errors.get(row.model)
+        for status in self._status.values():
+            model_error = self._model_errors.get(status.model)
             if model_error:
                 # A rejected config.yaml: the versions keep serving with the config they loaded with.
-                reason = f"{row.reason}; " if row.reason else ""
-                row = VersionStatus(row.model, row.version, row.state,
-                                    f"{reason}config rejected, still using the previous one: {model_error}")
-            rows.append(row)
+                reason = f"{status.reason}; " if status.reason else ""
+                status = VersionStatus(status.model, status.version, status.state,  # noqa: PLW2901
+                                       f"{reason}config rejected, still using the previous one: {model_error}")
+            rows.append(status)
         known = {s.model for s in rows}
         rows.extend(VersionStatus(name, 0, VersionState.UNAVAILABLE, reason)
                     for name, reason in self._model_errors.items() if name not in known)

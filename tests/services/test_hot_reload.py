@@ -95,7 +95,7 @@ def run_clients(address: str, stop: threading.Event, stats: LoadStats, allowed: 
                 started = time.perf_counter()
                 try:
                     result = triton.infer(MODEL, [tensor], client_timeout=10)
-                except Exception as exc:  # noqa: BLE001 - every failure is a test failure
+                except Exception as exc:  # every failure is a test failure
                     with lock:
                         stats.failures.append(str(exc))
                     continue
@@ -233,7 +233,7 @@ def test_twenty_reload_cycles_under_load_lose_no_request(adder_repo: Path, adder
 def test_incompatible_version_is_refused_with_reason(adder_repo: Path, adder_service: ServiceHandle) -> None:
     commit(adder_repo, 2, adder(2, input_name="renamed"))
     wait_state(adder_service, 2, "UNAVAILABLE")
-    state, reason = index(adder_service)[2]
+    _state, reason = index(adder_service)[2]
     assert "input 'x' was removed" in reason and "new required input 'renamed'" in reason, reason
     with triton_grpc.InferenceServerClient(adder_service.address) as triton:
         assert triton.is_model_ready(MODEL, "1")
@@ -340,6 +340,6 @@ def test_version_removed_while_clients_pin_it_drains(adder_repo: Path, adder_ser
         tensor = triton_grpc.InferInput("x", [1, 4], "FP32")
         tensor.set_data_from_numpy(x)
         assert int(triton.infer(MODEL, [tensor]).get_response().model_version) == 1
-        with pytest.raises(Exception, match="NOT_FOUND|UNAVAILABLE"):
+        with pytest.raises(Exception, match=r"NOT_FOUND|UNAVAILABLE"):
             triton.infer(MODEL, [tensor], model_version="2")
 
