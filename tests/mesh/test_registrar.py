@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 
@@ -122,7 +123,9 @@ async def _true(value: bool) -> bool:
 
 
 @pytest.mark.slow
-async def test_outage_then_restart_restores_registrations_without_stale_entries(etcd: EtcdServer) -> None:
+@pytest.mark.parametrize("down_for", [0.0, 5.0], ids=["short-outage", "outage-longer-than-ttl"])
+async def test_outage_then_restart_restores_registrations_without_stale_entries(etcd: EtcdServer,
+                                                                                down_for: float) -> None:
     settings = settings_for(etcd)
     schema = KeySchema(settings.prefix)
     registrar = Registrar(settings)
@@ -135,6 +138,7 @@ async def test_outage_then_restart_restores_registrations_without_stale_entries(
         etcd.stop()
         await eventually(lambda: _true(not registrar.state.connected), 10, "the registrar to notice the outage")
         await registrar.deregister("iris", 1)  # while etcd is away
+        await asyncio.sleep(down_for)
         etcd.start()
 
         async with EtcdClient(settings) as client:
