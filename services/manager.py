@@ -266,12 +266,13 @@ class ModelManager:
         if entry is not None:
             entry[1].cancel()
 
-    async def _retire(self, name: str, version: int, reason: str) -> None:
+    async def _retire(self, name: str, version: int, reason: str, *, notify: bool = True) -> None:
         """Deregister → give the gateway time → stop routing here → finish in-flight → unload."""
-        for hook in self.on_retire:
-            await hook(name, version)
-        if self.on_retire and self.retire_delay > 0:
-            await asyncio.sleep(self.retire_delay)
+        if notify:
+            for hook in self.on_retire:
+                await hook(name, version)
+            if self.on_retire and self.retire_delay > 0:
+                await asyncio.sleep(self.retire_delay)
         served = self.registry.retire(name, version, VersionState.DRAINING, reason)
         self.metrics.loaded.labels(name).set(len(self.registry.ready_versions(name)))
         if served is not None:
@@ -297,5 +298,6 @@ class ModelManager:
         await asyncio.gather(*self._scheduled.values(), return_exceptions=True)
         for name, versions in self.registry.served().items():
             for version in list(versions):
-                await self._retire(name, version, "server shutting down")
+                # The server already deregistered everything and waited for the gateway.
+                await self._retire(name, version, "server shutting down", notify=False)
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from mesh.settings import EtcdSettings
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
@@ -25,6 +26,7 @@ from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import InferenceServicer
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
+from services.registration import Registration
 from services.registry import ModelRegistry, ServedVersion
 from services.settings import ServiceSettings
 from services.watcher import RepositoryWatcher
@@ -43,13 +45,16 @@ def _reflection_pool() -> None:
 
 
 class ModelServer:
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, etcd: EtcdSettings | None = None) -> None:
         self.settings = settings
+        self.etcd = etcd if settings.registry else None
+        self.registration: Registration | None = None
         self.metrics = ServiceMetrics()
         self.registry = ModelRegistry()
         self.manager = ModelManager(settings.repo, self.registry, self.metrics,
                                     load_threads=settings.load_threads, drain_timeout=settings.drain_timeout,
-                                    quiet_seconds=settings.reload_quiet_ms / 1000)
+                                    quiet_seconds=settings.reload_quiet_ms / 1000,
+                                    retire_delay=settings.deregister_grace if settings.registry else 0.0)
         self.manager.on_ready.append(self._on_ready)
         self.manager.on_retire.append(self._on_retire)
         self.watcher = (RepositoryWatcher(settings.repo, self.manager, settings.reload_quiet_ms,
@@ -90,6 +95,12 @@ class ModelServer:
         # Liveness first (the port answers while models load), readiness once loaded.
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
+        if self.settings.registry:
+            # Registered versions must be reachable, so registration starts once the port is bound.
+            self.registration = Registration(s, self.etcd or EtcdSettings(), self.port)
+            self.manager.on_ready.append(self.registration.on_ready)
+            self.manager.on_retire.insert(0, self.registration.on_retire)
+            await self.registration.start()
         log.info("listening", address=f"{s.host}:{self.port}", metrics_port=self.metrics_port,
                  repo=str(s.repo))
         await self.manager.load_all()
@@ -134,6 +145,10 @@ class ModelServer:
         await self.health.enter_graceful_shutdown()
         if self.watcher is not None:
             await self.watcher.stop()
+        if self.registration is not None:
+            # Out of etcd first, then give the gateway time to stop routing here.
+            await self.registration.close()
+            await asyncio.sleep(self.settings.deregister_grace)
         if self._server is not None:
             # Stops accepting at once; running RPCs get the grace period to finish.
             await self._server.stop(self.settings.grace_period)

@@ -43,6 +43,16 @@ class ServiceSettings(BaseSettings):
     """A version is loaded once its files have been unchanged for this long."""
     load_threads: int = Field(1, ge=1, le=16)
     """Threads that load models (kept small so loading never starves serving)."""
+    registry: bool = False
+    """Register served versions in etcd (connection: the SLUICE_ETCD_… settings / --etcd flags)."""
+    advertise_address: str | None = None
+    """host:port the gateway should use for this process (default: host:port, or this host's
+    address when listening on 0.0.0.0)."""
+    instance_id: str | None = None
+    """Unique name of this process in etcd (default: <hostname>-<port>)."""
+    deregister_grace: float = Field(2.0, ge=0)
+    """Seconds between deregistering a version (or the process) and draining it, so the gateway
+    stops routing to it first."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

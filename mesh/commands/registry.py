@@ -34,7 +34,7 @@ from mesh.registry import (
 from mesh.settings import EtcdSettings
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
-_ETCD_FLAGS = ("endpoints", "prefix", "ca_cert", "cert", "key", "username", "password", "connect_timeout",
+ETCD_FLAGS = ("endpoints", "prefix", "ca_cert", "cert", "key", "username", "password", "connect_timeout",
                "request_timeout")
 
 
@@ -113,7 +113,7 @@ Command = Callable[[argparse.Namespace, EtcdClient, KeySchema], Awaitable[int]]
 
 def settings_from_args(args: argparse.Namespace) -> EtcdSettings:
     """Flags that were given override the environment, which overrides the defaults."""
-    overrides = {name: getattr(args, name) for name in _ETCD_FLAGS if getattr(args, name, None) is not None}
+    overrides = {name: getattr(args, name) for name in ETCD_FLAGS if getattr(args, name, None) is not None}
     return EtcdSettings(**overrides)
 
 

@@ -11,8 +11,11 @@ from pydantic import ValidationError
 
 
 def register(subparsers: Any) -> None:
+    from mesh.commands.registry import etcd_flags
+
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "serve", help="serve the models of a repository over gRPC (KServe v2 / Triton protocol)",
+        "serve", parents=[etcd_flags()],
+        help="serve the models of a repository over gRPC (KServe v2 / Triton protocol)",
         description="Serve every model in a repository <repo>/<model>/<version>/model.onnx. "
                     "Each flag can also be set as SLUICE_<FLAG> in the environment or in --config.",
     )
@@ -31,6 +34,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--reload-quiet-ms", type=int,
                         help="load a version once its files were unchanged this long (default 300)")
     parser.add_argument("--load-threads", type=int, help="threads that load models (default 1)")
+    parser.add_argument("--registry", action=argparse.BooleanOptionalAction,
+                        help="register served versions in etcd (implied by --etcd)")
+    parser.add_argument("--advertise-address", help="host:port the gateway uses for this process")
+    parser.add_argument("--instance-id", help="unique name of this process in etcd (default <hostname>-<port>)")
+    parser.add_argument("--deregister-grace", type=float,
+                        help="seconds between leaving etcd and draining (gateway catch-up, default 2)")
+    parser.add_argument("--lease-ttl", type=int, help="etcd lease TTL in seconds (default 10)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", choices=["auto", "json", "console"])
     parser.add_argument("--config", type=Path, help="YAML file with any of these settings")
@@ -39,15 +49,23 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mesh import logging as sluice_logging
+    from mesh.commands.registry import ETCD_FLAGS, settings_from_args
+    from mesh.settings import EtcdSettings
     from services.server import ModelServer
     from services.settings import load_settings
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
+    skip = {"func", "command", "config", "lease_ttl", *ETCD_FLAGS}
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    if args.endpoints is not None and flags.get("registry") is None:
+        flags["registry"] = True
     try:
         settings = load_settings(flags, args.config)
-    except (ValidationError, FileNotFoundError) as exc:
+        etcd = settings_from_args(args)
+        if args.lease_ttl is not None:
+            etcd = EtcdSettings.model_validate({**etcd.model_dump(), "lease_ttl": args.lease_ttl})
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"sluice serve: invalid settings: {exc}")
         return 2
     sluice_logging.configure(settings.log_level, settings.log_format)
-    asyncio.run(ModelServer(settings).serve())
+    asyncio.run(ModelServer(settings, etcd).serve())
     return 0

@@ -167,10 +167,12 @@ async def test_flood_beyond_the_queue_gets_resource_exhausted(slow_service: Serv
 async def test_tiny_deadline_behind_slow_work_is_exceeded_and_not_run(slow_service: ServiceHandle) -> None:
     with triton_grpc.InferenceServerClient(slow_service.address) as client:
         before = _statistics(client, "slow").execution_count
+        client.infer("slow", [infer_input("x", ONE, "FP32")], client_timeout=RPC_TIMEOUT_S)  # warm
     async with triton_aio.InferenceServerClient(slow_service.address) as aio_client:
+        assert await aio_client.is_server_ready()  # the channel is up before the race starts
         busy = asyncio.create_task(aio_client.infer("slow", [infer_input("x", ONE, "FP32")],
                                                     client_timeout=RPC_TIMEOUT_S))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as caught:
             await asyncio.wait_for(aio_client.infer("slow", [infer_input("x", ONE * 2, "FP32")],
@@ -184,7 +186,7 @@ async def test_tiny_deadline_behind_slow_work_is_exceeded_and_not_run(slow_servi
     with triton_grpc.InferenceServerClient(slow_service.address) as client:
         assert client.is_server_ready()
         # The expired request was dropped from the queue, not run.
-        assert _statistics(client, "slow").execution_count - before == 2
+        assert _statistics(client, "slow").execution_count - before == 2 + 1
     assert slow_service.process.alive()
 
 

@@ -1,0 +1,57 @@
+"""Registration of served versions in etcd: a thin bridge from the manager's hooks to the registrar."""
+
+from __future__ import annotations
+
+import socket
+
+import structlog
+
+from mesh.records import InstanceRecord, InstanceState
+from mesh.registrar import Registrar
+from mesh.settings import EtcdSettings
+from services.registry import ServedVersion
+from services.settings import ServiceSettings
+
+log = structlog.get_logger(__name__)
+
+
+def advertise_address(settings: ServiceSettings, port: int) -> str:
+    if settings.advertise_address:
+        return settings.advertise_address
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Registration:
+    """Keeps etcd's view of this process equal to what it serves. Never blocks serving on etcd."""
+
+    def __init__(self, settings: ServiceSettings, etcd: EtcdSettings, port: int) -> None:
+        self.address = advertise_address(settings, port)
+        self.instance_id = settings.instance_id or f"{socket.gethostname()}-{port}"
+        self.registrar = Registrar(etcd)
+        self._closed = False
+
+    async def start(self) -> None:
+        await self.registrar.start()
+        log.info("registering in etcd", address=self.address, instance_id=self.instance_id,
+                 endpoints=self.registrar.settings.endpoints)
+
+    async def on_ready(self, served: ServedVersion) -> None:
+        if self._closed:
+            return
+        record = InstanceRecord(
+            address=self.address, model=served.name, version=served.version, instance_id=self.instance_id,
+            state=InstanceState.SERVING, sha256=served.model.sha256, labels=dict(served.model.config.labels),
+        )
+        await self.registrar.register(record, wait=0)
+
+    async def on_retire(self, name: str, version: int) -> None:
+        if not self._closed:
+            await self.registrar.deregister(name, version, wait=1.0)
+
+    async def close(self) -> None:
+        """Revoke the lease: every registration of this process disappears at once."""
+        self._closed = True
+        await self.registrar.close(deregister=True)
