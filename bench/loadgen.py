@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import resource
 import shutil
 import subprocess
 import time
@@ -25,6 +26,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from bench.cpu import CoreProbe, single_core
 
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -166,6 +169,8 @@ class H2Result:
     rps: float = 0.0
     p50_ms: float = math.nan
     p99_ms: float = math.nan
+    server_core_other: float = math.nan  # share of the server core used by other processes
+    client_core_other: float = math.nan  # share of the client core used by others than h2load
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -223,6 +228,7 @@ def run_h2load(
     log_path: Path,
     cpu: str | None,
     warmup_requests: int = 200,
+    server_probe: CoreProbe | None = None,
 ) -> H2Result:
     """Warm up with a fixed request count, then measure for ``duration`` seconds."""
     warm = h2load_command(port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu)
@@ -232,11 +238,25 @@ def run_h2load(
         return H2Result(False, "h2load warm-up did not finish within 60s")
     log_path.unlink(missing_ok=True)
     cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu)
+    client_core = single_core(cpu)
+    client_probe = CoreProbe(client_core) if client_core is not None else None
+    for probe in (server_probe, client_probe):
+        if probe is not None:
+            probe.start()
+    usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
     except subprocess.TimeoutExpired:
         return H2Result(False, f"h2load did not finish within {duration + 60:.0f}s")
-    return parse_h2load(proc.returncode, proc.stdout + proc.stderr, log_path)
+    usage1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = parse_h2load(proc.returncode, proc.stdout + proc.stderr, log_path)
+    if server_probe is not None:
+        result.server_core_other = server_probe.stop()[1]
+    if client_probe is not None:
+        busy, _ = client_probe.stop()
+        h2load_cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+        result.client_core_other = max(busy - h2load_cpu / max(result.seconds, 1e-9), 0.0)
+    return result
 
 
 def parse_h2load(returncode: int, output: str, log_path: Path) -> H2Result:

