@@ -264,14 +264,19 @@ def measure_point(
     return point
 
 
-def bench_target(target: Target, cases: dict[str, ModelCase], ctx: RunContext, args: argparse.Namespace) -> list[Point]:
-    """Start one server, measure every (model, concurrency), always stop it."""
+def bench_target(
+    target: Target, cases: dict[str, ModelCase], ctx: RunContext, args: argparse.Namespace, points: list[Point]
+) -> None:
+    """Start one server, measure every (model, concurrency) into ``points``, always stop it."""
     combos = [(m, c) for m in cases for c in args.concurrency]
-    reason = target.unavailable()
+    try:
+        reason = target.unavailable()
+    except Exception as exc:  # a broken install must not end the whole run
+        reason = f"availability check failed: {type(exc).__name__}: {exc}"
     if reason:
         print(f"[{target.name}] skipped: {reason}", flush=True)
-        return [Point(target.name, m, c, "skipped", note=reason) for m, c in combos]
-    points: list[Point] = []
+        points += [Point(target.name, m, c, "skipped", note=reason) for m, c in combos]
+        return
     server: ServerProcess | None = None
     started = time.monotonic()
     try:
@@ -295,14 +300,15 @@ def bench_target(target: Target, cases: dict[str, ModelCase], ctx: RunContext, a
                 flush=True,
             )
             points.append(point)
-    except TargetError as exc:
+    except Exception as exc:  # TargetError, or anything unexpected: report it in the table, go on
+        if not isinstance(exc, TargetError):
+            exc = TargetError(f"{type(exc).__name__}: {exc}")
         print(f"[{target.name}] failed: {exc}", flush=True)
-        done = {(p.model, p.concurrency) for p in points}
+        done = {(p.model, p.concurrency) for p in points if p.target == target.name}
         points += [Point(target.name, m, c, "failed", note=str(exc)) for m, c in combos if (m, c) not in done]
     finally:
         if server is not None:
             server.stop()
-    return points
 
 
 # -------------------------------------------------------------------------------------------- table
@@ -466,6 +472,14 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.setup or args.setup_only:
         peers = [t for t in args.targets if t in PEER_PACKAGES] if not args.setup_only else list(PEER_PACKAGES)
@@ -482,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     env = environment()
     points: list[Point] = []
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
         workdir = Path(tmp)
         repo = workdir / "models"
@@ -512,8 +527,9 @@ def main(argv: list[str] | None = None) -> int:
                     points += [Point(name, m, c, "skipped", note=note) for m in cases for c in args.concurrency]
                     continue
                 target = MLServerTarget(args.mlserver_workers) if name == "mlserver" else SERVER_TARGETS[name]()
-                points += bench_target(target, cases, ctx, args)
+                bench_target(target, cases, ctx, args, points)
         except KeyboardInterrupt:
+            interrupted = True
             print("\ninterrupted: servers stopped, partial results below", flush=True)
         finally:
             # Keep the server logs next to the results.
@@ -541,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n" + report)
     print(f"(results, JSON and server logs in {out})")
+    if interrupted:
+        return 130
     return 0 if any(p.status == "ok" for p in points) else 1
 
 

@@ -45,6 +45,7 @@ def log_tail(path: Path, lines: int = 6) -> str:
         text = path.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
+    text = [line for line in text if not line.startswith("$ ")]  # skip the command line we wrote
     return " | ".join(line.strip()[:200] for line in text[-lines:])
 
 
@@ -175,7 +176,7 @@ class SluiceTarget(Target):
 
     def unavailable(self) -> str | None:
         if not SLUICE_BIN.exists():
-            return f"{SLUICE_BIN.relative_to(REPO_ROOT)} not found (install the project: pip install -e .)"
+            return f"{SLUICE_BIN} not found (the sluice entry point: pip install -e .)"
         try:
             probe = subprocess.run(
                 [str(SLUICE_BIN), "serve", "--help"], capture_output=True, text=True, timeout=60, check=False
@@ -212,7 +213,7 @@ class MLServerTarget(Target):
 
     def unavailable(self) -> str | None:
         if not (self.venv / "bin" / "mlserver").exists():
-            return f"{self.venv.relative_to(REPO_ROOT)} missing: run `python -m bench --setup`"
+            return f"{self.venv} missing: run `python -m bench --setup`"
         return None
 
     def write_workspace(self, ctx: RunContext, grpc_port: int) -> Path:
@@ -261,7 +262,7 @@ class PyTritonTarget(Target):
 
     def unavailable(self) -> str | None:
         if not (self.venv / "bin" / "python").exists():
-            return f"{self.venv.relative_to(REPO_ROOT)} missing: run `python -m bench --setup`"
+            return f"{self.venv} missing: run `python -m bench --setup`"
         return None
 
     def libpython_dir(self) -> str:

@@ -16,6 +16,7 @@ from typing import cast
 COMMAND_MODULES = (
     "mesh.commands.serve",
     "mesh.commands.registry",
+    "gateway.command",
 )
 
 

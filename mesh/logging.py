@@ -15,7 +15,20 @@ import structlog
 LogFormat = Literal["auto", "json", "console"]
 
 
-def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
+def parse_levels(spec: str | None) -> dict[str, str]:
+    """``"services.batcher=debug,mesh=warning"`` → per-logger levels (a logger covers its children)."""
+    levels: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, level = part.partition("=")
+        if not sep or level.strip().upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"log level {part.strip()!r} is not <logger>=<level> (e.g. services.batcher=debug)")
+        levels[name.strip()] = level.strip().upper()
+    return levels
+
+
+def configure(level: str = "info", fmt: LogFormat = "auto", levels: dict[str, str] | None = None) -> None:
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -29,7 +42,9 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
         else structlog.processors.JSONRenderer()
     )
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: a disabled debug line costs a level check, nothing more.
+        processors=[structlog.stdlib.filter_by_level, *shared,
+                    structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
@@ -49,3 +64,5 @@ def configure(level: str = "info", fmt: LogFormat = "auto") -> None:
     root.setLevel(level.upper())
     # watchfiles logs every batch of changes at INFO; sluice logs what it does about them.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    for name, name_level in (levels or {}).items():
+        logging.getLogger(name).setLevel(name_level)

@@ -8,12 +8,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import structlog
+from opentelemetry.trace import Tracer
+
 from services import __version__
+from services.batcher import BatchResult
 from services.errors import SluiceError, status_name
 from services.manager import ModelManager
 from services.model import VersionInfo
 from services.registry import ModelRegistry, ServedVersion, VersionStatus
 from services.types import InferOutput, InferRequest, InferResponse
+
+log = structlog.get_logger(__name__)
 
 SERVER_NAME = "sluice"
 EXTENSIONS = ("model_repository", "statistics", "binary_tensor_data")
@@ -27,9 +33,11 @@ class ModelMetadata:
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, manager: ModelManager) -> None:
+    def __init__(self, registry: ModelRegistry, manager: ModelManager, tracer: Tracer | None = None) -> None:
         self.registry = registry
         self.manager = manager
+        self.tracer = tracer
+        """Set when tracing is on: queue and inference spans per request."""
         self.started = False
         self.stopping = False
 
@@ -79,6 +87,8 @@ class DataPlane:
         served = self.registry.resolve(request.model, request.version)
         model = served.model
         metrics = served.metrics
+        structlog.contextvars.bind_contextvars(model=model.name, version=model.version, request_id=request.id)
+        submitted_ns = time.time_ns()
         metrics.inflight.inc()
         try:
             rows = model.validate(request.inputs, request.outputs)
@@ -92,6 +102,8 @@ class DataPlane:
         finally:
             metrics.inflight.dec()
         total = time.monotonic() - started
+        if self.tracer is not None:
+            self._spans(submitted_ns, result, model.name, model.version, rows)
         served.stats.record_success(rows, total, result.queue_seconds)
         metrics.ok.inc()
         metrics.queue.observe(result.queue_seconds)
@@ -102,4 +114,16 @@ class DataPlane:
             InferOutput(name, specs[name], tuple(int(d) for d in array.shape), array)
             for name, array in zip(names, result.outputs, strict=True)
         ]
+        log.debug("inference done", rows=rows, batch_rows=result.batch_rows, ms=round(total * 1000, 3))
         return InferResponse(model.name, model.version, request.id, outputs)
+
+    def _spans(self, submitted_ns: int, result: BatchResult, model: str, version: int, rows: int) -> None:
+        """Queue wait and ONNX Runtime call as children of the RPC's span, timed after the fact
+        (the batch ran on another thread, possibly for several requests at once)."""
+        assert self.tracer is not None
+        queued_ns = submitted_ns + int(result.queue_seconds * 1e9)
+        done_ns = queued_ns + int(result.compute_seconds * 1e9)
+        attributes: dict[str, str | int] = {"sluice.model": model, "sluice.version": version, "sluice.rows": rows,
+                      "sluice.batch_rows": result.batch_rows}
+        self.tracer.start_span("sluice.queue", start_time=submitted_ns, attributes=attributes).end(queued_ns)
+        self.tracer.start_span("onnxruntime.run", start_time=queued_ns, attributes=attributes).end(done_ns)

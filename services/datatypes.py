@@ -110,7 +110,11 @@ def element_count(shape: Sequence[int]) -> int:
 
 
 def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> npt.NDArray[np.object_]:
-    """Split BYTES framing (4-byte little-endian length, then the bytes) into ``count`` elements."""
+    """Split BYTES framing (4-byte little-endian length, then the bytes) into ``count`` elements.
+
+    ONNX Runtime's string tensors hold UTF-8 text, so each element is decoded to ``str`` here
+    (it would silently store ``"b'...'"`` for a ``bytes`` object otherwise).
+    """
     view = memoryview(raw)
     out = np.empty(count, dtype=np.object_)
     offset = 0
@@ -128,13 +132,23 @@ def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> npt.NDArray[
                 f"input '{name}': BYTES element {index} declares {length} bytes but only "
                 f"{total - offset} remain"
             )
-        out[index] = bytes(view[offset : offset + length])
+        out[index] = utf8(bytes(view[offset : offset + length]), name, index)
         offset += length
     if offset != total:
         raise InvalidRequestError(
             f"input '{name}': {total - offset} bytes left over after {count} BYTES elements"
         )
     return out
+
+
+def utf8(data: bytes, name: str, index: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"input '{name}': BYTES element {index} is not valid UTF-8 (byte {exc.start}); "
+            "ONNX Runtime string tensors hold UTF-8 text"
+        ) from None
 
 
 def encode_bytes(array: npt.NDArray[Any]) -> bytes:

@@ -189,8 +189,13 @@ class ModelManager:
                  replacing=current is not None)
 
         def build() -> OnnxModel:
-            model = OnnxModel(name, version, where.model_file, config)
-            model.warm_up()
+            try:
+                model = OnnxModel(name, version, where.model_file, config)
+                model.warm_up()
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # whatever goes wrong in a load must only fail this load
+                raise ModelLoadError(f"{where.model_file}: {type(exc).__name__}: {exc}") from exc
             return model
 
         try:

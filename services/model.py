@@ -19,7 +19,7 @@ import structlog
 
 from services import datatypes
 from services.config import ExecutionProvider, ModelConfig
-from services.errors import InferenceError, InvalidRequestError, ModelLoadError
+from services.errors import InferenceError, InvalidRequestError, ModelLoadError, SluiceError
 from services.types import InferInput, TensorSpec
 
 log = structlog.get_logger(__name__)
@@ -39,6 +39,10 @@ _PROVIDER = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+def _first_dim(shape: Sequence[Any] | None) -> int | str | None:
+    return shape[0] if shape else None
 
 
 def _dims(shape: Sequence[Any] | None) -> tuple[int, ...]:
@@ -78,17 +82,22 @@ def _session_options(config: ModelConfig) -> ort.SessionOptions:
     return options
 
 
-def _providers(wanted: Sequence[ExecutionProvider]) -> list[tuple[str, dict[str, Any]]]:
+def _providers(wanted: Sequence[ExecutionProvider], allow_cpu_fallback: bool) -> list[tuple[str, dict[str, Any]]]:
     available = set(ort.get_available_providers())
     chosen: list[tuple[str, dict[str, Any]]] = []
     for provider in wanted:
         ort_name = _PROVIDER[provider.name]
         if ort_name not in available:
-            raise ModelLoadError(
-                f"execution provider {provider.name} ({ort_name}) is not in this ONNX Runtime build; "
-                f"available: {', '.join(sorted(available))}"
-            )
+            message = (f"execution provider {provider.name} ({ort_name}) is not in this ONNX Runtime build; "
+                       f"available: {', '.join(sorted(available))}")
+            if not allow_cpu_fallback:
+                raise ModelLoadError(message + "; set allow_cpu_fallback: true to serve on CPU anyway")
+            log.warning("execution provider missing, falling back to CPU", provider=provider.name,
+                        available=sorted(available))
+            continue
         chosen.append((ort_name, {k: str(v) for k, v in provider.options.items()}))
+    if not chosen:
+        chosen.append(("CPUExecutionProvider", {}))
     return chosen
 
 
@@ -125,7 +134,7 @@ class OnnxModel:
             self._session = ort.InferenceSession(
                 str(path),
                 sess_options=_session_options(config),
-                providers=_providers(config.execution_providers),
+                providers=_providers(config.execution_providers, config.allow_cpu_fallback),
             )
         except ModelLoadError:
             raise
@@ -140,13 +149,18 @@ class OnnxModel:
         if changed:
             raise ModelLoadError(f"{path}: the file changed while it was being loaded", transient=True)
         self._check_providers()
-        self.inputs = tuple(
-            TensorSpec(i.name, datatypes.from_onnx(i.type), _dims(i.shape)) for i in self._session.get_inputs()
-        )
-        self.outputs = tuple(
-            TensorSpec(o.name, datatypes.from_onnx(o.type), _dims(o.shape))
-            for o in self._session.get_outputs()
-        )
+        raw_inputs, raw_outputs = self._session.get_inputs(), self._session.get_outputs()
+        try:
+            self.inputs = tuple(TensorSpec(i.name, datatypes.from_onnx(i.type), _dims(i.shape)) for i in raw_inputs)
+            self.outputs = tuple(TensorSpec(o.name, datatypes.from_onnx(o.type), _dims(o.shape))
+                                 for o in raw_outputs)
+        except SluiceError as exc:
+            raise ModelLoadError(f"{path}: {exc}") from exc
+        for spec in self.inputs:
+            if spec.datatype == "BF16":
+                raise ModelLoadError(f"{path}: input '{spec.name}' is BF16, which ONNX Runtime's Python API "
+                                     "cannot feed; export the model with FP16 or FP32 inputs")
+        self._first_dims = ([_first_dim(i.shape) for i in raw_inputs], [_first_dim(o.shape) for o in raw_outputs])
         self._input_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
         self.max_batch_size = self._batch_size()
@@ -172,6 +186,14 @@ class OnnxModel:
 
     def _batch_size(self) -> int:
         batchable = all(spec.shape and spec.shape[0] == -1 for spec in (*self.inputs, *self.outputs))
+        inputs_first, outputs_first = self._first_dims
+        names = {d for d in inputs_first if isinstance(d, str)}
+        if batchable and len(names) == 1:
+            # Symbolic dims tell the batch apart from other dynamic dims: an output whose first
+            # dimension has another name (a [M] output of an [N, M] input) does not follow the batch.
+            (batch,) = names
+            batchable = all(d == batch for d in inputs_first) and all(
+                d in (batch, None) for d in outputs_first)
         configured = self.config.max_batch_size
         if configured is None:
             return DEFAULT_MAX_BATCH if batchable else 0
@@ -243,7 +265,8 @@ class OnnxModel:
             raise InvalidRequestError(
                 f"batch of {rows} rows exceeds max_batch_size {self.max_batch_size} of model '{self.name}'"
             )
-        return max(rows, 1)
+        # With batching the rows are what the request adds to a batch (0 is a valid empty batch).
+        return rows if self.max_batch_size and rows >= 0 else 1
 
     def run(self, feeds: Mapping[str, npt.NDArray[Any]], outputs: Sequence[str] | None = None
             ) -> list[npt.NDArray[Any]]:

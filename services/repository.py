@@ -33,7 +33,7 @@ class VersionOnDisk:
 
 def parse_version(name: str) -> int | None:
     """A version folder is a positive integer without sign or leading zeros."""
-    if not name.isdigit() or name.startswith("0"):
+    if not (name.isascii() and name.isdigit()) or name.startswith("0"):
         return None
     return int(name)
 

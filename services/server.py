@@ -16,8 +16,11 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.sdk.trace import TracerProvider
 
 from mesh.settings import EtcdSettings
+from mesh.tracing import configure_tracing, shutdown_tracing
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
@@ -65,6 +68,7 @@ class ModelServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._stop = asyncio.Event()
+        self._tracer_provider: TracerProvider | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -72,8 +76,18 @@ class ModelServer:
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
         max_bytes = s.max_message_mb * 1024 * 1024
+        self._tracer_provider = configure_tracing(s.service_name, s.otlp_endpoint, s.trace_sampling,
+                                                  s.instance_id)
+        if self._tracer_provider is not None:
+            self.plane.tracer = self._tracer_provider.get_tracer("sluice.services")
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        if self._tracer_provider is not None:
+            # Server spans for every RPC but health checks (probes would drown the traces).
+            interceptors.append(aio_server_interceptor(  # type: ignore[no-untyped-call]
+                tracer_provider=self._tracer_provider, filter_=filters.negate(filters.health_check())))
+        interceptors.append(ErrorInterceptor())
         server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -153,4 +167,5 @@ class ModelServer:
             # Stops accepting at once; running RPCs get the grace period to finish.
             await self._server.stop(self.settings.grace_period)
         await self.manager.close()
+        shutdown_tracing(self._tracer_provider)
         log.info("stopped")

@@ -53,7 +53,15 @@ class ServiceSettings(BaseSettings):
     deregister_grace: float = Field(2.0, ge=0)
     """Seconds between deregistering a version (or the process) and draining it, so the gateway
     stops routing to it first."""
+    otlp_endpoint: str | None = None
+    """OTLP gRPC collector for traces (e.g. http://127.0.0.1:4317); tracing is off without it."""
+    trace_sampling: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of new traces sampled (requests arriving with a sampled traceparent are always traced)."""
+    service_name: str = "sluice-service"
+    """service.name on spans."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_levels: str | None = None
+    """Per-component levels, e.g. "services.batcher=debug,mesh=warning"."""
     log_format: Literal["auto", "json", "console"] = "auto"
 
     @classmethod

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +53,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # Without a handler SIGTERM kills only this process and orphans tritonserver and its Python stubs;
+    # exiting through the `with` block stops them. (bench/targets.py also signals the whole group.)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
 
     config = TritonConfig(
         grpc_port=args.grpc_port,

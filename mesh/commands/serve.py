@@ -41,7 +41,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--deregister-grace", type=float,
                         help="seconds between leaving etcd and draining (gateway catch-up, default 2)")
     parser.add_argument("--lease-ttl", type=int, help="etcd lease TTL in seconds (default 10)")
+    parser.add_argument("--otlp-endpoint", help="OTLP gRPC collector for traces (tracing is off without it)")
+    parser.add_argument("--trace-sampling", type=float, help="share of new traces sampled (default 1.0)")
+    parser.add_argument("--service-name", help="service.name on spans (default sluice-service)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-levels", help="per-component levels: services.batcher=debug,mesh=warning")
     parser.add_argument("--log-format", choices=["auto", "json", "console"])
     parser.add_argument("--config", type=Path, help="YAML file with any of these settings")
     parser.set_defaults(func=run)
@@ -66,6 +70,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"sluice serve: invalid settings: {exc}")
         return 2
-    sluice_logging.configure(settings.log_level, settings.log_format)
+    try:
+        levels = sluice_logging.parse_levels(settings.log_levels)
+    except ValueError as exc:
+        print(f"sluice serve: invalid settings: {exc}")
+        return 2
+    sluice_logging.configure(settings.log_level, settings.log_format, levels)
     asyncio.run(ModelServer(settings, etcd).serve())
     return 0

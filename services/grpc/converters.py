@@ -37,7 +37,7 @@ def parse_version(text: str) -> int | None:
     """Empty means "let the server choose"; otherwise a positive integer."""
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise InvalidRequestError(f"model_version {text!r} is not a positive integer")
     return int(text)
 
@@ -104,7 +104,7 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
         )
     if datatype == "BYTES":
         array = np.empty(count, dtype=np.object_)
-        array[:] = list(values)
+        array[:] = [datatypes.utf8(value, tensor.name, index) for index, value in enumerate(values)]
         return array.reshape(shape)
     dtype = datatypes.to_numpy(datatype)
     try:

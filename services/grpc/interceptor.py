@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import structlog
 
+from mesh.tracing import current_ids
 from services.errors import SluiceError, status_name
 
 log = structlog.get_logger(__name__)
@@ -29,6 +30,15 @@ async def _abort(exc: Exception, context: grpc.aio.ServicerContext[Any, Any], me
     log.exception("unhandled error in RPC", method=method, reference=reference)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {reference}); "
                                                   "the server log has the details")
+
+
+def _bind_context(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Per-RPC log fields (each RPC runs in its own task, so its context variables are its own)."""
+    fields: dict[str, str] = {"rpc": method.rpartition("/")[2], "peer": context.peer()}
+    ids = current_ids()
+    if ids is not None:
+        fields["trace_id"], fields["span_id"] = ids
+    structlog.contextvars.bind_contextvars(**fields)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -59,6 +69,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner: Any = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                _bind_context(method, context)
                 try:
                     return await inner(request, context)
                 except Exception as exc:
@@ -74,6 +85,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
                                     ) -> AsyncIterator[Any]:
+                _bind_context(method, context)
                 try:
                     async for response in inner_stream(requests, context):
                         yield response

@@ -1,0 +1,362 @@
+"""The gateway controller: registry watch → render → check → validate → publish → confirm → status.
+
+One watch on the registry prefix feeds an immutable :class:`~mesh.registry.RegistryState`; a
+debounced loop renders a whole snapshot from it and, when it differs from the live one, takes it
+through consistency check, ``envoy --mode validate``, atomic publication and confirmation over the
+admin API. Any failure leaves the last good snapshot live and is written to the models' status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import structlog
+
+from gateway.admin import EnvoyAdmin, mismatches
+from gateway.bootstrap import bootstrap
+from gateway.envoy import EnvoyProcess, find_envoy, validate_snapshot
+from gateway.errors import ConfirmError, EnvoyValidationError, GatewayError, PublishError
+from gateway.metrics import GatewayMetrics
+from gateway.publish import Publisher, load_published
+from gateway.render import RenderOptions, render_snapshot, with_version
+from gateway.settings import GatewaySettings
+from gateway.snapshot import Snapshot, consistency_problems, dump_yaml, shape_key, snapshot_from_files
+from gateway.status import changed, status_documents
+from mesh.errors import MeshError
+from mesh.etcd import EtcdClient, Resync, watch_prefix
+from mesh.keys import KeySchema
+from mesh.records import RoutingDocument, StatusDocument
+from mesh.registry import RegistryState, apply_event, build_state
+from mesh.settings import EtcdSettings
+
+T = TypeVar("T")
+log = structlog.get_logger("gateway.controller")
+
+_LIVENESS_INTERVAL = 1.0
+_MAX_RETRY_DELAY = 30.0
+
+
+def render_options(settings: GatewaySettings) -> RenderOptions:
+    return RenderOptions(
+        xds_dir=str(settings.xds_dir.absolute()),
+        listen_host=settings.listen_host,
+        listen_port=settings.listen_port,
+        connect_timeout_ms=settings.connect_timeout_ms,
+        route_timeout=settings.route_timeout,
+        per_try_timeout=settings.per_try_timeout,
+        num_retries=settings.num_retries,
+        max_request_bytes=settings.max_request_bytes,
+        health_check_interval=settings.health_check_interval,
+        max_connections=settings.max_connections,
+        max_pending_requests=settings.max_pending_requests,
+        max_requests=settings.max_requests,
+        rate_limits=dict(settings.rate_limits),
+        access_log=str(settings.access_log.absolute()) if settings.access_log else None,
+    )
+
+
+def transition(live: Snapshot | None, wanted: Snapshot) -> list[Snapshot]:
+    """The snapshots to publish in order so that no route ever names a cluster Envoy lacks.
+
+    Envoy reloads every watched file on one move, in no fixed order; with ``validate_clusters``
+    a route to a cluster that is not there yet is rejected. So: new clusters first (old routes),
+    then the new routes (old clusters still there), then drop the clusters nothing routes to.
+    """
+    if live is None:
+        return [wanted]
+    added = set(wanted.clusters) - set(live.clusters)
+    removed = set(live.clusters) - set(wanted.clusters)
+    clusters = {**live.clusters, **wanted.clusters}
+    endpoints = {**live.endpoints, **wanted.endpoints}
+    steps = []
+    if added:
+        steps.append(with_version(wanted, wanted.revision, live.routes, clusters, endpoints))
+    if removed:
+        steps.append(with_version(wanted, wanted.revision, wanted.routes, clusters, endpoints))
+    steps.append(wanted)
+    return steps
+
+
+class GatewayController:
+    """Keeps Envoy's routing equal to the registry; see the module docstring."""
+
+    def __init__(self, settings: GatewaySettings, etcd_settings: EtcdSettings,
+                 metrics: GatewayMetrics | None = None) -> None:
+        self.settings = settings
+        self.etcd_settings = etcd_settings
+        self.schema = KeySchema(etcd_settings.prefix)
+        self.options = render_options(settings)
+        self.metrics = metrics or GatewayMetrics()
+        self.publisher = Publisher(settings.xds_dir)
+        self.admin = EnvoyAdmin(settings.admin_url)
+        self.envoy_binary = find_envoy(settings.envoy_binary)
+        self.envoy: EnvoyProcess | None = None
+        self.metrics_port: int | None = None
+        self._client = EtcdClient(etcd_settings)
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-publish")
+        self._state: RegistryState | None = None
+        self._dirty = asyncio.Event()
+        self._first_change_at: float | None = None
+        self._live: Snapshot | None = None
+        self._live_published_at: datetime | None = None
+        self._last_good: dict[str, RoutingDocument] = {}
+        self._validated: set[str] = set()
+        self._invalid: dict[str, str] = {}
+        self._written: dict[str, StatusDocument] = {}
+        self._retry_at: float | None = None
+        self._failures = 0
+
+    @property
+    def live(self) -> Snapshot | None:
+        """The snapshot Envoy confirmed last."""
+        return self._live
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set, then stop Envoy (if it is ours) and close everything."""
+        if self.settings.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+        await self._prepare_files()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            if self.settings.runs_envoy:
+                path = self.bootstrap_path()
+                config = dump_yaml(bootstrap(self.options.xds_dir, self.settings.admin_port))
+                await self._in_io(partial(path.write_bytes, config))
+                self.envoy = EnvoyProcess(self.envoy_binary, path, log_level=self.settings.envoy_log_level,
+                                          concurrency=self.settings.envoy_concurrency,
+                                          on_restart=lambda _n: self.metrics.envoy_restarts.inc())
+                await self.envoy.start()
+            tasks = [asyncio.create_task(self._watch(), name="gateway-watch"),
+                     asyncio.create_task(self._reconcile_loop(), name="gateway-reconcile"),
+                     asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            for task in done:
+                error = None if task is stopper else task.exception()
+                if error is not None:
+                    raise error
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self.envoy is not None:
+                await self.envoy.stop()
+            await self._client.close()
+            self.admin.close()
+            self._io.shutdown(wait=True)
+            log.info("gateway_stopped")
+
+    def bootstrap_path(self) -> Path:
+        """The bootstrap lives next to the watched directory, not in it."""
+        directory = self.settings.xds_dir.absolute()
+        return directory.parent / f"{directory.name}.bootstrap.yaml"
+
+    async def _in_io(self, func: Callable[[], T]) -> T:
+        """Run blocking file work in the controller's one I/O thread (publications stay ordered)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io, func)
+
+    async def _prepare_files(self) -> None:
+        """Know what is published already; publish an empty snapshot if nothing is (Envoy needs files)."""
+        documents = await self._in_io(partial(load_published, self.publisher.directory))
+        existing = snapshot_from_files(documents)
+        if existing is not None:
+            self._live = existing
+            log.info("gateway_found_snapshot", version=existing.version, clusters=len(existing.clusters))
+            return
+        empty = render_snapshot(build_state(self.schema, 0, []), {}, self.options)
+        await self._validate(empty)
+        await self._in_io(partial(self.publisher.publish, empty.files()))
+        self._live = empty
+        log.info("gateway_initial_snapshot", version=empty.version)
+
+    # -- registry watch ----------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        def connection(ok: bool, error: str | None) -> None:
+            self.metrics.etcd_connected.set(1 if ok else 0)
+            log.info("etcd_connection", connected=ok, error=error)
+
+        async with contextlib.aclosing(watch_prefix(self._client, self.schema.models_prefix,
+                                                    on_connection=connection)) as events:
+            async for event in events:
+                if isinstance(event, Resync):
+                    self._state = build_state(self.schema, event.revision, event.items)
+                    log.info("registry_resync", revision=event.revision, reason=event.reason,
+                             models=len(self._state.models))
+                elif self._state is not None:
+                    self._state = apply_event(self._state, event)
+                if self._first_change_at is None:
+                    self._first_change_at = time.monotonic()
+                self._dirty.set()
+
+    async def _reconcile_loop(self) -> None:
+        debounce = self.settings.debounce_ms / 1000
+        while True:
+            await self._dirty.wait()
+            if debounce:
+                await asyncio.sleep(debounce)
+            self._dirty.clear()
+            started, self._first_change_at = self._first_change_at, None
+            state = self._state
+            if state is None:
+                continue
+            try:
+                await self.reconcile(state, started)
+            except GatewayError as exc:
+                log.error("gateway_reconcile_failed", error=str(exc))
+            except Exception:
+                log.exception("gateway_reconcile_crashed")
+
+    async def _liveness_loop(self) -> None:
+        """Re-publish when Envoy serves something else (restarted on other files), retry failures."""
+        while True:
+            await asyncio.sleep(_LIVENESS_INTERVAL)
+            try:
+                live_config = await self.admin.live_config(with_endpoints=False)
+            except (ConfirmError, ValueError):
+                self.metrics.envoy_up.set(0)
+                continue
+            self.metrics.envoy_up.set(1)
+            live = self._live
+            if live is not None and mismatches(live, live_config, check_endpoints=False):
+                log.warning("envoy_config_differs", expected=live.version, routes=live_config.routes_version)
+                with contextlib.suppress(PublishError):
+                    await self._in_io(partial(self.publisher.publish, live.files()))
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self._retry_at = None
+                self._dirty.set()
+
+    # -- one round ---------------------------------------------------------------------------------
+
+    async def reconcile(self, state: RegistryState, started: float | None = None) -> Snapshot | None:
+        """Render ``state`` and make it live; returns the live snapshot (the old one on failure)."""
+        wanted = render_snapshot(state, self._last_good, self.options)
+        for name, model in state.models.items():
+            if model.routing is not None:
+                self._last_good[name] = model.routing
+        failure: str | None = None
+        if self._live is not None and not self._live.plans and wanted.content_hash == self._live.content_hash:
+            self._live = wanted  # found on disk at start-up: same content, now with its plans
+        try:
+            if self._live is None or wanted.content_hash != self._live.content_hash:
+                await self._apply(wanted)
+                self._live, self._live_published_at = wanted, datetime.now(timezone.utc)
+                self._failures, self._retry_at = 0, None
+                self.metrics.publishes.labels("ok").inc()
+                if started is not None:
+                    self.metrics.publish_seconds.observe(time.monotonic() - started)
+                self.metrics.snapshot_revision.set(wanted.revision)
+                self.metrics.snapshot.info({"version": wanted.version})
+                self.metrics.models.set(len(wanted.plans))
+                log.info("gateway_published", version=wanted.version, revision=wanted.revision,
+                         models={n: dict(p.weights) for n, p in wanted.plans.items()},
+                         seconds=round(time.monotonic() - started, 4) if started is not None else None)
+        except GatewayError as exc:
+            failure = f"{exc}; the last good config ({self._live.version if self._live else 'none'}) stays live"
+            log.error("gateway_publish_failed", version=wanted.version, error=str(exc))
+        await self._write_status(state, wanted, failure)
+        return self._live
+
+    async def _apply(self, wanted: Snapshot) -> None:
+        problems = consistency_problems(wanted)
+        if problems:
+            self.metrics.publishes.labels("inconsistent").inc()
+            raise GatewayError("inconsistent snapshot: " + "; ".join(problems))
+        try:
+            await self._validate(wanted)
+        except EnvoyValidationError:
+            self.metrics.publishes.labels("invalid").inc()
+            raise
+        steps = transition(self._live, wanted)
+        for step in steps:
+            problems = consistency_problems(step)
+            if problems:
+                raise GatewayError("inconsistent transition snapshot: " + "; ".join(problems))
+        for step in steps:
+            try:
+                await self._in_io(partial(self.publisher.publish, step.files()))
+                await self.admin.wait_live(step, self.settings.confirm_timeout)
+            except (PublishError, ConfirmError) as exc:
+                self.metrics.publishes.labels("publish_failed" if isinstance(exc, PublishError)
+                                              else "confirm_failed").inc()
+                await self._roll_back()
+                raise
+        with contextlib.suppress(OSError):
+            await self._in_io(self.publisher.cleanup)
+
+    async def _roll_back(self) -> None:
+        """Put the last good snapshot's files back and retry the new one later, with backoff."""
+        self._failures += 1
+        self._retry_at = time.monotonic() + min(_MAX_RETRY_DELAY, 0.5 * 2 ** self._failures)
+        live = self._live
+        if live is None:
+            return
+        try:
+            await self._in_io(partial(self.publisher.publish, live.files()))
+        except PublishError as exc:
+            log.error("gateway_rollback_failed", error=str(exc))
+
+    async def _validate(self, snapshot: Snapshot) -> None:
+        """Validate with the real Envoy once per shape (weights aside, see :func:`shape_key`)."""
+        key = shape_key(snapshot)
+        if key in self._validated:
+            self.metrics.validations.labels("cached").inc()
+            return
+        if key in self._invalid:
+            raise EnvoyValidationError(self._invalid[key])
+        started = time.monotonic()
+        try:
+            await validate_snapshot(self.envoy_binary, snapshot, self.settings.validate_timeout)
+        except EnvoyValidationError as exc:
+            self.metrics.validations.labels("failed").inc()
+            log.error("envoy_validation_failed", version=snapshot.version, output=exc.output[-2000:])
+            if len(self._invalid) > 256:
+                self._invalid.clear()
+            self._invalid[key] = str(exc)
+            raise
+        finally:
+            self.metrics.validate_seconds.observe(time.monotonic() - started)
+        self.metrics.validations.labels("ok").inc()
+        if len(self._validated) > 1024:
+            self._validated.clear()
+        self._validated.add(key)
+
+    async def _write_status(self, state: RegistryState, wanted: Snapshot, failure: str | None) -> None:
+        documents = status_documents(wanted, self._live, self._live_published_at, failure)
+        previous: dict[str, StatusDocument] = {}
+        for name in documents:
+            model = state.model(name)
+            if name in self._written:
+                previous[name] = self._written[name]
+            elif model is not None and model.status is not None:
+                previous[name] = model.status
+        for name, document in changed(previous, documents).items():
+            try:
+                await self._client.put(self.schema.status(name), document.to_json())
+                self._written[name] = document
+            except MeshError as exc:
+                log.warning("status_write_failed", model=name, error=str(exc))
+        # A model that left the registry (only its status is left) loses its status too.
+        for name, model in state.models.items():
+            if name not in wanted.plans and model.status is not None:
+                with contextlib.suppress(MeshError):
+                    await self._client.delete(self.schema.status(name))
+                self._written.pop(name, None)
+
+    def statuses(self) -> Mapping[str, StatusDocument]:
+        """The status documents this controller wrote last, per model."""
+        return dict(self._written)

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the gateway controller (one registry per controller, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.publish_seconds = Histogram(
+            "sluice_gateway_publish_seconds",
+            "Registry change seen → Envoy confirmed the new snapshot live (debounce included).",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.validate_seconds = Histogram(
+            "sluice_gateway_validate_seconds", "Time of one envoy --mode validate run.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.publishes = Counter(
+            "sluice_gateway_publishes", "Snapshot publications by result "
+            "(ok, inconsistent, invalid, publish_failed, confirm_failed).", ["result"], registry=r)
+        self.validations = Counter(
+            "sluice_gateway_validations", "Envoy validations by result (ok, failed, cached).", ["result"],
+            registry=r)
+        self.snapshot_revision = Gauge(
+            "sluice_gateway_snapshot_revision", "etcd revision rendered into the live snapshot.", registry=r)
+        self.snapshot = Info("sluice_gateway_snapshot", "Version of the live snapshot.", registry=r)
+        self.envoy_up = Gauge("sluice_gateway_envoy_up", "1 while Envoy's admin API answers.", registry=r)
+        self.envoy_restarts = Counter("sluice_gateway_envoy_restarts", "Envoy restarts by the supervisor.",
+                                      registry=r)
+        self.etcd_connected = Gauge("sluice_gateway_etcd_connected", "1 while the registry watch is connected.",
+                                    registry=r)
+        self.models = Gauge("sluice_gateway_models", "Models in the live snapshot.", registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose ``/metrics``; returns the bound port (``port`` 0 picks a free one)."""
+        server, _thread = start_http_server(port, host, registry=self.registry)
+        return int(server.server_address[1])

@@ -1,0 +1,421 @@
+"""Render a whole Envoy snapshot as a pure function of the registry state.
+
+``render_snapshot(state, last_good, options)`` reads nothing and writes nothing: the same inputs
+give the same snapshot, byte for byte, so it is tested without Envoy or etcd.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.snapshot import (
+    LISTENER_NAME,
+    RDS_FILE,
+    ROUTE_CONFIG_NAME,
+    VERSION_HEADER,
+    ModelPlan,
+    Resource,
+    Snapshot,
+    cluster_name,
+    content_hash,
+    eds_file,
+)
+from mesh.records import InstanceState, RoutingDocument
+from mesh.registry import ModelState, RegistryState, resolve_weights
+
+MODEL_HEADER = "x-model-name"
+VERSION_PIN_HEADER = "x-model-version"
+STREAM_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+# gRPC status codes of the gateway's own replies.
+GRPC_INVALID_ARGUMENT = 3
+GRPC_NOT_FOUND = 5
+GRPC_UNAVAILABLE = 14
+
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_LOCAL_RATE_LIMIT = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+_RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """The settings that shape the rendered config (a pure subset of :class:`GatewaySettings`)."""
+
+    xds_dir: str
+    """Absolute path of the watched directory; file xDS paths point into it."""
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 8080
+    connect_timeout_ms: int = 1000
+    route_timeout: float = 60.0
+    per_try_timeout: float = 20.0
+    num_retries: int = 3
+    max_request_bytes: int = 64 * 1024 * 1024
+    health_check_interval: float = 1.0
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 4096
+    rate_limits: Mapping[str, int] = field(default_factory=dict)
+    access_log: str | None = None
+    """File path of the JSON access log; None = Envoy's stdout."""
+
+
+def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPlan:
+    """The weights of one model: its routing document, or the last good one while it is invalid."""
+    routing: RoutingDocument | None = model.routing
+    source = "document" if routing is not None else "none"
+    extra_errors: list[str] = []
+    if model.routing_error is not None:
+        routing = last_good
+        if last_good is not None:
+            source = "last-good"
+            extra_errors.append("the last good routing stays in force")
+        else:
+            extra_errors.append("no earlier routing is known: the newest serving version takes all traffic")
+    plan = resolve_weights(model, routing)
+    warnings = list(plan.warnings) + list(model.problems)
+    return ModelPlan(
+        model=model.name,
+        weights=dict(sorted((v, w) for v, w in plan.weights.items() if w > 0)),
+        sticky_header=routing.sticky_header if routing is not None else None,
+        warnings=tuple(warnings),
+        errors=tuple(list(plan.errors) + extra_errors),
+        routing_source=source,
+    )
+
+
+def render_snapshot(state: RegistryState, last_good: Mapping[str, RoutingDocument],
+                    options: RenderOptions) -> Snapshot:
+    """The snapshot for ``state``; ``last_good`` holds the last valid routing document per model."""
+    models = {name: m for name, m in sorted(state.models.items()) if m.instances or m.routing or m.routing_error}
+    plans: dict[str, ModelPlan] = {}
+    clusters: dict[str, Resource] = {}
+    endpoints: dict[str, Resource] = {}
+    for name, model in models.items():
+        plan = plan_model(model, last_good.get(name))
+        skipped: list[str] = []
+        for version, records in model.instances.items():
+            if not records:
+                continue
+            cluster = cluster_name(name, version)
+            clusters[cluster] = _cluster(cluster, name, options)
+            addresses = []
+            for instance_id, record in sorted(records.items()):
+                if record.state is not InstanceState.SERVING:
+                    continue
+                address = _socket_address(record.address)
+                if address is None:
+                    skipped.append(f"instance {instance_id!r} of version {version}: address {record.address!r} "
+                                   "is not IP:port, left out")
+                    continue
+                addresses.append((instance_id, address))
+            endpoints[cluster] = _load_assignment(cluster, addresses)
+        if skipped:
+            plan = ModelPlan(plan.model, plan.weights, plan.sticky_header, plan.warnings + tuple(skipped),
+                             plan.errors, plan.routing_source)
+        plans[name] = plan
+    serving = {name: [v for v in m.serving_versions() if _has_endpoints(endpoints, cluster_name(name, v))]
+               for name, m in models.items()}
+    listener = _listener(options)
+    routes = _routes(plans, serving, options)
+    digest = content_hash(listener, clusters, endpoints, routes)
+    snapshot_version = f"{state.revision}.{digest}"
+    routes["response_headers_to_add"] = [
+        {"header": {"key": VERSION_HEADER, "value": snapshot_version}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+    ]
+    return Snapshot(snapshot_version, state.revision, listener, clusters, endpoints, routes, plans)
+
+
+def with_version(snapshot: Snapshot, revision: int, routes: Resource, clusters: Mapping[str, Resource],
+                 endpoints: Mapping[str, Resource]) -> Snapshot:
+    """A snapshot built from parts (the publisher's transition steps), with its own version."""
+    bare = {k: v for k, v in routes.items() if k != "response_headers_to_add"}
+    digest = content_hash(snapshot.listener, dict(clusters), dict(endpoints), bare)
+    version = f"{revision}.{digest}"
+    bare["response_headers_to_add"] = [
+        {"header": {"key": VERSION_HEADER, "value": version}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+    ]
+    return Snapshot(version, revision, snapshot.listener, dict(clusters), dict(endpoints), bare, snapshot.plans)
+
+
+def _has_endpoints(endpoints: Mapping[str, Resource], cluster: str) -> bool:
+    assignment = endpoints.get(cluster)
+    return bool(assignment and assignment["endpoints"] and assignment["endpoints"][0]["lb_endpoints"])
+
+
+def _socket_address(address: str) -> dict[str, Any] | None:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return {"socket_address": {"address": host, "port_value": int(port)}}
+
+
+def _config_source(path: str, directory: str) -> Resource:
+    return {"resource_api_version": "V3",
+            "path_config_source": {"path": path, "watched_directory": {"path": directory}}}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _listener(options: RenderOptions) -> Resource:
+    directory = options.xds_dir
+    fields = {
+        "start_time": "%START_TIME%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "traceparent": "%REQ(TRACEPARENT)%",
+        "b3_trace_id": "%REQ(X-B3-TRACEID)%",
+        "model": "%REQ(X-MODEL-NAME)%",
+        "pinned_version": "%REQ(X-MODEL-VERSION)%",
+        "method": "%REQ(:PATH)%",
+        "cluster": "%UPSTREAM_CLUSTER%",
+        "upstream": "%UPSTREAM_HOST%",
+        "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+        "http_status": "%RESPONSE_CODE%",
+        "grpc_status": "%GRPC_STATUS(NUMBER)%",
+        "flags": "%RESPONSE_FLAGS%",
+        "details": "%RESPONSE_CODE_DETAILS%",
+        "duration_ms": "%DURATION%",
+        "bytes_in": "%BYTES_RECEIVED%",
+        "bytes_out": "%BYTES_SENT%",
+    }
+    log_format = {"json_format": fields}
+    if options.access_log is None:
+        access_log = {"name": "envoy.access_loggers.stdout", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "log_format": log_format}}
+    else:
+        access_log = {"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": options.access_log, "log_format": log_format}}
+    buffer = {
+        # Unary requests are buffered whole (needed for retries anyway) and capped; the bidi stream
+        # RPC would never end its request body, so it skips the buffer.
+        "name": "sluice.max_request_bytes",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {"name": "envoy.filters.http.buffer", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": options.max_request_bytes}},
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": {"single_predicate": {
+                    "input": {"name": "path", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                        "header_name": ":path"}},
+                    "value_match": {"exact": STREAM_PATH}}},
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}},
+            }]}},
+        },
+    }
+    http_filters: list[Resource] = [buffer]
+    if options.rate_limits:
+        # Off at the filter level; each rate-limited model's routes carry their own token bucket.
+        http_filters.append({"name": _RATE_LIMIT_FILTER, "typed_config": {
+            "@type": _LOCAL_RATE_LIMIT, "stat_prefix": "sluice_rate_limit"}})
+    http_filters.append({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": "sluice",
+        "codec_type": "AUTO",
+        "generate_request_id": True,
+        "stream_idle_timeout": "300s",
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "rds": {"route_config_name": ROUTE_CONFIG_NAME,
+                "config_source": _config_source(f"{directory}/{RDS_FILE}", directory)},
+        "http_filters": http_filters,
+        "access_log": [access_log],
+        "local_reply_config": {"mappers": [{
+            # The buffer filter's "413 Payload Too Large" as a gRPC error a client understands.
+            "filter": {"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": 413, "runtime_key": "sluice.too_large"}}}},
+            "body": {"inline_string": f"request larger than {options.max_request_bytes} bytes "
+                                      "(the gateway's max_request_bytes)"},
+        }]},
+    }
+    return {
+        "name": LISTENER_NAME,
+        "address": {"socket_address": {"address": options.listen_host, "port_value": options.listen_port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def _cluster(name: str, model: str, options: RenderOptions) -> Resource:
+    directory = options.xds_dir
+    interval = _seconds(options.health_check_interval)
+    return {
+        "name": name,
+        "type": "EDS",
+        "eds_cluster_config": {"service_name": name,
+                               "eds_config": _config_source(f"{directory}/{eds_file(name)}", directory)},
+        "connect_timeout": _seconds(options.connect_timeout_ms / 1000),
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 1024}}}},
+        "circuit_breakers": {"thresholds": [{
+            "priority": "DEFAULT",
+            "max_connections": options.max_connections,
+            "max_pending_requests": options.max_pending_requests,
+            "max_requests": options.max_requests,
+            "max_retries": max(3, options.max_requests // 10),
+        }]},
+        "outlier_detection": {
+            "consecutive_5xx": 3,
+            "consecutive_gateway_failure": 2,
+            "enforcing_consecutive_gateway_failure": 100,
+            "interval": "1s",
+            "base_ejection_time": "5s",
+            "max_ejection_percent": 50,
+        },
+        "health_checks": [{
+            "timeout": "1s",
+            "interval": interval,
+            "no_traffic_interval": interval,
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": model},
+        }],
+        # A host taken out of the registry leaves at once, even while it still passes health checks.
+        "ignore_health_on_host_removal": True,
+    }
+
+
+def _load_assignment(cluster: str, addresses: list[tuple[str, dict[str, Any]]]) -> Resource:
+    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": address, "hostname": instance_id}} for instance_id, address in addresses
+    ]}]}
+
+
+def _grpc_error(code: int, message: str) -> Resource:
+    """A local reply that gRPC clients read as ``code`` with ``message`` (trailers-only response)."""
+    return {
+        "direct_response": {"status": 400, "body": {"inline_string": message}},
+        "response_headers_to_add": [{"header": {"key": "grpc-status", "value": str(code)},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+    }
+
+
+def _match(name: str | None = None, version: int | None = None, version_present: bool = False,
+           name_present: bool = False) -> Resource:
+    headers: list[Resource] = []
+    if name is not None:
+        headers.append({"name": MODEL_HEADER, "string_match": {"exact": name}})
+    if name_present:
+        headers.append({"name": MODEL_HEADER, "present_match": True})
+    if version is not None:
+        headers.append({"name": VERSION_PIN_HEADER, "string_match": {"exact": str(version)}})
+    if version_present:
+        headers.append({"name": VERSION_PIN_HEADER, "present_match": True})
+    match: Resource = {"prefix": "/"}
+    if headers:
+        match["headers"] = headers
+    return match
+
+
+def _route_action(clusters: Mapping[str, int], sticky_header: str | None, options: RenderOptions) -> Resource:
+    action: Resource = {
+        "timeout": _seconds(options.route_timeout),
+        "retry_policy": {
+            # "unavailable" covers trailers-only UNAVAILABLE (a service shutting down); Envoy does not
+            # see a gRPC status that arrives in trailers after a body.
+            "retry_on": "unavailable,reset,connect-failure,refused-stream",
+            "num_retries": options.num_retries,
+            "per_try_timeout": _seconds(options.per_try_timeout),
+            "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.2s"},
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            }}],
+            "host_selection_retry_max_attempts": 5,
+        },
+    }
+    if len(clusters) == 1:
+        action["cluster"] = next(iter(clusters))
+        return action
+    weighted: Resource = {"clusters": [{"name": c, "weight": w} for c, w in clusters.items()]}
+    if sticky_header is not None:
+        # weighted_clusters.header_name wants a number; an arbitrary key goes through the hash policy.
+        weighted["use_hash_policy"] = True
+        action["hash_policy"] = [{"header": {"header_name": sticky_header}}]
+    action["weighted_clusters"] = weighted
+    return action
+
+
+def _rate_limit(model: str, options: RenderOptions) -> Resource | None:
+    rate = options.rate_limits.get(model)
+    if rate is None:
+        return None
+    always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "sluice.rate_limit"}
+    return {_RATE_LIMIT_FILTER: {
+        "@type": _LOCAL_RATE_LIMIT,
+        "stat_prefix": "sluice_rate_limit",
+        "token_bucket": {"max_tokens": rate, "tokens_per_fill": rate, "fill_interval": "1s"},
+        "filter_enabled": always,
+        "filter_enforced": always,
+        "rate_limited_as_resource_exhausted": True,
+    }}
+
+
+def _model_routes(name: str, plan: ModelPlan, serving: list[int], options: RenderOptions,
+                  *, by_header: bool) -> list[Resource]:
+    """Pin routes, the unknown-version route and the weighted route of one model."""
+    header_name = name if by_header else None
+    rate_limit = _rate_limit(name, options)
+    routes: list[Resource] = []
+
+    def add(route: Resource) -> None:
+        if rate_limit is not None and "route" in route:
+            route["typed_per_filter_config"] = rate_limit
+        routes.append(route)
+
+    for version in serving:
+        add({"name": f"{name}/pin/v{version}", "match": _match(header_name, version),
+             "route": _route_action({cluster_name(name, version): 1}, None, options)})
+    listed = ", ".join(str(v) for v in serving) or "none"
+    routes.append({"name": f"{name}/pin/unknown", "match": _match(header_name, version_present=True),
+                   **_grpc_error(GRPC_NOT_FOUND, f"model {name!r} has no serving instances of the version in "
+                                                 f"{VERSION_PIN_HEADER}; serving versions: {listed}")})
+    if plan.weights:
+        clusters = {cluster_name(name, v): w for v, w in plan.weights.items()}
+        add({"name": f"{name}/split", "match": _match(header_name),
+             "route": _route_action(clusters, plan.sticky_header, options)})
+    else:
+        routes.append({"name": f"{name}/unavailable", "match": _match(header_name),
+                       **_grpc_error(GRPC_UNAVAILABLE, f"model {name!r} has no serving instances")})
+    return routes
+
+
+def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]], options: RenderOptions) -> Resource:
+    routes: list[Resource] = []
+    for name, plan in plans.items():
+        routes += _model_routes(name, plan, serving[name], options, by_header=True)
+    names = ", ".join(plans) or "none"
+    routes.append({"name": "unknown-model", "match": _match(name_present=True),
+                   **_grpc_error(GRPC_NOT_FOUND, f"the model named in {MODEL_HEADER} is not served here; "
+                                                 f"served models: {names}")})
+    if len(plans) == 1:
+        # One model: requests without the header are for it (single-model clients work unchanged).
+        name, plan = next(iter(plans.items()))
+        routes += [{**r, "name": f"default/{r['name']}"}
+                   for r in _model_routes(name, plan, serving[name], options, by_header=False)]
+    elif plans:
+        routes.append({"name": "missing-model-header", "match": _match(),
+                       **_grpc_error(GRPC_INVALID_ARGUMENT, f"set header {MODEL_HEADER} to the model to call; "
+                                                            f"served models: {names}")})
+    else:
+        routes.append({"name": "no-models", "match": _match(),
+                       **_grpc_error(GRPC_UNAVAILABLE, "no model is registered with the gateway")})
+    return {
+        "name": ROUTE_CONFIG_NAME,
+        # Envoy then rejects a route config naming a cluster it does not know, instead of 503s.
+        "validate_clusters": True,
+        "virtual_hosts": [{"name": "sluice", "domains": ["*"], "routes": routes}],
+    }

@@ -1,0 +1,222 @@
+"""An immutable, versioned Envoy snapshot (listener, clusters, endpoints, routes) and its checks.
+
+A :class:`Snapshot` is what :func:`gateway.render.render_snapshot` returns and what the publisher
+writes: one file per xDS type plus one EDS file per cluster. :func:`consistency_problems` is
+checked before anything is validated or published (as go-control-plane's ``Consistent()``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+LISTENER_NAME = "sluice_grpc"
+ROUTE_CONFIG_NAME = "sluice_routes"
+LDS_FILE = "lds.yaml"
+CDS_FILE = "cds.yaml"
+RDS_FILE = "rds.yaml"
+VERSION_HEADER = "x-sluice-config"
+"""Every response carries the config version that routed it (debugging, propagation benchmark)."""
+
+TYPE_LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+TYPE_CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+TYPE_ROUTES = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+TYPE_ENDPOINTS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+
+_UINT32_MAX = 2**32 - 1
+_CLUSTER_RE = re.compile(r"(?P<model>.+)\.v(?P<version>[1-9][0-9]*)")
+
+Resource = dict[str, Any]
+
+
+def cluster_name(model: str, version: int) -> str:
+    """``iris`` version 2 → ``iris.v2`` (unique: a version is digits only, parsed from the right)."""
+    return f"{model}.v{version}"
+
+
+def parse_cluster_name(name: str) -> tuple[str, int] | None:
+    match = _CLUSTER_RE.fullmatch(name)
+    return (match["model"], int(match["version"])) if match else None
+
+
+def eds_file(cluster: str) -> str:
+    """The EDS file of one cluster (Envoy's EDS takes exactly one resource per file)."""
+    return f"eds-{cluster}.yaml"
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the snapshot does with one model: the weights in its route and why."""
+
+    model: str
+    weights: Mapping[int, int]
+    """Version → weight in the route (empty: the model has no serving version)."""
+    sticky_header: str | None = None
+    warnings: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    routing_source: str = "none"
+    """``document`` (valid routing document), ``last-good`` (invalid one, last good kept),
+    ``none`` (no routing document: newest serving version)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every resource Envoy gets, as of registry ``revision``; ``version`` names it in Envoy."""
+
+    version: str
+    revision: int
+    listener: Resource
+    clusters: Mapping[str, Resource]
+    endpoints: Mapping[str, Resource]
+    """Cluster name → ClusterLoadAssignment."""
+    routes: Resource
+    plans: Mapping[str, ModelPlan] = field(default_factory=dict)
+
+    @property
+    def content_hash(self) -> str:
+        """Hash of the resources without the version: equal hashes mean nothing to publish."""
+        return self.version.rpartition(".")[2]
+
+    @property
+    def listener_version(self) -> str:
+        """LDS version: a hash of the listener. Envoy keeps its old LDS version when nothing changed,
+        so a content hash is what stays comparable."""
+        return f"lds.{content_hash(self.listener)}"
+
+    @property
+    def clusters_version(self) -> str:
+        """CDS version: a hash of the clusters (see :attr:`listener_version`)."""
+        return f"cds.{content_hash(self.clusters)}"
+
+    def route_clusters(self) -> set[str]:
+        """Every cluster a route points at."""
+        return set(_route_clusters(self.routes))
+
+    def files(self) -> dict[str, bytes]:
+        """File name → YAML bytes; each file is a DiscoveryResponse-shaped ``{version_info, resources}``."""
+        files = {
+            LDS_FILE: _dump(self.listener_version, TYPE_LISTENER, [self.listener]),
+            CDS_FILE: _dump(self.clusters_version, TYPE_CLUSTER,
+                            [self.clusters[name] for name in sorted(self.clusters)]),
+            RDS_FILE: _dump(self.version, TYPE_ROUTES, [self.routes]),
+        }
+        for name in sorted(self.endpoints):
+            assignment = self.endpoints[name]
+            files[eds_file(name)] = _dump(f"eds.{content_hash(assignment)}", TYPE_ENDPOINTS, [assignment])
+        return files
+
+
+# libyaml's emitter is ~10x faster than the pure-Python one; publishing latency is a feature here.
+_Dumper = yaml.CSafeDumper if getattr(yaml, "__with_libyaml__", False) else yaml.SafeDumper
+
+
+class _NoAliasDumper(_Dumper):  # type: ignore[valid-type,misc]
+    """Shared sub-dicts are written out in full: no YAML anchors in files Envoy reads."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_yaml(document: Any) -> bytes:
+    return yaml.dump(document, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=False).encode()
+
+
+def _dump(version: str, type_url: str, resources: list[Resource]) -> bytes:
+    return dump_yaml({"version_info": version, "resources": [{"@type": type_url, **r} for r in resources]})
+
+
+def _route_clusters(routes: Resource) -> list[str]:
+    found: list[str] = []
+    for vhost in routes.get("virtual_hosts", []):
+        for route in vhost.get("routes", []):
+            action = route.get("route")
+            if not action:
+                continue
+            if "cluster" in action:
+                found.append(action["cluster"])
+            for weighted in action.get("weighted_clusters", {}).get("clusters", []):
+                found.append(weighted["name"])
+    return found
+
+
+def _weights(routes: Resource) -> list[list[int]]:
+    groups = []
+    for vhost in routes.get("virtual_hosts", []):
+        for route in vhost.get("routes", []):
+            weighted = (route.get("route") or {}).get("weighted_clusters")
+            if weighted:
+                groups.append([int(c["weight"]) for c in weighted["clusters"]])
+    return groups
+
+
+def consistency_problems(snapshot: Snapshot) -> list[str]:
+    """Everything that would make Envoy reject (or mis-route) the snapshot; empty when consistent."""
+    problems: list[str] = []
+    for name in sorted(snapshot.route_clusters()):
+        if name not in snapshot.clusters:
+            problems.append(f"route points at cluster {name!r}, which the snapshot does not define")
+    for name in sorted(snapshot.clusters):
+        if name not in snapshot.endpoints:
+            problems.append(f"cluster {name!r} has no endpoint assignment")
+    for name in sorted(snapshot.endpoints):
+        if name not in snapshot.clusters:
+            problems.append(f"endpoint assignment {name!r} belongs to no cluster")
+    for group in _weights(snapshot.routes):
+        if any(w < 1 or w > _UINT32_MAX for w in group) or not 0 < sum(group) <= _UINT32_MAX:
+            problems.append(f"weights {group} are invalid: each 1..{_UINT32_MAX}, sum at most {_UINT32_MAX}")
+    for model, plan in snapshot.plans.items():
+        if plan.weights and sum(plan.weights.values()) <= 0:
+            problems.append(f"model {model!r}: weights sum to 0")
+    return problems
+
+
+def shape_key(snapshot: Snapshot) -> str:
+    """Hash of the snapshot with weights and versions masked out.
+
+    Two snapshots with the same shape differ only in weight values, which
+    :func:`consistency_problems` checks; the controller validates a shape with Envoy once.
+    """
+    routes = json.loads(json.dumps(snapshot.routes))
+    for vhost in routes.get("virtual_hosts", []):
+        for route in vhost.get("routes", []):
+            weighted = (route.get("route") or {}).get("weighted_clusters")
+            if weighted:
+                for item in weighted["clusters"]:
+                    item["weight"] = 1
+    routes.pop("response_headers_to_add", None)
+    return content_hash(snapshot.listener, snapshot.clusters, snapshot.endpoints, routes)
+
+
+def content_hash(*parts: Any) -> str:
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()[:12]
+
+
+def snapshot_from_files(documents: Mapping[str, Mapping[str, Any]]) -> Snapshot | None:
+    """Rebuild the published snapshot from its files (see :func:`gateway.publish.load_published`).
+
+    Plans are not in the files: the result serves to know which clusters and routes Envoy has.
+    """
+    def resources(name: str) -> list[Resource]:
+        document = documents.get(name) or {}
+        return [{k: v for k, v in r.items() if k != "@type"} for r in document.get("resources", [])]
+
+    listeners, routes = resources(LDS_FILE), resources(RDS_FILE)
+    if not listeners or not routes:
+        return None
+    clusters = {c["name"]: c for c in resources(CDS_FILE)}
+    endpoints = {}
+    for name in clusters:
+        found = resources(eds_file(name))
+        if found:
+            endpoints[name] = found[0]
+    version = str((documents.get(RDS_FILE) or {}).get("version_info", "0.unknown"))
+    revision_text = version.partition(".")[0]
+    revision = int(revision_text) if revision_text.isdigit() else 0
+    return Snapshot(version, revision, listeners[0], clusters, endpoints, routes[0])

@@ -1,0 +1,103 @@
+"""Real processes shared by the gateway's end-to-end tests: etcd, model services, the gateway.
+
+One module of e2e tests shares three ``sluice serve`` processes (iris version 1 twice, iris
+version 2 once, each from its own repository so ``model_version`` in a response tells them
+apart) and one gateway on its own key prefix. Instances are registered by writing their records
+to etcd, as a service's registrar would.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from examples.build_models import build_iris
+from mesh.keys import KeySchema
+from mesh.records import InstanceRecord, InstanceState
+from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.processes import ManagedProcess, free_port
+from tests.fixtures.service import ServiceHandle, sluice_argv
+
+SERVICE_START_TIMEOUT_S = 90.0
+
+
+@pytest.fixture(scope="session")
+def iris_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Version → a repository holding only that version of ``iris``."""
+    built = tmp_path_factory.mktemp("iris-built")
+    build_iris(built)
+    repos = {}
+    for version in (1, 2):
+        repo = tmp_path_factory.mktemp(f"iris-v{version}")
+        (repo / "iris").mkdir()
+        shutil.copy(built / "iris" / "config.yaml", repo / "iris" / "config.yaml")
+        shutil.copytree(built / "iris" / str(version), repo / "iris" / str(version))
+        repos[version] = repo
+    return repos
+
+
+def _start_service(repo: Path, workdir: Path, name: str) -> ServiceHandle:
+    port, metrics_port = free_port(), free_port()
+    argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port", str(metrics_port),
+                       "--log-format", "json", "--grace-period", "2")
+    process = ManagedProcess(name, argv, workdir / f"{name}.log")
+    return ServiceHandle(process, port, metrics_port, repo)
+
+
+@dataclass
+class Fleet:
+    """The shared services: ``v1`` (two instances) and ``v2`` (one)."""
+
+    v1: list[ServiceHandle]
+    v2: list[ServiceHandle]
+
+    def all(self) -> list[ServiceHandle]:
+        return [*self.v1, *self.v2]
+
+
+@pytest.fixture(scope="module")
+def fleet(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    workdir = tmp_path_factory.mktemp("fleet")
+    handles = [_start_service(iris_repos[1], workdir, "iris-v1-a"), _start_service(iris_repos[1], workdir, "iris-v1-b"),
+               _start_service(iris_repos[2], workdir, "iris-v2-a")]
+    try:
+        for handle in handles:  # started together, awaited one by one: start-up overlaps
+            handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
+        yield Fleet(handles[:2], handles[2:])
+    finally:
+        for handle in handles:
+            handle.process.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_prefix(request: pytest.FixtureRequest) -> str:
+    return f"/sluice-gw-{request.module.__name__.rpartition('.')[2].replace('_', '-')}/"
+
+
+@pytest.fixture(scope="module")
+def gateway(shared_etcd: EtcdServer, gateway_prefix: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    handle = start_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway"))
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def record(schema: KeySchema, service: ServiceHandle, version: int, instance_id: str,
+           state: InstanceState = InstanceState.SERVING, model: str = "iris") -> tuple[str, str]:
+    """(key, value) of an instance record for ``service``, as its registrar would write it."""
+    doc = InstanceRecord(address=service.address, model=model, version=version, instance_id=instance_id, state=state)
+    return schema.instance(model, version, instance_id), doc.to_json().decode()
+
+
+def register(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, version: int, instance_id: str,
+             state: InstanceState = InstanceState.SERVING, model: str = "iris") -> str:
+    key, value = record(schema, service, version, instance_id, state, model)
+    etcd.etcdctl("put", key, value)
+    return key
