@@ -47,6 +47,40 @@ def single_core(cpu_list: str | None) -> int | None:
     return int(cpu_list)
 
 
+def launch_prefix(cpu_list: str | None, nice: int = 0) -> list[str]:
+    """``taskset -c CPUS`` (pinning) and ``nice -n N`` (priority; negative needs root) for a command."""
+    prefix = ["taskset", "-c", cpu_list] if cpu_list else []
+    if nice:
+        prefix += ["nice", "-n", str(nice)]
+    return prefix
+
+
+def autogroup_nice(pid: int | str) -> int | None:
+    """Current autogroup nice of ``pid`` (None where autogroups are off)."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split("nice")[-1])
+    except (OSError, ValueError):
+        return None
+
+
+def set_autogroup_nice(pid: int | str, nice: int) -> bool:
+    """Give the scheduler autogroup (= session) of ``pid`` the nice value ``nice``.
+
+    With ``kernel.sched_autogroup_enabled=1`` a process's nice value only ranks it inside its own
+    session; sessions compete with each other by their autogroup nice. So ``--nice`` is applied here too:
+    to the harness's session (which holds h2load and the in-process loop) and to each server's session.
+    Returns False where autogroups are off or the write is refused.
+    """
+    path = Path(f"/proc/{pid}/autogroup")
+    if not path.exists():
+        return False
+    try:
+        path.write_text(f"{nice}\n")
+    except OSError:
+        return False
+    return True
+
+
 @dataclass
 class CoreProbe:
     """Share of ``core`` spent outside process group ``pgid`` (None: pgid not tracked)."""

@@ -27,7 +27,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from bench.cpu import CoreProbe, single_core
+from bench.cpu import CoreProbe, launch_prefix, single_core
 
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -200,9 +200,10 @@ def h2load_command(
     requests: int = 0,
     log_path: Path | None = None,
     cpu: str | None = None,
+    nice: int = 0,
 ) -> list[str]:
     """One HTTP/2 connection (-c 1) carrying ``concurrency`` concurrent streams (-m)."""
-    cmd = ["taskset", "-c", cpu] if cpu is not None else []
+    cmd = launch_prefix(cpu, nice)
     cmd += [h2load_path() or "h2load", "-c", "1", "-t", "1", "-m", str(concurrency)]
     cmd += ["-D", f"{duration:g}"] if duration else ["-n", str(requests)]
     if log_path is not None:
@@ -227,17 +228,20 @@ def run_h2load(
     *,
     log_path: Path,
     cpu: str | None,
+    nice: int = 0,
     warmup_requests: int = 200,
     server_probe: CoreProbe | None = None,
 ) -> H2Result:
     """Warm up with a fixed request count, then measure for ``duration`` seconds."""
-    warm = h2load_command(port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu)
+    warm = h2load_command(
+        port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu, nice=nice
+    )
     try:
         subprocess.run(warm, capture_output=True, text=True, timeout=60, check=False)
     except subprocess.TimeoutExpired:
         return H2Result(False, "h2load warm-up did not finish within 60s")
     log_path.unlink(missing_ok=True)
-    cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu)
+    cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu, nice=nice)
     client_core = single_core(cpu)
     client_probe = CoreProbe(client_core) if client_core is not None else None
     for probe in (server_probe, client_probe):

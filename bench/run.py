@@ -169,7 +169,7 @@ def prepare_cases(repo: Path, models: list[str], batch: int, workdir: Path) -> d
 
 def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path) -> Point:
     """In-process baseline in a child pinned to the server core; ``--repeat`` runs, fastest kept."""
-    cmd = ["taskset", "-c", args.server_cpu] if args.server_cpu is not None else []
+    cmd = cpu.launch_prefix(args.server_cpu, args.nice)
     cmd += [sys.executable, "-m", "bench.ort_inproc", "--model", str(case.path), "--duration", f"{args.duration:g}"]
     for arg_name in case.inputs:
         cmd += ["--input", f"{arg_name}={workdir / f'{case.name}.{arg_name}.npy'}"]
@@ -232,6 +232,7 @@ def measure_point(
             args.duration,
             log_path=log_path,
             cpu=args.client_cpu,
+            nice=args.nice,
             server_probe=probe,
         )
         if not result.ok:
@@ -417,6 +418,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--repeat {args.repeat}")
     if args.quiet_wait:
         parts.append(f"--quiet-wait {args.quiet_wait:g}")
+    if args.nice:
+        parts.append(f"--nice {args.nice}")
     if args.mlserver_workers:
         parts.append(f"--mlserver-workers {args.mlserver_workers}")
     return " ".join(parts)
@@ -453,6 +456,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="before each run, wait up to this many seconds for the pinned cores to be <15%% busy",
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="nice value for servers, h2load and the ort loop (negative = ahead of other work; needs root)",
+    )
     parser.add_argument("--mlserver-workers", type=int, default=0, help="MLServer parallel_workers (default 0)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds a server may take to start")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/.results/<time>)")
@@ -487,7 +496,20 @@ def _main(argv: list[str] | None) -> int:
         if rc or args.setup_only:
             return rc
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` blocks stop the servers
+    # h2load and the ort loop run in this process's session: raise its autogroup too, and put it back
+    # afterwards (the session may be the caller's shell).
+    saved_nice = cpu.autogroup_nice("self") if args.nice else None
+    if args.nice:
+        cpu.set_autogroup_nice("self", args.nice)
+    try:
+        return _measure(args)
+    finally:
+        if saved_nice is not None:
+            cpu.set_autogroup_nice("self", saved_nice)
 
+
+def _measure(args: argparse.Namespace) -> int:
+    """Build the models, run every target, print and save the table."""
     out = args.out or BENCH_DIR / ".results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     labels = {
@@ -507,6 +529,7 @@ def _main(argv: list[str] | None) -> int:
             models=args.models,
             workdir=workdir,
             server_cpu=args.server_cpu,
+            nice=args.nice,
             canned={m: workdir / f"{m}.response.bin" for m in args.models},
             startup_timeout=args.startup_timeout,
         )
@@ -541,6 +564,8 @@ def _main(argv: list[str] | None) -> int:
     table = render_table(points, [t for t in ALL_TARGETS if t in args.targets], labels)
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     pin = f"servers on core {args.server_cpu}, h2load on core {args.client_cpu}"
+    if args.nice:
+        pin += f", all at nice {args.nice}"
     report = (
         f"Command: `{command_line(args)}`\n\n"
         f"{header}\n- pinning: {pin}; {args.duration:g} s per point; {args.batch} row(s) per request; "

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from bench.cpu import launch_prefix, set_autogroup_nice
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
 VENVS = BENCH_DIR / ".venvs"
@@ -111,11 +113,11 @@ def spawn(
     port: int,
     *,
     cpu: str | None,
+    nice: int = 0,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> ServerProcess:
-    if cpu is not None:
-        cmd = ["taskset", "-c", cpu, *cmd]
+    cmd = [*launch_prefix(cpu, nice), *cmd]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_file = log_path.open("wb")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -130,6 +132,8 @@ def spawn(
         cwd=str(cwd or REPO_ROOT),
         start_new_session=True,
     )
+    if nice:
+        set_autogroup_nice(proc.pid, nice)  # the server leads its own session, hence its own autogroup
     return ServerProcess(name=name, proc=proc, port=port, log_path=log_path, _log_file=log_file)
 
 
@@ -141,6 +145,7 @@ class RunContext:
     models: list[str]
     workdir: Path  # scratch space for this run (canned responses, configs, logs)
     server_cpu: str | None  # taskset core list for servers, None = no pinning
+    nice: int = 0  # nice value for servers (and the load generator); negative = higher priority
     canned: dict[str, Path] = field(default_factory=dict)  # model -> serialized ModelInferResponse
     startup_timeout: float = 180.0
 
@@ -167,7 +172,7 @@ class FloorTarget(Target):
         cmd = [sys.executable, "-m", "bench.floor_server", "--port", str(port)]
         for model in ctx.models:
             cmd += ["--canned", f"{model}={ctx.canned[model]}"]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "floor.log", port, cpu=ctx.server_cpu)
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "floor.log", port, cpu=ctx.server_cpu, nice=ctx.nice)
 
 
 class SluiceTarget(Target):
@@ -191,7 +196,7 @@ class SluiceTarget(Target):
     def start(self, ctx: RunContext) -> ServerProcess:
         port = free_port()
         cmd = [str(SLUICE_BIN), "serve", "--repo", str(ctx.repo), "--port", str(port), "--metrics-port", "0"]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "sluice.log", port, cpu=ctx.server_cpu)
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "sluice.log", port, cpu=ctx.server_cpu, nice=ctx.nice)
 
 
 def _tensor_meta(values: list[ort.NodeArg]) -> list[dict[str, object]]:
@@ -250,7 +255,9 @@ class MLServerTarget(Target):
         ws = self.write_workspace(ctx, port)
         env = {"PYTHONPATH": str(BENCH_DIR / "peers"), "BENCH_ORT_THREADS": "1"}
         cmd = [str(self.venv / "bin" / "mlserver"), "start", str(ws)]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "mlserver.log", port, cpu=ctx.server_cpu, env=env)
+        return spawn(
+            self.name, cmd, ctx.workdir / "logs" / "mlserver.log", port, cpu=ctx.server_cpu, nice=ctx.nice, env=env
+        )
 
 
 class PyTritonTarget(Target):
@@ -308,7 +315,9 @@ class PyTritonTarget(Target):
             "--threads",
             "1",
         ]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "pytriton.log", port, cpu=ctx.server_cpu, env=env)
+        return spawn(
+            self.name, cmd, ctx.workdir / "logs" / "pytriton.log", port, cpu=ctx.server_cpu, nice=ctx.nice, env=env
+        )
 
 
 SERVER_TARGETS: dict[str, type[Target]] = {

@@ -101,10 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     except InferenceServerException as exc:
         return _fail(2, f"cannot create a client for {args.url}: {exc}")
 
+    # Through the sluice gateway (Envoy) these headers pick the route; a service ignores them.
+    headers = {"x-model-name": args.model}
+    if args.version:
+        headers["x-model-version"] = args.version
     with client:
         try:
-            live = client.is_server_live(client_timeout=args.timeout)
-            ready = client.is_server_ready(client_timeout=args.timeout)
+            live = client.is_server_live(client_timeout=args.timeout, headers=headers)
+            ready = client.is_server_ready(client_timeout=args.timeout, headers=headers)
         except InferenceServerException as exc:
             return _fail(
                 2,
@@ -117,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
         shown_version = args.version or "latest"
         try:
-            model_ready = client.is_model_ready(args.model, args.version, client_timeout=args.timeout)
+            model_ready = client.is_model_ready(args.model, args.version, client_timeout=args.timeout, headers=headers)
         except InferenceServerException as exc:
             return _fail(3, f"model readiness check failed: {exc.message()}")
         if not model_ready:
             return _fail(3, f"model {args.model!r} version {shown_version} is not ready (or unknown)")
         try:
-            metadata = client.get_model_metadata(args.model, args.version, client_timeout=args.timeout)
+            metadata = client.get_model_metadata(args.model, args.version, client_timeout=args.timeout, headers=headers)
         except InferenceServerException as exc:
             return _fail(3, f"cannot read metadata of {args.model!r}: {exc.message()}")
         print(f"model {metadata.name!r} versions {list(metadata.versions)} ready ({metadata.platform})")
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_version=args.version,
                 outputs=outputs,
                 client_timeout=args.timeout,
+                headers=headers,
             )
         except InferenceServerException as exc:
             return _fail(4, f"inference failed ({exc.status()}): {exc.message()}")

@@ -114,6 +114,14 @@ class EnvoyAdmin:
         return LiveConfig(listeners_version, clusters_version, routes_version, frozenset(active),
                           frozenset(warming), endpoints)
 
+    async def routes_version(self) -> str:
+        """The version of the gateway's route config (cheap: one small resource)."""
+        dump = json.loads(await self.get("/config_dump?resource=dynamic_route_configs"))
+        for route in dump.get("configs", []):
+            if route.get("route_config", {}).get("name") == ROUTE_CONFIG_NAME:
+                return str(route.get("version_info", ""))
+        return ""
+
     async def cluster_endpoints(self) -> dict[str, frozenset[str]]:
         data: dict[str, Any] = json.loads(await self.get("/clusters?format=json"))
         result = {}
@@ -125,18 +133,30 @@ class EnvoyAdmin:
             result[cluster["name"]] = frozenset(addresses)
         return result
 
-    async def wait_live(self, snapshot: Snapshot, timeout: float, interval: float = 0.005) -> float:
-        """Poll until ``snapshot`` is live; returns the seconds it took. ConfirmError on timeout."""
+    async def wait_live(self, snapshot: Snapshot, timeout: float, interval: float = 0.003,
+                        previous: Snapshot | None = None) -> float:
+        """Poll until ``snapshot`` is live; returns the seconds it took. ConfirmError on timeout.
+
+        When ``previous`` (confirmed live before) has the same listener, clusters and endpoints,
+        only the route config changed and its version is all there is to check.
+        """
+        routes_only = previous is not None and (
+            previous.listener_version == snapshot.listener_version
+            and previous.clusters_version == snapshot.clusters_version
+            and previous.endpoints == snapshot.endpoints)
         start = time.monotonic()
         problems: list[str] = ["not checked yet"]
         last_error = ""
         while time.monotonic() - start < timeout:
             try:
-                live = await self.live_config(with_endpoints=False)
-                problems = mismatches(snapshot, live, check_endpoints=False)
-                if not problems:
-                    live = await self.live_config()
-                    problems = mismatches(snapshot, live)
+                # Every snapshot has its own route version: poll that (small), then check everything.
+                routes_version = await self.routes_version()
+                if routes_version != snapshot.version:
+                    problems = [f"routes at version {routes_version or 'none'}, expected {snapshot.version}"]
+                elif routes_only:
+                    return time.monotonic() - start
+                else:
+                    problems = mismatches(snapshot, await self.live_config())
                     if not problems:
                         return time.monotonic() - start
             except ConfirmError as exc:

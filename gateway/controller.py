@@ -113,6 +113,8 @@ class GatewayController:
         self._written: dict[str, StatusDocument] = {}
         self._retry_at: float | None = None
         self._failures = 0
+        # Held while files are published: the liveness check must not "repair" a publish in flight.
+        self._publishing = asyncio.Lock()
 
     @property
     def live(self) -> Snapshot | None:
@@ -169,6 +171,10 @@ class GatewayController:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._io, func)
 
+    def _write(self, snapshot: Snapshot) -> None:
+        """Dump and publish (blocking: runs in the I/O thread)."""
+        self.publisher.publish(snapshot.files())
+
     async def _prepare_files(self) -> None:
         """Know what is published already; publish an empty snapshot if nothing is (Envoy needs files)."""
         documents = await self._in_io(partial(load_published, self.publisher.directory))
@@ -179,7 +185,7 @@ class GatewayController:
             return
         empty = render_snapshot(build_state(self.schema, 0, []), {}, self.options)
         await self._validate(empty)
-        await self._in_io(partial(self.publisher.publish, empty.files()))
+        await self._in_io(partial(self._write, empty))
         self._live = empty
         log.info("gateway_initial_snapshot", version=empty.version)
 
@@ -226,19 +232,25 @@ class GatewayController:
         while True:
             await asyncio.sleep(_LIVENESS_INTERVAL)
             try:
-                live_config = await self.admin.live_config(with_endpoints=False)
-            except (ConfirmError, ValueError):
+                await self._check_envoy()
+                self.metrics.envoy_up.set(1)
+            except (GatewayError, ValueError):
                 self.metrics.envoy_up.set(0)
-                continue
-            self.metrics.envoy_up.set(1)
-            live = self._live
-            if live is not None and mismatches(live, live_config, check_endpoints=False):
-                log.warning("envoy_config_differs", expected=live.version, routes=live_config.routes_version)
-                with contextlib.suppress(PublishError):
-                    await self._in_io(partial(self.publisher.publish, live.files()))
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
                 self._dirty.set()
+
+    async def _check_envoy(self) -> None:
+        if self._publishing.locked():
+            return
+        async with self._publishing:
+            live = self._live
+            if live is None:
+                return
+            live_config = await self.admin.live_config(with_endpoints=False)
+            if mismatches(live, live_config, check_endpoints=False):
+                log.warning("envoy_config_differs", expected=live.version, routes=live_config.routes_version)
+                await self._in_io(partial(self._write, live))
 
     # -- one round ---------------------------------------------------------------------------------
 
@@ -253,7 +265,8 @@ class GatewayController:
             self._live = wanted  # found on disk at start-up: same content, now with its plans
         try:
             if self._live is None or wanted.content_hash != self._live.content_hash:
-                await self._apply(wanted)
+                async with self._publishing:
+                    phases = await self._apply(wanted)
                 self._live, self._live_published_at = wanted, datetime.now(timezone.utc)
                 self._failures, self._retry_at = 0, None
                 self.metrics.publishes.labels("ok").inc()
@@ -264,14 +277,25 @@ class GatewayController:
                 self.metrics.models.set(len(wanted.plans))
                 log.info("gateway_published", version=wanted.version, revision=wanted.revision,
                          models={n: dict(p.weights) for n, p in wanted.plans.items()},
-                         seconds=round(time.monotonic() - started, 4) if started is not None else None)
+                         seconds=round(time.monotonic() - started, 4) if started is not None else None,
+                         phases=phases)
         except GatewayError as exc:
             failure = f"{exc}; the last good config ({self._live.version if self._live else 'none'}) stays live"
             log.error("gateway_publish_failed", version=wanted.version, error=str(exc))
         await self._write_status(state, wanted, failure)
         return self._live
 
-    async def _apply(self, wanted: Snapshot) -> None:
+    async def _apply(self, wanted: Snapshot) -> dict[str, float]:
+        """Check, validate, publish and confirm ``wanted``; returns seconds per phase."""
+        phases: dict[str, float] = {}
+        mark = time.monotonic()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[name] = round(phases.get(name, 0.0) + now - mark, 4)
+            mark = now
+
         problems = consistency_problems(wanted)
         if problems:
             self.metrics.publishes.labels("inconsistent").inc()
@@ -281,15 +305,20 @@ class GatewayController:
         except EnvoyValidationError:
             self.metrics.publishes.labels("invalid").inc()
             raise
+        phase("validate")
         steps = transition(self._live, wanted)
         for step in steps:
             problems = consistency_problems(step)
             if problems:
                 raise GatewayError("inconsistent transition snapshot: " + "; ".join(problems))
+        previous = self._live if self._live is not None and self._live.plans else None
         for step in steps:
             try:
-                await self._in_io(partial(self.publisher.publish, step.files()))
-                await self.admin.wait_live(step, self.settings.confirm_timeout)
+                await self._in_io(partial(self._write, step))
+                phase("publish")
+                await self.admin.wait_live(step, self.settings.confirm_timeout, previous=previous)
+                previous = step
+                phase("confirm")
             except (PublishError, ConfirmError) as exc:
                 self.metrics.publishes.labels("publish_failed" if isinstance(exc, PublishError)
                                               else "confirm_failed").inc()
@@ -297,6 +326,8 @@ class GatewayController:
                 raise
         with contextlib.suppress(OSError):
             await self._in_io(self.publisher.cleanup)
+        phases["steps"] = len(steps)
+        return phases
 
     async def _roll_back(self) -> None:
         """Put the last good snapshot's files back and retry the new one later, with backoff."""
@@ -306,7 +337,7 @@ class GatewayController:
         if live is None:
             return
         try:
-            await self._in_io(partial(self.publisher.publish, live.files()))
+            await self._in_io(partial(self._write, live))
         except PublishError as exc:
             log.error("gateway_rollback_failed", error=str(exc))
 

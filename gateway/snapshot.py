@@ -127,8 +127,19 @@ def dump_yaml(document: Any) -> bytes:
     return yaml.dump(document, Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=False).encode()
 
 
+_dump_cache: dict[tuple[str, str], bytes] = {}
+
+
 def _dump(version: str, type_url: str, resources: list[Resource]) -> bytes:
-    return dump_yaml({"version_info": version, "resources": [{"@type": type_url, **r} for r in resources]})
+    """YAML of one xDS file; ``version`` is a content hash, so an unchanged file is not dumped again."""
+    key = (type_url, version)
+    cached = _dump_cache.get(key)
+    if cached is None:
+        if len(_dump_cache) > 512:
+            _dump_cache.clear()
+        cached = dump_yaml({"version_info": version, "resources": [{"@type": type_url, **r} for r in resources]})
+        _dump_cache[key] = cached
+    return cached
 
 
 def _route_clusters(routes: Resource) -> list[str]:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "mesh.commands.serve",
     "mesh.commands.registry",
     "gateway.command",
+    "mesh.commands.up",
 )
 
 

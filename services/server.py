@@ -95,7 +95,7 @@ class ModelServer:
             ],
         )
         servicer = InferenceServicer(self.plane, self.manager)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _reflection_pool()
         reflection.enable_server_reflection(

@@ -28,10 +28,11 @@ apt-get install -y -qq golang-go golang-github-modern-go-reflect2-dev dpkg-dev >
 # deb-src lines for the same suite as the system's sources, in a private apt state directory.
 log "downloading the kubernetes source package"
 apt_dir=$work/apt
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial"
+mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/none"
 codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-mirror=$(grep -hoE '^(URIs:|deb) *[a-z]+://[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-         | head -1 | awk '{print $2}')
+mirror=$({ grep -hoE '^(URIs:|deb) *[a-z]+://[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/*.sources \
+           /etc/apt/sources.list 2>/dev/null || true; } | head -1 | awk '{print $2}')
+[ -n "$mirror" ] || { log "no Debian mirror found in /etc/apt/sources*"; exit 1; }
 echo "deb-src ${mirror%/} $codename main" > "$apt_dir/sources.list"
 apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=$apt_dir/none"
           -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::Archives=$apt_dir/archives"

@@ -96,7 +96,7 @@ def arithmetic() -> onnx.ModelProto:
 
 
 def slow(matmuls: int = 40, size: int = 768) -> onnx.ModelProto:
-    """``x`` FP32 [batch, 1] -> ``y`` = x, after ``matmuls`` size×size MatMuls that depend on ``x``.
+    """``x`` FP32 [batch, 1] -> ``y`` = x, after ``matmuls`` size x size MatMuls that depend on ``x``.
 
     The work does not scale with the rows and cannot be constant-folded (it starts from ``x``),
     so every ONNX Runtime call takes about the same, noticeable time.

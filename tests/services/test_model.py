@@ -45,10 +45,8 @@ def test_batching_only_where_every_first_dim_is_dynamic(tmp_path: Path, builder:
     assert _load(tmp_path, builder(), config).max_batch_size == expected  # type: ignore[operator]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: services/model.py _batch_size treats any dynamic first dim as "
-                   "the batch dim; an output [M] of an input [N, M] gets batched, so merged requests fail "
-                   "with INTERNAL (or, when M equals the rows, get sliced wrongly)")
 def test_output_with_another_dynamic_dim_is_not_batched(tmp_path: Path) -> None:
+    # Batched, merged requests would fail with INTERNAL, or be sliced wrongly when M equals the rows.
     axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")
     graph = helper.make_graph(
         [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)], "g",
@@ -112,19 +110,14 @@ def test_generated_warmup_covers_every_datatype(tmp_path: Path) -> None:
         _load(tmp_path, models.identity(datatype), name=datatype.lower()).warm_up()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: services/model.py warm_up lets UnsupportedError (BF16 has no "
-                   "numpy dtype) escape instead of raising ModelLoadError, so the manager cannot mark the "
-                   "version UNAVAILABLE")
 def test_bf16_model_fails_to_load_cleanly(tmp_path: Path) -> None:
-    model = _load(tmp_path, models.identity("BF16"))
+    # A ModelLoadError (not UnsupportedError) is what lets the manager mark the version UNAVAILABLE.
     with pytest.raises(ModelLoadError, match="BF16"):
-        model.warm_up()
+        _load(tmp_path, models.identity("BF16")).warm_up()
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(),
                     reason="this ONNX Runtime build has CUDA: there is nothing to fall back from")
-@pytest.mark.xfail(strict=True, reason="bug: services/model.py _providers raises for a provider missing "
-                   "from the build before allow_cpu_fallback is looked at")
 def test_cpu_fallback_when_cuda_is_not_in_the_build(tmp_path: Path) -> None:
     config = ModelConfig(execution_providers=(ExecutionProvider(name="cuda"),), allow_cpu_fallback=True)
     assert _load(tmp_path, models.identity("FP32"), config).providers == ("CPUExecutionProvider",)

@@ -1,0 +1,134 @@
+"""``sluice up`` / ``sluice down``: the whole stack on this machine, on loopback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    up = subparsers.add_parser(
+        "up", help="run etcd, model services, the gateway controller and Envoy on this machine",
+        description="Start the whole stack on 127.0.0.1 and keep it running until Ctrl-C or SIGTERM. "
+                    "Free ports are chosen for anything not given. Logs go to <run-dir>/logs/.")
+    up.add_argument("--repo", type=Path, help="model repository (default: example models in <run-dir>/models)")
+    up.add_argument("--services", type=int, default=2, help="model service processes (default 2)")
+    up.add_argument("--etcd", help="use this etcd (host:port) instead of starting one")
+    up.add_argument("--gateway-port", type=int, help="gateway (Envoy) gRPC port (default: a free port)")
+    up.add_argument("--admin-port", type=int, help="Envoy admin port on 127.0.0.1 (default: a free port)")
+    up.add_argument("--prefix", default="/sluice/", help="etcd key prefix (default /sluice/)")
+    up.add_argument("--run-dir", type=Path, default=Path(".sluice"), help="logs, state, etcd data (default .sluice)")
+    up.add_argument("--start-timeout", type=float, default=90.0, help="seconds each piece gets to become ready")
+    up.set_defaults(func=run_up)
+
+    down = subparsers.add_parser("down", help="stop a running `sluice up`")
+    down.add_argument("--run-dir", type=Path, default=Path(".sluice"))
+    down.add_argument("--timeout", type=float, default=60.0)
+    down.set_defaults(func=run_down)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from mesh.stack import LocalStack, StackConfig, StackError
+
+    if args.services < 1:
+        print("sluice up: --services must be at least 1")
+        return 2
+    config = StackConfig(repo=args.repo, services=args.services, etcd=args.etcd, gateway_port=args.gateway_port,
+                         admin_port=args.admin_port, run_dir=args.run_dir, prefix=args.prefix,
+                         start_timeout=args.start_timeout)
+    stack = LocalStack(config, progress=lambda line: print(line, flush=True))
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.acquire()
+    except StackError as exc:
+        print(f"sluice up: {exc}")
+        return 1
+    code = 0
+    try:
+        print(f"sluice up: starting in {config.run_dir.resolve()} (logs in {config.run_dir / 'logs'})", flush=True)
+        started = time.monotonic()
+        stack.prepare_repo()
+        stack.start_etcd()
+        stack.start_services()
+        stack.start_gateway()
+        print(f"\nsluice is up in {time.monotonic() - started:.1f}s. Gateway: {stack.gateway_address}\n", flush=True)
+        print(_status(stack), flush=True)
+        print(_next_steps(stack), flush=True)
+        while True:
+            dead = stack.check()
+            if dead is not None:
+                print(f"sluice up: {dead.name} exited unexpectedly; last lines of {dead.log_path}:\n{dead.tail()}")
+                code = 1
+                break
+            time.sleep(0.5)
+    except StackError as exc:
+        print(f"sluice up: {exc}")
+        code = 1
+    except KeyboardInterrupt:
+        print("\nsluice up: stopping (gateway, services, etcd) ...", flush=True)
+        code = 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stop short
+        stack.stop()
+        stack.release()
+        signal.signal(signal.SIGTERM, previous)
+        print("sluice up: stopped", flush=True)
+    return code
+
+
+def _status(stack: Any) -> str:
+    from mesh.stack import sluice_command
+
+    result = subprocess.run([*sluice_command(), "status", "--etcd", stack.etcd_endpoint, "--prefix",
+                             stack.config.prefix], capture_output=True, text=True, timeout=30, check=False)
+    return result.stdout.strip() or result.stderr.strip()
+
+
+def _next_steps(stack: Any) -> str:
+    etcd = f"--etcd {stack.etcd_endpoint}"
+    gw = stack.gateway_address
+    return f"""
+Try:
+  .venv/bin/python examples/client.py --url {gw} --model iris           # call a model through Envoy
+  .venv/bin/sluice weights set iris 1=90 2=10 {etcd}                    # canary: 10 % to version 2
+  .venv/bin/sluice status iris {etcd}                                   # configured vs effective weights
+  .venv/bin/sluice weights promote iris 2 {etcd}                        # all traffic to version 2
+  cp -r {stack.repo}/iris/2 /tmp/v3 && mv /tmp/v3 {stack.repo}/iris/3   # a new version, hot-loaded
+Press Ctrl-C to stop everything."""
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from mesh.stack import read_state
+
+    state = read_state(args.run_dir)
+    pid = state.get("pid")
+    if not isinstance(pid, int):
+        print(f"sluice down: no running `sluice up` found in {args.run_dir}")
+        return 1
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print(f"sluice down: process {pid} is gone; nothing to stop")
+        return 1
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print("sluice down: stopped")
+            return 0
+        time.sleep(0.2)
+    print(f"sluice down: process {pid} still running after {args.timeout:.0f}s")
+    return 1

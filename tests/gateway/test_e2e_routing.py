@@ -1,0 +1,194 @@
+"""Traffic through the real gateway follows etcd: splits, pins, sticky keys, errors, bad documents.
+
+Real etcd, the real ``sluice gateway`` running the real Envoy, three real ``sluice serve``
+processes (iris v1 twice, iris v2 once). Tests run in file order and each sets the routing it needs.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+
+from mesh.etcd import EtcdClient
+from mesh.keys import KeySchema
+from mesh.records import StatusDocument
+from mesh.registry import set_weights
+from mesh.settings import EtcdSettings
+from tests.fixtures.envoy import GatewayHandle
+from tests.fixtures.etcd import EtcdServer
+from tests.gateway.conftest import Fleet, register
+from tests.gateway.traffic import assert_binomial, count_versions, eventually, grpc_error
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
+
+PROPAGATION_TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def schema(gateway_prefix: str) -> KeySchema:
+    return KeySchema(gateway_prefix)
+
+
+@pytest.fixture(scope="module")
+def registered(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
+    register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
+    register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
+    register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
+    return gateway
+
+
+@pytest.fixture
+async def client(shared_etcd: EtcdServer, gateway_prefix: str) -> AsyncIterator[EtcdClient]:
+    etcd_client = EtcdClient(EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=gateway_prefix))
+    await etcd_client.connect()
+    try:
+        yield etcd_client
+    finally:
+        await etcd_client.close()
+
+
+async def read_status(client: EtcdClient, schema: KeySchema, model: str = "iris") -> StatusDocument | None:
+    kv = await client.get(schema.status(model))
+    return None if kv is None else StatusDocument.from_json(kv.value)
+
+
+async def wait_status(client: EtcdClient, schema: KeySchema, predicate: Callable[[StatusDocument], bool],
+                      what: str, model: str = "iris") -> StatusDocument:
+    found: list[StatusDocument] = []
+
+    async def check() -> bool:
+        status = await read_status(client, schema, model)
+        if status is not None and predicate(status):
+            found.append(status)
+            return True
+        return False
+
+    await eventually(check, PROPAGATION_TIMEOUT_S, what)
+    return found[-1]
+
+
+def header(model: str = "iris") -> list[tuple[str, str]]:
+    return [("x-model-name", model)]
+
+
+async def test_without_routing_document_newest_version_takes_all(
+        registered: GatewayHandle, client: EtcdClient, schema: KeySchema) -> None:
+    status = await wait_status(client, schema, lambda s: s.effective_weights == {2: 100}, "newest version 2 live")
+    assert status.envoy_config_version == registered.routes_version()
+    counts = await count_versions(registered.address, 200, header())
+    assert counts == {"2": 200}
+
+
+async def test_weights_80_20_then_50_50(registered: GatewayHandle, client: EtcdClient, schema: KeySchema) -> None:
+    await set_weights(client, schema, "iris", {1: 80, 2: 20})
+    await wait_status(client, schema, lambda s: s.effective_weights == {1: 80, 2: 20}, "80/20 live")
+    total = 4000
+    counts = await count_versions(registered.address, total, header())
+    assert set(counts) == {"1", "2"}
+    assert_binomial(counts["1"], total, 0.8)
+
+    await set_weights(client, schema, "iris", {1: 50, 2: 50})
+    await wait_status(client, schema, lambda s: s.effective_weights == {1: 50, 2: 50}, "50/50 live")
+    counts = await count_versions(registered.address, 2000, header())
+    assert_binomial(counts["1"], 2000, 0.5)
+
+
+async def test_pin_header_selects_the_version(registered: GatewayHandle, client: EtcdClient,
+                                              schema: KeySchema) -> None:
+    await set_weights(client, schema, "iris", {1: 100})
+    await wait_status(client, schema, lambda s: s.effective_weights == {1: 100}, "100/0 live")
+    # Version 2 has no weight, yet a pin reaches it (a canary checked before it gets traffic).
+    assert await count_versions(registered.address, 100, [*header(), ("x-model-version", "2")]) == {"2": 100}
+    assert await count_versions(registered.address, 100, [*header(), ("x-model-version", "1")]) == {"1": 100}
+    error = await grpc_error(registered.address, [*header(), ("x-model-version", "7")])
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "x-model-version" in (error.details() or "") and "1, 2" in (error.details() or "")
+
+
+async def test_sticky_header_keeps_each_key_on_one_version(registered: GatewayHandle, client: EtcdClient,
+                                                           schema: KeySchema) -> None:
+    await set_weights(client, schema, "iris", {1: 50, 2: 50}, sticky_header="x-user")
+    await wait_status(client, schema, lambda s: s.effective_weights == {1: 50, 2: 50}, "sticky 50/50 live")
+    versions_by_user: dict[str, set[str]] = collections.defaultdict(set)
+    for user in range(40):
+        counts = await count_versions(registered.address, 10, [*header(), ("x-user", f"user-{user}")],
+                                      concurrency=2)
+        versions_by_user[f"user-{user}"] |= set(counts)
+    assert all(len(versions) == 1 for versions in versions_by_user.values()), versions_by_user
+    chosen = collections.Counter(next(iter(v)) for v in versions_by_user.values())
+    assert set(chosen) == {"1", "2"}, chosen  # 40 keys at 50/50: both versions get some
+    # Without the sticky header the split is plain random again.
+    counts = await count_versions(registered.address, 400, header())
+    assert set(counts) == {"1", "2"}
+    await set_weights(client, schema, "iris", {1: 50, 2: 50}, sticky_header="")
+
+
+async def test_weighted_version_without_instances_gets_no_traffic(
+        registered: GatewayHandle, client: EtcdClient, schema: KeySchema) -> None:
+    await set_weights(client, schema, "iris", {1: 30, 3: 70})
+    status = await wait_status(client, schema, lambda s: s.effective_weights == {1: 30}, "version 3 dropped")
+    assert any("version 3 has weight 70 but no serving instances" in w for w in status.warnings), status.warnings
+    assert await count_versions(registered.address, 200, header()) == {"1": 200}
+
+
+async def test_invalid_routing_document_keeps_last_good(
+        registered: GatewayHandle, shared_etcd: EtcdServer, client: EtcdClient, schema: KeySchema) -> None:
+    await set_weights(client, schema, "iris", {2: 100})
+    await wait_status(client, schema, lambda s: s.effective_weights == {2: 100} and not s.errors, "2 live")
+    shared_etcd.etcdctl("put", schema.routing("iris"), json.dumps({"weights": {"1": "lots", "2": 0}}))
+    status = await wait_status(client, schema, lambda s: bool(s.errors), "status error for the invalid document")
+    assert any("invalid routing document" in e and "weights" in e for e in status.errors), status.errors
+    assert any("last good routing stays in force" in e for e in status.errors), status.errors
+    assert status.effective_weights == {2: 100}
+    assert await count_versions(registered.address, 200, header()) == {"2": 200}
+    # Fixing the document clears the error.
+    await set_weights(client, schema, "iris", {1: 100})
+    await wait_status(client, schema, lambda s: s.effective_weights == {1: 100} and not s.errors, "fixed")
+    assert await count_versions(registered.address, 100, header()) == {"1": 100}
+
+
+async def test_model_header_required_once_two_models_exist(
+        registered: GatewayHandle, shared_etcd: EtcdServer, fleet: Fleet, client: EtcdClient,
+        schema: KeySchema) -> None:
+    # One model: requests without the header are for it.
+    assert await count_versions(registered.address, 50) == {"1": 50}
+    error = await grpc_error(registered.address, header("nope"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "x-model-name" in (error.details() or "")
+
+    key = register(shared_etcd, schema, fleet.v1[0], 1, "other-a", model="other")
+    try:
+        await wait_status(client, schema, lambda s: bool(s.envoy_config_version), "model other live", "other")
+        error = await grpc_error(registered.address, [])
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "set header x-model-name" in (error.details() or "")
+        assert "iris" in (error.details() or "") and "other" in (error.details() or "")
+        assert await count_versions(registered.address, 50, header()) == {"1": 50}
+    finally:
+        shared_etcd.etcdctl("del", key)
+    await eventually(lambda: _no_status(client, schema, "other"), PROPAGATION_TIMEOUT_S, "model other gone")
+    assert await count_versions(registered.address, 50) == {"1": 50}
+
+
+async def _no_status(client: EtcdClient, schema: KeySchema, model: str) -> bool:
+    return await read_status(client, schema, model) is None
+
+
+async def test_access_log_and_metrics(registered: GatewayHandle, client: EtcdClient, schema: KeySchema) -> None:
+    await wait_status(client, schema, lambda s: bool(s.effective_weights), "iris live")
+    await count_versions(registered.address, 5, [*header(), ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01")])
+    log_path = registered.xds_dir.parent / "access.log"
+
+    async def logged() -> bool:
+        return log_path.exists() and "a" * 32 in log_path.read_text()
+
+    await eventually(logged, 10.0, "access log line with the trace id")
+    line = next(json.loads(x) for x in log_path.read_text().splitlines() if "a" * 32 in x)
+    assert line["model"] == "iris" and line["request_id"] and line["grpc_status"] == 0
+    assert line["cluster"].startswith("iris.v")
+    metrics = registered.metrics_text()
+    assert 'sluice_gateway_publishes_total{result="ok"}' in metrics
+    assert "sluice_gateway_publish_seconds_bucket" in metrics
