@@ -18,11 +18,15 @@ import json
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, cast
 
+import prometheus_client
 import structlog
+from kubernetes import client, config
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -122,13 +126,11 @@ class KubernetesVirtualServices:
 
     def __init__(self, namespace: str, api_version: str = "v1", kubeconfig: Path | None = None,
                  api_client: Any = None) -> None:
-        from kubernetes import client, config  # type: ignore[import-untyped]
-
         if api_client is None:
             if kubeconfig is not None:
-                api_client = config.new_client_from_config(config_file=str(kubeconfig))
+                api_client = config.new_client_from_config(config_file=str(kubeconfig))  # type: ignore[no-untyped-call]
             else:
-                config.load_incluster_config()
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
                 api_client = client.ApiClient()
         self._api = client.CustomObjectsApi(api_client)
         self._exception = client.exceptions.ApiException
@@ -137,21 +139,21 @@ class KubernetesVirtualServices:
 
     def get(self, name: str) -> dict[str, Any]:
         try:
-            result: dict[str, Any] = self._api.get_namespaced_custom_object(
-                self.GROUP, self.api_version, self.namespace, self.PLURAL, name)
+            result = self._api.get_namespaced_custom_object(self.GROUP, self.api_version, self.namespace,
+                                                            self.PLURAL, name)
         except self._exception as exc:
             raise self._translate(exc, name) from exc
-        return result
+        return cast(dict[str, Any], result)
 
     def patch(self, name: str, operations: list[dict[str, Any]]) -> dict[str, Any]:
         try:
             # A list body is only sent as a JSON patch when the content type says so (else 422).
-            result: dict[str, Any] = self._api.patch_namespaced_custom_object(
+            result = self._api.patch_namespaced_custom_object(
                 self.GROUP, self.api_version, self.namespace, self.PLURAL, name, operations,
                 _content_type="application/json-patch+json")
         except self._exception as exc:
             raise self._translate(exc, name) from exc
-        return result
+        return cast(dict[str, Any], result)
 
     def _translate(self, exc: Any, name: str) -> MeshError:
         where = f"VirtualService {self.namespace}/{name}"
@@ -169,12 +171,21 @@ def _reason(body: str) -> str:
     return body
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    name: str
+    revision: int
+    effective: Mapping[int, int]
+    resource_version: str
+    patched: bool
+    warnings: list[str]
+    errors: list[str]
+
+
 class SyncMetrics:
     """Prometheus counters of one mesh-sync process (own registry: tests run several)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter
-
         self.registry = CollectorRegistry()
         self.syncs = Counter("sluice_mesh_sync_total", "VirtualService syncs by outcome "
                              "(patch, hold, in-sync, conflict, error)", ["outcome"], registry=self.registry)
@@ -297,23 +308,24 @@ class MeshSync:
                        routing_revision=model_state.routing_revision, resource_version=resource_version,
                        errors=plan.errors)
             break
-        return await self._report(model, name, revision, effective, resource_version, patched, warnings, errors)
+        return await self._report(model, _Outcome(name, revision, effective, resource_version, patched, warnings,
+                                                  errors))
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.syncs.labels(outcome).inc()
 
-    async def _report(self, model: str, name: str, revision: int, effective: Mapping[int, int],
-                      resource_version: str, patched: bool, warnings: list[str], errors: list[str]) -> StatusDocument:
+    async def _report(self, model: str, outcome: _Outcome) -> StatusDocument:
         previous = self._last_status.get(model)
-        published = datetime.now(timezone.utc) if patched or previous is None else previous.published_at
+        published = datetime.now(timezone.utc) if outcome.patched or previous is None else previous.published_at
         status = StatusDocument(
-            effective_weights=dict(effective),
-            applied_revision=revision,
-            envoy_config_version=f"VirtualService {self.virtual_services_namespace}/{name}@{resource_version}",
+            effective_weights=dict(outcome.effective),
+            applied_revision=outcome.revision,
+            envoy_config_version=f"VirtualService {self.virtual_services_namespace}/{outcome.name}"
+                                 f"@{outcome.resource_version}",
             published_at=published,
-            warnings=warnings,
-            errors=errors,
+            warnings=outcome.warnings,
+            errors=outcome.errors,
         )
         unchanged = previous is not None and _comparable(previous) == _comparable(status)
         if not unchanged:
@@ -341,8 +353,6 @@ async def run_mesh_sync(settings: MeshSyncSettings, etcd_settings: EtcdSettings,
     virtual_services = KubernetesVirtualServices(namespace, settings.api_version, settings.kubeconfig)
     metrics = SyncMetrics()
     if settings.metrics_port >= 0:
-        import prometheus_client
-
         prometheus_client.start_http_server(settings.metrics_port, settings.metrics_host, registry=metrics.registry)
     started = time.monotonic()
     async with EtcdClient(etcd_settings) as etcd:

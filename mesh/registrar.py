@@ -17,7 +17,7 @@ import structlog
 
 from mesh.errors import EtcdError, LeaseLostError
 from mesh.etcd.backoff import Backoff
-from mesh.etcd.client import EtcdClient
+from mesh.etcd.client import EtcdClient, with_timeout
 from mesh.etcd.lease import LeaseKeepAlive
 from mesh.keys import KeySchema, validate_model_name, validate_version
 from mesh.records import InstanceRecord
@@ -69,7 +69,7 @@ class Registrar:
         self._generation = 0
         self._synced_generation = -1
         self._wake = asyncio.Event()
-        self._synced = asyncio.Condition()
+        self._sync_done = asyncio.Event()  # set (and replaced) after every completed sync
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._verify_pending = False
@@ -122,11 +122,14 @@ class Registrar:
     async def wait_synced(self, timeout: float) -> bool:
         """Wait until etcd holds exactly the desired records; False after ``timeout`` seconds."""
         target = self._generation
-        async with self._synced:
-            try:
-                await asyncio.wait_for(self._synced.wait_for(lambda: self._synced_generation >= target), timeout)
-            except asyncio.TimeoutError:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._synced_generation < target:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await with_timeout(self._sync_done.wait(), remaining)
         return True
 
     async def close(self, deregister: bool = True) -> None:
@@ -134,13 +137,17 @@ class Registrar:
         them to expire after the TTL, like a crashed process would."""
         self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Cancel until it lands: a cancellation can be swallowed by a call finishing at the
+            # same moment (asyncio.wait_for in aetcd and grpc on Python 3.11).
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
+            with contextlib.suppress(asyncio.CancelledError, EtcdError):
+                self._task.result()
             self._task = None
         if deregister and self._lease_id is not None:
             try:
-                await asyncio.wait_for(self._client.revoke_lease(self._lease_id), self.settings.request_timeout)
+                await with_timeout(self._client.revoke_lease(self._lease_id), self.settings.request_timeout)
                 log.info("etcd_lease_revoked", lease_id=f"{self._lease_id:x}")
             except (EtcdError, asyncio.TimeoutError) as exc:
                 log.warning("etcd_lease_revoke_failed", lease_id=f"{self._lease_id:x}", error=str(exc))
@@ -207,7 +214,7 @@ class Registrar:
             if old_lease is not None and old_lease != lease_id:
                 with contextlib.suppress(EtcdError, asyncio.TimeoutError):
                     await self._client.revoke_lease(old_lease)
-            while True:
+            while not self._closing:
                 woken = asyncio.create_task(self._wake.wait())
                 done, _ = await asyncio.wait({keepalive, woken}, timeout=self._verify_interval,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -239,6 +246,6 @@ class Registrar:
             if rewrite or self._written.get(key) != value:
                 await self._client.put(key, value, lease=lease_id)
                 self._written[key] = value
-        async with self._synced:
-            self._synced_generation = generation
-            self._synced.notify_all()
+        self._synced_generation = generation
+        self._sync_done.set()
+        self._sync_done = asyncio.Event()

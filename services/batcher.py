@@ -180,14 +180,14 @@ class Batcher:
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         started = time.monotonic()
         outputs = batch[0].outputs
-        if len(batch) == 1:
-            feeds = batch[0].feeds
-        else:
-            feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
         total = sum(p.rows for p in batch)
         try:
+            if len(batch) == 1:
+                feeds = batch[0].feeds
+            else:
+                feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
             results = await loop.run_in_executor(self._executor, self.model.run, feeds, outputs)
-        except Exception as exc:  # InferenceError, or anything ORT raised past it
+        except Exception as exc:  # InferenceError, or anything ORT raised past it: fail this batch only
             error = exc if isinstance(exc, InferenceError) else InferenceError(str(exc))
             for item in batch:
                 if not item.future.done():
@@ -204,7 +204,7 @@ class Batcher:
         bad = [i for i, r in enumerate(results) if r.ndim == 0 or r.shape[0] != total]
         if bad:
             error = InferenceError(
-                f"model '{self.model.name}' output '{outputs[bad[0]] if outputs else bad[0]}' does not keep "
+                f"model '{self.model.name}' output '{(outputs or self.model.output_names)[bad[0]]}' does not keep "
                 f"the batch dimension ({total} rows in, shape {results[bad[0]].shape} out); "
                 "set max_batch_size: 0 for this model"
             )

@@ -62,7 +62,7 @@ def main() -> None:
         http_port=args.http_port,
         metrics_port=args.metrics_port,
         allow_gpu_metrics=False,
-        exit_timeout_secs=2,
+        exit_timeout_secs=10,
     )
     with Triton(config=config, workspace=args.workspace) as triton:
         for name in args.models.split(","):

@@ -32,6 +32,24 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
 }
 
 
+async def with_timeout(aw: Awaitable[T], timeout: float) -> T:
+    """Like ``asyncio.wait_for``, minus its Python 3.11 flaw: when the inner call finishes just as
+    the caller is cancelled, ``wait_for`` returns the result and the cancellation is lost (a
+    ``task.cancel()`` that never lands). Here cancellation always propagates."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise asyncio.TimeoutError
+    return task.result()
+
+
 def _key(key: str | bytes) -> bytes:
     return key.encode() if isinstance(key, str) else key
 
@@ -123,7 +141,7 @@ class EtcdClient:
         if self._client is None:
             client = self._new_client()
             try:
-                await asyncio.wait_for(client.connect(), self.settings.connect_timeout)
+                await with_timeout(client.connect(), self.settings.connect_timeout)
             except BaseException as exc:
                 with contextlib.suppress(Exception):
                     await client.close()
@@ -147,7 +165,7 @@ class EtcdClient:
     async def _call(self, op: Callable[[Any], Awaitable[T]]) -> T:
         try:
             client = await self._session()
-            return await asyncio.wait_for(op(client), self.settings.request_timeout + 1)
+            return await with_timeout(op(client), self.settings.request_timeout + 1)
         except Exception as exc:
             error = self._translate(exc)
             if isinstance(error, EtcdUnavailableError) and len(self.settings.endpoints) > 1:
@@ -162,7 +180,7 @@ class EtcdClient:
         problems = []
         for _ in self.settings.endpoints:
             try:
-                await asyncio.wait_for(self.status(), self.settings.connect_timeout)
+                await with_timeout(self.status(), self.settings.connect_timeout)
                 return
             except EtcdUnavailableError as exc:
                 problems.append(str(exc))  # _call has moved on to the next endpoint already
@@ -267,7 +285,7 @@ class EtcdClient:
         raw = _key(prefix)
         client = await self._session()
         try:
-            watch = await asyncio.wait_for(
+            watch = await with_timeout(
                 client.watch(raw, range_end=prefix_range_end(raw), start_revision=start_revision),
                 self.settings.request_timeout + 1,
             )
@@ -283,4 +301,4 @@ class EtcdClient:
             raise error from exc
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(watch.cancel(), 1.0)
+                await with_timeout(watch.cancel(), 1.0)

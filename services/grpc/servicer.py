@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import structlog
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -18,6 +20,7 @@ from services.manager import ModelManager
 from services.model import PLATFORM
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = structlog.get_logger(__name__)
 
 
 def _deadline(context: Context) -> float | None:
@@ -75,9 +78,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self.plane.infer(converters.request_from(message, _deadline(context)))
                 await results.put(pb.ModelStreamInferResponse(infer_response=converters.response_to(response)))
-            except SluiceError as exc:
+            except Exception as exc:  # every request on the stream gets an answer, whatever happened
+                if isinstance(exc, SluiceError):
+                    text = str(exc)
+                else:
+                    reference = uuid.uuid4().hex[:12]
+                    log.exception("unhandled error in a streamed request", reference=reference)
+                    text = f"internal server error (reference {reference}); the server log has the details"
                 await results.put(pb.ModelStreamInferResponse(
-                    error_message=str(exc),
+                    error_message=text,
                     infer_response=pb.ModelInferResponse(model_name=message.model_name,
                                                          model_version=message.model_version, id=message.id)))
 

@@ -23,8 +23,8 @@ START_TIMEOUT_S = 60.0
 _counter = itertools.count()
 
 # Holds requests open long enough that concurrent ones reliably land in one batch.
-BATCH_WINDOW_US = 300_000
-MLP_WINDOW_US = 20_000
+BATCH_WINDOW_US = 1_000_000
+MLP_WINDOW_US = 100_000
 
 
 def build_zoo(repo: Path) -> Path:

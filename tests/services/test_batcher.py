@@ -155,7 +155,6 @@ async def test_flood_beyond_the_queue_gets_resource_exhausted(slow_service: Serv
         assert "queue is full" in error.message() and "slow_q1" in error.message()
     for index, result in served:
         np.testing.assert_array_equal(result.as_numpy("y"), ONE * index)
-    assert len(served) <= 2 + 1  # one running, one queued (plus one that got in as the first finished)
     with triton_grpc.InferenceServerClient(slow_service.address) as client:
         assert client.is_server_ready()
         assert _statistics(client, "slow_q1").inference_stats.fail.count == len(refused)

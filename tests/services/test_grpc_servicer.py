@@ -26,6 +26,7 @@ from tests.services.clients import (
     raw_request,
     stub_for,
 )
+from tests.services.conftest import BATCH_WINDOW_US
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 A = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -236,7 +237,7 @@ def test_model_config_leaves_out_the_batch_dim(client: triton_grpc.InferenceServ
     assert labelled.parameters["team"].string_value == "tests"
     windowed = client.get_model_config("windowed").config
     assert windowed.max_batch_size == 8
-    assert windowed.dynamic_batching.max_queue_delay_microseconds == 300_000
+    assert windowed.dynamic_batching.max_queue_delay_microseconds == BATCH_WINDOW_US
     assert client.get_model_config("identity_bytes").config.input[0].data_type == \
         triton_grpc.model_config_pb2.TYPE_STRING
 

@@ -1,0 +1,167 @@
+"""Failures never break the gateway: Envoy rejecting a snapshot, Envoy crashing, an instance dying.
+
+Envoy's rejection is real: a wrapper around the real binary adds an unknown field to the config it
+is asked to validate while a marker file exists, and the real ``envoy --mode validate`` refuses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.envoy import find_envoy
+from mesh.etcd import EtcdClient
+from mesh.keys import KeySchema
+from mesh.registry import set_weights
+from mesh.settings import EtcdSettings
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.etcd import EtcdServer
+from tests.gateway.conftest import Fleet, register
+from tests.gateway.test_e2e_routing import read_status, wait_status
+from tests.gateway.traffic import count_versions, eventually, infer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
+
+WRAPPER = """\
+#!{python}
+import os, sys, tempfile
+import yaml
+REAL, MARKER = {real!r}, {marker!r}
+args = sys.argv[1:]
+if "--mode" in args and os.path.exists(MARKER):
+    path = args[args.index("-c") + 1]
+    with open(path) as handle:
+        config = yaml.safe_load(handle)
+    config["static_resources"]["listeners"][0]["no_such_field"] = 1
+    fd, broken = tempfile.mkstemp(suffix=".yaml")
+    with os.fdopen(fd, "w") as handle:
+        yaml.safe_dump(config, handle)
+    args[args.index("-c") + 1] = broken
+os.execv(REAL, [REAL, *args])
+"""
+
+
+@pytest.fixture(scope="module")
+def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("marker") / "reject"
+
+
+@pytest.fixture(scope="module")
+def gateway(shared_etcd: EtcdServer, gateway_prefix: str, marker: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    """This module's gateway runs Envoy through the rejecting wrapper."""
+    workdir = tmp_path_factory.mktemp("gateway-failures")
+    wrapper = workdir / "envoy-wrapper"
+    wrapper.write_text(WRAPPER.format(python=sys.executable, real=find_envoy(), marker=str(marker)))
+    wrapper.chmod(0o755)
+    handle = start_gateway(shared_etcd, gateway_prefix, workdir, envoy_binary=str(wrapper))
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def schema(gateway_prefix: str) -> KeySchema:
+    return KeySchema(gateway_prefix)
+
+
+@pytest.fixture
+async def client(shared_etcd: EtcdServer, gateway_prefix: str) -> AsyncIterator[EtcdClient]:
+    etcd_client = EtcdClient(EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=gateway_prefix))
+    await etcd_client.connect()
+    try:
+        yield etcd_client
+    finally:
+        await etcd_client.close()
+
+
+HEADER = [("x-model-name", "iris")]
+
+
+async def test_envoy_validation_failure_keeps_the_last_good_snapshot(
+        gateway: GatewayHandle, shared_etcd: EtcdServer, fleet: Fleet, marker: Path, client: EtcdClient,
+        schema: KeySchema) -> None:
+    register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
+    await set_weights(client, schema, "iris", {1: 100})
+    good = await wait_status(client, schema, lambda s: s.effective_weights == {1: 100}, "v1 live")
+
+    marker.touch()
+    try:
+        # A new version changes the snapshot's shape, so Envoy validates it, and rejects it.
+        register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
+        await set_weights(client, schema, "iris", {1: 50, 2: 50})
+        status = await wait_status(client, schema, lambda s: any("Envoy rejected" in e for e in s.errors),
+                                   "status error naming Envoy's rejection")
+        assert any("no_such_field" in e for e in status.errors), status.errors
+        assert status.effective_weights == {1: 100}
+        assert status.envoy_config_version == good.envoy_config_version == gateway.routes_version()
+        assert await count_versions(gateway.address, 100, HEADER) == {"1": 100}
+    finally:
+        marker.unlink()
+    # The next change is validated again (a new shape) and goes through.
+    register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
+    await wait_status(client, schema, lambda s: s.effective_weights == {1: 50, 2: 50} and not s.errors, "recovered")
+    assert set(await count_versions(gateway.address, 200, HEADER)) == {"1", "2"}
+
+
+async def test_envoy_crash_is_restarted_by_the_gateway(gateway: GatewayHandle, client: EtcdClient,
+                                                       schema: KeySchema) -> None:
+    children = subprocess.run(["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True, check=False)
+    envoy_pids = [int(p) for p in children.stdout.split()]
+    assert envoy_pids, "the gateway runs Envoy as its child"
+    for pid in envoy_pids:
+        os.kill(pid, signal.SIGKILL)
+
+    async def serving() -> bool:
+        try:
+            return bool(await count_versions(gateway.address, 5, HEADER, concurrency=1))
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(serving, 20.0, "traffic through a restarted Envoy")
+    assert gateway.process.alive()
+    assert "sluice_gateway_envoy_restarts_total 1.0" in gateway.metrics_text()
+    status = await read_status(client, schema)
+    assert status is not None and status.envoy_config_version == gateway.routes_version()
+
+
+async def test_killed_instance_costs_no_request(gateway: GatewayHandle, fleet: Fleet, client: EtcdClient,
+                                                schema: KeySchema) -> None:
+    """Two v1 instances under load; one is SIGKILLed: Envoy retries on the other, nothing fails."""
+    await set_weights(client, schema, "iris", {1: 100})
+    await wait_status(client, schema, lambda s: s.effective_weights == {1: 100}, "v1 only")
+    failures: list[str] = []
+    done = 0
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        nonlocal done
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    await infer(stub, HEADER)
+                    done += 1
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+    workers = [asyncio.create_task(load()) for _ in range(8)]
+    try:
+        await asyncio.sleep(1.0)
+        fleet.v1[1].process.signal(signal.SIGKILL)
+        await asyncio.sleep(4.0)  # health checks and outlier detection take the dead host out meanwhile
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert done > 100
+    assert failures == [], failures[:5]
