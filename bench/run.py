@@ -335,7 +335,7 @@ def render_table(points: list[Point], targets: list[str], labels: dict[str, str]
     concurrencies = sorted({p.concurrency for p in points})
     lines = [
         "| model | conc | target | req/s | p50 ms | p99 ms | vs floor | vs PyTriton | vs MLServer "
-        "| busy elsewhere srv/cli | notes |",
+        "| others' CPU srv/cli | notes |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for model in models:

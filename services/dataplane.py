@@ -5,6 +5,7 @@ gRPC servicers only convert protobuf to these calls and back.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from services.registry import ModelRegistry, ServedVersion, VersionStatus
 from services.types import InferOutput, InferRequest, InferResponse
 
 log = structlog.get_logger(__name__)
+_stdlib_log = logging.getLogger(__name__)
 
 SERVER_NAME = "sluice"
 EXTENSIONS = ("model_repository", "statistics", "binary_tensor_data")
@@ -114,7 +116,8 @@ class DataPlane:
             InferOutput(name, specs[name], tuple(int(d) for d in array.shape), array)
             for name, array in zip(names, result.outputs, strict=True)
         ]
-        log.debug("inference done", rows=rows, batch_rows=result.batch_rows, ms=round(total * 1000, 3))
+        if _stdlib_log.isEnabledFor(logging.DEBUG):  # the cheap check keeps the hot path free of it
+            log.debug("inference done", rows=rows, batch_rows=result.batch_rows, ms=round(total * 1000, 3))
         return InferResponse(model.name, model.version, request.id, outputs)
 
     def _spans(self, submitted_ns: int, result: BatchResult, model: str, version: int, rows: int) -> None:

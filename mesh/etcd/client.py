@@ -29,6 +29,9 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.max_reconnect_backoff_ms": 2000,
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
+    # Subchannels are shared process-wide by default: a new client would inherit another's
+    # reconnect backoff and fail with "connection refused" although etcd is back up.
+    "grpc.use_local_subchannel_pool": 1,
 }
 
 

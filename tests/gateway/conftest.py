@@ -89,15 +89,15 @@ def gateway(shared_etcd: EtcdServer, gateway_prefix: str,
         handle.stop()
 
 
-def record(schema: KeySchema, service: ServiceHandle, version: int, instance_id: str,
+def record(schema: KeySchema, service: ServiceHandle, version: int, instance_id: str, *,
            state: InstanceState = InstanceState.SERVING, model: str = "iris") -> tuple[str, str]:
     """(key, value) of an instance record for ``service``, as its registrar would write it."""
     doc = InstanceRecord(address=service.address, model=model, version=version, instance_id=instance_id, state=state)
     return schema.instance(model, version, instance_id), doc.to_json().decode()
 
 
-def register(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, version: int, instance_id: str,
+def register(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, version: int, instance_id: str, *,
              state: InstanceState = InstanceState.SERVING, model: str = "iris") -> str:
-    key, value = record(schema, service, version, instance_id, state, model)
+    key, value = record(schema, service, version, instance_id, state=state, model=model)
     etcd.etcdctl("put", key, value)
     return key

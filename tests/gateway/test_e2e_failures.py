@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -89,13 +88,13 @@ HEADER = [("x-model-name", "iris")]
 
 
 async def test_envoy_validation_failure_keeps_the_last_good_snapshot(
-        gateway: GatewayHandle, shared_etcd: EtcdServer, fleet: Fleet, marker: Path, client: EtcdClient,
+        gateway: GatewayHandle, shared_etcd: EtcdServer, fleet: Fleet, *, marker: Path, client: EtcdClient,
         schema: KeySchema) -> None:
     register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
     await set_weights(client, schema, "iris", {1: 100})
     good = await wait_status(client, schema, lambda s: s.effective_weights == {1: 100}, "v1 live")
 
-    marker.touch()
+    await asyncio.to_thread(marker.touch)
     try:
         # A new version changes the snapshot's shape, so Envoy validates it, and rejects it.
         register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
@@ -107,7 +106,7 @@ async def test_envoy_validation_failure_keeps_the_last_good_snapshot(
         assert status.envoy_config_version == good.envoy_config_version == gateway.routes_version()
         assert await count_versions(gateway.address, 100, HEADER) == {"1": 100}
     finally:
-        marker.unlink()
+        await asyncio.to_thread(marker.unlink)
     # The next change is validated again (a new shape) and goes through.
     register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
     await wait_status(client, schema, lambda s: s.effective_weights == {1: 50, 2: 50} and not s.errors, "recovered")
@@ -116,8 +115,10 @@ async def test_envoy_validation_failure_keeps_the_last_good_snapshot(
 
 async def test_envoy_crash_is_restarted_by_the_gateway(gateway: GatewayHandle, client: EtcdClient,
                                                        schema: KeySchema) -> None:
-    children = subprocess.run(["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True, check=False)
-    envoy_pids = [int(p) for p in children.stdout.split()]
+    pgrep = await asyncio.create_subprocess_exec("pgrep", "-P", str(gateway.process.pid),
+                                                 stdout=asyncio.subprocess.PIPE)
+    output, _ = await pgrep.communicate()
+    envoy_pids = [int(p) for p in output.split()]
     assert envoy_pids, "the gateway runs Envoy as its child"
     for pid in envoy_pids:
         os.kill(pid, signal.SIGKILL)

@@ -29,7 +29,7 @@ def kv(key: str, value: bytes, revision: int = 1) -> KeyValue:
     return KeyValue(key.encode(), value, revision, revision, 1, 0)
 
 
-def instance(model: str, version: int, instance_id: str, port: int, address: str = "127.0.0.1",
+def instance(model: str, version: int, instance_id: str, port: int, *, address: str = "127.0.0.1",
              state: InstanceState = InstanceState.SERVING) -> KeyValue:
     record = InstanceRecord(address=f"{address}:{port}", model=model, version=version, instance_id=instance_id,
                             state=state)
@@ -174,7 +174,8 @@ def test_transition_adds_clusters_before_routes_and_removes_them_after() -> None
     assert len(steps) == 2 and set(steps[0].clusters) == {"iris.v1", "iris.v2"}
     assert steps[0].route_clusters() == {"iris.v1"} and steps[-1] == new
     back = transition(new, render_snapshot(state(IRIS[2]), {}, OPTIONS))
-    assert len(back) == 2 and set(back[0].clusters) == {"iris.v1", "iris.v2"} and back[0].route_clusters() == {"iris.v2"}
+    assert len(back) == 2 and set(back[0].clusters) == {"iris.v1", "iris.v2"}
+    assert back[0].route_clusters() == {"iris.v2"}
     assert all(consistency_problems(step) == [] for step in [*steps, *back])
 
 
@@ -216,6 +217,6 @@ async def test_real_envoy_accepts_rendered_snapshots_and_rejects_a_broken_one() 
     broken = Snapshot(good.version, good.revision, good.listener,
                       {**good.clusters, "iris.v1": {**good.clusters["iris.v1"], "lb_policy": "NOT_A_POLICY"}},
                       good.endpoints, good.routes)
-    with pytest.raises(EnvoyValidationError, match="NOT_A_POLICY|lb_policy"):
+    with pytest.raises(EnvoyValidationError, match=r"NOT_A_POLICY|lb_policy"):
         await validate_snapshot(binary, broken)
     assert "static_resources" in validation_config(good)
