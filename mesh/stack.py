@@ -109,6 +109,7 @@ class LocalStack:
     etcd_endpoint: str = ""
     gateway_address: str = ""
     service_addresses: list[str] = field(default_factory=list)
+    metrics_urls: list[str] = field(default_factory=list)
     repo: Path = Path()
     _lock: int | None = None
 
@@ -220,6 +221,7 @@ class LocalStack:
                 "--instance-id", f"up-service-{index + 1}", "--log-format", "json",
             ])
             children.append((child, f"127.0.0.1:{port}"))
+            self.metrics_urls.append(f"http://127.0.0.1:{metrics}/metrics")
         for child, address in children:
             self._wait(child, functools.partial(_server_ready, address), "ServerReady")
             self.service_addresses.append(address)
@@ -228,10 +230,11 @@ class LocalStack:
     def start_gateway(self) -> None:
         port = self.config.gateway_port or free_port()
         admin = self.config.admin_port or free_port()
+        gateway_metrics = free_port()
         child = self._child("gateway", [
             *sluice_command(), "gateway", "--etcd", self.etcd_endpoint, "--prefix", self.config.prefix,
             "--listen-host", "127.0.0.1", "--listen-port", str(port), "--admin-port", str(admin),
-            "--xds-dir", str((self.config.run_dir / "xds").resolve()), "--metrics-port", str(free_port()),
+            "--xds-dir", str((self.config.run_dir / "xds").resolve()), "--metrics-port", str(gateway_metrics),
             "--access-log", str((self.config.run_dir / "logs" / "envoy-access.log").resolve()),
             "--log-format", "json",
         ])
@@ -240,8 +243,12 @@ class LocalStack:
         probe = models[0] if models else ""
         self._wait(child, lambda: _model_ready(self.gateway_address, probe), f"model {probe!r} through Envoy")
         self.progress(f"  gateway     {self.gateway_address} (Envoy admin 127.0.0.1:{admin})")
-        write_state(self.config.run_dir, {"pid": os.getpid(), "gateway": self.gateway_address,
-                                          "etcd": self.etcd_endpoint, "services": self.service_addresses})
+        self.metrics_urls.append(f"http://127.0.0.1:{gateway_metrics}/metrics")
+        write_state(self.config.run_dir, {
+            "pid": os.getpid(), "gateway": self.gateway_address, "etcd": self.etcd_endpoint,
+            "prefix": self.config.prefix, "services": self.service_addresses, "repo": str(self.repo),
+            "envoy_admin": f"http://127.0.0.1:{admin}", "metrics": self.metrics_urls,
+        })
 
     def check(self) -> Child | None:
         """The first child that died, if any."""

@@ -26,6 +26,13 @@ def register(subparsers: Any) -> None:
     up.add_argument("--start-timeout", type=float, default=90.0, help="seconds each piece gets to become ready")
     up.set_defaults(func=run_up)
 
+    env = subparsers.add_parser(
+        "env", help="print shell exports for a running `sluice up` (eval \"$(sluice env)\")",
+        description="Prints SLUICE_GATEWAY, SLUICE_ETCD_ENDPOINTS and SLUICE_ETCD_PREFIX of the stack "
+                    "that `sluice up` runs from --run-dir, so later commands find it without flags.")
+    env.add_argument("--run-dir", type=Path, default=Path(".sluice"))
+    env.set_defaults(func=run_env)
+
     down = subparsers.add_parser("down", help="stop a running `sluice up`")
     down.add_argument("--run-dir", type=Path, default=Path(".sluice"))
     down.add_argument("--timeout", type=float, default=60.0)
@@ -97,16 +104,40 @@ def _status(stack: Any) -> str:
 
 
 def _next_steps(stack: Any) -> str:
-    etcd = f"--etcd {stack.etcd_endpoint}"
-    gw = stack.gateway_address
-    return f"""
-Try:
-  .venv/bin/python examples/client.py --url {gw} --model iris           # call a model through Envoy
-  .venv/bin/sluice weights set iris 1=90 2=10 {etcd}                    # canary: 10 % to version 2
-  .venv/bin/sluice status iris {etcd}                                   # configured vs effective weights
-  .venv/bin/sluice weights promote iris 2 {etcd}                        # all traffic to version 2
-  cp -r {stack.repo}/iris/2 /tmp/v3 && mv /tmp/v3 {stack.repo}/iris/3   # a new version, hot-loaded
+    metrics = "\n".join(f"  {url}" for url in stack.metrics_urls)
+    return f"""Metrics (Prometheus):
+{metrics}
+
+Next, in another terminal (README.md has the whole tour):
+  eval "$(.venv/bin/sluice env)"                        # this stack's addresses for the commands below
+  .venv/bin/python examples/client.py --url $SLUICE_GATEWAY --model iris
+  .venv/bin/sluice weights set iris 1=90 2=10           # canary: 10 % of iris traffic to version 2
+  .venv/bin/sluice status iris                          # configured vs effective weights
 Press Ctrl-C to stop everything."""
+
+
+def run_env(args: argparse.Namespace) -> int:
+    import shlex
+
+    from mesh.stack import read_state
+
+    state = read_state(args.run_dir)
+    if not state.get("gateway"):
+        print(f"echo 'sluice env: no running sluice up in {args.run_dir}' >&2; false")
+        return 1
+    exports = {
+        "SLUICE_GATEWAY": state["gateway"],
+        "SLUICE_ETCD_ENDPOINTS": state["etcd"],
+        "SLUICE_ETCD_PREFIX": state.get("prefix", "/sluice/"),
+        "SLUICE_REPO": state.get("repo", ""),
+        "SLUICE_ENVOY_ADMIN": state.get("envoy_admin", ""),
+    }
+    for name, value in exports.items():
+        print(f"export {name}={shlex.quote(str(value))}")
+    metrics = state.get("metrics") or []
+    if isinstance(metrics, list):
+        print(f"export SLUICE_METRICS={shlex.quote(' '.join(str(m) for m in metrics))}")
+    return 0
 
 
 def run_down(args: argparse.Namespace) -> int:
