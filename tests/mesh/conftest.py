@@ -48,20 +48,3 @@ async def client(settings: EtcdSettings) -> AsyncIterator[EtcdClient]:
         yield etcd_client
     finally:
         await etcd_client.close()
-
-
-@pytest.fixture(autouse=True)
-async def _dump_tasks():  # type: ignore[no-untyped-def]  # TEMP DEBUG
-    import asyncio
-    import sys
-
-    async def dump_later() -> None:
-        await asyncio.sleep(40)
-        for task in asyncio.all_tasks():
-            print("TASK", task.get_name(), file=sys.stderr)
-            task.print_stack(limit=40, file=sys.stderr)
-        sys.stderr.flush()
-
-    d = asyncio.create_task(dump_later())
-    yield
-    d.cancel()
