@@ -321,7 +321,13 @@ def _match(name: str | None = None, version: int | None = None, version_present:
     return match
 
 
-def _route_action(clusters: Mapping[str, int], sticky_header: str | None, options: RenderOptions) -> Resource:
+def _route_action(model: str, weights: Mapping[int, int], sticky_header: str | None,
+                  options: RenderOptions) -> Resource:
+    """Weighted clusters over (version → weight); each adds ``x-model-version`` for its version.
+
+    The header tells the service which version to run: a service holds several versions and
+    would otherwise answer an unversioned request with its newest one, whatever the split says.
+    """
     action: Resource = {
         "timeout": _seconds(options.route_timeout),
         "retry_policy": {
@@ -337,10 +343,12 @@ def _route_action(clusters: Mapping[str, int], sticky_header: str | None, option
             "host_selection_retry_max_attempts": 5,
         },
     }
-    if len(clusters) == 1:
-        action["cluster"] = next(iter(clusters))
-        return action
-    weighted: Resource = {"clusters": [{"name": c, "weight": w} for c, w in clusters.items()]}
+    weighted: Resource = {"clusters": [
+        {"name": cluster_name(model, version), "weight": weight,
+         "request_headers_to_add": [{"header": {"key": VERSION_PIN_HEADER, "value": str(version)},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+        for version, weight in weights.items()
+    ]}
     if sticky_header is not None:
         # weighted_clusters.header_name wants a number; an arbitrary key goes through the hash policy.
         weighted["use_hash_policy"] = True
@@ -378,15 +386,14 @@ def _model_routes(name: str, plan: ModelPlan, serving: list[int], options: Rende
 
     for version in serving:
         add({"name": f"{name}/pin/v{version}", "match": _match(header_name, version),
-             "route": _route_action({cluster_name(name, version): 1}, None, options)})
+             "route": _route_action(name, {version: 1}, None, options)})
     listed = ", ".join(str(v) for v in serving) or "none"
     routes.append({"name": f"{name}/pin/unknown", "match": _match(header_name, version_present=True),
                    **_grpc_error(GRPC_NOT_FOUND, f"model {name!r} has no serving instances of the version in "
                                                  f"{VERSION_PIN_HEADER}; serving versions: {listed}")})
     if plan.weights:
-        clusters = {cluster_name(name, v): w for v, w in plan.weights.items()}
         add({"name": f"{name}/split", "match": _match(header_name),
-             "route": _route_action(clusters, plan.sticky_header, options)})
+             "route": _route_action(name, plan.weights, plan.sticky_header, options)})
     else:
         routes.append({"name": f"{name}/unavailable", "match": _match(header_name),
                        **_grpc_error(GRPC_UNAVAILABLE, f"model {name!r} has no serving instances")})

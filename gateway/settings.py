@@ -52,7 +52,7 @@ class GatewaySettings(BaseSettings):
     per_try_timeout: float = Field(20.0, gt=0)
     num_retries: int = Field(3, ge=0, le=10)
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    """Larger unary requests are refused by Envoy (RESOURCE_EXHAUSTED)."""
+    """Larger unary requests are refused by Envoy (a gRPC error whose message names the limit)."""
     health_check_interval: float = Field(1.0, gt=0)
     max_connections: int = Field(1024, ge=1)
     max_pending_requests: int = Field(1024, ge=1)

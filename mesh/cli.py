@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "mesh.commands.registry",
     "gateway.command",
     "mesh.commands.up",
+    "mesh.commands.mesh_sync",
 )
 
 

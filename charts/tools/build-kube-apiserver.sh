@@ -22,8 +22,9 @@ log() { echo "build-kube-apiserver: $*" >&2; }
 
 log "installing Debian's Go and reflect2 1.0.2"
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -qq golang-go golang-github-modern-go-reflect2-dev dpkg-dev >/dev/null 2>&1 || {
-    apt-get update -qq >/dev/null && apt-get install -y -qq golang-go golang-github-modern-go-reflect2-dev dpkg-dev >/dev/null; }
+packages=(golang-go golang-github-modern-go-reflect2-dev dpkg-dev)
+apt-get install -y -qq "${packages[@]}" >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null && apt-get install -y -qq "${packages[@]}" >/dev/null; }
 
 # deb-src lines for the same suite as the system's sources, in a private apt state directory.
 log "downloading the kubernetes source package"
@@ -36,7 +37,7 @@ mirror=$({ grep -hoE '^(URIs:|deb) *[a-z]+://[^ ]+/debian/?( |$)' /etc/apt/sourc
 echo "deb-src ${mirror%/} $codename main" > "$apt_dir/sources.list"
 apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=$apt_dir/none"
           -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::Archives=$apt_dir/archives"
-          -o "APT::Get::List-Cleanup=0")
+          -o "APT::Get::List-Cleanup=0" -o "APT::Sandbox::User=root")
 apt-get "${apt_opts[@]}" update -qq >/dev/null
 (cd "$work" && apt-get "${apt_opts[@]}" source -qq --download-only kubernetes >/dev/null)
 (cd "$work" && dpkg-source -x --no-check ./kubernetes_*.dsc src >/dev/null)
@@ -45,13 +46,15 @@ log "replacing vendored reflect2 with Debian's 1.0.2"
 vendored=$work/src/vendor/github.com/modern-go/reflect2
 rm -rf "$vendored" && mkdir -p "$vendored"
 cp -r /usr/share/gocode/src/github.com/modern-go/reflect2/. "$vendored/"
-sed -i -E 's#^(# github.com/modern-go/reflect2) .*#\1 v1.0.2#; s#^(github.com/modern-go/reflect2) v[^ ]*$#\1 v1.0.2#' \
-    "$work/src/vendor/modules.txt" || true
-sed -i -E 's#(github.com/modern-go/reflect2) v[0-9.]+[^ ]*#\1 v1.0.2#' "$work/src/go.mod" || true
 
+# Kubernetes 1.20 builds in GOPATH mode (hack/lib/init.sh sets GO111MODULE=off), as Debian's rules do.
 log "building cmd/kube-apiserver (takes ~8-9 minutes)"
-(cd "$work/src" && GOFLAGS=-mod=vendor GOCACHE=$work/gocache GOPATH=$work/gopath \
-    go build -trimpath -ldflags='-s -w' -o "$work/kube-apiserver" ./cmd/kube-apiserver)
+mkdir -p "$work/gopath/src/k8s.io"
+ln -s "$work/src" "$work/gopath/src/k8s.io/kubernetes"
+version=k8s.io/kubernetes/vendor/k8s.io/component-base/version
+(cd "$work/gopath/src/k8s.io/kubernetes" && GO111MODULE=off GOPATH=$work/gopath CGO_ENABLED=0 GOCACHE=$work/gocache \
+    go build -ldflags="-s -w -X $version.gitVersion=v1.20.2 -X $version.gitMajor=1 -X $version.gitMinor=20" \
+    -o "$work/kube-apiserver" ./cmd/kube-apiserver)
 mv "$work/kube-apiserver" "$bin"
 log "built $bin"
 echo "$bin"

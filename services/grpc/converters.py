@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -113,9 +113,39 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
         raise InvalidRequestError(f"input '{tensor.name}': value out of range for {datatype}: {exc}") from None
 
 
-def request_from(msg: pb.ModelInferRequest, deadline: float | None) -> InferRequest:
+MODEL_HEADER = "x-model-name"
+VERSION_HEADER = "x-model-version"
+
+
+def routing_headers(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, str]:
+    """The gateway's routing headers of a call: (model name, version), "" where absent."""
+    name = version = ""
+    for key, value in metadata or ():
+        if key == MODEL_HEADER:
+            name = value if isinstance(value, str) else value.decode()
+        elif key == VERSION_HEADER:
+            version = value if isinstance(value, str) else value.decode()
+    return name, version
+
+
+def request_from(msg: pb.ModelInferRequest, deadline: float | None, headers: tuple[str, str] = ("", "")
+                 ) -> InferRequest:
+    """``headers`` are the routing headers: through the gateway, ``x-model-version`` says which
+    version the route chose; the body must agree with them."""
     if not msg.model_name:
         raise InvalidRequestError("model_name is empty")
+    header_name, header_version = headers
+    if header_name and header_name != msg.model_name:
+        raise InvalidRequestError(
+            f"model_name '{msg.model_name}' in the request disagrees with header {MODEL_HEADER} '{header_name}'")
+    version_text = msg.model_version
+    if header_version:
+        if version_text and version_text != header_version:
+            raise InvalidRequestError(
+                f"model_version '{version_text}' in the request disagrees with header {VERSION_HEADER} "
+                f"'{header_version}' (chosen by the gateway's route); to pin a version through the gateway, "
+                f"send the header {VERSION_HEADER}: {version_text}")
+        version_text = header_version
     raw = msg.raw_input_contents
     if raw and len(raw) != len(msg.inputs):
         raise InvalidRequestError(
@@ -129,7 +159,7 @@ def request_from(msg: pb.ModelInferRequest, deadline: float | None) -> InferRequ
         inputs.append(InferInput(tensor.name, tensor.datatype, shape, data))
     return InferRequest(
         model=msg.model_name,
-        version=parse_version(msg.model_version),
+        version=parse_version(version_text),
         inputs=inputs,
         outputs=[o.name for o in msg.outputs],
         id=msg.id,

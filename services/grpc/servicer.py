@@ -64,7 +64,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        response = await self.plane.infer(converters.request_from(request, _deadline(context)))
+        headers = converters.routing_headers(context.invocation_metadata())
+        response = await self.plane.infer(converters.request_from(request, _deadline(context), headers))
         return converters.response_to(response)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -73,10 +74,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         (and its id) while the stream stays open, as Triton does."""
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
+        headers = converters.routing_headers(context.invocation_metadata())
 
         async def one(message: pb.ModelInferRequest) -> None:
             try:
-                response = await self.plane.infer(converters.request_from(message, _deadline(context)))
+                response = await self.plane.infer(converters.request_from(message, _deadline(context), headers))
                 await results.put(pb.ModelStreamInferResponse(infer_response=converters.response_to(response)))
             except Exception as exc:  # every request on the stream gets an answer, whatever happened
                 if isinstance(exc, SluiceError):

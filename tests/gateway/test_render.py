@@ -69,10 +69,13 @@ def test_weighted_clusters_pin_routes_and_order() -> None:
     assert set(snapshot.clusters) == {"iris.v1", "iris.v2"}
     routes = routes_by_name(snapshot)
     split = routes["iris/split"]["route"]["weighted_clusters"]["clusters"]
-    assert split == [{"name": "iris.v1", "weight": 80}, {"name": "iris.v2", "weight": 20}]
+    assert [(c["name"], c["weight"]) for c in split] == [("iris.v1", 80), ("iris.v2", 20)]
+    # Each cluster tells the service which version to run (it serves several).
+    assert [c["request_headers_to_add"][0]["header"] for c in split] == [
+        {"key": "x-model-version", "value": "1"}, {"key": "x-model-version", "value": "2"}]
     # Pins come before the split; the catch-alls for one model come after the header routes.
     assert route_names(snapshot)[:4] == ["iris/pin/v1", "iris/pin/v2", "iris/pin/unknown", "iris/split"]
-    assert routes["iris/pin/v2"]["route"]["cluster"] == "iris.v2"
+    assert [c["name"] for c in routes["iris/pin/v2"]["route"]["weighted_clusters"]["clusters"]] == ["iris.v2"]
     assert {"name": "x-model-version", "string_match": {"exact": "2"}} in routes["iris/pin/v2"]["match"]["headers"]
     assert "default/iris/split" in routes  # one model: no header needed
     assert snapshot.routes["validate_clusters"] is True
@@ -86,7 +89,8 @@ def test_weighted_clusters_pin_routes_and_order() -> None:
 def test_no_routing_document_sends_all_to_newest_serving_version() -> None:
     snapshot = render_snapshot(state(*IRIS), {}, OPTIONS)
     assert dict(snapshot.plans["iris"].weights) == {2: 100}
-    assert routes_by_name(snapshot)["iris/split"]["route"]["cluster"] == "iris.v2"
+    only = routes_by_name(snapshot)["iris/split"]["route"]["weighted_clusters"]["clusters"]
+    assert [(c["name"], c["request_headers_to_add"][0]["header"]["value"]) for c in only] == [("iris.v2", "2")]
 
 
 def test_weighted_version_without_instances_is_dropped_with_a_warning() -> None:

@@ -6,7 +6,7 @@ controller publishes into /xds (lds.yaml, cds.yaml; they reference rds.yaml and 
 {{- define "sluice.envoyBootstrap" -}}
 node:
   id: sluice-gateway
-  cluster: {{ include "sluice.gatewayName" . }}
+  cluster: sluice-gateway
 admin:
   address:
     socket_address: {address: 127.0.0.1, port_value: {{ .Values.gateway.adminPort }}}
