@@ -19,7 +19,7 @@ _GATEWAY_FLAGS = (
     "listen_host", "listen_port", "admin_port", "envoy_admin", "xds_dir", "envoy_binary", "envoy_log_level",
     "envoy_concurrency", "access_log", "metrics_host", "metrics_port", "debounce_ms", "confirm_timeout",
     "connect_timeout_ms", "route_timeout", "per_try_timeout", "num_retries", "max_request_bytes",
-    "health_check_interval", "rate_limits", "log_level", "log_format",
+    "health_check_interval", "rate_limits", "otlp_endpoint", "trace_sampling", "log_level", "log_format",
 )
 
 
@@ -59,6 +59,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--health-check-interval", type=float, help="seconds between gRPC health checks (default 1)")
     g.add_argument("--rate-limit", dest="rate_limits", action="append", metavar="MODEL=RPS",
                    help="local rate limit of a model in requests per second (repeatable)")
+    g.add_argument("--otlp-endpoint", metavar="HOST:PORT",
+                   help="OTLP gRPC collector Envoy sends traces to (off by default)")
+    g.add_argument("--trace-sampling", type=float, help="percent of new requests Envoy traces (default 100)")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-format", choices=["auto", "json", "console"])
     parser.set_defaults(func=run)

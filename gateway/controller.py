@@ -60,6 +60,8 @@ def render_options(settings: GatewaySettings) -> RenderOptions:
         max_requests=settings.max_requests,
         rate_limits=dict(settings.rate_limits),
         access_log=str(settings.access_log.absolute()) if settings.access_log else None,
+        otlp_endpoint=settings.otlp_endpoint,
+        trace_sampling=settings.trace_sampling,
     )
 
 

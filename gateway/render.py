@@ -60,6 +60,11 @@ class RenderOptions:
     rate_limits: Mapping[str, int] = field(default_factory=dict)
     access_log: str | None = None
     """File path of the JSON access log; None = Envoy's stdout."""
+    otlp_endpoint: str | None = None
+    """``host:port`` of an OTLP gRPC collector: Envoy traces every request into it (W3C traceparent)."""
+    trace_sampling: float = 100.0
+    """Percent of new requests traced (requests with a sampled traceparent are always traced)."""
+    service_name: str = "sluice-gateway"
 
 
 def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPlan:
@@ -164,11 +169,31 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
+def _tracing(options: RenderOptions) -> Resource:
+    """Envoy's OpenTelemetry tracer: the gateway span starts (or joins) the trace, and the W3C
+    ``traceparent`` it sends upstream makes the service spans its children."""
+    if not options.otlp_endpoint:
+        return {}
+    target = options.otlp_endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
+    return {"tracing": {
+        "random_sampling": {"value": options.trace_sampling},
+        "spawn_upstream_span": False,
+        "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+            # google_grpc needs no cluster of its own, so the bootstrap and validation stay as they are.
+            "grpc_service": {"google_grpc": {"target_uri": target, "stat_prefix": "sluice_otlp"},
+                             "timeout": "2s"},
+            "service_name": options.service_name,
+        }},
+    }}
+
+
 def _listener(options: RenderOptions) -> Resource:
     directory = options.xds_dir
     fields = {
         "start_time": "%START_TIME%",
         "request_id": "%REQ(X-REQUEST-ID)%",
+        "trace_id": "%TRACE_ID%",
         "traceparent": "%REQ(TRACEPARENT)%",
         "b3_trace_id": "%REQ(X-B3-TRACEID)%",
         "model": "%REQ(X-MODEL-NAME)%",
@@ -232,6 +257,7 @@ def _listener(options: RenderOptions) -> Resource:
                 "config_source": _config_source(f"{directory}/{RDS_FILE}", directory)},
         "http_filters": http_filters,
         "access_log": [access_log],
+        **_tracing(options),
         "local_reply_config": {"mappers": [{
             # The buffer filter's "413 Payload Too Large" as a gRPC error a client understands.
             "filter": {"status_code_filter": {"comparison": {

@@ -59,6 +59,10 @@ class GatewaySettings(BaseSettings):
     max_requests: int = Field(4096, ge=1)
     rate_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
     """Model → requests per second allowed by Envoy's local rate limit (``iris=100,mlp=50``)."""
+    otlp_endpoint: str | None = None
+    """OTLP gRPC collector (``127.0.0.1:4317``): Envoy traces requests into it; off when unset."""
+    trace_sampling: float = Field(100.0, ge=0.0, le=100.0)
+    """Percent of new requests Envoy traces."""
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

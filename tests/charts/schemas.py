@@ -38,7 +38,8 @@ def _unknown_fields(given: Any, kept: Any, path: str) -> list[str]:
                 problems += _unknown_fields(value, kept[key], f"{path}/{key}")
         return problems
     if isinstance(given, list) and isinstance(kept, list):
-        return [p for i, (a, b) in enumerate(zip(given, kept, strict=False)) for p in _unknown_fields(a, b, f"{path}/{i}")]
+        pairs = enumerate(zip(given, kept, strict=False))
+        return [problem for i, (a, b) in pairs for problem in _unknown_fields(a, b, f"{path}/{i}")]
     return []
 
 

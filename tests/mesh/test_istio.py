@@ -89,7 +89,7 @@ def test_read_weighted_route_explains_what_is_wrong() -> None:
         read_weighted_route(vs)
     vs = virtual_service({1: 100})
     vs["spec"]["http"][-1]["route"][0]["destination"]["subset"] = "stable"
-    with pytest.raises(IstioError, match="'stable' .* is not v<version>"):
+    with pytest.raises(IstioError, match=r"'stable' .* is not v<version>"):
         read_weighted_route(vs)
 
 
