@@ -244,6 +244,10 @@ def _listener(options: RenderOptions) -> Resource:
         # Off at the filter level; each rate-limited model's routes carry their own token bucket.
         http_filters.append({"name": _RATE_LIMIT_FILTER, "typed_config": {
             "@type": _LOCAL_RATE_LIMIT, "stat_prefix": "sluice_rate_limit"}})
+    # Per-cluster gRPC status counts (cluster.<model>.v<N>.grpc.…): what a canary analysis compares.
+    http_filters.append({"name": "envoy.filters.http.grpc_stats", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+        "stats_for_all_methods": True, "enable_upstream_stats": True}})
     http_filters.append({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
     hcm = {
@@ -279,6 +283,9 @@ def _cluster(name: str, model: str, options: RenderOptions) -> Resource:
     interval = _seconds(options.health_check_interval)
     return {
         "name": name,
+        # Stats as cluster.<model>_v<N>.…: Envoy's Prometheus tag extraction stops at the first dot,
+        # so "iris.v2" would come out as cluster "iris" with "v2_" glued to every metric name.
+        "alt_stat_name": name.replace(".", "_"),
         "type": "EDS",
         "eds_cluster_config": {"service_name": name,
                                "eds_config": _config_source(f"{directory}/{eds_file(name)}", directory)},
