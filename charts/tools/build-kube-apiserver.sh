@@ -22,7 +22,7 @@ log() { echo "build-kube-apiserver: $*" >&2; }
 
 log "installing Debian's Go and reflect2 1.0.2"
 export DEBIAN_FRONTEND=noninteractive
-packages=(golang-go golang-github-modern-go-reflect2-dev dpkg-dev)
+packages=(golang-go golang-github-modern-go-reflect2-dev dpkg-dev make rsync)
 apt-get install -y -qq "${packages[@]}" >/dev/null 2>&1 || {
     apt-get update -qq >/dev/null && apt-get install -y -qq "${packages[@]}" >/dev/null; }
 
@@ -46,6 +46,10 @@ log "replacing vendored reflect2 with Debian's 1.0.2"
 vendored=$work/src/vendor/github.com/modern-go/reflect2
 rm -rf "$vendored" && mkdir -p "$vendored"
 cp -r /usr/share/gocode/src/github.com/modern-go/reflect2/. "$vendored/"
+
+# The OpenAPI definitions are generated at build time, not shipped in the source.
+log "generating the OpenAPI definitions"
+(cd "$work/src" && CGO_ENABLED=0 make gen_openapi >/dev/null)
 
 # Kubernetes 1.20 builds in GOPATH mode (hack/lib/init.sh sets GO111MODULE=off), as Debian's rules do.
 log "building cmd/kube-apiserver (takes ~8-9 minutes)"
