@@ -32,7 +32,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mesh.errors import InvalidNameError, MeshError
 from mesh.etcd import EtcdClient, KeyEvent, watch_prefix
-from mesh.istio import Action, plan_sync
+from mesh.istio import Action, IstioError, apply_json_patch, plan_sync
 from mesh.keys import KeyKind, KeySchema, validate_model_name
 from mesh.records import StatusDocument
 from mesh.registry import ModelState, RegistryState, apply_event, build_state
@@ -152,15 +152,32 @@ class KubernetesVirtualServices:
                 self.GROUP, self.api_version, self.namespace, self.PLURAL, name, operations,
                 _content_type="application/json-patch+json")
         except self._exception as exc:
+            # A failed `test` op is a bare 422 "Invalid" without details (kube-apiserver 1.20):
+            # tell it from a malformed patch by evaluating the tests against a fresh read.
+            if exc.status == 422 and self._tests_fail(name, operations):
+                raise PatchConflictError(f"VirtualService {self.namespace}/{name} changed concurrently: a "
+                                         "guarding test of the patch failed") from exc
             raise self._translate(exc, name) from exc
         return cast(dict[str, Any], result)
+
+    def _tests_fail(self, name: str, operations: list[dict[str, Any]]) -> bool:
+        tests = [op for op in operations if op.get("op") == "test"]
+        if not tests:
+            return False
+        try:
+            apply_json_patch(self.get(name), tests)
+        except IstioError:
+            return True
+        except MeshError:
+            return False
+        return False
 
     def _translate(self, exc: Any, name: str) -> MeshError:
         where = f"VirtualService {self.namespace}/{name}"
         body = str(getattr(exc, "body", "") or "")
         if exc.status == 404:
             return VirtualServiceNotFoundError(f"{where} not found")
-        if exc.status == 409 or (exc.status == 422 and "test" in body.lower()):
+        if exc.status == 409:
             return PatchConflictError(f"{where} changed concurrently: {_reason(body)}")
         return MeshError(f"{where}: Kubernetes API answered {exc.status} {exc.reason}: {_reason(body)}")
 

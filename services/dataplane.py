@@ -91,7 +91,7 @@ class DataPlane:
         metrics = served.metrics
         structlog.contextvars.bind_contextvars(model=model.name, version=model.version, request_id=request.id)
         submitted_ns = time.time_ns()
-        metrics.inflight.inc()
+        metrics.inflight += 1
         try:
             rows = model.validate(request.inputs, request.outputs)
             feeds = {tensor.name: tensor.data for tensor in request.inputs}
@@ -99,15 +99,15 @@ class DataPlane:
             result = await served.batcher.submit(feeds, rows, tuple(request.outputs), request.deadline)
         except SluiceError as exc:
             served.stats.fail.add(time.monotonic() - started)
-            metrics.failed(status_name(exc))
+            metrics.count(status_name(exc))
             raise
         finally:
-            metrics.inflight.dec()
+            metrics.inflight -= 1
         total = time.monotonic() - started
         if self.tracer is not None:
             self._spans(submitted_ns, result, model.name, model.version, rows)
         served.stats.record_success(rows, total, result.queue_seconds)
-        metrics.ok.inc()
+        metrics.count("OK")
         metrics.queue.observe(result.queue_seconds)
         metrics.compute.observe(result.compute_seconds)
         metrics.total.observe(total)

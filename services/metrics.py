@@ -1,48 +1,100 @@
-"""Prometheus metrics of the model service, on their own registry and HTTP port."""
+"""Prometheus metrics of the model service, on their own registry and HTTP port.
+
+The per-request series are plain counters kept by the event loop (the only writer) and turned
+into Prometheus families when scraped: the request path does a few integer additions instead of
+a dozen lock-protected metric updates.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 
-@dataclass(slots=True)
+class LoopHistogram:
+    """A histogram written from one thread: counts per bucket, made cumulative when scraped."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        running = 0
+        out: list[tuple[str, float]] = []
+        for bound, count in zip((*self.bounds, float("inf")), list(self.counts), strict=True):
+            running += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        return out
+
+
 class VersionMetrics:
-    """Children bound to one (model, version) once at load, so the request path does no label lookups."""
+    """The series of one (model, version); only the event loop writes them."""
 
-    ok: Counter
-    queue: Histogram
-    compute: Histogram
-    total: Histogram
-    batch: Histogram
-    inflight: Gauge
-    metrics: ServiceMetrics
-    model: str
-    version: str
+    __slots__ = ("batch", "codes", "compute", "inflight", "model", "queue", "total", "version")
 
-    def failed(self, code: str) -> None:
-        self.metrics.requests.labels(self.model, self.version, code).inc()
+    def __init__(self, model: str, version: int) -> None:
+        self.model = model
+        self.version = str(version)
+        self.codes: dict[str, int] = {}
+        self.inflight = 0
+        self.queue = LoopHistogram(_LATENCY_BUCKETS)
+        self.compute = LoopHistogram(_LATENCY_BUCKETS)
+        self.total = LoopHistogram(_LATENCY_BUCKETS)
+        self.batch = LoopHistogram(_BATCH_BUCKETS)
+
+    def count(self, code: str) -> None:
+        self.codes[code] = self.codes.get(code, 0) + 1
+
+
+class _RequestCollector(Collector):
+    def __init__(self, versions: dict[tuple[str, int], VersionMetrics]) -> None:
+        self._versions = versions
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        versions = list(self._versions.values())  # the loop may add one while we read
+        requests = CounterMetricFamily("sluice_requests", "Inference requests by model, version and gRPC code",
+                                       labels=["model", "version", "code"])
+        latency = HistogramMetricFamily("sluice_request_duration_seconds",
+                                        "Inference request latency by phase (queue, compute, total)",
+                                        labels=["model", "version", "phase"])
+        batch = HistogramMetricFamily("sluice_batch_size", "Rows per ONNX Runtime call", labels=["model", "version"])
+        inflight = GaugeMetricFamily("sluice_inflight_requests", "Inference requests being handled",
+                                     labels=["model", "version"])
+        for v in versions:
+            for code, value in list(v.codes.items()):
+                requests.add_metric([v.model, v.version, code], value)
+            for phase, hist in (("queue", v.queue), ("compute", v.compute), ("total", v.total)):
+                latency.add_metric([v.model, v.version, phase], hist.cumulative(), hist.sum)
+            batch.add_metric([v.model, v.version], v.batch.cumulative(), v.batch.sum)
+            inflight.add_metric([v.model, v.version], v.inflight)
+        yield from (requests, latency, batch, inflight)
 
 
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("sluice_requests", "Inference requests by model, version and gRPC code",
-                                ["model", "version", "code"], registry=r)
-        self.latency = Histogram("sluice_request_duration_seconds",
-                                 "Inference request latency by phase (queue, compute, total)",
-                                 ["model", "version", "phase"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("sluice_batch_size", "Rows per ONNX Runtime call",
-                                    ["model", "version"], buckets=_BATCH_BUCKETS, registry=r)
-        self.inflight = Gauge("sluice_inflight_requests", "Inference requests being handled",
-                              ["model", "version"], registry=r)
+        # Kept for the life of the process: a version that comes back keeps counting from where it was.
+        self._versions: dict[tuple[str, int], VersionMetrics] = {}
+        r.register(_RequestCollector(self._versions))
         self.loaded = Gauge("sluice_loaded_versions", "Model versions loaded and serving", ["model"],
                             registry=r)
         self.loads = Counter("sluice_model_loads", "Model version loads by outcome",
@@ -53,18 +105,11 @@ class ServiceMetrics:
         self.unloads = Counter("sluice_model_unloads", "Model versions unloaded", ["model"], registry=r)
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
-        v = str(version)
-        return VersionMetrics(
-            ok=self.requests.labels(model, v, "OK"),
-            queue=self.latency.labels(model, v, "queue"),
-            compute=self.latency.labels(model, v, "compute"),
-            total=self.latency.labels(model, v, "total"),
-            batch=self.batch_size.labels(model, v),
-            inflight=self.inflight.labels(model, v),
-            metrics=self,
-            model=model,
-            version=v,
-        )
+        key = (model, version)
+        metrics = self._versions.get(key)
+        if metrics is None:
+            metrics = self._versions[key] = VersionMetrics(model, version)
+        return metrics
 
     def serve(self, port: int, host: str) -> int:
         """Expose /metrics over HTTP; returns the bound port (useful with port 0)."""

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from mesh.etcd import EtcdClient
-from mesh.istio import ANNOTATION_HELD, plan_sync, read_weighted_route
+from mesh.istio import ANNOTATION_HELD, Action, plan_sync, read_weighted_route
 from mesh.istio_sync import KubernetesVirtualServices, MeshSync, MeshSyncSettings, PatchConflictError
 from mesh.keys import KeySchema
 from mesh.registry import build_model, set_weights
@@ -152,11 +152,19 @@ def test_guarded_patch_applies_and_a_stale_one_is_refused(cluster: dict[str, Any
     with pytest.raises(PatchConflictError):
         service.patch(VS_NAME, unguarded)
 
+    # Re-planned from a fresh read, the edit shows as weights changed outside etcd: held, kept.
     fresh = service.get(VS_NAME)
-    replanned = plan_sync(_model_state(schema, {1: 1, 2: 3}, revision=9), fresh)
-    updated = service.patch(VS_NAME, replanned.patch)
+    replanned = plan_sync(_model_state(schema, {1: 1, 2: 3}, revision=5), fresh)
+    assert replanned.action is Action.HOLD
+    held = service.patch(VS_NAME, replanned.patch)
+    assert weights_of(held) == {1: 20, 2: 80}
+    assert held["metadata"]["annotations"][ANNOTATION_HELD] == "5"
+    # A newer routing document takes over.
+    newer = plan_sync(_model_state(schema, {1: 1, 2: 3}, revision=9), held)
+    assert newer.action is Action.PATCH
+    updated = service.patch(VS_NAME, newer.patch)
     assert weights_of(updated) == {1: 25, 2: 75}
-    assert updated["metadata"]["resourceVersion"] != fresh["metadata"]["resourceVersion"]
+    assert updated["metadata"]["resourceVersion"] != held["metadata"]["resourceVersion"]
 
 
 def test_a_json_patch_list_needs_its_content_type(cluster: dict[str, Any],
