@@ -111,9 +111,9 @@ class DataPlane:
         metrics.queue.observe(result.queue_seconds)
         metrics.compute.observe(result.compute_seconds)
         metrics.total.observe(total)
-        specs = {spec.name: spec.datatype for spec in model.outputs}
+        datatypes = model.output_datatypes
         outputs = [
-            InferOutput(name, specs[name], tuple(int(d) for d in array.shape), array)
+            InferOutput(name, datatypes[name], array.shape, array)
             for name, array in zip(names, result.outputs, strict=True)
         ]
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # the cheap check keeps the hot path free of it

@@ -163,6 +163,7 @@ class OnnxModel:
         self._first_dims = ([_first_dim(i.shape) for i in raw_inputs], [_first_dim(o.shape) for o in raw_outputs])
         self._input_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
+        self.output_datatypes = {spec.name: spec.datatype for spec in self.outputs}
         self.max_batch_size = self._batch_size()
         self.load_seconds = time.perf_counter() - started
 

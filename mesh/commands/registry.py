@@ -29,6 +29,7 @@ from mesh.registry import (
     get_routing,
     load_state,
     promote,
+    resolve_weights,
     set_weights,
 )
 from mesh.settings import EtcdSettings
@@ -97,6 +98,8 @@ def register(subparsers: Any) -> None:
                       help="version taking all traffic when no weighted one serves (0 removes; default: keep)")
     set_.add_argument("--if-revision", type=int, metavar="REV",
                       help="write only if the routing document is still at this revision (0: absent)")
+    set_.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="wait until the gateway reports the new weights as applied (exit 1 on timeout)")
     set_.set_defaults(func=lambda args: _run(args, _weights_set))
 
     promote_ = actions.add_parser("promote", parents=[common],
@@ -105,6 +108,8 @@ def register(subparsers: Any) -> None:
     promote_.add_argument("version")
     promote_.add_argument("--if-revision", type=int, metavar="REV",
                           help="write only if the routing document is still at this revision")
+    promote_.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                          help="wait until the gateway reports the new weights as applied (exit 1 on timeout)")
     promote_.set_defaults(func=lambda args: _run(args, _weights_promote))
 
 
@@ -319,9 +324,32 @@ async def _weights_set(args: argparse.Namespace, client: EtcdClient, schema: Key
     weights = parse_weight_args(args.weights)
     change = await set_weights(client, schema, args.model, weights, sticky_header=args.sticky_header,
                                default_version=args.default_version, expected_revision=args.if_revision)
-    return await _report_change(change, client, schema)
+    code = await _report_change(change, client, schema)
+    return await _wait_applied(change, client, schema, args.wait) if args.wait > 0 and code == 0 else code
 
 
 async def _weights_promote(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
     change = await promote(client, schema, args.model, args.version, expected_revision=args.if_revision)
-    return await _report_change(change, client, schema)
+    code = await _report_change(change, client, schema)
+    return await _wait_applied(change, client, schema, args.wait) if args.wait > 0 and code == 0 else code
+
+
+async def _wait_applied(change: RoutingChange, client: EtcdClient, schema: KeySchema, timeout: float) -> int:
+    """Poll the gateway's status document until its effective weights are what the change asks for."""
+    started = time.monotonic()
+    expected: dict[int, int] | None = None
+    while time.monotonic() - started < timeout:
+        state = await load_state(client, schema)
+        model = state.model(change.model)
+        if model is not None:
+            expected = resolve_weights(model, change.after).weights
+            status = model.status
+            if status is not None and status.effective_weights == expected:
+                elapsed = (time.monotonic() - started) * 1000
+                print(f"{change.model}: applied by the gateway within {elapsed:.0f} ms "
+                      f"(Envoy config {status.envoy_config_version})")
+                return 0
+        await asyncio.sleep(0.02)
+    print(f"sluice: error: the gateway has not applied {_weights_text(expected or change.after.weights)} to "
+          f"{change.model!r} within {timeout:g}s; is `sluice gateway` running on this etcd prefix?", file=sys.stderr)
+    return 1

@@ -114,7 +114,8 @@ def test_readme_tour(tmp_path: Path, process_factory: Callable[..., ManagedProce
 
     wait_for(lambda: instances(env) == {1: 2, 2: 2, 3: 2}, 30, "version 3 registered by both services")
     assert set(versions_of(gateway, 20)) == {2}
-    sluice("weights", "set", "iris", "2=50", "3=50", env=env)
+    applied = sluice("weights", "set", "iris", "2=50", "3=50", "--wait", "10", env=env)
+    assert "applied by the gateway within" in applied, applied
     wait_for(lambda: set(versions_of(gateway, 20)) == {2, 3}, 20, "the split to include version 3")
     assert call(gateway, version="3") == 3  # pinned
     # Roll back.
