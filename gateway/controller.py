@@ -87,6 +87,14 @@ def transition(live: Snapshot | None, wanted: Snapshot) -> list[Snapshot]:
     return steps
 
 
+def _write_atomically(path: Path, content: bytes) -> None:
+    """Replace ``path`` by rename, so an Envoy starting right now never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content)
+    tmp.replace(path)
+
+
 class GatewayController:
     """Keeps Envoy's routing equal to the registry; see the module docstring."""
 
@@ -134,10 +142,10 @@ class GatewayController:
         try:
             if self.settings.runs_envoy:
                 path = self.bootstrap_path()
-                config = dump_yaml(bootstrap(self.options.xds_dir, self.settings.admin_port))
-                await self._in_io(partial(path.write_bytes, config))
+                await self._write_bootstrap(path)
                 self.envoy = EnvoyProcess(self.envoy_binary, path, log_level=self.settings.envoy_log_level,
                                           concurrency=self.settings.envoy_concurrency,
+                                          hot_restart=self.settings.envoy_hot_restart,
                                           on_restart=lambda _n: self.metrics.envoy_restarts.inc())
                 await self.envoy.start()
             tasks = [asyncio.create_task(self._watch(), name="gateway-watch"),
@@ -162,6 +170,37 @@ class GatewayController:
             self.admin.close()
             self._io.shutdown(wait=True)
             log.info("gateway_stopped")
+
+    async def write_bootstrap(self, path: Path) -> None:
+        """For an Envoy run by someone else: its bootstrap at ``path``, and files it can start on.
+
+        The watched directory gets the published snapshot if there is one, else an empty snapshot
+        (Envoy exits when a file its bootstrap names is missing). Touches neither etcd nor Envoy.
+        """
+        try:
+            await self._prepare_files()
+            await self._write_bootstrap(path)
+        finally:
+            await self._client.close()
+            self.admin.close()
+            self._io.shutdown(wait=True)
+
+    async def _write_bootstrap(self, path: Path) -> None:
+        config = dump_yaml(bootstrap(self.options.xds_dir, self.settings.admin_port))
+        await self._in_io(partial(_write_atomically, path, config))
+
+    async def hot_restart_envoy(self) -> None:
+        """Replace the supervised Envoy by a new one without dropping a request (see EnvoyProcess)."""
+        if self.envoy is None:
+            log.warning("envoy_hot_restart_ignored", reason="Envoy is not run by this gateway")
+            return
+        try:
+            pid = await self.envoy.hot_restart()
+        except GatewayError as exc:
+            log.error("envoy_hot_restart_failed", error=str(exc))
+            return
+        self.metrics.envoy_hot_restarts.inc()
+        log.info("envoy_hot_restarted", pid=pid, epoch=self.envoy.epoch)
 
     def bootstrap_path(self) -> Path:
         """The bootstrap lives next to the watched directory, not in it."""

@@ -30,6 +30,8 @@ class GatewayMetrics:
         self.envoy_up = Gauge("sluice_gateway_envoy_up", "1 while Envoy's admin API answers.", registry=r)
         self.envoy_restarts = Counter("sluice_gateway_envoy_restarts", "Envoy restarts by the supervisor.",
                                       registry=r)
+        self.envoy_hot_restarts = Counter("sluice_gateway_envoy_hot_restarts",
+                                          "Envoy hot restarts (new epoch took over, old one drained).", registry=r)
         self.etcd_connected = Gauge("sluice_gateway_etcd_connected", "1 while the registry watch is connected.",
                                     registry=r)
         self.models = Gauge("sluice_gateway_models", "Models in the live snapshot.", registry=r)

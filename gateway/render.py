@@ -199,7 +199,7 @@ def _listener(options: RenderOptions) -> Resource:
         "model": "%REQ(X-MODEL-NAME)%",
         "pinned_version": "%REQ(X-MODEL-VERSION)%",
         "method": "%REQ(:PATH)%",
-        "cluster": "%UPSTREAM_CLUSTER%",
+        "cluster": "%UPSTREAM_CLUSTER_RAW%",
         "upstream": "%UPSTREAM_HOST%",
         "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
         "http_status": "%RESPONSE_CODE%",

@@ -36,6 +36,8 @@ class GatewaySettings(BaseSettings):
     envoy_log_level: str = "warning"
     envoy_concurrency: int = Field(0, ge=0)
     """Envoy worker threads (0 = one per core)."""
+    envoy_hot_restart: bool = True
+    """Run Envoy hot-restartable (SIGHUP to the gateway: a new Envoy takes over, the old one drains)."""
     access_log: Path | None = None
     """JSON access log file; unset = Envoy's stdout."""
     metrics_host: str = "127.0.0.1"

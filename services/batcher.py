@@ -1,19 +1,23 @@
 """Dynamic batching: merge shape-compatible concurrent requests into one ONNX Runtime call.
 
-The queue lives on the event loop; ONNX Runtime runs on the version's own executor threads
-(``instances`` of them). With ``max_queue_delay_us: 0`` a batch is whatever queued up while the
-previous call ran, which costs a lone request nothing; a positive delay holds a batch open for
-more rows until it reaches a preferred size or the maximum.
+Leader/follower, on the gRPC handler threads themselves: a request that finds a free execution
+slot (``instances`` of them per version) leads: it takes a batch from the head of the queue, runs
+ONNX Runtime on its own thread and hands every caller its rows. The others wait for their rows, or
+for the lead to be handed to them. No thread hop sits between a request and its inference, and
+ONNX Runtime never runs on the asyncio loop, which only serves the control plane.
+
+With ``max_queue_delay_us: 0`` a batch is whatever queued up while the previous call ran, which
+costs a lone request nothing; a positive delay holds a batch open for more rows until it reaches a
+preferred size or the maximum.
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +29,7 @@ from services.errors import (
     InferenceError,
     ModelNotReadyError,
     QueueFullError,
+    SluiceError,
 )
 from services.model import OnnxModel
 
@@ -47,9 +52,17 @@ class _Pending:
     rows: int
     key: Hashable
     outputs: tuple[str, ...]
-    future: asyncio.Future[BatchResult]
     deadline: float | None
     enqueued: float
+    event: threading.Event = field(default_factory=threading.Event)
+    result: BatchResult | None = None
+    error: SluiceError | None = None
+    lead: bool = False
+    """Set (with ``event``) when a finishing leader hands its execution slot to this request."""
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
 
 
 def _batch_key(feeds: dict[str, npt.NDArray[Any]], outputs: tuple[str, ...]) -> Hashable:
@@ -58,7 +71,7 @@ def _batch_key(feeds: dict[str, npt.NDArray[Any]], outputs: tuple[str, ...]) -> 
 
 
 class Batcher:
-    """The request queue and the ONNX Runtime workers of one model version."""
+    """The request queue and execution slots of one model version. Thread-safe."""
 
     def __init__(self, model: OnnxModel, on_execution: Callable[[int, float], None] | None = None) -> None:
         self.model = model
@@ -70,77 +83,101 @@ class Batcher:
         self._preferred = frozenset(s for s in config.dynamic_batching.preferred_batch_sizes
                                     if 0 < s <= self.max_batch_size)
         self._instances = config.instances
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        """Notified when a request is queued (a leader holding a batch open waits on it)."""
+        self._idle = threading.Condition(self._lock)
         self._queue: deque[_Pending] = deque()
-        self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self._instances, thread_name_prefix=f"ort-{model.name}-v{model.version}"
-        )
-        self._workers: list[asyncio.Task[None]] = []
-        self._running = 0
+        self._leaders = 0
         self._closing = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def start(self) -> None:
-        for index in range(self._instances):
-            self._workers.append(asyncio.create_task(
-                self._work(), name=f"batcher-{self.model.name}-v{self.model.version}-{index}"))
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
-    async def submit(self, feeds: dict[str, npt.NDArray[Any]], rows: int, outputs: tuple[str, ...],
-                     deadline: float | None) -> BatchResult:
-        if self._closing:
-            raise ModelNotReadyError(
-                f"model '{self.model.name}' version {self.model.version} is unloading")
-        if len(self._queue) >= self.max_queue_size:
-            raise QueueFullError(
-                f"model '{self.model.name}' version {self.model.version}: queue is full "
-                f"({self.max_queue_size} requests waiting); retry later"
-            )
-        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(feeds, rows, _batch_key(feeds, outputs), outputs, future, deadline,
-                                    time.monotonic()))
-        self._idle.clear()
-        self._wakeup.set()
-        return await future
+    def submit(self, feeds: dict[str, npt.NDArray[Any]], rows: int, outputs: tuple[str, ...],
+               deadline: float | None) -> BatchResult:
+        """Run one request (possibly inside a larger batch); blocks the calling thread until done."""
+        item = _Pending(feeds, rows, _batch_key(feeds, outputs), outputs, deadline, time.monotonic())
+        with self._lock:
+            if self._closing:
+                raise ModelNotReadyError(f"model '{self.model.name}' version {self.model.version} is unloading")
+            if len(self._queue) >= self.max_queue_size:
+                raise QueueFullError(
+                    f"model '{self.model.name}' version {self.model.version}: queue is full "
+                    f"({self.max_queue_size} requests waiting); retry later")
+            self._queue.append(item)
+            lead = self._leaders < self._instances
+            if lead:
+                self._leaders += 1
+            else:
+                self._arrived.notify()
+        if not lead:
+            item.event.wait()
+            if not item.lead:
+                return self._outcome(item)
+        self._lead(item)
+        return self._outcome(item)
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+    @staticmethod
+    def _outcome(item: _Pending) -> BatchResult:
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return item.result
+
+    def _lead(self, own: _Pending) -> None:
+        """Run batches from the head of the queue until ``own`` is answered, then pass the slot on."""
         while True:
-            if not self._queue:
-                self._wakeup.clear()
-                if self._running == 0:
-                    self._idle.set()
-                await self._wakeup.wait()
-                continue
-            # Counted as running from the moment a request leaves the queue, so drain() never
-            # sees "idle" while a batch is being held open or executed.
-            self._running += 1
-            try:
-                batch = await self._take_batch()
-                if batch:
-                    await self._run(loop, batch)
-            finally:
-                self._running -= 1
+            with self._lock:
+                batch = self._take_batch()
+            if batch:
+                self._run(batch)
+            with self._lock:
+                if own.done or not batch:
+                    self._hand_off()
+                    break
+        if not own.done:
+            # Another leader holds our request in its batch: wait for it like a follower would. A
+            # fresh event, then a second look: the other leader may finish between the two.
+            own.lead = False
+            own.event = threading.Event()
+            if not own.done:
+                own.event.wait()
+            if own.lead:
+                self._lead(own)
 
-    async def _take_batch(self) -> list[_Pending]:
-        first = self._queue.popleft()
-        if not self._viable(first):
+    def _hand_off(self) -> None:
+        """Give this execution slot to the first waiting request, or free it. Called with the lock."""
+        while self._queue:
+            head = self._queue[0]
+            if not head.lead:
+                head.lead = True
+                head.event.set()
+                return
+            break
+        self._leaders -= 1
+        if self._leaders == 0 and not self._queue:
+            self._idle.notify_all()
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop a batch of compatible requests off the head of the queue. Called with the lock."""
+        while self._queue:
+            first = self._queue.popleft()
+            if self._viable(first):
+                break
+        else:
             return []
         if self.max_batch_size == 0:
             return [first]
         if self._delay > 0:
-            await self._hold_open(first)
+            self._hold_open(first)
         batch = [first]
         rows = first.rows
         kept: deque[_Pending] = deque()
         while self._queue:
             item = self._queue.popleft()
-            if rows < self.max_batch_size and item.key == first.key \
-                    and rows + item.rows <= self.max_batch_size:
+            if item.key == first.key and rows + item.rows <= self.max_batch_size:
                 if self._viable(item):
                     batch.append(item)
                     rows += item.rows
@@ -149,8 +186,8 @@ class Batcher:
         self._queue = kept
         return batch
 
-    async def _hold_open(self, first: _Pending) -> None:
-        """Wait up to the queue delay for compatible rows to reach a preferred or the maximum size."""
+    def _hold_open(self, first: _Pending) -> None:
+        """Wait (lock released) up to the queue delay for compatible rows to reach a preferred size."""
         until = first.enqueued + self._delay
         while True:
             rows = first.rows + sum(p.rows for p in self._queue if p.key == first.key)
@@ -159,25 +196,24 @@ class Batcher:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                return
+            self._arrived.wait(remaining)
 
     def _viable(self, item: _Pending) -> bool:
-        """Drop requests whose caller went away or whose deadline already passed."""
-        if item.future.done():
-            return False
+        """Answer requests whose deadline already passed instead of running them."""
         if item.deadline is not None and time.monotonic() >= item.deadline:
-            item.future.set_exception(DeadlineExceededError(
+            self._finish(item, error=DeadlineExceededError(
                 f"deadline exceeded after {time.monotonic() - item.enqueued:.3f}s in the queue of "
-                f"model '{self.model.name}' version {self.model.version}; the request was not run"
-            ))
+                f"model '{self.model.name}' version {self.model.version}; the request was not run"))
             return False
         return True
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    @staticmethod
+    def _finish(item: _Pending, result: BatchResult | None = None, error: SluiceError | None = None) -> None:
+        item.result, item.error = result, error
+        item.event.set()
+
+    def _run(self, batch: list[_Pending]) -> None:
+        """One ONNX Runtime call for the batch, on this (handler) thread, lock not held."""
         started = time.monotonic()
         outputs = batch[0].outputs
         total = sum(p.rows for p in batch)
@@ -186,61 +222,53 @@ class Batcher:
                 feeds = batch[0].feeds
             else:
                 feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
-            results = await loop.run_in_executor(self._executor, self.model.run, feeds, outputs)
-        except Exception as exc:  # InferenceError, or anything ORT raised past it: fail this batch only
+            results = self.model.run(feeds, outputs)
+        except Exception as exc:  # InferenceError, or anything past it: fail this batch only
             error = exc if isinstance(exc, InferenceError) else InferenceError(str(exc))
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+                self._finish(item, error=error)
             return
         compute = time.monotonic() - started
         if self._on_execution is not None:
             self._on_execution(total, compute)
         if len(batch) == 1:
             item = batch[0]
-            if not item.future.done():
-                item.future.set_result(BatchResult(results, started - item.enqueued, compute, total))
+            self._finish(item, BatchResult(results, started - item.enqueued, compute, total))
             return
         bad = [i for i, r in enumerate(results) if r.ndim == 0 or r.shape[0] != total]
         if bad:
             error = InferenceError(
-                f"model '{self.model.name}' output '{(outputs or self.model.output_names)[bad[0]]}' does not keep "
-                f"the batch dimension ({total} rows in, shape {results[bad[0]].shape} out); "
-                "set max_batch_size: 0 for this model"
-            )
+                f"model '{self.model.name}' output '{(outputs or tuple(self.model.output_names))[bad[0]]}' "
+                f"does not keep the batch dimension ({total} rows in, shape {results[bad[0]].shape} out); "
+                "set max_batch_size: 0 for this model")
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+                self._finish(item, error=error)
             return
         offset = 0
         for item in batch:
             end = offset + item.rows
-            if not item.future.done():
-                item.future.set_result(BatchResult([r[offset:end] for r in results], started - item.enqueued,
-                                                   compute, total))
+            self._finish(item, BatchResult([r[offset:end] for r in results], started - item.enqueued,
+                                           compute, total))
             offset = end
 
-    async def drain(self, timeout: float | None = None) -> bool:
-        """Refuse new requests, finish queued and running ones, stop the workers.
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests and wait (blocking) for queued and running ones to finish.
 
-        Returns False when ``timeout`` passed first (the rest are then failed, not lost silently).
+        Returns False when ``timeout`` passed first; what is still queued then is answered with
+        an error, never left hanging.
         """
-        self._closing = True
-        self._wakeup.set()
-        finished = True
-        if self._queue or self._running:
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
-                finished = False
-        for item in self._queue:
-            if not item.future.done():
-                item.future.set_exception(ModelNotReadyError(
-                    f"model '{self.model.name}' version {self.model.version} was unloaded before this "
-                    "request could run"))
-        self._queue.clear()
-        for task in self._workers:
-            task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            self._closing = True
+            while self._queue or self._leaders:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._idle.wait(remaining)
+            finished = not self._queue and not self._leaders
+            for item in self._queue:
+                self._finish(item, error=ModelNotReadyError(
+                    f"model '{self.model.name}' version {self.model.version} was unloaded before this request "
+                    "could run"))
+            self._queue.clear()
         return finished

@@ -84,33 +84,38 @@ class DataPlane:
         return [self.registry.resolve(name, version)]
 
     # -- inference ----------------------------------------------------------------------------
-    async def infer(self, request: InferRequest) -> InferResponse:
+    def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request; blocks the calling (gRPC handler) thread, never the event loop."""
         started = time.monotonic()
         served = self.registry.resolve(request.model, request.version)
         model = served.model
         metrics = served.metrics
         structlog.contextvars.bind_contextvars(model=model.name, version=model.version, request_id=request.id)
         submitted_ns = time.time_ns()
-        metrics.inflight += 1
+        with served.lock:
+            metrics.inflight += 1
         try:
             rows = model.validate(request.inputs, request.outputs)
             feeds = {tensor.name: tensor.data for tensor in request.inputs}
             names = tuple(request.outputs) if request.outputs else tuple(model.output_names)
-            result = await served.batcher.submit(feeds, rows, tuple(request.outputs), request.deadline)
+            result = served.batcher.submit(feeds, rows, tuple(request.outputs), request.deadline)
         except SluiceError as exc:
-            served.stats.fail.add(time.monotonic() - started)
-            metrics.count(status_name(exc))
+            with served.lock:
+                served.stats.fail.add(time.monotonic() - started)
+                metrics.count(status_name(exc))
             raise
         finally:
-            metrics.inflight -= 1
+            with served.lock:
+                metrics.inflight -= 1
         total = time.monotonic() - started
+        with served.lock:
+            served.stats.record_success(rows, total, result.queue_seconds)
+            metrics.count("OK")
+            metrics.queue.observe(result.queue_seconds)
+            metrics.compute.observe(result.compute_seconds)
+            metrics.total.observe(total)
         if self.tracer is not None:
             self._spans(submitted_ns, result, model.name, model.version, rows)
-        served.stats.record_success(rows, total, result.queue_seconds)
-        metrics.count("OK")
-        metrics.queue.observe(result.queue_seconds)
-        metrics.compute.observe(result.compute_seconds)
-        metrics.total.observe(total)
         datatypes = model.output_datatypes
         outputs = [
             InferOutput(name, datatypes[name], array.shape, array)

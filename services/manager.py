@@ -286,7 +286,7 @@ class ModelManager:
 
     async def _drain(self, served: ServedVersion, reason: str) -> None:
         started = time.perf_counter()
-        finished = await served.batcher.drain(self.drain_timeout)
+        finished = await asyncio.to_thread(served.batcher.drain, self.drain_timeout)
         served.model.close()
         self.metrics.unloads.labels(served.name).inc()
         await self._off_loop(_release_memory)

@@ -7,6 +7,7 @@ retiring one) is a single reference change that a concurrent request sees entire
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,6 +33,8 @@ class ServedVersion:
     batcher: Batcher
     metrics: VersionMetrics
     stats: VersionStats = field(default_factory=VersionStats)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Guards ``stats`` and ``metrics``: requests of one version finish on many handler threads."""
 
     @property
     def name(self) -> str:
@@ -43,16 +46,16 @@ class ServedVersion:
 
     @classmethod
     def start(cls, model: OnnxModel, metrics: VersionMetrics) -> ServedVersion:
-        """Wrap a loaded model with its queue and workers, ready to take requests."""
-        stats = VersionStats()
+        """Wrap a loaded model with its queue, ready to take requests."""
+        served: ServedVersion
 
         def on_execution(batch_rows: int, compute_seconds: float) -> None:
-            stats.record_execution(batch_rows, compute_seconds)
-            metrics.batch.observe(batch_rows)
+            with served.lock:
+                served.stats.record_execution(batch_rows, compute_seconds)
+                metrics.batch.observe(batch_rows)
 
-        batcher = Batcher(model, on_execution)
-        batcher.start()
-        return cls(model, batcher, metrics, stats)
+        served = cls(model, Batcher(model, on_execution), metrics)
+        return served
 
 
 @dataclass(frozen=True, slots=True)

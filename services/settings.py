@@ -31,6 +31,8 @@ class ServiceSettings(BaseSettings):
     """Prometheus /metrics port (0 picks a free one; -1 disables it)."""
     max_message_mb: int = Field(64, ge=1, le=2047)
     """Largest gRPC message accepted or sent, in MiB."""
+    max_concurrency: int = Field(128, ge=1, le=4096)
+    """gRPC handler threads: requests handled at once (more wait in gRPC's queue, up to 4x this)."""
     grace_period: float = Field(10.0, ge=0)
     """On SIGTERM: seconds to finish in-flight requests after the server stops accepting new ones."""
     drain_timeout: float = Field(30.0, ge=0)

@@ -25,6 +25,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = any; -1 = off)")
     parser.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB (default 64)")
+    parser.add_argument("--max-concurrency", type=int,
+                        help="requests handled at once (gRPC handler threads, default 128)")
     parser.add_argument("--grace-period", type=float, help="seconds to finish in-flight requests on SIGTERM")
     parser.add_argument("--drain-timeout", type=float, help="seconds a retired version gets to drain")
     parser.add_argument("--watch", action=argparse.BooleanOptionalAction,

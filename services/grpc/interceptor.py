@@ -7,8 +7,8 @@ is logged with its traceback and answered INTERNAL with a generic message and a 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -23,17 +23,19 @@ def grpc_code(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_name(exc)]
 
 
-async def _abort(exc: Exception, context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    """``context.abort`` raises, ending the RPC with the status; it never returns."""
     if isinstance(exc, SluiceError):
-        await context.abort(grpc_code(exc), str(exc))
+        context.abort(grpc_code(exc), str(exc))
     reference = uuid.uuid4().hex[:12]
     log.exception("unhandled error in RPC", method=method, reference=reference)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {reference}); "
-                                                  "the server log has the details")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {reference}); "
+                                            "the server log has the details")
 
 
-def _bind_context(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Per-RPC log fields (each RPC runs in its own task, so its context variables are its own)."""
+def _bind_context(method: str, context: grpc.ServicerContext) -> None:
+    """Per-RPC log fields. Handler threads are reused, so the previous RPC's fields go first."""
+    structlog.contextvars.clear_contextvars()
     fields: dict[str, str] = {"rpc": method.rpartition("/")[2], "peer": context.peer()}
     ids = current_ids()
     if ids is not None:
@@ -41,25 +43,22 @@ def _bind_context(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> N
     structlog.contextvars.bind_contextvars(**fields)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to status codes for unary and streaming handlers alike."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self._cache: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
 
-    async def intercept_service(
+    def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        wrapped = self._wrap(handler, method)
+        if method in self._cache:
+            return self._cache[method]
+        handler = continuation(handler_call_details)
+        wrapped = None if handler is None else self._wrap(handler, method)
         self._cache[method] = wrapped
         return wrapped
 
@@ -68,14 +67,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
                 _bind_context(method, context)
                 try:
-                    return await inner(request, context)
-                except Exception as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
+                    return inner(request, context)
+                except Exception as exc:  # this is the translation point
+                    if cast(Any, context).code() is not None:  # aborted already (context.abort raised)
                         raise
-                    await _abort(exc, context, method)
+                    _abort(exc, context, method)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, request_deserializer=handler.request_deserializer,
@@ -83,16 +82,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             inner_stream: Any = handler.stream_stream
 
-            async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-                                    ) -> AsyncIterator[Any]:
+            def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
                 _bind_context(method, context)
                 try:
-                    async for response in inner_stream(requests, context):
-                        yield response
+                    yield from inner_stream(requests, context)
                 except Exception as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
+                    if cast(Any, context).code() is not None:
                         raise
-                    await _abort(exc, context, method)
+                    _abort(exc, context, method)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, request_deserializer=handler.request_deserializer,

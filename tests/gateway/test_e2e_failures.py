@@ -7,6 +7,7 @@ is asked to validate while a marker file exists, and the real ``envoy --mode val
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -134,6 +135,55 @@ async def test_envoy_crash_is_restarted_by_the_gateway(gateway: GatewayHandle, c
     assert "sluice_gateway_envoy_restarts_total 1.0" in gateway.metrics_text()
     status = await read_status(client, schema)
     assert status is not None and status.envoy_config_version == gateway.routes_version()
+
+
+async def _load(address: str, stop: asyncio.Event, failures: list[str], clients: int = 8) -> int:
+    """``clients`` callers through the gateway until ``stop``; returns how many calls succeeded."""
+    done = 0
+
+    async def one_client() -> None:
+        nonlocal done
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    await infer(stub, HEADER)
+                    done += 1
+                except grpc.aio.AioRpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    return done
+
+
+async def test_sighup_hot_restarts_envoy_without_a_failed_request(gateway: GatewayHandle) -> None:
+    """SIGHUP to the gateway: a new Envoy epoch takes over the listener, the old one drains."""
+    def epoch() -> int:
+        try:
+            return int(json.loads(gateway.admin_get("/server_info"))["command_line_options"]["restart_epoch"])
+        except OSError:
+            return -1
+
+    before = await asyncio.to_thread(epoch)
+    failures: list[str] = []
+    stop = asyncio.Event()
+    load = asyncio.create_task(_load(gateway.address, stop, failures))
+    try:
+        await asyncio.sleep(1.0)
+        os.kill(gateway.process.pid, signal.SIGHUP)  # the controller only, not its process group
+
+        async def new_epoch() -> bool:
+            return await asyncio.to_thread(epoch) == before + 1
+
+        await eventually(new_epoch, 20.0, "the next Envoy epoch serving")
+        await asyncio.sleep(2.0)  # the old epoch drains meanwhile (--drain-time-s 5)
+    finally:
+        stop.set()
+        done = await load
+    assert done > 100
+    assert failures == [], failures[:5]
+    assert "sluice_gateway_envoy_hot_restarts_total 1.0" in gateway.metrics_text()
+    assert "sluice_gateway_envoy_restarts_total 1.0" in gateway.metrics_text()  # only the crash of the test above
 
 
 async def test_killed_instance_costs_no_request(gateway: GatewayHandle, fleet: Fleet, client: EtcdClient,

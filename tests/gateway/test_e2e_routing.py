@@ -135,18 +135,37 @@ async def test_weighted_version_without_instances_gets_no_traffic(
     assert await count_versions(registered.address, 200, header()) == {"1": 200}
 
 
+# Written with plain etcdctl, as an operator would: (document, what the status error must name).
+INVALID_DOCUMENTS = {
+    "bad-json": ('{"weights": {"1": 50, "2": 50}', "JSON"),
+    "negative-weight": ('{"weights": {"1": -10, "2": 110}}', "-10"),
+    "unknown-key": ('{"weights": {"1": 50, "2": 50}, "wieghts": {"1": 1}}', "unknown field 'wieghts'"),
+    "all-zero": ('{"weights": {"1": 0, "2": 0}}', "weights must sum to > 0"),
+    "wrong-type": ('{"weights": {"1": "lots", "2": 0}}', "'lots'"),
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID_DOCUMENTS))
 async def test_invalid_routing_document_keeps_last_good(
-        registered: GatewayHandle, shared_etcd: EtcdServer, client: EtcdClient, schema: KeySchema) -> None:
+        registered: GatewayHandle, shared_etcd: EtcdServer, client: EtcdClient, schema: KeySchema, name: str) -> None:
+    document, named = INVALID_DOCUMENTS[name]
     await set_weights(client, schema, "iris", {2: 100})
-    await wait_status(client, schema, lambda s: s.effective_weights == {2: 100} and not s.errors, "2 live")
-    shared_etcd.etcdctl("put", schema.routing("iris"), json.dumps({"weights": {"1": "lots", "2": 0}}))
+    good = await wait_status(client, schema, lambda s: s.effective_weights == {2: 100} and not s.errors, "2 live")
+    shared_etcd.etcdctl("put", schema.routing("iris"), document)
     status = await wait_status(client, schema, lambda s: bool(s.errors), "status error for the invalid document")
-    assert any("invalid routing document" in e and "weights" in e for e in status.errors), status.errors
+    assert any("invalid routing document" in e and named in e for e in status.errors), status.errors
     assert any("last good routing stays in force" in e for e in status.errors), status.errors
+    # The effective routing did not move: same weights, and Envoy still serves the same route config.
     assert status.effective_weights == {2: 100}
+    assert status.envoy_config_version == good.envoy_config_version == registered.routes_version()
     assert await count_versions(registered.address, 200, header()) == {"2": 200}
-    # Fixing the document clears the error.
-    await set_weights(client, schema, "iris", {1: 100})
+
+
+async def test_fixing_an_invalid_routing_document_clears_the_error(
+        registered: GatewayHandle, shared_etcd: EtcdServer, client: EtcdClient, schema: KeySchema) -> None:
+    shared_etcd.etcdctl("put", schema.routing("iris"), INVALID_DOCUMENTS["all-zero"][0])
+    await wait_status(client, schema, lambda s: bool(s.errors), "status error for the invalid document")
+    await set_weights(client, schema, "iris", {1: 100})  # the CLI's compare-and-swap overwrites it
     await wait_status(client, schema, lambda s: s.effective_weights == {1: 100} and not s.errors, "fixed")
     assert await count_versions(registered.address, 100, header()) == {"1": 100}
 

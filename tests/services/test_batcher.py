@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -196,26 +197,47 @@ def identity_model(tmp_path: Path) -> OnnxModel:
     return OnnxModel("unit", 1, path, config)
 
 
-async def test_batcher_splits_rows_and_respects_max_batch_size(identity_model: OnnxModel) -> None:
+def _submit_all(batcher: Batcher, feeds: list[np.ndarray]) -> list[object]:
+    """Submit every feed from its own thread (as gRPC handler threads do); results in order."""
+    with ThreadPoolExecutor(max_workers=len(feeds)) as pool:
+        futures = [pool.submit(batcher.submit, {"x": f}, len(f), (), None) for f in feeds]
+        return [f.result(timeout=WAIT_S) for f in futures]
+
+
+def test_batcher_splits_rows_and_respects_max_batch_size(identity_model: OnnxModel) -> None:
     executions: list[int] = []
     batcher = Batcher(identity_model, lambda rows, _seconds: executions.append(rows))
-    batcher.start()
     feeds = [np.full((rows, 2), i, dtype=np.int64) for i, rows in enumerate([1, 2, 1, 3, 1])]
-    results = await asyncio.wait_for(asyncio.gather(
-        *(batcher.submit({"x": f}, len(f), (), None) for f in feeds)), WAIT_S)
+    results = _submit_all(batcher, feeds)
     for feed, result in zip(feeds, results, strict=True):
-        np.testing.assert_array_equal(result.outputs[0], feed)
+        np.testing.assert_array_equal(result.outputs[0], feed)  # type: ignore[attr-defined]
     assert sum(executions) == 8
     assert max(executions) <= 4
-    assert await batcher.drain(5)
+    assert len(executions) < len(feeds)  # the 50 ms window merged some of them
+    assert batcher.drain(5)
 
 
-async def test_batcher_drain_finishes_queued_work_then_refuses(identity_model: OnnxModel) -> None:
+def test_batcher_under_many_threads_gives_each_caller_its_rows(tmp_path: Path) -> None:
+    """Leader/follower hand-offs under contention: 64 threads, random row counts, 2 slots."""
+    path = models.write_model(tmp_path, "many", models.identity("INT64"))
+    model = OnnxModel("many", 1, path, ModelConfig(max_batch_size=16, instances=2))
+    executions: list[int] = []
+    batcher = Batcher(model, lambda rows, _seconds: executions.append(rows))
+    rng = np.random.default_rng(3)
+    feeds = [rng.integers(0, 1 << 40, size=(int(rng.integers(1, 5)), 2)) for _ in range(64)]
+    for _ in range(3):
+        for feed, result in zip(feeds, _submit_all(batcher, feeds), strict=True):
+            np.testing.assert_array_equal(result.outputs[0], feed)  # type: ignore[attr-defined]
+    assert sum(executions) == 3 * sum(len(f) for f in feeds)
+    assert batcher.drain(5)
+
+
+def test_batcher_drain_finishes_queued_work_then_refuses(identity_model: OnnxModel) -> None:
     batcher = Batcher(identity_model)
-    batcher.start()
-    pending = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 2), np.int64)}, 1, (), None))
-    await asyncio.sleep(0)
-    assert await asyncio.wait_for(batcher.drain(5), WAIT_S)
-    np.testing.assert_array_equal((await pending).outputs[0], np.ones((1, 2), np.int64))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(batcher.submit, {"x": np.ones((1, 2), np.int64)}, 1, (), None)
+        time.sleep(0.01)  # queued, held open by the 50 ms window
+        assert batcher.drain(5)
+        np.testing.assert_array_equal(pending.result(timeout=WAIT_S).outputs[0], np.ones((1, 2), np.int64))
     with pytest.raises(ModelNotReadyError, match="unloading"):
-        await batcher.submit({"x": np.ones((1, 2), np.int64)}, 1, (), None)
+        batcher.submit({"x": np.ones((1, 2), np.int64)}, 1, (), None)

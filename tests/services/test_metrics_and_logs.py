@@ -104,7 +104,7 @@ async def test_log_lines_carry_the_request_context(tmp_path: Path) -> None:
     with capture_logs(processors=[merge_contextvars]) as logs:
         bad = InferRequest("m", None, [InferInput("x", "FP64", (1, 1), np.ones((1, 1)))], id="req-7")
         with pytest.raises(InvalidRequestError):
-            await plane.infer(bad)
+            plane.infer(bad)
         structlog.get_logger("test").warning("something about this request")
     await manager.close()
     line = next(entry for entry in logs if entry["event"] == "something about this request")
