@@ -18,6 +18,7 @@ import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,8 +202,12 @@ def h2load_command(
     log_path: Path | None = None,
     cpu: str | None = None,
     nice: int = 0,
+    headers: Sequence[str] = (),
 ) -> list[str]:
-    """One HTTP/2 connection (-c 1) carrying ``concurrency`` concurrent streams (-m)."""
+    """One HTTP/2 connection (-c 1) carrying ``concurrency`` concurrent streams (-m).
+
+    ``headers`` are extra ``name: value`` request headers (e.g. the gateway's ``x-model-name``).
+    """
     cmd = launch_prefix(cpu, nice)
     cmd += [h2load_path() or "h2load", "-c", "1", "-t", "1", "-m", str(concurrency)]
     cmd += ["-D", f"{duration:g}"] if duration else ["-n", str(requests)]
@@ -215,6 +220,7 @@ def h2load_command(
         "content-type: application/grpc",
         "-H",
         "te: trailers",
+        *(arg for header in headers for arg in ("-H", header)),
         f"http://127.0.0.1:{port}{MODEL_INFER_PATH}",
     ]
     return cmd
@@ -231,17 +237,20 @@ def run_h2load(
     nice: int = 0,
     warmup_requests: int = 200,
     server_probe: CoreProbe | None = None,
+    headers: Sequence[str] = (),
 ) -> H2Result:
     """Warm up with a fixed request count, then measure for ``duration`` seconds."""
     warm = h2load_command(
-        port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu, nice=nice
+        port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu, nice=nice,
+        headers=headers,
     )
     try:
         subprocess.run(warm, capture_output=True, text=True, timeout=60, check=False)
     except subprocess.TimeoutExpired:
         return H2Result(False, "h2load warm-up did not finish within 60s")
     log_path.unlink(missing_ok=True)
-    cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu, nice=nice)
+    cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu, nice=nice,
+                         headers=headers)
     client_core = single_core(cpu)
     client_probe = CoreProbe(client_core) if client_core is not None else None
     for probe in (server_probe, client_probe):
