@@ -1,0 +1,207 @@
+"""Envoy hop overhead: one ``sluice serve`` instance called directly and through the gateway, in one run.
+
+Starts a throwaway etcd, one ``sluice serve`` (iris version 1) and ``sluice gateway`` (which runs
+Envoy 1.40), registers the instance, checks both paths answer exactly what onnxruntime computes,
+then measures with the same load generator (h2load, one HTTP/2 connection, a pre-encoded
+ModelInfer body, header ``x-model-name: iris`` on both paths) p50/p99 at concurrency 1 and
+throughput at concurrency 32. Rounds alternate direct / gateway so that drift in the machine's
+load hits both alike; each number is the median over the rounds. Prints a Markdown table with
+gateway ÷ direct ratios and the machine's load during the runs.
+
+    python -m bench.gateway_hop [--duration 10] [--rounds 3] [--envoy-concurrency 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/gateway_hop.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import onnxruntime as ort
+
+from bench import loadgen
+from bench.cpu import core_ticks
+from bench.propagation import Admin, etcd_binary, free_port, start, stop, wait
+from examples.build_models import build_iris
+from mesh.etcd import EtcdClient
+from mesh.keys import KeySchema
+from mesh.records import InstanceRecord
+from mesh.settings import EtcdSettings
+
+PREFIX = "/sluice-bench-hop/"
+HEADERS = ("x-model-name: iris",)
+SIZE_TOLERANCE = 0.02
+
+
+@dataclass
+class Sample:
+    """One h2load run and how busy the whole machine was meanwhile."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    machine_busy: float
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    response_bytes: int = 0
+    samples: dict[int, list[Sample]] = field(default_factory=dict)
+
+    def median(self, concurrency: int, attribute: str) -> float:
+        return statistics.median(float(getattr(s, attribute)) for s in self.samples[concurrency])
+
+
+def machine_busy_since(before: list[tuple[int, int]]) -> float:
+    """Busy share of all cores since ``before`` (``core_ticks`` per core)."""
+    after = [core_ticks(core) for core in range(len(before))]
+    busy = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    total = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    return busy / max(total, 1)
+
+
+def measure(target: Target, body_path: Path, concurrency: int, duration: float, log_dir: Path,
+            index: int) -> Sample:
+    cores = os.cpu_count() or 1
+    before = [core_ticks(core) for core in range(cores)]
+    result = loadgen.run_h2load(target.port, body_path, concurrency, duration, cpu=None, headers=HEADERS,
+                                log_path=log_dir / f"h2load-{target.name}-c{concurrency}-{index}.tsv")
+    busy = machine_busy_since(before)
+    if not result.ok or result.failed:
+        raise SystemExit(f"{target.name} c={concurrency}: {result.message}, {result.failed} failed")
+    if abs(result.avg_response_bytes - target.response_bytes) > SIZE_TOLERANCE * target.response_bytes:
+        raise SystemExit(f"{target.name} c={concurrency}: average response {result.avg_response_bytes:.0f} B, "
+                         f"a correct one is {target.response_bytes} B: errors counted as successes?")
+    return Sample(result.rps, result.p50_ms, result.p99_ms, busy)
+
+
+async def register(settings: EtcdSettings, address: str) -> None:
+    schema = KeySchema(settings.prefix)
+    async with EtcdClient(settings) as client:
+        record = InstanceRecord(address=address, model="iris", version=1, instance_id="bench-hop")
+        await client.put(schema.instance("iris", 1, record.instance_id), record.to_json())
+
+
+def render(direct: Target, gateway: Target, args: argparse.Namespace, load: tuple[float, ...]) -> str:
+    def row(target: Target) -> str:
+        return (f"| {target.name} | {target.median(1, 'p50_ms'):.3f} | {target.median(1, 'p99_ms'):.3f} "
+                f"| {target.median(1, 'rps'):,.0f} | {target.median(32, 'rps'):,.0f} "
+                f"| {target.median(32, 'p50_ms'):.2f} "
+                f"| {100 * target.median(1, 'machine_busy'):.0f} / {100 * target.median(32, 'machine_busy'):.0f} |")
+
+    p50_ratio = gateway.median(1, "p50_ms") / direct.median(1, "p50_ms")
+    p50_added = gateway.median(1, "p50_ms") - direct.median(1, "p50_ms")
+    rps_ratio = gateway.median(32, "rps") / direct.median(32, "rps")
+    lines = [
+        f"iris v1, batch 1, {args.rounds} rounds × {args.duration:g} s per point (median), "
+        f"Envoy --concurrency {args.envoy_concurrency}, {os.cpu_count()} cores, "
+        f"load average before {load[0]:.2f}, after {load[1]:.2f}",
+        "",
+        "| path | c=1 p50 ms | c=1 p99 ms | c=1 req/s | c=32 req/s | c=32 p50 ms | machine busy % (c=1 / c=32) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        row(direct),
+        row(gateway),
+        f"| gateway ÷ direct | {p50_ratio:.2f}× (+{p50_added:.3f} ms) | "
+        f"{gateway.median(1, 'p99_ms') / direct.median(1, 'p99_ms'):.2f}× "
+        f"| {gateway.median(1, 'rps') / direct.median(1, 'rps'):.2f}× | {rps_ratio:.2f}× "
+        f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}× | |",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per h2load run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="direct/gateway rounds; medians reported (default 3)")
+    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, h2load logs)")
+    args = parser.parse_args()
+    if loadgen.h2load_path() is None:
+        raise SystemExit("h2load not found (apt-get install nghttp2-client)")
+
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-gateway-hop-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    python = [sys.executable, "-m", "mesh.cli"]
+    try:
+        etcd_port, peer_port = free_port(), free_port()
+        procs.append(start([etcd_binary(), "--data-dir", str(workdir / "etcd"), "--unsafe-no-fsync",
+                            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+                            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+                            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+                            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+                            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
+                            "--log-level", "warn"], workdir / "etcd.log"))
+        build_iris(workdir / "built")
+        repo = workdir / "repo" / "iris"
+        repo.mkdir(parents=True)
+        shutil.copy(workdir / "built" / "iris" / "config.yaml", repo / "config.yaml")
+        shutil.copytree(workdir / "built" / "iris" / "1", repo / "1")
+        service_port, listen_port, admin_port = free_port(), free_port(), free_port()
+        procs.append(start([*python, "serve", "--repo", str(repo.parent), "--port", str(service_port),
+                            "--metrics-port", "-1", "--log-format", "json", "--log-level", "warning"],
+                           workdir / "serve.log"))
+        procs.append(start([*python, "gateway", "--etcd", f"127.0.0.1:{etcd_port}", "--prefix", PREFIX,
+                            "--listen-host", "127.0.0.1", "--listen-port", str(listen_port),
+                            "--admin-port", str(admin_port), "--metrics-port", "-1",
+                            "--envoy-concurrency", str(args.envoy_concurrency),
+                            "--xds-dir", str(workdir / "xds"), "--access-log", "/dev/null",
+                            "--log-format", "json"], workdir / "gateway.log"))
+        admin = Admin(admin_port)
+        wait(lambda: admin.get("/ready").strip() == b"LIVE", 60, "Envoy ready")
+        settings = EtcdSettings(endpoints=[f"127.0.0.1:{etcd_port}"], prefix=PREFIX)
+        asyncio.run(register(settings, f"127.0.0.1:{service_port}"))
+
+        session = ort.InferenceSession(str(repo / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        inputs = {"input": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)}
+        names = [o.name for o in session.get_outputs()]
+        expected = dict(zip(names, session.run(names, inputs), strict=True))
+        body = loadgen.encode_request("iris", inputs)
+        body_path = workdir / "iris.body.bin"
+        body_path.write_bytes(loadgen.grpc_frame(body))
+
+        direct, gateway = Target("direct", service_port), Target("gateway (Envoy)", listen_port)
+        for target in (direct, gateway):
+            error = loadgen.wait_until_serving(target.port, body, 60.0)
+            if error:
+                raise SystemExit(f"{target.name}: {error}")
+            check = loadgen.check_target(target.port, "iris", inputs, expected, body)
+            if not check.ok:
+                raise SystemExit(f"{target.name}: {check.message}")
+            target.response_bytes = check.response_bytes
+
+        load_before = os.getloadavg()[0]
+        log_dir = workdir / "h2load"
+        log_dir.mkdir()
+        for index in range(args.rounds):
+            for concurrency in (1, 32):
+                for target in (direct, gateway) if index % 2 == 0 else (gateway, direct):
+                    sample = measure(target, body_path, concurrency, args.duration, log_dir, index)
+                    target.samples.setdefault(concurrency, []).append(sample)
+                    print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
+                          f"p50 {sample.p50_ms:.3f} ms, machine {100 * sample.machine_busy:.0f} % busy", flush=True)
+        load_after = os.getloadavg()[0]
+        print("\n" + render(direct, gateway, args, (load_before, load_after)))
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+        if args.keep:
+            print(f"logs in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
