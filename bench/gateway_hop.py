@@ -6,7 +6,7 @@ then measures with the same load generator (h2load, one HTTP/2 connection, a pre
 ModelInfer body, header ``x-model-name: iris`` on both paths) p50/p99 at concurrency 1 and
 throughput at concurrency 32. Rounds alternate direct / gateway so that drift in the machine's
 load hits both alike; each number is the median over the rounds. Prints a Markdown table with
-gateway ÷ direct ratios and the machine's load during the runs.
+gateway / direct ratios and the machine's load during the runs.
 
     python -m bench.gateway_hop [--duration 10] [--rounds 3] [--envoy-concurrency 1]
 """
@@ -73,7 +73,7 @@ def machine_busy_since(before: list[tuple[int, int]]) -> float:
     return busy / max(total, 1)
 
 
-def measure(target: Target, body_path: Path, concurrency: int, duration: float, log_dir: Path,
+def measure(target: Target, body_path: Path, concurrency: int, *, duration: float, log_dir: Path,
             index: int) -> Sample:
     cores = os.cpu_count() or 1
     before = [core_ticks(core) for core in range(cores)]
@@ -106,7 +106,7 @@ def render(direct: Target, gateway: Target, args: argparse.Namespace, load: tupl
     p50_added = gateway.median(1, "p50_ms") - direct.median(1, "p50_ms")
     rps_ratio = gateway.median(32, "rps") / direct.median(32, "rps")
     lines = [
-        f"iris v1, batch 1, {args.rounds} rounds × {args.duration:g} s per point (median), "
+        f"iris v1, batch 1, {args.rounds} rounds x {args.duration:g} s per point (median), "
         f"Envoy --concurrency {args.envoy_concurrency}, {os.cpu_count()} cores, "
         f"load average before {load[0]:.2f}, after {load[1]:.2f}",
         "",
@@ -114,10 +114,10 @@ def render(direct: Target, gateway: Target, args: argparse.Namespace, load: tupl
         "|---|---:|---:|---:|---:|---:|---:|",
         row(direct),
         row(gateway),
-        f"| gateway ÷ direct | {p50_ratio:.2f}× (+{p50_added:.3f} ms) | "
-        f"{gateway.median(1, 'p99_ms') / direct.median(1, 'p99_ms'):.2f}× "
-        f"| {gateway.median(1, 'rps') / direct.median(1, 'rps'):.2f}× | {rps_ratio:.2f}× "
-        f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}× | |",
+        f"| gateway / direct | {p50_ratio:.2f}x (+{p50_added:.3f} ms) | "
+        f"{gateway.median(1, 'p99_ms') / direct.median(1, 'p99_ms'):.2f}x "
+        f"| {gateway.median(1, 'rps') / direct.median(1, 'rps'):.2f}x | {rps_ratio:.2f}x "
+        f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}x | |",
     ]
     return "\n".join(lines)
 
@@ -188,7 +188,8 @@ def main() -> None:
         for index in range(args.rounds):
             for concurrency in (1, 32):
                 for target in (direct, gateway) if index % 2 == 0 else (gateway, direct):
-                    sample = measure(target, body_path, concurrency, args.duration, log_dir, index)
+                    sample = measure(target, body_path, concurrency, duration=args.duration, log_dir=log_dir,
+                                     index=index)
                     target.samples.setdefault(concurrency, []).append(sample)
                     print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
                           f"p50 {sample.p50_ms:.3f} ms, machine {100 * sample.machine_busy:.0f} % busy", flush=True)

@@ -74,10 +74,12 @@ async def validate_snapshot(binary: str, snapshot: Snapshot, timeout: float = 20
 # code between fork and exec in a process whose gRPC threads (the etcd client, test clients) are
 # busy can deadlock or abort in gRPC's fork handlers, and without ``preexec_fn`` the child never
 # runs Python code.
+# The parent's pid is checked after prctl: had it died already, nobody would send the signal.
 _DIE_WITH_PARENT = (
     "import ctypes, os, sys\n"
     "ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, 15)\n"
-    "os.execv(sys.argv[1], sys.argv[1:])\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
 )
 
 
@@ -85,7 +87,7 @@ def _die_with_parent(argv: list[str]) -> list[str]:
     """``argv`` run through the PR_SET_PDEATHSIG trampoline (Linux only; elsewhere unchanged)."""
     if not sys.platform.startswith("linux"):
         return argv
-    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, *argv]
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 def envoy_argv(binary: str, bootstrap_path: Path, *, log_level: str = "warning", concurrency: int = 0) -> list[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 
+from mesh.traces import TraceReceiver
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -99,6 +100,7 @@ class StackConfig:
     run_dir: Path = Path(".sluice")
     prefix: str = "/sluice/"
     start_timeout: float = 60.0
+    traces: bool = True
 
 
 @dataclass
@@ -112,6 +114,18 @@ class LocalStack:
     metrics_urls: list[str] = field(default_factory=list)
     repo: Path = Path()
     _lock: int | None = None
+    _receiver: TraceReceiver | None = None
+
+    def start_traces(self) -> None:
+        """An in-process OTLP receiver: every component sends its spans to it."""
+        if not self.config.traces:
+            return
+        self._receiver = TraceReceiver((self.config.run_dir / "traces.jsonl").resolve())
+        self._receiver.start()
+        self.progress(f"  traces      {self._receiver.endpoint} -> {self._receiver.path} (`sluice traces`)")
+
+    def _otlp(self, scheme: str = "") -> list[str]:
+        return [] if self._receiver is None else ["--otlp-endpoint", scheme + self._receiver.endpoint]
 
     @property
     def lock_path(self) -> Path:
@@ -218,7 +232,7 @@ class LocalStack:
             child = self._child(f"service-{index + 1}", [
                 *sluice_command(), "serve", "--repo", str(self.repo), "--port", str(port),
                 "--metrics-port", str(metrics), "--etcd", self.etcd_endpoint, "--prefix", self.config.prefix,
-                "--instance-id", f"up-service-{index + 1}", "--log-format", "json",
+                "--instance-id", f"up-service-{index + 1}", "--log-format", "json", *self._otlp("http://"),
             ])
             children.append((child, f"127.0.0.1:{port}"))
             self.metrics_urls.append(f"http://127.0.0.1:{metrics}/metrics")
@@ -236,7 +250,7 @@ class LocalStack:
             "--listen-host", "127.0.0.1", "--listen-port", str(port), "--admin-port", str(admin),
             "--xds-dir", str((self.config.run_dir / "xds").resolve()), "--metrics-port", str(gateway_metrics),
             "--access-log", str((self.config.run_dir / "logs" / "envoy-access.log").resolve()),
-            "--log-format", "json",
+            "--log-format", "json", *self._otlp(),
         ])
         self.gateway_address = f"127.0.0.1:{port}"
         models = sorted(p.name for p in self.repo.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -273,6 +287,9 @@ class LocalStack:
                 self.progress(f"  stopping {child.name}")
                 child.stop(timeout=20)
         self.children.clear()
+        if self._receiver is not None:
+            self._receiver.stop()
+            self._receiver = None
 
 
 def sluice_command() -> list[str]:

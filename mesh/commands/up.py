@@ -24,6 +24,8 @@ def register(subparsers: Any) -> None:
     up.add_argument("--prefix", default="/sluice/", help="etcd key prefix (default /sluice/)")
     up.add_argument("--run-dir", type=Path, default=Path(".sluice"), help="logs, state, etcd data (default .sluice)")
     up.add_argument("--start-timeout", type=float, default=90.0, help="seconds each piece gets to become ready")
+    up.add_argument("--traces", action=argparse.BooleanOptionalAction, default=True,
+                    help="record traces of every request in <run-dir>/traces.jsonl (`sluice traces` shows them)")
     up.set_defaults(func=run_up)
 
     env = subparsers.add_parser(
@@ -32,6 +34,8 @@ def register(subparsers: Any) -> None:
                     "that `sluice up` runs from --run-dir, so later commands find it without flags.")
     env.add_argument("--run-dir", type=Path, default=Path(".sluice"))
     env.set_defaults(func=run_env)
+
+    register_traces(subparsers)
 
     down = subparsers.add_parser("down", help="stop a running `sluice up`")
     down.add_argument("--run-dir", type=Path, default=Path(".sluice"))
@@ -47,7 +51,7 @@ def run_up(args: argparse.Namespace) -> int:
         return 2
     config = StackConfig(repo=args.repo, services=args.services, etcd=args.etcd, gateway_port=args.gateway_port,
                          admin_port=args.admin_port, run_dir=args.run_dir, prefix=args.prefix,
-                         start_timeout=args.start_timeout)
+                         start_timeout=args.start_timeout, traces=args.traces)
     stack = LocalStack(config, progress=lambda line: print(line, flush=True))
     stopping = False
 
@@ -67,6 +71,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"sluice up: starting in {config.run_dir.resolve()} (logs in {config.run_dir / 'logs'})", flush=True)
         started = time.monotonic()
         stack.prepare_repo()
+        stack.start_traces()
         stack.start_etcd()
         stack.start_services()
         stack.start_gateway()
@@ -113,6 +118,7 @@ Next, in another terminal (README.md has the whole tour):
   .venv/bin/python examples/client.py --url $SLUICE_GATEWAY --model iris
   .venv/bin/sluice weights set iris 1=90 2=10           # canary: 10 % of iris traffic to version 2
   .venv/bin/sluice status iris                          # configured vs effective weights
+  .venv/bin/sluice traces --last 1                      # the last request's trace, Envoy to ONNX Runtime
 Press Ctrl-C to stop everything."""
 
 
@@ -163,3 +169,39 @@ def run_down(args: argparse.Namespace) -> int:
         time.sleep(0.2)
     print(f"sluice down: process {pid} still running after {args.timeout:.0f}s")
     return 1
+
+
+def register_traces(subparsers: Any) -> None:
+    traces = subparsers.add_parser(
+        "traces", help="show traces recorded by `sluice up` (Envoy → service → queue → ONNX Runtime)",
+        description="Prints the traces in <run-dir>/traces.jsonl as trees, newest last.")
+    traces.add_argument("trace_id", nargs="?", help="only this trace")
+    traces.add_argument("--last", type=int, default=3, help="how many of the newest traces (default 3)")
+    traces.add_argument("--run-dir", type=Path, default=Path(".sluice"))
+    traces.set_defaults(func=run_traces)
+
+
+def run_traces(args: argparse.Namespace) -> int:
+    from mesh.traces import read_spans, render_trace, traces
+
+    path = args.run_dir / "traces.jsonl"
+    if not path.exists():
+        print(f"sluice traces: no {path}; start the stack with `sluice up` (traces are on by default)")
+        return 1
+    grouped = traces(read_spans(path))
+    if args.trace_id:
+        spans = grouped.get(args.trace_id)
+        if not spans:
+            print(f"sluice traces: no trace {args.trace_id} in {path}")
+            return 1
+        print(render_trace(args.trace_id, spans))
+        return 0
+    if not grouped:
+        print(f"sluice traces: {path} has no spans yet; send a request through the gateway")
+        return 1
+    # Only traces that went through the gateway: those are the requests.
+    requests = [(tid, spans) for tid, spans in grouped.items() if any(s.service == "sluice-gateway" for s in spans)]
+    for trace_id, spans in requests[-args.last:]:
+        print(render_trace(trace_id, spans))
+        print()
+    return 0

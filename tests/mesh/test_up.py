@@ -129,6 +129,13 @@ def test_readme_tour(tmp_path: Path, process_factory: Callable[..., ManagedProce
             scraped += response.read().decode()
     assert 'sluice_requests_total{code="OK",model="iris",version="2"}' in scraped
 
+    # Every request left a trace: Envoy's span, the service's, the queue and the ONNX Runtime call.
+    def traced() -> bool:
+        shown = subprocess.run([sys.executable, "-m", "mesh.cli", "traces", "--last", "1", "--run-dir", str(run_dir)],
+                               capture_output=True, text=True, timeout=30, check=False).stdout
+        return all(part in shown for part in ("sluice-gateway", "ModelInfer", "sluice.queue", "onnxruntime.run"))
+    wait_for(traced, 15, "a whole trace in `sluice traces`")
+
     # Ctrl-C stops everything, in order, and leaves no process behind.
     children = descendants(up.pid)
     assert len(children) >= 4, children  # etcd, 2 services, gateway (+ Envoy)
