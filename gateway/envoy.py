@@ -161,6 +161,11 @@ class EnvoyProcess:
         return current.proc.pid if current is not None and current.proc.returncode is None else None
 
     @property
+    def draining_pids(self) -> list[int]:
+        """Envoys of earlier epochs that still run (they drain, then exit by themselves)."""
+        return [e.proc.pid for e in self._older if e.proc.returncode is None]
+
+    @property
     def epoch(self) -> int:
         return self._current.epoch if self._current is not None else 0
 

@@ -12,7 +12,7 @@ time while, in order:
 3. a new version 3 lands in A's repository, registers, and gets weight;
 4. version 1 leaves A's repository: A deregisters it, waits ``--deregister-grace``, drains it;
 5. the controller is SIGKILLed; weights change while it is down; a new controller takes over;
-6. Envoy is hot-restarted (a new epoch takes over the listener, the old one drains);
+6. Envoy is hot-restarted (a new epoch takes over the listener, the old one drains and exits);
 7. an operator writes an invalid routing document with etcdctl.
 
 Each step is checked for effect, and at the end: zero failed requests, and traffic in every step.
@@ -331,6 +331,13 @@ async def test_chaos_under_load_costs_no_request(
         await weights({2: 20, 3: 80})  # the controller publishes to, and confirms with, the new Envoy
         live = await status()
         assert live is not None and live.envoy_config_version == await asyncio.to_thread(gw.routes_version)
+        assert envoy.draining_pids == [old_pid]
+
+        async def old_epoch_gone() -> bool:
+            return not envoy.draining_pids
+
+        # Every client connection moves over (GOAWAY, reconnect) before the old Envoy exits.
+        await eventually(old_epoch_gone, STEP_TIMEOUT_S, "the old Envoy drained and exited")
         await run_load_for(1.0)
 
         load.phase = "invalid-routing"
