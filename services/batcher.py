@@ -58,7 +58,8 @@ class _Pending:
     result: BatchResult | None = None
     error: SluiceError | None = None
     lead: bool = False
-    """Set (with ``event``) when a finishing leader hands its execution slot to this request."""
+    """The request's thread holds an execution slot: it led from the start, or a finishing leader
+    handed its slot over (and set ``event``)."""
 
     @property
     def done(self) -> bool:
@@ -110,6 +111,7 @@ class Batcher:
             lead = self._leaders < self._instances
             if lead:
                 self._leaders += 1
+                item.lead = True  # holds a slot: a hand-off must skip it
             else:
                 self._arrived.notify()
         if not lead:
@@ -154,14 +156,12 @@ class Batcher:
                 self._lead(own)
 
     def _hand_off(self) -> None:
-        """Give this execution slot to the first waiting request, or free it. Called with the lock."""
-        while self._queue:
-            head = self._queue[0]
-            if not head.lead:
-                head.lead = True
-                head.event.set()
+        """Give this execution slot to the first queued follower, or free it. Called with the lock."""
+        for waiting in self._queue:
+            if not waiting.lead:  # a follower; queued requests of leaders already hold a slot
+                waiting.lead = True
+                waiting.event.set()
                 return
-            break
         self._leaders -= 1
         if self._leaders == 0 and not self._queue:
             self._idle.notify_all()
