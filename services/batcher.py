@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,25 +50,31 @@ class BatchResult:
 class _Pending:
     feeds: dict[str, npt.NDArray[Any]]
     rows: int
-    key: Hashable
     outputs: tuple[str, ...]
     deadline: float | None
     enqueued: float
-    event: threading.Event = field(default_factory=threading.Event)
+    event: threading.Event | None = None
+    """Only a request that waits gets one (made under the lock, before it waits)."""
     result: BatchResult | None = None
     error: SluiceError | None = None
     lead: bool = False
     """The request's thread holds an execution slot: it led from the start, or a finishing leader
     handed its slot over (and set ``event``)."""
 
+    _key: Hashable = None
+
     @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
 
-
-def _batch_key(feeds: dict[str, npt.NDArray[Any]], outputs: tuple[str, ...]) -> Hashable:
-    """Requests merge only when every input agrees on dtype and on all dimensions but the first."""
-    return (tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in feeds.items()), outputs)
+    @property
+    def key(self) -> Hashable:
+        """Requests merge only when every input agrees on dtype and on all dimensions but the
+        first (computed when first compared: a lone request never needs it)."""
+        if self._key is None:
+            self._key = (tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in self.feeds.items()),
+                         self.outputs)
+        return self._key
 
 
 class Batcher:
@@ -99,7 +105,7 @@ class Batcher:
     def submit(self, feeds: dict[str, npt.NDArray[Any]], rows: int, outputs: tuple[str, ...],
                deadline: float | None) -> BatchResult:
         """Run one request (possibly inside a larger batch); blocks the calling thread until done."""
-        item = _Pending(feeds, rows, _batch_key(feeds, outputs), outputs, deadline, time.monotonic())
+        item = _Pending(feeds, rows, outputs, deadline, time.monotonic())
         with self._lock:
             if self._closing:
                 raise ModelNotReadyError(f"model '{self.model.name}' version {self.model.version} is unloading")
@@ -113,9 +119,10 @@ class Batcher:
                 self._leaders += 1
                 item.lead = True  # holds a slot: a hand-off must skip it
             else:
+                item.event = event = threading.Event()
                 self._arrived.notify()
         if not lead:
-            item.event.wait()
+            event.wait()
             if not item.lead:
                 return self._outcome(item)
         self._lead(item)
@@ -149,9 +156,9 @@ class Batcher:
             # Another leader holds our request in its batch: wait for it like a follower would. A
             # fresh event, then a second look: the other leader may finish between the two.
             own.lead = False
-            own.event = threading.Event()
+            own.event = event = threading.Event()
             if not own.done:
-                own.event.wait()
+                event.wait()
             if own.lead:
                 self._lead(own)
 
@@ -160,6 +167,7 @@ class Batcher:
         for waiting in self._queue:
             if not waiting.lead:  # a follower; queued requests of leaders already hold a slot
                 waiting.lead = True
+                assert waiting.event is not None
                 waiting.event.set()
                 return
         self._leaders -= 1
@@ -216,7 +224,9 @@ class Batcher:
     @staticmethod
     def _finish(item: _Pending, result: BatchResult | None = None, error: SluiceError | None = None) -> None:
         item.result, item.error = result, error
-        item.event.set()
+        event = item.event  # read after the result: a waiter that set one up sees either
+        if event is not None:
+            event.set()
 
     def _run(self, batch: list[_Pending]) -> None:
         """One ONNX Runtime call for the batch, on this (handler) thread, lock not held."""
