@@ -23,6 +23,7 @@ _GATEWAY_FLAGS = (
     "envoy_concurrency", "envoy_hot_restart", "access_log", "metrics_host", "metrics_port", "debounce_ms",
     "confirm_timeout", "connect_timeout_ms", "route_timeout", "per_try_timeout", "num_retries", "max_request_bytes",
     "health_check_interval", "rate_limits", "otlp_endpoint", "trace_sampling", "log_level", "log_format",
+    "log_levels",
 )
 
 
@@ -73,6 +74,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--trace-sampling", type=float, help="percent of new requests Envoy traces (default 100)")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     g.add_argument("--log-format", choices=["auto", "json", "console"])
+    g.add_argument("--log-levels", help="per-component levels: gateway.controller=debug,mesh=warning")
     parser.set_defaults(func=run)
 
 
@@ -90,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"sluice gateway: invalid settings: {exc}", file=sys.stderr)
         return 2
-    sluice_logging.configure(settings.log_level, settings.log_format)
+    try:
+        levels = sluice_logging.parse_levels(settings.log_levels)
+    except ValueError as exc:
+        print(f"sluice gateway: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    sluice_logging.configure(settings.log_level, settings.log_format, levels)
 
     async def main() -> None:
         controller = GatewayController(settings, etcd_settings)

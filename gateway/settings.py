@@ -67,6 +67,8 @@ class GatewaySettings(BaseSettings):
     """Percent of new requests Envoy traces."""
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    log_levels: str | None = None
+    """Per-component levels, e.g. ``gateway.controller=debug,mesh=warning``."""
 
     @field_validator("rate_limits", mode="before")
     @classmethod
