@@ -153,14 +153,12 @@ class Batcher:
                     self._hand_off()
                     break
         if not own.done:
-            # Another leader holds our request in its batch: wait for it like a follower would. A
-            # fresh event, then a second look: the other leader may finish between the two.
-            own.lead = False
+            # The queue ran dry without our request: another leader holds it in its batch. Wait
+            # for it (no hand-off can reach it, it is not queued). A fresh event, then a second
+            # look: the other leader may finish between the two.
             own.event = event = threading.Event()
             if not own.done:
                 event.wait()
-            if own.lead:
-                self._lead(own)
 
     def _hand_off(self) -> None:
         """Give this execution slot to the first queued follower, or free it. Called with the lock."""
