@@ -8,6 +8,7 @@ the model manager and awaited from the handler thread.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -45,8 +46,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.loop = loop
 
     def _control(self, operation: Coroutine[Any, Any, None]) -> None:
-        """Run a model-manager operation on the loop and wait for it from this handler thread."""
-        asyncio.run_coroutine_threadsafe(operation, self.loop).result(_CONTROL_TIMEOUT)
+        """Run a model-manager operation on the loop and wait for it from this handler thread.
+
+        Scheduled from an empty context: the loop task would otherwise inherit this RPC's log
+        fields and hand them on to every task it starts (repository syncs, retries)."""
+        future = contextvars.Context().run(asyncio.run_coroutine_threadsafe, operation, self.loop)
+        future.result(_CONTROL_TIMEOUT)
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.plane.live())
