@@ -86,6 +86,25 @@ async def status_of(client: EtcdClient, schema: KeySchema) -> StatusDocument | N
     return None if kv is None else StatusDocument.from_json(kv.value)
 
 
+def track_passes(sync: MeshSync) -> list[int]:
+    """Record the routing revision each sync pass plans from (the returned list's one item).
+
+    A test that slips an edit in between a pass's read and its patch must pick the pass planning
+    the new document: a periodic pass still on the older one would hold at that older revision,
+    and the new document (newer than the hold) would then rightly take over.
+    """
+    pass_revision = [0]
+    original_sync = sync.sync_model
+
+    async def recording_sync(model: str) -> StatusDocument:
+        state = sync.state.model(model) if sync.state else None
+        pass_revision[0] = state.routing_revision if state else 0
+        return await original_sync(model)  # reads sync.state before its first await, as above
+
+    sync.sync_model = recording_sync  # type: ignore[method-assign]
+    return pass_revision
+
+
 @pytest.fixture
 def store() -> MemoryVirtualServices:
     memory = MemoryVirtualServices()
@@ -142,10 +161,15 @@ async def test_version_without_instances_gets_no_traffic(client: EtcdClient, sch
 async def test_concurrent_edit_is_detected_not_overwritten(client: EtcdClient, schema: KeySchema,
                                                            store: MemoryVirtualServices, running: MeshSync) -> None:
     await register(client, schema, 1, 2)
-    await set_weights(client, schema, "iris", {1: 90, 2: 10})
+    first = await set_weights(client, schema, "iris", {1: 90, 2: 10})
     await _wait_status(client, schema, lambda s: s.effective_weights == {1: 90, 2: 10})
 
+    # The operator's edit must land inside the pass that plans the 60/40 document (see track_passes).
+    pass_revision = track_passes(running)
+
     def operator_edits_weights(name: str) -> None:
+        if pass_revision[0] <= first.revision:
+            return  # an older pass: stay armed
         store.after_get = None  # once
         store.edit(name, lambda obj: _set_weights(obj, {1: 20, 2: 80}))
 
