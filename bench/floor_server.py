@@ -9,6 +9,10 @@ protocol sluice speaks: ``inference.GRPCInferenceService``).
 
     python -m bench.floor_server --port 9001 --canned mlp=/tmp/mlp.resp.bin --canned heavy=/tmp/h.bin
 
+``--sync`` serves the same answers from grpcio's synchronous server (handler thread pool), the
+server design sluice uses: the difference between the two floors is what the server design costs
+before any of sluice's own work.
+
 Each ``--canned`` file holds one serialized ModelInferResponse (written by bench/run.py from the
 in-process onnxruntime result for the benchmark input, so the floor's answers are also correct ones).
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -37,6 +43,37 @@ class FloorServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ign
         if response is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"floor: no canned response for {request.model_name!r}")
         return response
+
+
+class SyncFloorServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The same, on the synchronous server's handler threads."""
+
+    def __init__(self, canned: dict[str, service_pb2.ModelInferResponse]) -> None:
+        self._canned = canned
+
+    def ModelInfer(  # noqa: N802 (generated gRPC method name)
+        self, request: service_pb2.ModelInferRequest, context: grpc.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
+        response = self._canned.get(request.model_name)
+        if response is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"floor: no canned response for {request.model_name!r}")
+        return response
+
+
+def serve_sync(port: int, canned: dict[str, service_pb2.ModelInferResponse], host: str, threads: int) -> None:
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)],
+                         maximum_concurrent_rpcs=None)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(SyncFloorServicer(canned), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise SystemExit(f"floor: cannot bind {host}:{port}")
+    server.start()
+    print(f"floor (sync, {threads} threads): serving {sorted(canned)} on {host}:{bound}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=1.0).wait()
 
 
 def load_canned(specs: list[str]) -> dict[str, service_pb2.ModelInferResponse]:
@@ -70,8 +107,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--canned", action="append", default=[], metavar="MODEL=PATH")
+    parser.add_argument("--sync", action="store_true", help="grpcio's synchronous server instead of grpc.aio")
+    parser.add_argument("--threads", type=int, default=128, help="handler threads of the --sync server")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, load_canned(args.canned), args.host))
+    if args.sync:
+        serve_sync(args.port, load_canned(args.canned), args.host, args.threads)
+    else:
+        asyncio.run(serve(args.port, load_canned(args.canned), args.host))
 
 
 if __name__ == "__main__":

@@ -175,6 +175,19 @@ class FloorTarget(Target):
         return spawn(self.name, cmd, ctx.workdir / "logs" / "floor.log", port, cpu=ctx.server_cpu, nice=ctx.nice)
 
 
+class SyncFloorTarget(Target):
+    name = "floor-sync"
+    label = "floor (bare sync grpc, canned)"
+
+    def start(self, ctx: RunContext) -> ServerProcess:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.floor_server", "--sync", "--port", str(port)]
+        for model in ctx.models:
+            cmd += ["--canned", f"{model}={ctx.canned[model]}"]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "floor-sync.log", port, cpu=ctx.server_cpu,
+                     nice=ctx.nice)
+
+
 class SluiceTarget(Target):
     name = "sluice"
     label = "sluice"
@@ -322,6 +335,7 @@ class PyTritonTarget(Target):
 
 SERVER_TARGETS: dict[str, type[Target]] = {
     "floor": FloorTarget,
+    "floor-sync": SyncFloorTarget,
     "sluice": SluiceTarget,
     "mlserver": MLServerTarget,
     "pytriton": PyTritonTarget,

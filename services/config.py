@@ -22,6 +22,10 @@ class DynamicBatching(_Strict):
 
     max_queue_delay_us: int = Field(0, ge=0, le=10_000_000)
     """Once a request waits, how long to hold it for more to arrive (0: run with what is queued)."""
+    arrival_wait_us: int = Field(5000, ge=0, le=1_000_000)
+    """Before a batch is taken, wait up to this long for requests the server has already accepted
+    but is still receiving or decoding on other threads (0 = never). Costs a lone request nothing:
+    with nothing arriving there is no wait."""
     preferred_batch_sizes: tuple[int, ...] = ()
     """Stop waiting early when the batch reaches one of these sizes."""
     max_queue_size: int = Field(1024, ge=1)

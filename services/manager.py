@@ -209,7 +209,7 @@ class ModelManager:
             self._failed(name, version, exc, serving=current is not None)
             return False
         self._cancel_retry(name, version)
-        served = ServedVersion.start(model, self.metrics.for_version(name, version))
+        served = ServedVersion.start(model, self.metrics.for_version(name, version), self.registry.arrivals)
         previous = self.registry.publish(served)
         seconds = time.perf_counter() - started
         self.metrics.loads.labels(name, "ok").inc()

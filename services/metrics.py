@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from services.arrivals import Arrivals
+
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
@@ -89,9 +91,13 @@ class _RequestCollector(Collector):
 
 
 class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, arrivals: Arrivals | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        if arrivals is not None:
+            arriving = Gauge("sluice_arriving_requests", "Inference requests accepted by the server and not yet "
+                             "queued for a model (being received or decoded)", registry=r)
+            arriving.set_function(lambda: arrivals.pending)
         # Kept for the life of the process: a version that comes back keeps counting from where it was.
         self._versions: dict[tuple[str, int], VersionMetrics] = {}
         r.register(_RequestCollector(self._versions))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from services.arrivals import Arrivals
 from services.batcher import Batcher
 from services.errors import ModelNotFoundError, ModelNotReadyError
 from services.metrics import VersionMetrics
@@ -45,7 +46,7 @@ class ServedVersion:
         return self.model.version
 
     @classmethod
-    def start(cls, model: OnnxModel, metrics: VersionMetrics) -> ServedVersion:
+    def start(cls, model: OnnxModel, metrics: VersionMetrics, arrivals: Arrivals | None = None) -> ServedVersion:
         """Wrap a loaded model with its queue, ready to take requests."""
         served: ServedVersion
 
@@ -54,7 +55,7 @@ class ServedVersion:
                 served.stats.record_execution(batch_rows, compute_seconds)
                 metrics.batch.observe(batch_rows)
 
-        served = cls(model, Batcher(model, on_execution), metrics)
+        served = cls(model, Batcher(model, on_execution, arrivals), metrics)
         return served
 
 
@@ -71,6 +72,8 @@ _Served = Mapping[str, Mapping[int, ServedVersion]]
 
 class ModelRegistry:
     def __init__(self) -> None:
+        self.arrivals = Arrivals()
+        """Accepted inference requests not yet queued: shared by every version's batcher."""
         self._served: _Served = MappingProxyType({})
         self._status: dict[tuple[str, int], VersionStatus] = {}
         self._model_errors: dict[str, str] = {}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import structlog
@@ -30,6 +29,7 @@ from mesh.tracing import configure_tracing, shutdown_tracing
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
+from services.arrivals import CountingPool
 from services.dataplane import DataPlane
 from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import InferenceServicer
@@ -43,6 +43,7 @@ from services.watcher import RepositoryWatcher
 log = structlog.get_logger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+INFER_METHOD = f"/{INFERENCE_SERVICE}/ModelInfer"
 
 
 def _reflection_pool() -> None:
@@ -58,8 +59,8 @@ class ModelServer:
         self.settings = settings
         self.etcd = etcd if settings.registry else None
         self.registration: Registration | None = None
-        self.metrics = ServiceMetrics()
         self.registry = ModelRegistry()
+        self.metrics = ServiceMetrics(arrivals=self.registry.arrivals)
         self.manager = ModelManager(settings.repo, self.registry, self.metrics,
                                     load_threads=settings.load_threads, drain_timeout=settings.drain_timeout,
                                     quiet_seconds=settings.reload_quiet_ms / 1000,
@@ -93,7 +94,8 @@ class ModelServer:
                 tracer_provider=self._tracer_provider, filter_=filters.negate(filters.health_check())))
         interceptors.append(ErrorInterceptor())
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=s.max_concurrency, thread_name_prefix="grpc-handler"),
+            CountingPool(self.registry.arrivals, frozenset({INFER_METHOD}), max_workers=s.max_concurrency,
+                         thread_name_prefix="grpc-handler"),
             interceptors=interceptors,
             maximum_concurrent_rpcs=s.max_concurrency * 4,
             options=[
