@@ -13,6 +13,8 @@ preferred size or the maximum.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import threading
 import time
 from collections import deque
@@ -47,6 +49,28 @@ class BatchResult:
     batch_rows: int
 
 
+class _Signal:
+    """A one-shot wake-up for one waiting thread: a bare lock, created held (cheaper than a
+    ``threading.Event``, whose wait and set run Python-level condition code on every request).
+    Setting it twice is harmless."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            with contextlib.suppress(RuntimeError):  # released already: a racing second set
+                self._lock.release()
+
+    def wait(self) -> None:
+        self._lock.acquire()
+
+
 @dataclass(slots=True)
 class _Pending:
     feeds: dict[str, npt.NDArray[Any]]
@@ -54,7 +78,7 @@ class _Pending:
     outputs: tuple[str, ...]
     deadline: float | None
     enqueued: float
-    event: threading.Event | None = None
+    event: _Signal | None = None
     """Only a request that waits gets one (made under the lock, before it waits)."""
     result: BatchResult | None = None
     error: SluiceError | None = None
@@ -127,7 +151,7 @@ class Batcher:
                 self._leaders += 1
                 item.lead = True  # holds a slot: a hand-off must skip it
             else:
-                item.event = event = threading.Event()
+                item.event = event = _Signal()
                 self._arrived.notify()
         arrivals = self._arrivals
         if arrivals is not None:
@@ -172,7 +196,7 @@ class Batcher:
             # The queue ran dry without our request: another leader holds it in its batch. Wait
             # for it (no hand-off can reach it, it is not queued). A fresh event, then a second
             # look: the other leader may finish between the two.
-            own.event = event = threading.Event()
+            own.event = event = _Signal()
             if not own.done:
                 event.wait()
 

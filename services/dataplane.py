@@ -91,24 +91,28 @@ class DataPlane:
         model = served.model
         metrics = served.metrics
         structlog.contextvars.bind_contextvars(model=model.name, version=model.version, request_id=request.id)
-        submitted_ns = time.time_ns()
-        with served.lock:
+        submitted_ns = time.time_ns() if self.tracer is not None else 0
+        lock = served.lock
+        with lock:
             metrics.inflight += 1
         try:
             rows = model.validate(request.inputs, request.outputs)
-            feeds = {tensor.name: tensor.data for tensor in request.inputs}
-            names = tuple(request.outputs) if request.outputs else tuple(model.output_names)
-            result = served.batcher.submit(feeds, rows, tuple(request.outputs), request.deadline)
+            outputs = tuple(request.outputs)
+            result = served.batcher.submit({tensor.name: tensor.data for tensor in request.inputs}, rows, outputs,
+                                           request.deadline)
         except SluiceError as exc:
-            with served.lock:
+            with lock:
+                metrics.inflight -= 1
                 served.stats.fail.add(time.monotonic() - started)
                 metrics.count(status_name(exc))
             raise
-        finally:
-            with served.lock:
+        except BaseException:
+            with lock:
                 metrics.inflight -= 1
+            raise
         total = time.monotonic() - started
-        with served.lock:
+        with lock:
+            metrics.inflight -= 1
             served.stats.record_success(rows, total, result.queue_seconds)
             metrics.count("OK")
             metrics.queue.observe(result.queue_seconds)
@@ -117,13 +121,13 @@ class DataPlane:
         if self.tracer is not None:
             self._spans(submitted_ns, result, model.name, model.version, rows)
         datatypes = model.output_datatypes
-        outputs = [
-            InferOutput(name, datatypes[name], array.shape, array)
-            for name, array in zip(names, result.outputs, strict=True)
-        ]
+        names = outputs or model.output_names
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # the cheap check keeps the hot path free of it
             log.debug("inference done", rows=rows, batch_rows=result.batch_rows, ms=round(total * 1000, 3))
-        return InferResponse(model.name, model.version, request.id, outputs)
+        return InferResponse(model.name, model.version, request.id, [
+            InferOutput(name, datatypes[name], array.shape, array)
+            for name, array in zip(names, result.outputs, strict=True)
+        ])
 
     def _spans(self, submitted_ns: int, result: BatchResult, model: str, version: int, rows: int) -> None:
         """Queue wait and ONNX Runtime call as children of the RPC's span, timed after the fact

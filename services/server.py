@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -29,7 +31,7 @@ from mesh.tracing import configure_tracing, shutdown_tracing
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
-from services.arrivals import CountingPool
+from services.arrivals import HandlerPool
 from services.dataplane import DataPlane
 from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import InferenceServicer
@@ -92,11 +94,11 @@ class ModelServer:
             # Server spans for every RPC but health checks (probes would drown the traces).
             interceptors.append(server_interceptor(  # type: ignore[no-untyped-call]
                 tracer_provider=self._tracer_provider, filter_=filters.negate(filters.health_check())))
-        interceptors.append(ErrorInterceptor())
+        errors = ErrorInterceptor(tracing=self._tracer_provider is not None)
         server = grpc.server(
-            CountingPool(self.registry.arrivals, frozenset({INFER_METHOD}), max_workers=s.max_concurrency,
-                         thread_name_prefix="grpc-handler"),
-            interceptors=interceptors,
+            cast(ThreadPoolExecutor, HandlerPool(self.registry.arrivals, frozenset({INFER_METHOD}),
+                                                 max_workers=s.max_concurrency, thread_name_prefix="grpc-handler")),
+            interceptors=interceptors or None,
             maximum_concurrent_rpcs=s.max_concurrency * 4,
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
@@ -105,13 +107,14 @@ class ModelServer:
             ],
         )
         servicer = InferenceServicer(self.plane, self.manager, asyncio.get_running_loop())
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        registering: Any = errors.installing(server)  # every handler below goes through it
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registering)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registering)
         _reflection_pool()
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
-            server, pool=POOL)
+            registering, pool=POOL)
         self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         if self.port == 0:
             raise OSError(f"cannot listen on {s.host}:{s.port}")

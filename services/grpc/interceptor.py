@@ -7,7 +7,7 @@ is logged with its traceback and answered INTERNAL with a generic message and a 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import grpc
@@ -33,21 +33,30 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
                                             "the server log has the details")
 
 
-def _bind_context(method: str, context: grpc.ServicerContext) -> None:
-    """Per-RPC log fields. Handler threads are reused, so the previous RPC's fields go first."""
-    structlog.contextvars.clear_contextvars()
-    fields: dict[str, str] = {"rpc": method.rpartition("/")[2], "peer": context.peer()}
-    ids = current_ids()
-    if ids is not None:
-        fields["trace_id"], fields["span_id"] = ids
-    structlog.contextvars.bind_contextvars(**fields)
+def _bind_context(rpc: str, context: grpc.ServicerContext, tracing: bool) -> None:
+    """Per-RPC log fields. gRPC runs every RPC in a fresh ``contextvars.Context``, so nothing of
+    the previous RPC on this handler thread is left to clear."""
+    if tracing:
+        ids = current_ids()
+        if ids is not None:
+            structlog.contextvars.bind_contextvars(rpc=rpc, peer=context.peer(), trace_id=ids[0], span_id=ids[1])
+            return
+    structlog.contextvars.bind_contextvars(rpc=rpc, peer=context.peer())
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions to status codes for unary and streaming handlers alike."""
+    """Maps exceptions to status codes for unary and streaming handlers alike.
 
-    def __init__(self) -> None:
+    Usable as a gRPC interceptor, but the server installs it with :meth:`installing` instead:
+    the handlers are wrapped once, as they are registered, so no interceptor pipeline runs on
+    gRPC's single polling thread for every call (measured: a visible share of that thread's time
+    at 32 concurrent calls on one core).
+    """
+
+    def __init__(self, tracing: bool = False) -> None:
         self._cache: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+        self._tracing = tracing
+        """Tracing is on: log lines get the trace and span ids."""
 
     def intercept_service(
         self,
@@ -58,17 +67,24 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if method in self._cache:
             return self._cache[method]
         handler = continuation(handler_call_details)
-        wrapped = None if handler is None else self._wrap(handler, method)
+        wrapped = None if handler is None else self._wrap(handler, method, self._tracing)
         self._cache[method] = wrapped
         return wrapped
 
+    def installing(self, server: grpc.Server) -> _WrappingServer:
+        """A stand-in for ``server`` to pass to generated ``add_*_to_server`` functions: every
+        method handler they register reaches ``server`` wrapped by this interceptor."""
+        return _WrappingServer(server, self)
+
     @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str, tracing: bool
+              ) -> grpc.RpcMethodHandler[Any, Any]:
+        rpc = method.rpartition("/")[2]
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
             def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                _bind_context(method, context)
+                _bind_context(rpc, context, tracing)
                 try:
                     return inner(request, context)
                 except Exception as exc:  # this is the translation point
@@ -83,7 +99,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
             inner_stream: Any = handler.stream_stream
 
             def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-                _bind_context(method, context)
+                _bind_context(rpc, context, tracing)
                 try:
                     yield from inner_stream(requests, context)
                 except Exception as exc:
@@ -95,3 +111,29 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 stream_stream, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
+
+
+class _WrappedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: ErrorInterceptor) -> None:
+        self._inner = inner
+        self._interceptor = interceptor
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return self._interceptor.intercept_service(self._inner.service, handler_call_details)
+
+
+class _WrappingServer:
+    """What generated registration code needs of a server, wrapping what it registers."""
+
+    def __init__(self, server: grpc.Server, interceptor: ErrorInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._interceptor) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str,
+                                       handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+        tracing = self._interceptor._tracing
+        self._server.add_registered_method_handlers(service, {
+            name: ErrorInterceptor._wrap(handler, f"/{service}/{name}", tracing) for name, handler in handlers.items()})

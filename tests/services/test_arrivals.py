@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from services.arrivals import Arrivals, CountingPool
+from services.arrivals import Arrivals, HandlerPool
 from tests.fixtures.service import ServiceHandle
 from tests.services.clients import RPC_TIMEOUT_S
 
@@ -80,32 +79,74 @@ def test_settle_is_bounded_and_stops_when_the_batch_is_full() -> None:
     waker.join(5)
 
 
+def _run(pool: HandlerPool, fn: Any, event: _Event) -> None:
+    """Submit as gRPC does and wait until the work item is done."""
+    finished = threading.Event()
+    pool.submit(fn, event).add_done_callback(lambda _done: finished.set())
+    assert finished.wait(10)
+
+
 @pytest.mark.timeout(30)
 def test_pool_counts_only_the_named_methods_and_never_leaks() -> None:
     arrivals = Arrivals()
-    pool = CountingPool(arrivals, frozenset({INFER}), max_workers=2)
+    pool = HandlerPool(arrivals, frozenset({INFER}), max_workers=2)
     try:
         seen: list[int] = []
         # Registered methods carry their name as the event's tag; generic ones in call details.
         for event in (_Event(tag=INFER), _Event(method=INFER.encode())):
-            pool.submit(lambda _e: seen.append(arrivals.pending), event).result(10)
+            _run(pool, lambda _e: seen.append(arrivals.pending), event)
         assert seen == [1, 1] and arrivals.pending == 0
 
-        pool.submit(lambda _e: seen.append(arrivals.pending), _Event(tag="/grpc.health.v1.Health/Check")).result(10)
+        _run(pool, lambda _e: seen.append(arrivals.pending), _Event(tag="/grpc.health.v1.Health/Check"))
         assert seen[-1] == 0
 
         def fails(_event: Any) -> None:
             raise ValueError("handler failed before queueing")
 
-        failed: Future[None] = pool.submit(fails, _Event(tag=INFER))
-        with pytest.raises(ValueError):
-            failed.result(10)
+        _run(pool, fails, _Event(tag=INFER))
         assert arrivals.pending == 0
+        # gRPC adds its callback after submit returns: one added late still runs, at once.
+        late: list[object] = []
+        done = pool.submit(lambda _e: None, _Event(tag=INFER))
+        deadline = time.monotonic() + 10
+        while arrivals.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        done.add_done_callback(late.append)
+        assert late == [done]
     finally:
         pool.shutdown(wait=True)
     with pytest.raises(RuntimeError):
         pool.submit(lambda _e: None, _Event(tag=INFER))
     assert arrivals.pending == 0  # refused by a shut-down pool: not counted either
+
+
+@pytest.mark.timeout(30)
+def test_pool_runs_at_most_max_workers_at_once_and_queues_the_rest() -> None:
+    pool = HandlerPool(Arrivals(), frozenset(), max_workers=3)
+    lock = threading.Lock()
+    running = [0, 0]  # now, most
+    release = threading.Event()
+
+    def work() -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        release.wait(10)
+        with lock:
+            running[0] -= 1
+
+    finished = threading.Semaphore(0)
+    try:
+        for _ in range(10):
+            pool.submit(work).add_done_callback(lambda _done: finished.release())
+        time.sleep(0.3)
+        assert running[1] == 3
+        release.set()
+        for _ in range(10):
+            assert finished.acquire(timeout=10)
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _arriving(service: ServiceHandle) -> float:
