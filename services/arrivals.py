@@ -15,6 +15,7 @@ when a gRPC version stops passing one, nothing is counted and leaders simply nev
 from __future__ import annotations
 
 import _thread
+import os
 import queue
 import threading
 import time
@@ -131,7 +132,7 @@ class HandlerPool:
     """
 
     def __init__(self, arrivals: Arrivals, counted: frozenset[str], max_workers: int,
-                 thread_name_prefix: str = "handler") -> None:
+                 thread_name_prefix: str = "handler", batch_policy: bool = False) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         self.arrivals = arrivals
@@ -144,6 +145,8 @@ class HandlerPool:
         self._idle = 0
         """Threads waiting for work, minus work already queued for them."""
         self._shut_down = False
+        self._batch_policy = batch_policy
+        """Run the threads under Linux's SCHED_BATCH policy (see :func:`_sched_batch`)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> _Done:
         counted = False
@@ -168,6 +171,8 @@ class HandlerPool:
         return done
 
     def _work(self) -> None:
+        if self._batch_policy:
+            _sched_batch()
         arrivals = self.arrivals
         get = self._queue.get
         while True:
@@ -198,6 +203,24 @@ class HandlerPool:
         if wait:
             for thread in threads:
                 thread.join()
+
+
+def _sched_batch() -> None:
+    """Put the calling thread under SCHED_BATCH: a thread that wakes up (a handler given a new
+    call, a follower given its rows) no longer preempts the one running, which keeps its core
+    until its time slice ends. On one busy core that keeps a batch leader's ONNX Runtime call and
+    each handler's Python work from being cut up and interleaved, each evicting the other's
+    caches: measured at 32 concurrent clients on one core, 1.3x the throughput for a tiny model and
+    1.3-1.5x for a heavy one, larger batches, no change at one client. Unprivileged (the nice
+    value stays); where the platform has no such policy, nothing changes."""
+    setter = getattr(os, "sched_setscheduler", None)
+    policy = getattr(os, "SCHED_BATCH", None)
+    if setter is None or policy is None:
+        return
+    try:
+        setter(0, policy, os.sched_param(0))
+    except OSError as exc:
+        log.debug("SCHED_BATCH refused; handler threads keep the default policy", error=str(exc))
 
 
 def _method(arg: Any) -> str | None:

@@ -97,7 +97,8 @@ class ModelServer:
         errors = ErrorInterceptor(tracing=self._tracer_provider is not None)
         server = grpc.server(
             cast(ThreadPoolExecutor, HandlerPool(self.registry.arrivals, frozenset({INFER_METHOD}),
-                                                 max_workers=s.max_concurrency, thread_name_prefix="grpc-handler")),
+                                                 max_workers=s.max_concurrency, thread_name_prefix="grpc-handler",
+                                                 batch_policy=s.handler_policy == "batch")),
             interceptors=interceptors or None,
             maximum_concurrent_rpcs=s.max_concurrency * 4,
             options=[

@@ -33,6 +33,10 @@ class ServiceSettings(BaseSettings):
     """Largest gRPC message accepted or sent, in MiB."""
     max_concurrency: int = Field(128, ge=1, le=4096)
     """gRPC handler threads: requests handled at once (more wait in gRPC's queue, up to 4x this)."""
+    handler_policy: Literal["batch", "normal"] = "batch"
+    """Linux scheduling policy of the handler threads: ``batch`` (SCHED_BATCH: a waking thread
+    does not preempt the running one, so inference and request handling are not cut up on a busy
+    core) or ``normal`` (the default policy, for latency-sensitive neighbours on a shared core)."""
     grace_period: float = Field(10.0, ge=0)
     """On SIGTERM: seconds to finish in-flight requests after the server stops accepting new ones."""
     drain_timeout: float = Field(30.0, ge=0)

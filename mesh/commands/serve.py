@@ -27,6 +27,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB (default 64)")
     parser.add_argument("--max-concurrency", type=int,
                         help="requests handled at once (gRPC handler threads, default 128)")
+    parser.add_argument("--handler-policy", choices=["batch", "normal"],
+                        help="Linux scheduling policy of the handler threads (default batch: a waking "
+                             "thread does not preempt a running one)")
     parser.add_argument("--grace-period", type=float, help="seconds to finish in-flight requests on SIGTERM")
     parser.add_argument("--drain-timeout", type=float, help="seconds a retired version gets to drain")
     parser.add_argument("--watch", action=argparse.BooleanOptionalAction,

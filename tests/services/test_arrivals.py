@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -183,3 +184,31 @@ def test_the_service_counts_arrivals_back_to_zero_after_good_and_bad_requests(
     while _arriving(zoo) != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _arriving(zoo) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("batch_policy", "expected"), [(True, "SCHED_BATCH"), (False, "SCHED_OTHER")])
+def test_pool_threads_run_under_the_asked_policy(batch_policy: bool, expected: str) -> None:
+    pool = HandlerPool(Arrivals(), frozenset(), max_workers=1, batch_policy=batch_policy)
+    seen: list[int] = []
+    try:
+        _run(pool, lambda _e: seen.append(os.sched_getscheduler(0)), _Event())
+    finally:
+        pool.shutdown(wait=True)
+    assert seen == [getattr(os, expected)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread policies from /proc")
+@pytest.mark.timeout(120)
+def test_the_service_handler_threads_run_under_sched_batch(zoo: ServiceHandle) -> None:
+    with grpc.insecure_channel(zoo.address) as channel:  # starts at least one handler thread
+        pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=RPC_TIMEOUT_S)
+    policies: dict[int, tuple[str, int]] = {}
+    for task in Path(f"/proc/{zoo.process.pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        policies[int(task.name)] = (name, int(stat[stat.rindex(")") + 2:].split()[38]))  # field 41: policy
+    # Python 3.11 does not name OS threads: the handler threads are the ones under SCHED_BATCH.
+    assert any(policy == os.SCHED_BATCH for _, policy in policies.values()), policies
+    assert policies[zoo.process.pid][1] == os.SCHED_OTHER  # the main thread (asyncio loop) keeps the default
