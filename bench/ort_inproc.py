@@ -75,12 +75,20 @@ def main() -> None:
     parser.add_argument("--input", action="append", required=True, metavar="NAME=NPY")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rows", type=int, default=0,
+                        help="repeat each input's first row into a batch of this many rows (0: as given); "
+                             "rps then counts rows per second")
     args = parser.parse_args()
     feeds = {}
     for spec in args.input:
         name, _, path = spec.partition("=")
         feeds[name] = np.load(path)
-    print(json.dumps(measure(args.model, feeds, args.duration, args.warmup)))
+    if args.rows:
+        feeds = {name: np.repeat(array[:1], args.rows, axis=0) for name, array in feeds.items()}
+    result = measure(args.model, feeds, args.duration, args.warmup)
+    if args.rows:
+        result["rps"] *= args.rows
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import FrameType
 
@@ -167,10 +167,15 @@ def prepare_cases(repo: Path, models: list[str], batch: int, workdir: Path) -> d
     return cases
 
 
-def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path) -> Point:
-    """In-process baseline in a child pinned to the server core; ``--repeat`` runs, fastest kept."""
+def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path, rows: int = 0) -> Point:
+    """In-process baseline in a child pinned to the server core; ``--repeat`` runs, fastest kept.
+
+    With ``rows``, every call runs one batch of that many rows and req/s counts rows: the model's
+    cost per row when batched, which with the floor gives a server's bound (see render_bounds)."""
     cmd = cpu.launch_prefix(args.server_cpu, args.nice)
     cmd += [sys.executable, "-m", "bench.ort_inproc", "--model", str(case.path), "--duration", f"{args.duration:g}"]
+    if rows:
+        cmd += ["--rows", str(rows)]
     for arg_name in case.inputs:
         cmd += ["--input", f"{arg_name}={workdir / f'{case.name}.{arg_name}.npy'}"]
     best: dict[str, float] | None = None
@@ -190,10 +195,12 @@ def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path) -> Point:
             best = data
     assert best is not None
     note = "in-process session.run, 1 thread" + (f", best of {args.repeat}" if args.repeat > 1 else "")
+    if rows:
+        note += f"; {rows}-row batches, req/s = rows/s, p50 per call"
     return Point(
         "ort",
         case.name,
-        1,
+        rows or 1,
         "ok",
         rps=best["rps"],
         p50_ms=best["p50_ms"],
@@ -360,6 +367,31 @@ def render_table(points: list[Point], targets: list[str], labels: dict[str, str]
     return "\n".join(lines)
 
 
+def render_bounds(points: list[Point], targets: list[str], labels: dict[str, str]) -> str:
+    """At the highest concurrency: the bound a server can reach on one core, the floor's time per
+    request plus the model's time per row in full batches, and each server's share of it."""
+    by_key = {(p.target, p.model, p.concurrency): p for p in points if p.status == "ok"}
+    conc = max((p.concurrency for p in points), default=0)
+    servers = [t for t in targets if t not in ("ort", "floor", "floor-sync")]
+    rows = []
+    for model in dict.fromkeys(p.model for p in points):
+        floor, batched = by_key.get(("floor", model, conc)), by_key.get(("ort", model, conc))
+        if floor is None or batched is None or conc < 2:
+            continue
+        bound = 1.0 / (1.0 / floor.rps + 1.0 / batched.rps)
+        shares = []
+        for target in servers:
+            point = by_key.get((target, model, conc))
+            shares.append("-" if point is None else f"{point.rps / bound:.0%}")
+        rows.append(f"| {model} | {bound:,.0f} | " + " | ".join(shares) + " |")
+    if not rows:
+        return ""
+    head = "| model | bound req/s | " + " | ".join(labels.get(t, t) for t in servers) + " |"
+    return (f"Bound at concurrency {conc} (1 / (floor's time per request + the model's time per row in "
+            f"{conc}-row batches)) and each server's share of it:\n\n{head}\n"
+            f"|---|---:|{'---:|' * len(servers)}\n" + "\n".join(rows) + "\n")
+
+
 def _peer_version(venv: str, package: str) -> str:
     python = VENVS / venv / "bin" / "python"
     if not python.exists():
@@ -416,6 +448,8 @@ def command_line(args: argparse.Namespace) -> str:
     ]
     if args.repeat > 1:
         parts.append(f"--repeat {args.repeat}")
+    if args.rounds > 1:
+        parts.append(f"--rounds {args.rounds}")
     if args.quiet_wait:
         parts.append(f"--quiet-wait {args.quiet_wait:g}")
     if args.nice:
@@ -450,6 +484,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-cpu", default="0", help="taskset core list for servers ('' = no pinning)")
     parser.add_argument("--client-cpu", default="1", help="taskset core list for h2load ('' = no pinning)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per point; the fastest is kept (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole sweep (every target, servers restarted) this many times and "
+                             "report each point's median round: machine noise drifts, and rounds interleave "
+                             "the targets in time (default 1)")
     parser.add_argument(
         "--quiet-wait",
         type=float,
@@ -508,6 +546,57 @@ def _main(argv: list[str] | None) -> int:
             cpu.set_autogroup_nice("self", saved_nice)
 
 
+def _one_round(args: argparse.Namespace, cases: dict[str, ModelCase], ctx: RunContext, workdir: Path,
+               points: list[Point]) -> bool:
+    """Every target once (servers started and stopped); returns True when interrupted."""
+    try:
+        if "ort" in args.targets:
+            batched = max(args.concurrency)
+            for case in cases.values():
+                for rows in (0, batched) if batched > 1 else (0,):
+                    point = run_ort(case, args, workdir, rows)
+                    print(
+                        f"[ort] {case.name:<6} rows={rows or 1:<3} {point.status} {point.rps:9.1f} /s  "
+                        f"p50 {point.p50_ms:.3f} ms p99 {point.p99_ms:.3f} ms "
+                        f"{'' if point.status == 'ok' else point.note}",
+                        flush=True,
+                    )
+                    points.append(point)
+        h2load_missing = loadgen.h2load_path() is None
+        for name in [t for t in args.targets if t in SERVER_TARGETS]:
+            if h2load_missing:
+                note = "h2load not found: `python -m bench --setup` (apt package nghttp2-client)"
+                points += [Point(name, m, c, "skipped", note=note) for m in cases for c in args.concurrency]
+                continue
+            target = MLServerTarget(args.mlserver_workers) if name == "mlserver" else SERVER_TARGETS[name]()
+            bench_target(target, cases, ctx, args, points)
+    except KeyboardInterrupt:
+        print("\ninterrupted: servers stopped, partial results below", flush=True)
+        return True
+    return False
+
+
+def median_points(points: list[Point]) -> list[Point]:
+    """One point per (target, model, concurrency): the round with the median throughput (the lower
+    middle one for an even count), noting the spread when there were several rounds."""
+    groups: dict[tuple[str, str, int], list[Point]] = {}
+    for point in points:
+        groups.setdefault((point.target, point.model, point.concurrency), []).append(point)
+    chosen: list[Point] = []
+    for group in groups.values():
+        ok = sorted((p for p in group if p.status == "ok"), key=lambda p: p.rps)
+        if not ok:
+            chosen.append(group[-1])
+            continue
+        median = ok[(len(ok) - 1) // 2]
+        if len(group) > 1:
+            failed = len(group) - len(ok)
+            spread = f"median of {len(ok)} rounds ({ok[0].rps:,.0f} to {ok[-1].rps:,.0f} req/s)"
+            median = replace(median, note=f"{median.note}; {spread}" + (f", {failed} failed" if failed else ""))
+        chosen.append(median)
+    return chosen
+
+
 def _measure(args: argparse.Namespace) -> int:
     """Build the models, run every target, print and save the table."""
     out = args.out or BENCH_DIR / ".results" / time.strftime("%Y%m%d-%H%M%S")
@@ -534,26 +623,12 @@ def _measure(args: argparse.Namespace) -> int:
             startup_timeout=args.startup_timeout,
         )
         try:
-            if "ort" in args.targets:
-                for case in cases.values():
-                    point = run_ort(case, args, workdir)
-                    print(
-                        f"[ort] {case.name:<6} {point.status} {point.rps:9.1f} calls/s  p50 {point.p50_ms:.3f} ms "
-                        f"p99 {point.p99_ms:.3f} ms {'' if point.status == 'ok' else point.note}",
-                        flush=True,
-                    )
-                    points.append(point)
-            h2load_missing = loadgen.h2load_path() is None
-            for name in [t for t in args.targets if t in SERVER_TARGETS]:
-                if h2load_missing:
-                    note = "h2load not found: `python -m bench --setup` (apt package nghttp2-client)"
-                    points += [Point(name, m, c, "skipped", note=note) for m in cases for c in args.concurrency]
-                    continue
-                target = MLServerTarget(args.mlserver_workers) if name == "mlserver" else SERVER_TARGETS[name]()
-                bench_target(target, cases, ctx, args, points)
-        except KeyboardInterrupt:
-            interrupted = True
-            print("\ninterrupted: servers stopped, partial results below", flush=True)
+            for round_no in range(args.rounds):
+                if args.rounds > 1:
+                    print(f"[round {round_no + 1}/{args.rounds}]", flush=True)
+                interrupted = _one_round(args, cases, ctx, workdir, points)
+                if interrupted:
+                    break
         finally:
             # Keep the server logs next to the results.
             logs = workdir / "logs"
@@ -561,7 +636,12 @@ def _measure(args: argparse.Namespace) -> int:
                 for log in logs.glob("*.log"):
                     (out / log.name).write_bytes(log.read_bytes())
 
+    rounds = points
+    points = median_points(points)
     table = render_table(points, [t for t in ALL_TARGETS if t in args.targets], labels)
+    bounds = render_bounds(points, [t for t in ALL_TARGETS if t in args.targets], labels)
+    if bounds:
+        table += "\n\n" + bounds
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     pin = f"servers on core {args.server_cpu}, h2load on core {args.client_cpu}"
     if args.nice:
@@ -575,7 +655,8 @@ def _measure(args: argparse.Namespace) -> int:
     (out / "results.md").write_text(report)
     (out / "results.json").write_text(
         json.dumps(
-            {"command": command_line(args), "environment": env, "points": [asdict(p) for p in points]},
+            {"command": command_line(args), "environment": env, "points": [asdict(p) for p in points],
+             "rounds": [asdict(p) for p in rounds]},
             indent=2,
             default=str,
         )
