@@ -13,6 +13,11 @@ protocol sluice speaks: ``inference.GRPCInferenceService``).
 server design sluice uses: the difference between the two floors is what the server design costs
 before any of sluice's own work.
 
+``--sync --model NAME=PATH`` makes it the smallest real server instead: each request's raw tensors
+go to onnxruntime (one thread, no batching, no checks) and the outputs come back raw. Next to
+the canned floor it shows what running a model at all costs a server; next to sluice, what
+sluice's validation, batching, statistics and metrics cost on top.
+
 Each ``--canned`` file holds one serialized ModelInferResponse (written by bench/run.py from the
 in-process onnxruntime result for the benchmark input, so the floor's answers are also correct ones).
 """
@@ -60,10 +65,48 @@ class SyncFloorServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return response
 
 
-def serve_sync(port: int, canned: dict[str, service_pb2.ModelInferResponse], host: str, threads: int) -> None:
+_NUMPY = {"FP32": "float32", "FP64": "float64", "FP16": "float16", "INT32": "int32", "INT64": "int64",
+          "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
+
+
+class MinimalOrtServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Raw tensors in, onnxruntime, raw tensors out: nothing else."""
+
+    def __init__(self, models: dict[str, str]) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._sessions = {name: ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                          for name, path in models.items()}
+
+    def ModelInfer(  # noqa: N802 (generated gRPC method name)
+        self, request: service_pb2.ModelInferRequest, context: grpc.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
+        import numpy as np
+
+        session = self._sessions.get(request.model_name)
+        if session is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"minimal: no model {request.model_name!r}")
+        feeds = {t.name: np.frombuffer(raw, dtype=_NUMPY[t.datatype]).reshape(tuple(t.shape))
+                 for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)}
+        names = [o.name for o in session.get_outputs()]
+        results = session.run(names, feeds)
+        response = service_pb2.ModelInferResponse(model_name=request.model_name, model_version="1")
+        for name, array in zip(names, results, strict=True):
+            datatype = next(k for k, v in _NUMPY.items() if v == array.dtype.name)
+            response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+            response.raw_output_contents.append(array.tobytes())
+        return response
+
+
+def serve_sync(port: int, canned: dict[str, service_pb2.ModelInferResponse], host: str, threads: int,
+               models: dict[str, str] | None = None) -> None:
     server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[("grpc.so_reuseport", 0)],
                          maximum_concurrent_rpcs=None)
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(SyncFloorServicer(canned), server)
+    servicer = MinimalOrtServicer(models) if models else SyncFloorServicer(canned)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise SystemExit(f"floor: cannot bind {host}:{port}")
@@ -109,9 +152,12 @@ def main() -> None:
     parser.add_argument("--canned", action="append", default=[], metavar="MODEL=PATH")
     parser.add_argument("--sync", action="store_true", help="grpcio's synchronous server instead of grpc.aio")
     parser.add_argument("--threads", type=int, default=128, help="handler threads of the --sync server")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="with --sync: run these ONNX models instead of answering canned responses")
     args = parser.parse_args()
     if args.sync:
-        serve_sync(args.port, load_canned(args.canned), args.host, args.threads)
+        models = dict(spec.partition("=")[::2] for spec in args.model)
+        serve_sync(args.port, load_canned(args.canned), args.host, args.threads, models)
     else:
         asyncio.run(serve(args.port, load_canned(args.canned), args.host))
 

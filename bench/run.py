@@ -372,7 +372,7 @@ def render_bounds(points: list[Point], targets: list[str], labels: dict[str, str
     request plus the model's time per row in full batches, and each server's share of it."""
     by_key = {(p.target, p.model, p.concurrency): p for p in points if p.status == "ok"}
     conc = max((p.concurrency for p in points), default=0)
-    servers = [t for t in targets if t not in ("ort", "floor", "floor-sync")]
+    servers = [t for t in targets if t not in ("ort", "floor", "floor-sync", "minimal")]
     rows = []
     for model in dict.fromkeys(p.model for p in points):
         floor, batched = by_key.get(("floor", model, conc)), by_key.get(("ort", model, conc))

@@ -188,6 +188,18 @@ class SyncFloorTarget(Target):
                      nice=ctx.nice)
 
 
+class MinimalOrtTarget(Target):
+    name = "minimal"
+    label = "minimal sync grpc + onnxruntime"
+
+    def start(self, ctx: RunContext) -> ServerProcess:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.floor_server", "--sync", "--port", str(port)]
+        for model in ctx.models:
+            cmd += ["--model", f"{model}={ctx.repo / model / '1' / 'model.onnx'}"]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "minimal.log", port, cpu=ctx.server_cpu, nice=ctx.nice)
+
+
 class SluiceTarget(Target):
     name = "sluice"
     label = "sluice"
@@ -336,6 +348,7 @@ class PyTritonTarget(Target):
 SERVER_TARGETS: dict[str, type[Target]] = {
     "floor": FloorTarget,
     "floor-sync": SyncFloorTarget,
+    "minimal": MinimalOrtTarget,
     "sluice": SluiceTarget,
     "mlserver": MLServerTarget,
     "pytriton": PyTritonTarget,
