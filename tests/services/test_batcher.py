@@ -18,6 +18,7 @@ import tritonclient.grpc.aio as triton_aio
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from services.arrivals import Arrivals
 from services.batcher import Batcher
 from services.config import DynamicBatching, ModelConfig
 from services.errors import ModelNotReadyError
@@ -241,3 +242,36 @@ def test_batcher_drain_finishes_queued_work_then_refuses(identity_model: OnnxMod
         np.testing.assert_array_equal(pending.result(timeout=WAIT_S).outputs[0], np.ones((1, 2), np.int64))
     with pytest.raises(ModelNotReadyError, match="unloading"):
         batcher.submit({"x": np.ones((1, 2), np.int64)}, 1, (), None)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arrival_wait_us", [1_000_000, 0])
+def test_leader_waits_for_an_arriving_request_only_when_asked(tmp_path: Path, arrival_wait_us: int) -> None:
+    """A request still being decoded elsewhere (counted in Arrivals) joins the leader's batch when
+    the leader may wait for it; with ``arrival_wait_us: 0`` the leader runs alone at once."""
+    path = models.write_model(tmp_path, "arrive", models.identity("INT64"))
+    config = ModelConfig(max_batch_size=8, dynamic_batching=DynamicBatching(arrival_wait_us=arrival_wait_us))
+    arrivals = Arrivals()
+    executions: list[int] = []
+    batcher = Batcher(OnnxModel("arrive", 1, path, config), lambda rows, _s: executions.append(rows), arrivals)
+    first, second = np.ones((1, 2), np.int64), np.full((2, 2), 7, np.int64)
+
+    def late_request() -> object:
+        arrivals.begin()  # this thread's request was accepted before the leader looked
+        time.sleep(0.3)  # ...and takes a while to decode
+        return batcher.submit({"x": second}, 2, (), None)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        arrivals.enter()
+        late = pool.submit(late_request)
+        started = time.monotonic()
+        result = batcher.submit({"x": first}, 1, (), None)
+        led_for = time.monotonic() - started
+        late_result = late.result(timeout=WAIT_S)
+    np.testing.assert_array_equal(result.outputs[0], first)
+    np.testing.assert_array_equal(late_result.outputs[0], second)  # type: ignore[attr-defined]
+    assert arrivals.pending == 0
+    if arrival_wait_us:
+        assert executions == [3] and led_for >= 0.25
+    else:
+        assert executions == [1, 2] and led_for < 0.25
