@@ -178,8 +178,11 @@ def test_the_service_counts_arrivals_back_to_zero_after_good_and_bad_requests(
                 codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as exc:
                 codes.append(exc.code())
+        # A stream's requests run one after another on one handler thread, uncounted.
+        streamed = list(stub.ModelStreamInfer(iter(requests[1:6]), timeout=RPC_TIMEOUT_S))
     assert grpc.StatusCode.OK in codes and grpc.StatusCode.INVALID_ARGUMENT in codes
     assert grpc.StatusCode.NOT_FOUND in codes
+    assert len(streamed) == 5 and any(not r.error_message for r in streamed)
     deadline = time.monotonic() + 10
     while _arriving(zoo) != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
