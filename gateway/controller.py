@@ -33,7 +33,7 @@ from gateway.status import changed, status_documents
 from mesh.errors import MeshError
 from mesh.etcd import EtcdClient, Resync, watch_prefix
 from mesh.keys import KeySchema
-from mesh.records import RoutingDocument, StatusDocument
+from mesh.records import RoutingDocument, StatusDocument, parse_routing_document
 from mesh.registry import RegistryState, apply_event, build_state
 from mesh.settings import EtcdSettings
 
@@ -297,10 +297,22 @@ class GatewayController:
 
     async def reconcile(self, state: RegistryState, started: float | None = None) -> Snapshot | None:
         """Render ``state`` and make it live; returns the live snapshot (the old one on failure)."""
-        wanted = render_snapshot(state, self._last_good, self.options)
         for name, model in state.models.items():
             if model.routing is not None:
                 self._last_good[name] = model.routing
+            elif (model.routing_error is not None and name not in self._last_good and model.status is not None
+                  and model.status.routing is not None):
+                # Restarted while the document is invalid: the routing in force before (kept in
+                # the model's status) stays, rather than all traffic going to the newest version.
+                try:
+                    recovered = parse_routing_document(model.status.routing.to_dict())
+                except MeshError as exc:
+                    log.warning("last_good_routing_unusable", model=name, error=str(exc))
+                    continue
+                self._last_good[name] = recovered
+                log.warning("last_good_routing_from_status", model=name, routing_error=model.routing_error,
+                            weights=recovered.weights)
+        wanted = render_snapshot(state, self._last_good, self.options)
         failure: str | None = None
         if self._live is not None and not self._live.plans and wanted.content_hash == self._live.content_hash:
             self._live = wanted  # found on disk at start-up: same content, now with its plans

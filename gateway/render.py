@@ -88,6 +88,7 @@ def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPla
         warnings=tuple(warnings),
         errors=tuple(list(plan.errors) + extra_errors),
         routing_source=source,
+        routing=routing,
     )
 
 

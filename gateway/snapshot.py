@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from mesh.records import RoutingDocument
+
 LISTENER_NAME = "sluice_grpc"
 ROUTE_CONFIG_NAME = "sluice_routes"
 LDS_FILE = "lds.yaml"
@@ -63,6 +65,8 @@ class ModelPlan:
     routing_source: str = "none"
     """``document`` (valid routing document), ``last-good`` (invalid one, last good kept),
     ``none`` (no routing document: newest serving version)."""
+    routing: RoutingDocument | None = None
+    """The routing document in force (the last good one while the current one is invalid)."""
 
 
 @dataclass(frozen=True)

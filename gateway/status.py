@@ -30,6 +30,7 @@ def status_documents(wanted: Snapshot, live: Snapshot | None, published_at: date
             published_at=published_at,
             warnings=list(plan.warnings),
             errors=errors,
+            routing=live_plan.routing if live_plan is not None else None,
         )
     return documents
 
@@ -38,8 +39,8 @@ def same_status(a: StatusDocument | None, b: StatusDocument) -> bool:
     """Equal apart from the publish time (rewriting only that would only churn etcd)."""
     if a is None:
         return False
-    return (a.effective_weights, a.applied_revision, a.envoy_config_version, a.warnings, a.errors) == (
-        b.effective_weights, b.applied_revision, b.envoy_config_version, b.warnings, b.errors)
+    return (a.effective_weights, a.applied_revision, a.envoy_config_version, a.warnings, a.errors, a.routing) == (
+        b.effective_weights, b.applied_revision, b.envoy_config_version, b.warnings, b.errors, b.routing)
 
 
 def changed(previous: Mapping[str, StatusDocument], current: Mapping[str, StatusDocument]) -> dict[str, StatusDocument]:

@@ -230,6 +230,10 @@ class StatusDocument(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
     """E.g. an invalid routing document (the last good routing stays in force)."""
+    routing: RoutingDocument | None = None
+    """The routing document in force: the last good one while the current one is invalid. A
+    gateway that restarts while the document in etcd is invalid starts from this one instead of
+    sending every request to the newest version."""
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

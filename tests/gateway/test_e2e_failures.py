@@ -216,3 +216,31 @@ async def test_killed_instance_costs_no_request(gateway: GatewayHandle, fleet: F
         await asyncio.gather(*workers)
     assert done > 100
     assert failures == [], failures[:5]
+
+
+async def test_restarted_gateway_keeps_the_routing_in_force_while_the_document_is_invalid(
+        gateway: GatewayHandle, shared_etcd: EtcdServer, gateway_prefix: str, fleet: Fleet, *, client: EtcdClient,
+        schema: KeySchema, tmp_path: Path) -> None:
+    """The last good routing survives a gateway restart (it is kept in the model's status), so an
+    invalid document met at start-up does not send every request to the newest version. Runs last:
+    it stops this module's gateway."""
+    register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
+    register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
+    await set_weights(client, schema, "iris", {1: 90, 2: 10})
+    status = await wait_status(client, schema, lambda s: s.effective_weights == {1: 90, 2: 10} and not s.errors,
+                               "90/10 live")
+    assert status.routing is not None and status.routing.weights == {1: 90, 2: 10}
+
+    await asyncio.to_thread(gateway.stop)
+    shared_etcd.etcdctl("put", schema.routing("iris"), '{"weights": {"1": 0, "2": 0}}')
+    restarted = await asyncio.to_thread(start_gateway, shared_etcd, gateway_prefix, tmp_path / "restarted")
+    try:
+        status = await wait_status(client, schema, lambda s: any("last good routing stays in force" in e
+                                                                  for e in s.errors), "restarted with last good")
+        assert status.effective_weights == {1: 90, 2: 10}
+        counts = await count_versions(restarted.address, 300, HEADER)
+        assert counts["1"] > 200 and counts["2"] > 0, counts  # not all to version 2, the newest
+        assert "last_good_routing_from_status" in restarted.process.log_text()
+    finally:
+        await asyncio.to_thread(restarted.stop)
+        await set_weights(client, schema, "iris", {1: 100})  # the CLI's compare-and-swap replaces the bad one
