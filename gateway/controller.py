@@ -122,6 +122,9 @@ class GatewayController:
         self._invalid: dict[str, str] = {}
         self._written: dict[str, StatusDocument] = {}
         self._retry_at: float | None = None
+        self._behind_since: float | None = None
+        """When etcd first showed a write the watch had not delivered (None: caught up)."""
+        self._watch_lag = 0.0
         self._failures = 0
         # Held while files are published: the liveness check must not "repair" a publish in flight.
         self._publishing = asyncio.Lock()
@@ -269,7 +272,8 @@ class GatewayController:
                 log.exception("gateway_reconcile_crashed")
 
     async def _liveness_loop(self) -> None:
-        """Re-publish when Envoy serves something else (restarted on other files), retry failures."""
+        """Re-publish when Envoy serves something else (restarted on other files), retry failures;
+        measure the watch lag."""
         while True:
             await asyncio.sleep(_LIVENESS_INTERVAL)
             try:
@@ -277,9 +281,32 @@ class GatewayController:
                 self.metrics.envoy_up.set(1)
             except (GatewayError, ValueError):
                 self.metrics.envoy_up.set(0)
+            await self.measure_watch_lag()
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
                 self._dirty.set()
+
+    async def measure_watch_lag(self) -> float:
+        """Seconds since etcd first showed a write under the prefix that the watch has not delivered
+        (0 when caught up, or when etcd cannot be asked: the connection gauge covers that)."""
+        state = self._state
+        try:
+            newest = await self._client.newest_mod_revision(self.schema.models_prefix)
+        except MeshError:
+            return self._watch_lag
+        if state is not None and newest > state.revision:
+            if self._behind_since is None:
+                self._behind_since = time.monotonic()
+            lag = time.monotonic() - self._behind_since
+            if lag > 5 * _LIVENESS_INTERVAL:
+                log.warning("registry_watch_lagging", seconds=round(lag, 1), etcd_revision=newest,
+                            seen_revision=state.revision)
+        else:
+            self._behind_since = None
+            lag = 0.0
+        self._watch_lag = lag
+        self.metrics.watch_lag.set(lag)
+        return lag
 
     async def _check_envoy(self) -> None:
         if self._publishing.locked():

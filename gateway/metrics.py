@@ -27,6 +27,10 @@ class GatewayMetrics:
         self.snapshot_revision = Gauge(
             "sluice_gateway_snapshot_revision", "etcd revision rendered into the live snapshot.", registry=r)
         self.snapshot = Info("sluice_gateway_snapshot", "Version of the live snapshot.", registry=r)
+        self.watch_lag = Gauge(
+            "sluice_gateway_watch_lag_seconds",
+            "How long the controller's registry view has been behind etcd (a write under the prefix "
+            "that its watch has not delivered yet); 0 when caught up. Checked every second.", registry=r)
         self.envoy_up = Gauge("sluice_gateway_envoy_up", "1 while Envoy's admin API answers.", registry=r)
         self.envoy_restarts = Counter("sluice_gateway_envoy_restarts", "Envoy restarts by the supervisor.",
                                       registry=r)

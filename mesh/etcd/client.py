@@ -216,6 +216,13 @@ class EtcdClient:
         result = await self._call(lambda c: c.get_prefix(_key(prefix), sort_order="ascend"))
         return Snapshot(int(result.header.revision), tuple(KeyValue.from_etcd(kv) for kv in result.kvs))
 
+    async def newest_mod_revision(self, prefix: str | bytes) -> int:
+        """The highest ``mod_revision`` of the keys under ``prefix`` (0 when there are none): the
+        revision of the last write a watch on that prefix must have delivered (deletes aside)."""
+        result = await self._call(lambda c: c.get_prefix(_key(prefix), sort_order="descend", sort_target="mod",
+                                                         keys_only=True))
+        return max((int(kv.mod_revision) for kv in result.kvs), default=0)
+
     async def put(self, key: str | bytes, value: bytes, *, lease: int | None = None) -> int:
         """Write ``key``; returns the revision of the write."""
         result = await self._call(lambda c: c.put(_key(key), value, lease=lease))

@@ -101,3 +101,13 @@ async def test_username_and_password(etcd: EtcdServer) -> None:
     with pytest.raises(EtcdAuthError, match="refused the credentials"):
         await client.connect()
     await client.close()
+
+
+async def test_newest_mod_revision_of_a_prefix(client: EtcdClient, etcd_prefix: str) -> None:
+    assert await client.newest_mod_revision(f"{etcd_prefix}none/") == 0
+    first = await client.put(f"{etcd_prefix}m/a", b"1")
+    second = await client.put(f"{etcd_prefix}m/b", b"2")
+    await client.put(f"{etcd_prefix}other", b"3")  # outside the prefix: not counted
+    assert await client.newest_mod_revision(f"{etcd_prefix}m/") == second > first
+    third = await client.put(f"{etcd_prefix}m/a", b"4")
+    assert await client.newest_mod_revision(f"{etcd_prefix}m/") == third
