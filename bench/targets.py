@@ -164,40 +164,37 @@ class Target(ABC):
 
 
 class FloorTarget(Target):
+    """``bench/floor_server.py`` in one of its modes; the subclasses say which."""
+
     name = "floor"
     label = "floor (bare grpc.aio, canned)"
+    flags: tuple[str, ...] = ()
+    runs_models = False
+    """Serve the models (``--model``) instead of canned responses (``--canned``)."""
 
     def start(self, ctx: RunContext) -> ServerProcess:
         port = free_port()
-        cmd = [sys.executable, "-m", "bench.floor_server", "--port", str(port)]
+        cmd = [sys.executable, "-m", "bench.floor_server", *self.flags, "--port", str(port)]
         for model in ctx.models:
-            cmd += ["--canned", f"{model}={ctx.canned[model]}"]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "floor.log", port, cpu=ctx.server_cpu, nice=ctx.nice)
-
-
-class SyncFloorTarget(Target):
-    name = "floor-sync"
-    label = "floor (bare sync grpc, canned)"
-
-    def start(self, ctx: RunContext) -> ServerProcess:
-        port = free_port()
-        cmd = [sys.executable, "-m", "bench.floor_server", "--sync", "--port", str(port)]
-        for model in ctx.models:
-            cmd += ["--canned", f"{model}={ctx.canned[model]}"]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "floor-sync.log", port, cpu=ctx.server_cpu,
+            if self.runs_models:
+                cmd += ["--model", f"{model}={ctx.repo / model / '1' / 'model.onnx'}"]
+            else:
+                cmd += ["--canned", f"{model}={ctx.canned[model]}"]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / f"{self.name}.log", port, cpu=ctx.server_cpu,
                      nice=ctx.nice)
 
 
-class MinimalOrtTarget(Target):
+class SyncFloorTarget(FloorTarget):
+    name = "floor-sync"
+    label = "floor (bare sync grpc, canned)"
+    flags = ("--sync",)
+
+
+class MinimalOrtTarget(FloorTarget):
     name = "minimal"
     label = "minimal sync grpc + onnxruntime"
-
-    def start(self, ctx: RunContext) -> ServerProcess:
-        port = free_port()
-        cmd = [sys.executable, "-m", "bench.floor_server", "--sync", "--port", str(port)]
-        for model in ctx.models:
-            cmd += ["--model", f"{model}={ctx.repo / model / '1' / 'model.onnx'}"]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "minimal.log", port, cpu=ctx.server_cpu, nice=ctx.nice)
+    flags = ("--sync",)
+    runs_models = True
 
 
 class SluiceTarget(Target):
