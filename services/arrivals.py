@@ -193,7 +193,7 @@ class HandlerPool:
             with self._lock:
                 self._idle += 1
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool = True) -> None:
         """Stop taking work; the threads finish what is queued, then exit."""
         with self._lock:
             self._shut_down = True

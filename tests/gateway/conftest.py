@@ -9,15 +9,17 @@ to etcd, as a service's registrar would.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from examples.build_models import build_iris
+from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
 from mesh.records import InstanceRecord, InstanceState
+from mesh.settings import EtcdSettings
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess, free_port
@@ -101,3 +103,18 @@ def register(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, versio
     key, value = record(schema, service, version, instance_id, state=state, model=model)
     etcd.etcdctl("put", key, value)
     return key
+
+
+@pytest.fixture(scope="module")
+def schema(gateway_prefix: str) -> KeySchema:
+    return KeySchema(gateway_prefix)
+
+
+@pytest.fixture
+async def client(shared_etcd: EtcdServer, gateway_prefix: str) -> AsyncIterator[EtcdClient]:
+    etcd_client = EtcdClient(EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=gateway_prefix))
+    await etcd_client.connect()
+    try:
+        yield etcd_client
+    finally:
+        await etcd_client.close()

@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -21,7 +21,6 @@ from gateway.envoy import find_envoy
 from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
 from mesh.registry import set_weights
-from mesh.settings import EtcdSettings
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
@@ -68,21 +67,6 @@ def gateway(shared_etcd: EtcdServer, gateway_prefix: str, marker: Path,
         yield handle
     finally:
         handle.stop()
-
-
-@pytest.fixture(scope="module")
-def schema(gateway_prefix: str) -> KeySchema:
-    return KeySchema(gateway_prefix)
-
-
-@pytest.fixture
-async def client(shared_etcd: EtcdServer, gateway_prefix: str) -> AsyncIterator[EtcdClient]:
-    etcd_client = EtcdClient(EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=gateway_prefix))
-    await etcd_client.connect()
-    try:
-        yield etcd_client
-    finally:
-        await etcd_client.close()
 
 
 HEADER = [("x-model-name", "iris")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -17,7 +17,6 @@ from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
 from mesh.records import StatusDocument
 from mesh.registry import set_weights
-from mesh.settings import EtcdSettings
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.gateway.conftest import Fleet, register
@@ -29,26 +28,11 @@ PROPAGATION_TIMEOUT_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def schema(gateway_prefix: str) -> KeySchema:
-    return KeySchema(gateway_prefix)
-
-
-@pytest.fixture(scope="module")
 def registered(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
     register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
     register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
     register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
     return gateway
-
-
-@pytest.fixture
-async def client(shared_etcd: EtcdServer, gateway_prefix: str) -> AsyncIterator[EtcdClient]:
-    etcd_client = EtcdClient(EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=gateway_prefix))
-    await etcd_client.connect()
-    try:
-        yield etcd_client
-    finally:
-        await etcd_client.close()
 
 
 async def read_status(client: EtcdClient, schema: KeySchema, model: str = "iris") -> StatusDocument | None:
