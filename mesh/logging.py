@@ -8,11 +8,74 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from collections.abc import Callable, MutableMapping
+from contextvars import ContextVar
+from typing import Any, Literal
 
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
+
+
+class RequestFields:
+    """The log fields of one RPC, filled in as it goes and rendered only when a line is logged.
+
+    On the inference path binding them as structlog context variables cost more than the rest of
+    the bookkeeping together (a ``ContextVar.set`` per field and per request, for lines that are
+    almost never written); an RPC sets this one object instead (:func:`bind_request`) and
+    :func:`merge_request_fields` adds what is set to each line logged within the RPC.
+    """
+
+    __slots__ = ("model", "peer", "request_id", "rpc", "span_id", "trace_id", "version")
+
+    def __init__(self, rpc: str | None = None, peer: Callable[[], str] | None = None) -> None:
+        self.rpc = rpc
+        self.peer = peer
+        """Called when a line is logged (the peer address is rarely needed)."""
+        self.model: str | None = None
+        self.version: int | None = None
+        self.request_id: str | None = None
+        self.trace_id: str | None = None
+        self.span_id: str | None = None
+
+    def render(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if self.rpc is not None:
+            fields["rpc"] = self.rpc
+        if self.peer is not None:
+            try:
+                fields["peer"] = self.peer()
+            except Exception:  # a finished call may no longer know its peer; the line still goes out
+                fields["peer"] = "unknown"
+        for name in ("trace_id", "span_id", "model", "version", "request_id"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        return fields
+
+
+_REQUEST: ContextVar[RequestFields | None] = ContextVar("sluice_request_fields", default=None)
+
+
+def request_fields() -> RequestFields | None:
+    """The current RPC's fields, if one is bound in this context."""
+    return _REQUEST.get()
+
+
+def bind_request(fields: RequestFields) -> RequestFields:
+    """Bind ``fields`` for the rest of the current context (gRPC gives every RPC a fresh one)."""
+    _REQUEST.set(fields)
+    return fields
+
+
+def merge_request_fields(logger: Any, method: str, event_dict: MutableMapping[str, Any]
+                         ) -> MutableMapping[str, Any]:
+    """structlog processor: the bound RPC's fields, where the line does not set them itself."""
+    fields = _REQUEST.get()
+    if fields is not None:
+        for key, value in fields.render().items():
+            event_dict.setdefault(key, value)
+    return event_dict
 
 
 def parse_levels(spec: str | None) -> dict[str, str]:
@@ -32,6 +95,7 @@ def configure(level: str = "info", fmt: LogFormat = "auto", levels: dict[str, st
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        merge_request_fields,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

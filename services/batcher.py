@@ -18,7 +18,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +72,16 @@ class _Signal:
 
 
 @dataclass(slots=True)
-class _Pending:
+class Pending:
+    """One queued request. What a batch's accounting callback reads: ``rows``, ``since`` (when the
+    request reached the data plane) and ``enqueued``, all ``time.monotonic()``."""
+
     feeds: dict[str, npt.NDArray[Any]]
     rows: int
     outputs: tuple[str, ...]
     deadline: float | None
     enqueued: float
+    since: float
     event: _Signal | None = None
     """Only a request that waits gets one (made under the lock, before it waits)."""
     result: BatchResult | None = None
@@ -102,13 +106,21 @@ class _Pending:
         return self._key
 
 
-class Batcher:
-    """The request queue and execution slots of one model version. Thread-safe."""
+OnBatch = Callable[[Sequence[Pending], int, float, float], None]
+"""Accounting of one successful ONNX Runtime call: (requests, rows, started, done)."""
 
-    def __init__(self, model: OnnxModel, on_execution: Callable[[int, float], None] | None = None,
-                 arrivals: Arrivals | None = None) -> None:
+
+class Batcher:
+    """The request queue and execution slots of one model version. Thread-safe.
+
+    ``on_batch`` is called once per successful ONNX Runtime call, on the leader's thread, before
+    any of the batch's callers sees its result: the statistics and metrics of every request in
+    the batch are recorded there at once, not by each request under a lock of its own.
+    """
+
+    def __init__(self, model: OnnxModel, on_batch: OnBatch | None = None, arrivals: Arrivals | None = None) -> None:
         self.model = model
-        self._on_execution = on_execution
+        self._on_batch = on_batch
         self._arrivals = arrivals
         config = model.config
         self.max_batch_size = model.max_batch_size
@@ -124,18 +136,28 @@ class Batcher:
         self._arrived = threading.Condition(self._lock)
         """Notified when a request is queued (a leader holding a batch open waits on it)."""
         self._idle = threading.Condition(self._lock)
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Pending] = deque()
         self._leaders = 0
+        self._running = 0
+        """Requests in batches being run (taken off the queue, not yet answered)."""
         self._closing = False
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def inflight(self) -> int:
+        """Requests queued or running (read without the lock: a gauge)."""
+        return len(self._queue) + self._running
+
     def submit(self, feeds: dict[str, npt.NDArray[Any]], rows: int, outputs: tuple[str, ...],
-               deadline: float | None) -> BatchResult:
-        """Run one request (possibly inside a larger batch); blocks the calling thread until done."""
-        item = _Pending(feeds, rows, outputs, deadline, time.monotonic())
+               deadline: float | None, since: float | None = None) -> BatchResult:
+        """Run one request (possibly inside a larger batch); blocks the calling thread until done.
+
+        ``since``: when the request reached the service (its total time counts from there)."""
+        now = time.monotonic()
+        item = Pending(feeds, rows, outputs, deadline, now, now if since is None else since)
         with self._lock:
             if self._closing:
                 raise ModelNotReadyError(f"model '{self.model.name}' version {self.model.version} is unloading")
@@ -169,13 +191,13 @@ class Batcher:
         return self._queued_rows >= self.max_batch_size
 
     @staticmethod
-    def _outcome(item: _Pending) -> BatchResult:
+    def _outcome(item: Pending) -> BatchResult:
         if item.error is not None:
             raise item.error
         assert item.result is not None
         return item.result
 
-    def _lead(self, own: _Pending) -> None:
+    def _lead(self, own: Pending) -> None:
         """Run batches from the head of the queue until ``own`` is answered, then pass the slot on."""
         while True:
             if self.max_batch_size and self._arrival_wait > 0 and self._arrivals is not None:
@@ -189,6 +211,7 @@ class Batcher:
             if batch:
                 self._run(batch)
             with self._lock:
+                self._running -= len(batch)
                 if own.done or not batch:
                     self._hand_off()
                     break
@@ -209,16 +232,17 @@ class Batcher:
                 waiting.event.set()
                 return
         self._leaders -= 1
-        if self._leaders == 0 and not self._queue:
-            self._idle.notify_all()
+        if self._closing and self._leaders == 0 and not self._queue:
+            self._idle.notify_all()  # drain() waits for this
 
-    def _take_batch(self) -> list[_Pending]:
+    def _take_batch(self) -> list[Pending]:
         """Pop a batch of compatible requests off the head of the queue. Called with the lock."""
         batch = self._pick_batch()
-        self._queued_rows = sum(p.rows for p in self._queue)
+        self._queued_rows = sum(p.rows for p in self._queue) if self._queue else 0
+        self._running += len(batch)
         return batch
 
-    def _pick_batch(self) -> list[_Pending]:
+    def _pick_batch(self) -> list[Pending]:
         while self._queue:
             first = self._queue.popleft()
             if self._viable(first):
@@ -229,9 +253,11 @@ class Batcher:
             return [first]
         if self._delay > 0:
             self._hold_open(first)
+        if not self._queue:
+            return [first]
         batch = [first]
         rows = first.rows
-        kept: deque[_Pending] = deque()
+        kept: deque[Pending] = deque()
         while self._queue:
             item = self._queue.popleft()
             if item.key == first.key and rows + item.rows <= self.max_batch_size:
@@ -243,7 +269,7 @@ class Batcher:
         self._queue = kept
         return batch
 
-    def _hold_open(self, first: _Pending) -> None:
+    def _hold_open(self, first: Pending) -> None:
         """Wait (lock released) up to the queue delay for compatible rows to reach a preferred size."""
         until = first.enqueued + self._delay
         while True:
@@ -255,7 +281,7 @@ class Batcher:
                 return
             self._arrived.wait(remaining)
 
-    def _viable(self, item: _Pending) -> bool:
+    def _viable(self, item: Pending) -> bool:
         """Answer requests whose deadline already passed instead of running them."""
         if item.deadline is not None and time.monotonic() >= item.deadline:
             self._finish(item, error=DeadlineExceededError(
@@ -265,17 +291,17 @@ class Batcher:
         return True
 
     @staticmethod
-    def _finish(item: _Pending, result: BatchResult | None = None, error: SluiceError | None = None) -> None:
+    def _finish(item: Pending, result: BatchResult | None = None, error: SluiceError | None = None) -> None:
         item.result, item.error = result, error
         event = item.event  # read after the result: a waiter that set one up sees either
         if event is not None:
             event.set()
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _run(self, batch: list[Pending]) -> None:
         """One ONNX Runtime call for the batch, on this (handler) thread, lock not held."""
         started = time.monotonic()
         outputs = batch[0].outputs
-        total = sum(p.rows for p in batch)
+        total = batch[0].rows if len(batch) == 1 else sum(p.rows for p in batch)
         try:
             if len(batch) == 1:
                 feeds = batch[0].feeds
@@ -287,11 +313,11 @@ class Batcher:
             for item in batch:
                 self._finish(item, error=error)
             return
-        compute = time.monotonic() - started
-        if self._on_execution is not None:
-            self._on_execution(total, compute)
+        done = time.monotonic()
+        compute = done - started
         if len(batch) == 1:
             item = batch[0]
+            self._account(batch, total, started, done)
             self._finish(item, BatchResult(results, started - item.enqueued, compute, total))
             return
         bad = [i for i, r in enumerate(results) if r.ndim == 0 or r.shape[0] != total]
@@ -303,12 +329,23 @@ class Batcher:
             for item in batch:
                 self._finish(item, error=error)
             return
+        self._account(batch, total, started, done)
         offset = 0
         for item in batch:
             end = offset + item.rows
             self._finish(item, BatchResult([r[offset:end] for r in results], started - item.enqueued,
                                            compute, total))
             offset = end
+
+    def _account(self, batch: list[Pending], rows: int, started: float, done: float) -> None:
+        """Record a successful call; a failure to record must not keep its callers waiting."""
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(batch, rows, started, done)
+        except Exception:
+            log.exception("recording a batch failed; its requests are answered anyway",
+                          model=self.model.name, version=self.model.version)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new requests and wait (blocking) for queued and running ones to finish.

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import structlog
 from opentelemetry.trace import Tracer
 
+from mesh.logging import RequestFields, bind_request, request_fields
 from services import __version__
 from services.batcher import BatchResult
 from services.errors import SluiceError, status_name
@@ -85,45 +86,33 @@ class DataPlane:
 
     # -- inference ----------------------------------------------------------------------------
     def infer(self, request: InferRequest) -> InferResponse:
-        """Run one request; blocks the calling (gRPC handler) thread, never the event loop."""
+        """Run one request; blocks the calling (gRPC handler) thread, never the event loop.
+
+        A success is recorded (statistics, metrics) by the batch that answered it, a failure here.
+        """
         started = time.monotonic()
         served = self.registry.resolve(request.model, request.version)
         model = served.model
-        metrics = served.metrics
-        structlog.contextvars.bind_contextvars(model=model.name, version=model.version, request_id=request.id)
+        fields = request_fields() or bind_request(RequestFields())  # called outside an RPC: bind here
+        fields.model, fields.version, fields.request_id = model.name, model.version, request.id
         submitted_ns = time.time_ns() if self.tracer is not None else 0
-        lock = served.lock
-        with lock:
-            metrics.inflight += 1
         try:
             rows = model.validate(request.inputs, request.outputs)
             outputs = tuple(request.outputs)
             result = served.batcher.submit({tensor.name: tensor.data for tensor in request.inputs}, rows, outputs,
-                                           request.deadline)
+                                           request.deadline, started)
         except SluiceError as exc:
-            with lock:
-                metrics.inflight -= 1
+            with served.lock:
                 served.stats.fail.add(time.monotonic() - started)
-                metrics.count(status_name(exc))
+                served.metrics.count(status_name(exc))
             raise
-        except BaseException:
-            with lock:
-                metrics.inflight -= 1
-            raise
-        total = time.monotonic() - started
-        with lock:
-            metrics.inflight -= 1
-            served.stats.record_success(rows, total, result.queue_seconds)
-            metrics.count("OK")
-            metrics.queue.observe(result.queue_seconds)
-            metrics.compute.observe(result.compute_seconds)
-            metrics.total.observe(total)
         if self.tracer is not None:
             self._spans(submitted_ns, result, model.name, model.version, rows)
         datatypes = model.output_datatypes
         names = outputs or model.output_names
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # the cheap check keeps the hot path free of it
-            log.debug("inference done", rows=rows, batch_rows=result.batch_rows, ms=round(total * 1000, 3))
+            log.debug("inference done", rows=rows, batch_rows=result.batch_rows,
+                      ms=round((time.monotonic() - started) * 1000, 3))
         return InferResponse(model.name, model.version, request.id, [
             InferOutput(name, datatypes[name], array.shape, array)
             for name, array in zip(names, result.outputs, strict=True)

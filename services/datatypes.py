@@ -163,8 +163,9 @@ def encode_bytes(array: npt.NDArray[Any]) -> bytes:
 
 def to_raw(array: npt.NDArray[Any]) -> bytes:
     """Row-major little-endian bytes of an output array, as ``raw_output_contents`` carries them."""
-    if array.dtype.kind in ("O", "U", "S"):
+    dtype = array.dtype
+    if dtype.kind in ("O", "U", "S"):
         return encode_bytes(array)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array).tobytes()
+    if dtype.byteorder == ">":
+        array = array.astype(dtype.newbyteorder("<"))
+    return array.tobytes()  # row-major whatever the array's layout

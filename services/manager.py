@@ -287,6 +287,7 @@ class ModelManager:
     async def _drain(self, served: ServedVersion, reason: str) -> None:
         started = time.perf_counter()
         finished = await asyncio.to_thread(served.batcher.drain, self.drain_timeout)
+        served.metrics.detach(served)
         served.model.close()
         self.metrics.unloads.labels(served.name).inc()
         await self._off_loop(_release_memory)

@@ -1,20 +1,24 @@
 """Prometheus metrics of the model service, on their own registry and HTTP port.
 
-The per-request series are plain counters kept by the event loop (the only writer) and turned
-into Prometheus families when scraped: the request path does a few integer additions instead of
-a dozen lock-protected metric updates.
+The per-request series are plain counters and bucket counts, added to in bulk from each
+version's log of answered requests (services/stats.py) and turned into Prometheus families when
+scraped: the request path appends a few floats instead of updating a dozen series per request.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
+from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from services.arrivals import Arrivals
+from services.stats import Samples
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -23,7 +27,7 @@ _BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 
 class LoopHistogram:
-    """A histogram written from one thread: counts per bucket, made cumulative when scraped."""
+    """A histogram written by one thread at a time: counts per bucket, made cumulative when scraped."""
 
     __slots__ = ("bounds", "count", "counts", "sum")
 
@@ -38,6 +42,16 @@ class LoopHistogram:
         self.sum += value
         self.count += 1
 
+    def observe_all(self, values: npt.NDArray[Any]) -> None:
+        if not len(values):
+            return
+        # searchsorted(side="left") is bisect_left: a value equal to a bound falls in its bucket.
+        where = np.searchsorted(np.asarray(self.bounds), values, side="left")
+        for index, count in enumerate(np.bincount(where, minlength=len(self.counts)).tolist()):
+            self.counts[index] += count
+        self.sum += float(values.sum())
+        self.count += len(values)
+
     def cumulative(self) -> list[tuple[str, float]]:
         running = 0
         out: list[tuple[str, float]] = []
@@ -47,16 +61,25 @@ class LoopHistogram:
         return out
 
 
-class VersionMetrics:
-    """The series of one (model, version); only the event loop writes them."""
+class _Source(Protocol):
+    """A served copy of the version: its requests in flight, its log of answered ones."""
 
-    __slots__ = ("batch", "codes", "compute", "inflight", "model", "queue", "total", "version")
+    @property
+    def inflight(self) -> int: ...
+    def flush(self) -> None: ...
+
+
+class VersionMetrics:
+    """The series of one (model, version), written under the version's lock."""
+
+    __slots__ = ("_sources", "batch", "codes", "compute", "model", "queue", "total", "version")
 
     def __init__(self, model: str, version: int) -> None:
         self.model = model
         self.version = str(version)
         self.codes: dict[str, int] = {}
-        self.inflight = 0
+        self._sources: list[_Source] = []
+        """The served copies of this version (two while a replaced copy drains)."""
         self.queue = LoopHistogram(_LATENCY_BUCKETS)
         self.compute = LoopHistogram(_LATENCY_BUCKETS)
         self.total = LoopHistogram(_LATENCY_BUCKETS)
@@ -64,6 +87,31 @@ class VersionMetrics:
 
     def count(self, code: str) -> None:
         self.codes[code] = self.codes.get(code, 0) + 1
+
+    def add(self, samples: Samples) -> None:
+        """Successful requests and the ONNX Runtime calls that answered them."""
+        self.codes["OK"] = self.codes.get("OK", 0) + samples.requests
+        self.queue.observe_all(samples.queue)
+        self.compute.observe_all(samples.compute)
+        self.total.observe_all(samples.total)
+        self.batch.observe_all(samples.batch_rows)
+
+    def attach(self, source: _Source) -> None:
+        self._sources.append(source)
+
+    def detach(self, source: _Source) -> None:
+        """A drained copy: flushed one last time, then no longer read."""
+        source.flush()
+        self._sources = [s for s in self._sources if s is not source]
+
+    def flush(self) -> None:
+        """Bring the series up to date with every copy's log."""
+        for source in list(self._sources):
+            source.flush()
+
+    @property
+    def inflight(self) -> int:
+        return sum(s.inflight for s in list(self._sources))
 
 
 class _RequestCollector(Collector):
@@ -81,6 +129,7 @@ class _RequestCollector(Collector):
         inflight = GaugeMetricFamily("sluice_inflight_requests", "Inference requests being handled",
                                      labels=["model", "version"])
         for v in versions:
+            v.flush()
             for code, value in list(v.codes.items()):
                 requests.add_metric([v.model, v.version, code], value)
             for phase, hist in (("queue", v.queue), ("compute", v.compute), ("total", v.total)):

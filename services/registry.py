@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from services.arrivals import Arrivals
-from services.batcher import Batcher
+from services.batcher import Batcher, Pending
 from services.errors import ModelNotFoundError, ModelNotReadyError
 from services.metrics import VersionMetrics
 from services.model import OnnxModel
-from services.stats import VersionStats
+from services.stats import FOLD_AT, BatchLog, VersionStats
 
 
 class VersionState(enum.StrEnum):
@@ -35,7 +35,10 @@ class ServedVersion:
     metrics: VersionMetrics
     stats: VersionStats = field(default_factory=VersionStats)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    """Guards ``stats`` and ``metrics``: requests of one version finish on many handler threads."""
+    """Guards ``log``, ``stats`` and ``metrics``: batches (``instances`` at a time), failed
+    requests and readers of one version run on many threads."""
+    log: BatchLog = field(default_factory=BatchLog)
+    """Answered requests not yet added to ``stats`` and ``metrics`` (see :meth:`flush`)."""
 
     @property
     def name(self) -> str:
@@ -45,18 +48,36 @@ class ServedVersion:
     def version(self) -> int:
         return self.model.version
 
+    @property
+    def inflight(self) -> int:
+        return self.batcher.inflight
+
     @classmethod
     def start(cls, model: OnnxModel, metrics: VersionMetrics, arrivals: Arrivals | None = None) -> ServedVersion:
         """Wrap a loaded model with its queue, ready to take requests."""
         served: ServedVersion
 
-        def on_execution(batch_rows: int, compute_seconds: float) -> None:
+        def on_batch(batch: Sequence[Pending], rows: int, started: float, done: float) -> None:
+            # The requests' own threads record nothing on success (see Batcher).
             with served.lock:
-                served.stats.record_execution(batch_rows, compute_seconds)
-                metrics.batch.observe(batch_rows)
+                served.log.add(batch, rows, started, done)
+                if len(served.log) >= FOLD_AT:
+                    served._fold()
 
-        served = cls(model, Batcher(model, on_execution, arrivals), metrics)
+        served = cls(model, Batcher(model, on_batch, arrivals), metrics)
+        metrics.attach(served)
         return served
+
+    def flush(self) -> None:
+        """Add the logged requests to ``stats`` and ``metrics``: before reading either."""
+        with self.lock:
+            self._fold()
+
+    def _fold(self) -> None:
+        samples = self.log.take()
+        if samples is not None:
+            self.stats.add(samples)
+            self.metrics.add(samples)
 
 
 @dataclass(frozen=True, slots=True)

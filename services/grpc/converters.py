@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from math import prod
 from typing import Any, Final
 
 import numpy as np
@@ -66,13 +67,13 @@ def parameters_to(params: Mapping[str, ParameterValue], target: Any) -> None:
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidRequestError(f"input '{tensor.name}': shape {list(shape)} has a negative dimension")
     return shape
 
 
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray[Any, Any]:
-    count = datatypes.element_count(shape)
+    count = prod(shape)
     if datatype == "BYTES":
         return datatypes.decode_bytes(raw, count, name).reshape(shape)
     dtype = datatypes.to_numpy(datatype)
@@ -155,17 +156,13 @@ def request_from(msg: pb.ModelInferRequest, deadline: float | None, headers: tup
     inputs: list[InferInput] = []
     for index, tensor in enumerate(msg.inputs):
         shape = _shape(tensor)
-        data = _from_raw(tensor.name, tensor.datatype, shape, raw[index]) if raw else _from_contents(tensor, shape)
-        inputs.append(InferInput(tensor.name, tensor.datatype, shape, data))
-    return InferRequest(
-        model=msg.model_name,
-        version=parse_version(version_text),
-        inputs=inputs,
-        outputs=[o.name for o in msg.outputs],
-        id=msg.id,
-        parameters=parameters_from(msg.parameters) if msg.parameters else {},
-        deadline=deadline,
-    )
+        name, datatype = tensor.name, tensor.datatype
+        data = _from_raw(name, datatype, shape, raw[index]) if raw else _from_contents(tensor, shape)
+        inputs.append(InferInput(name, datatype, shape, data))
+    requested = msg.outputs
+    return InferRequest(msg.model_name, parse_version(version_text) if version_text else None, inputs,
+                        [o.name for o in requested] if requested else [], msg.id,
+                        parameters_from(msg.parameters) if msg.parameters else {}, deadline)
 
 
 def response_to(response: InferResponse) -> pb.ModelInferResponse:
@@ -229,6 +226,7 @@ def _duration(d: Duration) -> pb.StatisticDuration:
 
 
 def model_statistics(served: ServedVersion) -> pb.ModelStatistics:
+    served.flush()
     s = served.stats
     return pb.ModelStatistics(
         name=served.name,

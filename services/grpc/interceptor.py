@@ -13,6 +13,7 @@ from typing import Any, cast
 import grpc
 import structlog
 
+from mesh.logging import RequestFields, bind_request
 from mesh.tracing import current_ids
 from services.errors import SluiceError, status_name
 
@@ -34,14 +35,12 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
 
 
 def _bind_context(rpc: str, context: grpc.ServicerContext, tracing: bool) -> None:
-    """Per-RPC log fields. gRPC runs every RPC in a fresh ``contextvars.Context``, so nothing of
-    the previous RPC on this handler thread is left to clear."""
+    """Per-RPC log fields, rendered only if a line is logged (see mesh.logging.RequestFields)."""
+    fields = bind_request(RequestFields(rpc, context.peer))
     if tracing:
         ids = current_ids()
         if ids is not None:
-            structlog.contextvars.bind_contextvars(rpc=rpc, peer=context.peer(), trace_id=ids[0], span_id=ids[1])
-            return
-    structlog.contextvars.bind_contextvars(rpc=rpc, peer=context.peer())
+            fields.trace_id, fields.span_id = ids
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):

@@ -207,7 +207,7 @@ def _submit_all(batcher: Batcher, feeds: list[np.ndarray]) -> list[object]:
 
 def test_batcher_splits_rows_and_respects_max_batch_size(identity_model: OnnxModel) -> None:
     executions: list[int] = []
-    batcher = Batcher(identity_model, lambda rows, _seconds: executions.append(rows))
+    batcher = Batcher(identity_model, lambda _batch, rows, _started, _done: executions.append(rows))
     feeds = [np.full((rows, 2), i, dtype=np.int64) for i, rows in enumerate([1, 2, 1, 3, 1])]
     results = _submit_all(batcher, feeds)
     for feed, result in zip(feeds, results, strict=True):
@@ -223,13 +223,26 @@ def test_batcher_under_many_threads_gives_each_caller_its_rows(tmp_path: Path) -
     path = models.write_model(tmp_path, "many", models.identity("INT64"))
     model = OnnxModel("many", 1, path, ModelConfig(max_batch_size=16, instances=2))
     executions: list[int] = []
-    batcher = Batcher(model, lambda rows, _seconds: executions.append(rows))
+    batcher = Batcher(model, lambda _batch, rows, _started, _done: executions.append(rows))
     rng = np.random.default_rng(3)
     feeds = [rng.integers(0, 1 << 40, size=(int(rng.integers(1, 5)), 2)) for _ in range(64)]
     for _ in range(3):
         for feed, result in zip(feeds, _submit_all(batcher, feeds), strict=True):
             np.testing.assert_array_equal(result.outputs[0], feed)  # type: ignore[attr-defined]
     assert sum(executions) == 3 * sum(len(f) for f in feeds)
+    assert batcher.drain(5)
+
+
+def test_a_failing_accounting_callback_loses_no_request(identity_model: OnnxModel) -> None:
+    """Statistics are recorded by the batch leader before it answers: if that fails, every caller
+    still gets its rows (a follower left waiting would hang its RPC)."""
+    def broken(*_args: object) -> None:
+        raise RuntimeError("accounting is broken")
+
+    batcher = Batcher(identity_model, broken)
+    feeds = [np.full((1, 2), i, dtype=np.int64) for i in range(6)]
+    for feed, result in zip(feeds, _submit_all(batcher, feeds), strict=True):
+        np.testing.assert_array_equal(result.outputs[0], feed)  # type: ignore[attr-defined]
     assert batcher.drain(5)
 
 
@@ -253,7 +266,8 @@ def test_leader_waits_for_an_arriving_request_only_when_asked(tmp_path: Path, ar
     config = ModelConfig(max_batch_size=8, dynamic_batching=DynamicBatching(arrival_wait_us=arrival_wait_us))
     arrivals = Arrivals()
     executions: list[int] = []
-    batcher = Batcher(OnnxModel("arrive", 1, path, config), lambda rows, _s: executions.append(rows), arrivals)
+    batcher = Batcher(OnnxModel("arrive", 1, path, config),
+                      lambda _batch, rows, _started, _done: executions.append(rows), arrivals)
     first, second = np.ones((1, 2), np.int64), np.full((2, 2), 7, np.int64)
 
     def late_request() -> object:

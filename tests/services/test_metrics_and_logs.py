@@ -13,6 +13,7 @@ import tritonclient.grpc as triton_grpc
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
+from mesh.logging import merge_request_fields
 from services.dataplane import DataPlane
 from services.errors import InvalidRequestError
 from services.manager import ModelManager
@@ -101,7 +102,7 @@ async def test_log_lines_carry_the_request_context(tmp_path: Path) -> None:
     await manager.load_all()
     plane = DataPlane(registry, manager)
     structlog.contextvars.clear_contextvars()
-    with capture_logs(processors=[merge_contextvars]) as logs:
+    with capture_logs(processors=[merge_contextvars, merge_request_fields]) as logs:
         bad = InferRequest("m", None, [InferInput("x", "FP64", (1, 1), np.ones((1, 1)))], id="req-7")
         with pytest.raises(InvalidRequestError):
             plane.infer(bad)
