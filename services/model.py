@@ -238,35 +238,39 @@ class OnnxModel:
 
         Every message names the input and the expected vs received value.
         """
-        seen: set[str] = set()
+        specs = self._input_by_name
+        batching = self.max_batch_size
+        seen: set[str] | None = set() if len(inputs) > 1 else None
         rows = -1
         for tensor in inputs:
-            spec = self._input_by_name.get(tensor.name)
+            name, shape = tensor.name, tensor.shape
+            spec = specs.get(name)
             if spec is None:
                 raise InvalidRequestError(
-                    f"unknown input '{tensor.name}' for model '{self.name}' version {self.version}; "
-                    f"expected inputs: {', '.join(self._input_by_name)}"
+                    f"unknown input '{name}' for model '{self.name}' version {self.version}; "
+                    f"expected inputs: {', '.join(specs)}"
                 )
-            if tensor.name in seen:
-                raise InvalidRequestError(f"input '{tensor.name}' appears more than once")
-            seen.add(tensor.name)
+            if seen is not None:
+                if name in seen:
+                    raise InvalidRequestError(f"input '{name}' appears more than once")
+                seen.add(name)
             if tensor.datatype != spec.datatype:
                 raise InvalidRequestError(
-                    f"input '{tensor.name}': expected datatype {spec.datatype}, got {tensor.datatype}"
+                    f"input '{name}': expected datatype {spec.datatype}, got {tensor.datatype}"
                 )
-            if not _shape_matches(spec.shape, tensor.shape):
+            if not _shape_matches(spec.shape, shape):
                 raise InvalidRequestError(
-                    f"input '{tensor.name}': expected shape {_fmt(spec.shape)}, got {_fmt(tensor.shape)}"
+                    f"input '{name}': expected shape {_fmt(spec.shape)}, got {_fmt(shape)}"
                 )
-            if self.max_batch_size:
-                if rows not in (-1, tensor.shape[0]):
+            if batching:
+                if rows not in (-1, shape[0]):
                     raise InvalidRequestError(
-                        f"input '{tensor.name}': first (batch) dimension is {tensor.shape[0]}, "
-                        f"other inputs have {rows}"
+                        f"input '{name}': first (batch) dimension is {shape[0]}, other inputs have {rows}"
                     )
-                rows = tensor.shape[0]
-        missing = [name for name in self._input_by_name if name not in seen]
-        if missing:
+                rows = shape[0]
+        if len(inputs) != len(specs):  # none unknown, none twice: some are missing
+            given = {tensor.name for tensor in inputs}
+            missing = [name for name in specs if name not in given]
             raise InvalidRequestError(
                 f"missing input(s) {', '.join(repr(m) for m in missing)} for model '{self.name}' "
                 f"version {self.version}"
@@ -354,7 +358,7 @@ def _filled(datatype: str, shape: tuple[int, ...], fill: float) -> npt.NDArray[A
 def _shape_matches(expected: tuple[int, ...], got: tuple[int, ...]) -> bool:
     if len(expected) != len(got):
         return False
-    return all(e in (-1, g) for e, g in zip(expected, got, strict=True))
+    return expected == got or all(e in (-1, g) for e, g in zip(expected, got, strict=True))
 
 
 def _fmt(shape: Sequence[int]) -> str:
