@@ -5,6 +5,10 @@ Run by bench/run.py in a child process pinned to the server core (``taskset -c 0
     python -m bench.ort_inproc --model DIR/mlp/1/model.onnx --input x.npy --duration 5
 
 Prints one JSON object: calls, seconds, rps, p50_ms, p99_ms (per-call latency of ``session.run``).
+
+``--gap-us N`` sleeps N µs before every call (not timed; rps then counts calls per second of
+calling): what a server's core does at concurrency 1, idle while the answer travels and the next
+request arrives. On a shared virtual machine the caches are cold again after such a gap.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: float) -> dict[str, float]:
+def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: float,
+            gap_us: float = 0.0) -> dict[str, float]:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
@@ -46,7 +51,10 @@ def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: 
     start = time.perf_counter()
     end = start + duration
     now = start
+    gap = gap_us / 1e6
     while now < end:
+        if gap:
+            time.sleep(gap)
         t0 = time.perf_counter_ns()
         run(None, feeds)
         latencies.append((time.perf_counter_ns() - t0) / 1e6)
@@ -62,7 +70,7 @@ def measure(model: Path, feeds: dict[str, np.ndarray], duration: float, warmup: 
     return {
         "calls": len(latencies),
         "seconds": elapsed,
-        "rps": len(latencies) / elapsed,
+        "rps": len(latencies) / (elapsed if not gap else sum(latencies) / 1e3),
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "other_load": other,  # share of this core used by other processes during the loop
@@ -78,6 +86,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=0,
                         help="repeat each input's first row into a batch of this many rows (0: as given); "
                              "rps then counts rows per second")
+    parser.add_argument("--gap-us", type=float, default=0.0,
+                        help="sleep this long before every call (not timed): calls on an idle core")
     args = parser.parse_args()
     feeds = {}
     for spec in args.input:
@@ -85,7 +95,7 @@ def main() -> None:
         feeds[name] = np.load(path)
     if args.rows:
         feeds = {name: np.repeat(array[:1], args.rows, axis=0) for name, array in feeds.items()}
-    result = measure(args.model, feeds, args.duration, args.warmup)
+    result = measure(args.model, feeds, args.duration, args.warmup, args.gap_us)
     if args.rows:
         result["rps"] *= args.rows
     print(json.dumps(result))

@@ -167,15 +167,23 @@ def prepare_cases(repo: Path, models: list[str], batch: int, workdir: Path) -> d
     return cases
 
 
-def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path, rows: int = 0) -> Point:
+IDLE_GAP_US = 300
+"""The ``ort-idle`` point: in-process calls each after this long idle (a server at concurrency 1)."""
+
+
+def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path, rows: int = 0, gap_us: int = 0) -> Point:
     """In-process baseline in a child pinned to the server core; ``--repeat`` runs, fastest kept.
 
     With ``rows``, every call runs one batch of that many rows and req/s counts rows: the model's
-    cost per row when batched, which with the floor gives a server's bound (see render_bounds)."""
+    cost per row when batched, which with the floor gives a server's bound (see render_bounds).
+    With ``gap_us``, the core idles that long before every call (target ``ort-idle``)."""
     cmd = cpu.launch_prefix(args.server_cpu, args.nice)
     cmd += [sys.executable, "-m", "bench.ort_inproc", "--model", str(case.path), "--duration", f"{args.duration:g}"]
     if rows:
         cmd += ["--rows", str(rows)]
+    if gap_us:
+        cmd += ["--gap-us", str(gap_us)]
+    target = "ort-idle" if gap_us else "ort"
     for arg_name in case.inputs:
         cmd += ["--input", f"{arg_name}={workdir / f'{case.name}.{arg_name}.npy'}"]
     best: dict[str, float] | None = None
@@ -186,10 +194,10 @@ def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path, rows: int 
                 cmd, capture_output=True, text=True, timeout=args.duration + 120, check=False, cwd=REPO_ROOT
             )
         except subprocess.TimeoutExpired:
-            return Point("ort", case.name, 1, "failed", note="in-process run timed out")
+            return Point(target, case.name, 1, "failed", note="in-process run timed out")
         if proc.returncode != 0:
             tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
-            return Point("ort", case.name, 1, "failed", note=f"rc={proc.returncode}: {tail}")
+            return Point(target, case.name, 1, "failed", note=f"rc={proc.returncode}: {tail}")
         data = json.loads(proc.stdout.strip().splitlines()[-1])
         if best is None or data["rps"] > best["rps"]:
             best = data
@@ -197,8 +205,10 @@ def run_ort(case: ModelCase, args: argparse.Namespace, workdir: Path, rows: int 
     note = "in-process session.run, 1 thread" + (f", best of {args.repeat}" if args.repeat > 1 else "")
     if rows:
         note += f"; {rows}-row batches, req/s = rows/s, p50 per call"
+    if gap_us:
+        note += f"; {gap_us} µs idle before each call (not counted in req/s)"
     return Point(
-        "ort",
+        target,
         case.name,
         rows or 1,
         "ok",
@@ -336,6 +346,12 @@ def _ratio(value: float, ref: Point | None) -> str:
     return f"{value / ref.rps:.2f}x"
 
 
+def _table_targets(selected: list[str]) -> list[str]:
+    """Row order: ALL_TARGETS', with the idle-core in-process rows after the in-process ones."""
+    order = [t for t in ALL_TARGETS if t in selected]
+    return [u for t in order for u in ((t, "ort-idle") if t == "ort" else (t,))]
+
+
 def render_table(points: list[Point], targets: list[str], labels: dict[str, str]) -> str:
     by_key = {(p.target, p.model, p.concurrency): p for p in points}
     models = list(dict.fromkeys(p.model for p in points))
@@ -372,7 +388,7 @@ def render_bounds(points: list[Point], targets: list[str], labels: dict[str, str
     request plus the model's time per row in full batches, and each server's share of it."""
     by_key = {(p.target, p.model, p.concurrency): p for p in points if p.status == "ok"}
     conc = max((p.concurrency for p in points), default=0)
-    servers = [t for t in targets if t not in ("ort", "floor", "floor-sync", "minimal")]
+    servers = [t for t in targets if t not in ("ort", "ort-idle", "floor", "floor-sync", "minimal")]
     rows = []
     for model in dict.fromkeys(p.model for p in points):
         floor, batched = by_key.get(("floor", model, conc)), by_key.get(("ort", model, conc))
@@ -553,10 +569,12 @@ def _one_round(args: argparse.Namespace, cases: dict[str, ModelCase], ctx: RunCo
         if "ort" in args.targets:
             batched = max(args.concurrency)
             for case in cases.values():
-                for rows in (0, batched) if batched > 1 else (0,):
-                    point = run_ort(case, args, workdir, rows)
+                runs = [(0, 0), *([(batched, 0)] if batched > 1 else []),
+                        *([(0, IDLE_GAP_US)] if 1 in args.concurrency else [])]
+                for rows, gap_us in runs:
+                    point = run_ort(case, args, workdir, rows, gap_us)
                     print(
-                        f"[ort] {case.name:<6} rows={rows or 1:<3} {point.status} {point.rps:9.1f} /s  "
+                        f"[{point.target}] {case.name:<6} rows={rows or 1:<3} {point.status} {point.rps:9.1f} /s  "
                         f"p50 {point.p50_ms:.3f} ms p99 {point.p99_ms:.3f} ms "
                         f"{'' if point.status == 'ok' else point.note}",
                         flush=True,
@@ -603,6 +621,7 @@ def _measure(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     labels = {
         "ort": "onnxruntime in-process",
+        "ort-idle": f"onnxruntime in-process, {IDLE_GAP_US} µs idle before each call",
         **{name: cls.label for name, cls in SERVER_TARGETS.items()},
     }
     env = environment()
@@ -638,8 +657,8 @@ def _measure(args: argparse.Namespace) -> int:
 
     rounds = points
     points = median_points(points)
-    table = render_table(points, [t for t in ALL_TARGETS if t in args.targets], labels)
-    bounds = render_bounds(points, [t for t in ALL_TARGETS if t in args.targets], labels)
+    table = render_table(points, _table_targets(args.targets), labels)
+    bounds = render_bounds(points, _table_targets(args.targets), labels)
     if bounds:
         table += "\n\n" + bounds
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
