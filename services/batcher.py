@@ -116,11 +116,15 @@ class Batcher:
     ``on_batch`` is called once per successful ONNX Runtime call, on the leader's thread, before
     any of the batch's callers sees its result: the statistics and metrics of every request in
     the batch are recorded there at once, not by each request under a lock of its own.
+    ``after_batch`` is called by the leader once the batch's callers have their results: for
+    bookkeeping that should delay none of them.
     """
 
-    def __init__(self, model: OnnxModel, on_batch: OnBatch | None = None, arrivals: Arrivals | None = None) -> None:
+    def __init__(self, model: OnnxModel, on_batch: OnBatch | None = None, arrivals: Arrivals | None = None,
+                 after_batch: Callable[[], None] | None = None) -> None:
         self.model = model
         self._on_batch = on_batch
+        self._after_batch = after_batch
         self._arrivals = arrivals
         config = model.config
         self.max_batch_size = model.max_batch_size
@@ -210,6 +214,8 @@ class Batcher:
                 batch = self._take_batch()
             if batch:
                 self._run(batch)
+                if self._after_batch is not None:
+                    self._after("after_batch", self._after_batch)
             with self._lock:
                 self._running -= len(batch)
                 if own.done or not batch:
@@ -339,12 +345,14 @@ class Batcher:
 
     def _account(self, batch: list[Pending], rows: int, started: float, done: float) -> None:
         """Record a successful call; a failure to record must not keep its callers waiting."""
-        if self._on_batch is None:
-            return
+        if self._on_batch is not None:
+            self._after("on_batch", self._on_batch, batch, rows, started, done)
+
+    def _after(self, what: str, callback: Callable[..., None], *args: Any) -> None:
         try:
-            self._on_batch(batch, rows, started, done)
+            callback(*args)
         except Exception:
-            log.exception("recording a batch failed; its requests are answered anyway",
+            log.exception(f"batch bookkeeping ({what}) failed; the requests are answered anyway",
                           model=self.model.name, version=self.model.version)
 
     def drain(self, timeout: float | None = None) -> bool:

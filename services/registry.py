@@ -61,10 +61,12 @@ class ServedVersion:
             # The requests' own threads record nothing on success (see Batcher).
             with served.lock:
                 served.log.add(batch, rows, started, done)
-                if len(served.log) >= FOLD_AT:
-                    served._fold()
 
-        served = cls(model, Batcher(model, on_batch, arrivals), metrics)
+        def after_batch() -> None:
+            if len(served.log) >= FOLD_AT:  # read without the lock: a few requests more do not matter
+                served.flush()
+
+        served = cls(model, Batcher(model, on_batch, arrivals, after_batch), metrics)
         metrics.attach(served)
         return served
 

