@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from math import prod
 from typing import Any, Final
 
 import numpy as np
@@ -103,10 +104,7 @@ def from_numpy(array: npt.NDArray[Any]) -> str:
 
 
 def element_count(shape: Sequence[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    return prod(shape)
 
 
 def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> npt.NDArray[np.object_]:

@@ -7,7 +7,6 @@ scraped: the request path appends a few floats instead of updating a dozen serie
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -37,15 +36,10 @@ class LoopHistogram:
         self.sum = 0.0
         self.count = 0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
     def observe_all(self, values: npt.NDArray[Any]) -> None:
         if not len(values):
             return
-        # searchsorted(side="left") is bisect_left: a value equal to a bound falls in its bucket.
+        # side="left": a value equal to a bound falls in that bound's bucket (Prometheus' le).
         where = np.searchsorted(np.asarray(self.bounds), values, side="left")
         for index, count in enumerate(np.bincount(where, minlength=len(self.counts)).tolist()):
             self.counts[index] += count

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from math import prod
 from typing import Any, Final
 
 import numpy as np
@@ -73,7 +72,7 @@ def _shape(tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
 
 
 def _from_raw(name: str, datatype: str, shape: tuple[int, ...], raw: bytes) -> np.ndarray[Any, Any]:
-    count = prod(shape)
+    count = datatypes.element_count(shape)
     if datatype == "BYTES":
         return datatypes.decode_bytes(raw, count, name).reshape(shape)
     dtype = datatypes.to_numpy(datatype)
