@@ -33,6 +33,7 @@ from services.errors import (
     ModelNotReadyError,
     QueueFullError,
     SluiceError,
+    VersionRetiredError,
 )
 from services.model import OnnxModel
 
@@ -164,7 +165,7 @@ class Batcher:
         item = Pending(feeds, rows, outputs, deadline, now, now if since is None else since)
         with self._lock:
             if self._closing:
-                raise ModelNotReadyError(f"model '{self.model.name}' version {self.model.version} is unloading")
+                raise VersionRetiredError(f"model '{self.model.name}' version {self.model.version} is unloading")
             if len(self._queue) >= self.max_queue_size:
                 raise QueueFullError(
                     f"model '{self.model.name}' version {self.model.version}: queue is full "

@@ -15,7 +15,7 @@ from opentelemetry.trace import Tracer
 from mesh.logging import RequestFields, bind_request, request_fields
 from services import __version__
 from services.batcher import BatchResult
-from services.errors import SluiceError, status_name
+from services.errors import SluiceError, VersionRetiredError, status_name
 from services.manager import ModelManager
 from services.model import VersionInfo
 from services.registry import ModelRegistry, ServedVersion, VersionStatus
@@ -25,6 +25,8 @@ log = structlog.get_logger(__name__)
 _stdlib_log = logging.getLogger(__name__)
 
 SERVER_NAME = "sluice"
+_REROUTES = 3
+"""How often a request whose version retired before it was queued is routed again."""
 EXTENSIONS = ("model_repository", "statistics", "binary_tensor_data")
 
 
@@ -96,11 +98,24 @@ class DataPlane:
         fields = request_fields() or bind_request(RequestFields())  # called outside an RPC: bind here
         fields.model, fields.version, fields.request_id = model.name, model.version, request.id
         submitted_ns = time.time_ns() if self.tracer is not None else 0
+        outputs = tuple(request.outputs)
+        feeds = {tensor.name: tensor.data for tensor in request.inputs}
         try:
             rows = model.validate(request.inputs, request.outputs)
-            outputs = tuple(request.outputs)
-            result = served.batcher.submit({tensor.name: tensor.data for tensor in request.inputs}, rows, outputs,
-                                           request.deadline, started)
+            for attempt in range(_REROUTES + 1):
+                try:
+                    result = served.batcher.submit(feeds, rows, outputs, request.deadline, started)
+                    break
+                except VersionRetiredError:
+                    # Retired (replaced by a new copy, or unloaded) between routing and queueing,
+                    # a window a hot reload opens under load: route again, so that no request is
+                    # lost to a reload while another copy or version serves.
+                    rerouted = self.registry.resolve(request.model, request.version)
+                    if rerouted is served or attempt == _REROUTES:
+                        raise
+                    served, model = rerouted, rerouted.model
+                    rows = model.validate(request.inputs, request.outputs)
+                    fields.model, fields.version = model.name, model.version
         except SluiceError as exc:
             with served.lock:
                 served.stats.fail.add(time.monotonic() - started)

@@ -19,6 +19,11 @@ class ModelNotReadyError(SluiceError):
     """The model (version) exists but cannot serve right now (loading, draining, failed)."""
 
 
+class VersionRetiredError(ModelNotReadyError):
+    """The version stopped taking requests (replaced or unloaded) after the request was routed to
+    it: the data plane routes the request again."""
+
+
 class QueueFullError(SluiceError):
     """The model's request queue is at its limit."""
 
