@@ -44,7 +44,6 @@ from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
 from mesh.records import StatusDocument
 from mesh.registry import set_weights
-from mesh.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess, free_port
 from tests.fixtures.service import ServiceHandle, sluice_argv
@@ -211,21 +210,16 @@ async def gateway(shared_etcd: EtcdServer, tmp_path: Path) -> AsyncIterator[tupl
         await envoy.stop()
 
 
-@pytest.fixture
-async def client(shared_etcd: EtcdServer) -> AsyncIterator[EtcdClient]:
-    etcd_client = EtcdClient(EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=PREFIX))
-    await etcd_client.connect()
-    try:
-        yield etcd_client
-    finally:
-        await etcd_client.close()
+@pytest.fixture(scope="module")
+def gateway_prefix() -> str:
+    """The conftest's etcd ``client`` and ``schema`` fixtures work under this module's prefix."""
+    return PREFIX
 
 
 async def test_chaos_under_load_costs_no_request(
         shared_etcd: EtcdServer, services: dict[str, ServiceHandle], repos: dict[str, Path], *,
-        gateway: tuple[Gateway, EnvoyProcess], client: EtcdClient, tmp_path: Path) -> None:
+        gateway: tuple[Gateway, EnvoyProcess], client: EtcdClient, schema: KeySchema, tmp_path: Path) -> None:
     gw, envoy = gateway
-    schema = KeySchema(PREFIX)
     started = time.monotonic()
 
     async def status() -> StatusDocument | None:
