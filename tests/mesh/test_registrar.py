@@ -113,7 +113,9 @@ async def test_start_never_blocks_when_etcd_is_down(etcd: EtcdServer) -> None:
                 return await client.get(KeySchema().instance("iris", 1, "inst-a")) is not None
 
             await eventually(registered, timeout=10, what="the registration after etcd came up")
-        assert registrar.state.connected
+        # The key is visible in etcd a moment before the registrar has read etcd's answer to its
+        # write and marked itself connected: wait for that, do not race it.
+        await eventually(lambda: _true(registrar.state.connected), 5, "the registrar to report itself connected")
     finally:
         await registrar.close()
 
