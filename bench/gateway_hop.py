@@ -32,10 +32,11 @@ import onnxruntime as ort
 
 from bench import loadgen
 from bench.cpu import core_ticks
-from bench.propagation import Admin, etcd_binary, free_port, start, stop, wait
+from bench.propagation import Admin, etcd_binary, start, stop, wait
 from examples.build_models import build_iris
 from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
+from mesh.ports import free_port
 from mesh.records import InstanceRecord
 from mesh.settings import EtcdSettings
 from mesh.stack import etcd_argv

@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ if __package__ in (None, ""):  # `python bench/propagation.py`
 from examples.build_models import build_iris
 from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
+from mesh.ports import free_port
 from mesh.records import InstanceRecord
 from mesh.registry import set_weights
 from mesh.settings import EtcdSettings
@@ -39,11 +39,6 @@ from mesh.stack import etcd_argv, find_etcd
 
 PREFIX = "/sluice-bench/"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def etcd_binary() -> str:

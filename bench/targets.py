@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from bench.cpu import launch_prefix, set_autogroup_nice
+from mesh.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -35,11 +35,6 @@ ORT_TO_TRITON = {"tensor(float)": "FP32", "tensor(int64)": "INT64", "tensor(doub
 class TargetError(RuntimeError):
     """A target could not be started; the message goes into the results table."""
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def log_tail(path: Path, lines: int = 6) -> str:

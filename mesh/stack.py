@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from mesh.ports import free_port
 from mesh.traces import TraceReceiver
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -34,11 +34,6 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 class StackError(Exception):
     """A part of the stack could not be started; the message says which and where its log is."""
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def find_etcd(name: str = "etcd") -> str | None:

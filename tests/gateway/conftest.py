@@ -18,11 +18,12 @@ import pytest
 from examples.build_models import build_iris
 from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
+from mesh.ports import free_port
 from mesh.records import InstanceRecord, InstanceState
 from mesh.settings import EtcdSettings
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import ManagedProcess, free_port
+from tests.fixtures.processes import ManagedProcess
 from tests.fixtures.service import ServiceHandle, sluice_argv
 
 SERVICE_START_TIMEOUT_S = 90.0

@@ -42,10 +42,11 @@ from examples.build_models import build_iris
 from gateway.envoy import EnvoyProcess, find_envoy
 from mesh.etcd import EtcdClient
 from mesh.keys import KeySchema
+from mesh.ports import free_port
 from mesh.records import StatusDocument
 from mesh.registry import set_weights
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import ManagedProcess, free_port
+from tests.fixtures.processes import ManagedProcess
 from tests.fixtures.service import ServiceHandle, sluice_argv
 from tests.gateway.traffic import eventually
 

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh.ports import free_port
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import free_port
 
 BUILD_SCRIPT = "charts/tools/build-kube-apiserver.sh"
 START_TIMEOUT_S = 60.0

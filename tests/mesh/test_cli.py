@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mesh.ports import free_port
 from mesh.records import InstanceRecord
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

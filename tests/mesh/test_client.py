@@ -8,9 +8,9 @@ import pytest
 
 from mesh.errors import EtcdAuthError, EtcdUnavailableError, LeaseLostError
 from mesh.etcd import EtcdClient
+from mesh.ports import free_port
 from mesh.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import free_port
 from tests.mesh.conftest import settings_for
 
 

@@ -15,7 +15,8 @@ import pytest
 import tritonclient.grpc as triton_grpc
 
 from examples.build_models import build_iris, build_mlp
-from tests.fixtures.processes import ManagedProcess, free_port
+from mesh.ports import free_port
+from tests.fixtures.processes import ManagedProcess
 from tests.fixtures.service import ServiceHandle, sluice_argv
 from tests.services import models
 
