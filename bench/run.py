@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ class Point:
     server_other: float = math.nan  # share of the server core used by other processes meanwhile
     client_other: float = math.nan  # share of the client core used by others than h2load
     note: str = ""
+    round: int = 0
 
 
 @dataclass
@@ -408,6 +410,31 @@ def render_bounds(points: list[Point], targets: list[str], labels: dict[str, str
             f"|---|---:|{'---:|' * len(servers)}\n" + "\n".join(rows) + "\n")
 
 
+def render_latency_pairs(rounds: list[Point], targets: list[str], labels: dict[str, str]) -> str:
+    """At concurrency 1 over several rounds: each server's p50 minus the floor's p50 of the same
+    round (the two measured minutes or seconds apart, not hours), median and range of those
+    differences. Steadier than the difference of two medians when the machine drifts."""
+    ok = {(p.target, p.model, p.round): p for p in rounds if p.status == "ok" and p.concurrency == 1}
+    servers = [t for t in targets if t not in ("ort", "ort-idle", "floor")]
+    models = list(dict.fromkeys(p.model for p in rounds))
+    round_numbers = sorted({p.round for p in rounds})
+    rows = []
+    for model in models:
+        for target in servers:
+            diffs = sorted(ok[(target, model, r)].p50_ms - ok[("floor", model, r)].p50_ms for r in round_numbers
+                           if (target, model, r) in ok and ("floor", model, r) in ok)
+            if len(diffs) < 2:
+                continue
+            median = statistics.median(diffs)
+            each = ", ".join(f"{d:+.3f}" for d in diffs)
+            rows.append(f"| {model} | {labels.get(target, target)} | {median:+.3f} | {len(diffs)} | {each} |")
+    if not rows:
+        return ""
+    return ("p50 at concurrency 1 minus the floor's p50 in the same round (ms), median over the rounds:\n\n"
+            "| model | target | median difference | rounds | each round, sorted |\n|---|---|---:|---:|---|\n"
+            + "\n".join(rows) + "\n")
+
+
 def _peer_version(venv: str, package: str) -> str:
     python = VENVS / venv / "bin" / "python"
     if not python.exists():
@@ -645,7 +672,10 @@ def _measure(args: argparse.Namespace) -> int:
             for round_no in range(args.rounds):
                 if args.rounds > 1:
                     print(f"[round {round_no + 1}/{args.rounds}]", flush=True)
+                first = len(points)
                 interrupted = _one_round(args, cases, ctx, workdir, points)
+                for point in points[first:]:
+                    point.round = round_no
                 if interrupted:
                     break
         finally:
@@ -661,6 +691,9 @@ def _measure(args: argparse.Namespace) -> int:
     bounds = render_bounds(points, _table_targets(args.targets), labels)
     if bounds:
         table += "\n\n" + bounds
+    pairs = render_latency_pairs(rounds, _table_targets(args.targets), labels)
+    if pairs:
+        table += "\n\n" + pairs
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     pin = f"servers on core {args.server_cpu}, h2load on core {args.client_cpu}"
     if args.nice:
