@@ -41,6 +41,10 @@ class Arrivals:
     def pending(self) -> int:
         return self._pending
 
+    def others_arriving(self) -> bool:
+        """Requests on their way besides the calling thread's own (read without the lock)."""
+        return self._pending > (1 if getattr(self._local, "pending", False) else 0)
+
     def enter(self) -> None:
         """One more request on its way (called where the transport accepts it)."""
         with self._lock:

@@ -7,8 +7,9 @@ for the lead to be handed to them. No thread hop sits between a request and its 
 ONNX Runtime never runs on the asyncio loop, which only serves the control plane.
 
 With ``max_queue_delay_us: 0`` a batch is whatever queued up while the previous call ran, which
-costs a lone request nothing; a positive delay holds a batch open for more rows until it reaches a
-preferred size or the maximum.
+costs a lone request nothing: one that finds a free slot, an empty queue and nothing else on its
+way runs at once without being queued. A positive delay holds a batch open for more rows until it
+reaches a preferred size or the maximum.
 """
 
 from __future__ import annotations
@@ -170,27 +171,52 @@ class Batcher:
                 raise QueueFullError(
                     f"model '{self.model.name}' version {self.model.version}: queue is full "
                     f"({self.max_queue_size} requests waiting); retry later")
-            self._queue.append(item)
-            self._queued_rows += rows
-            full = 0 < self.max_batch_size <= self._queued_rows
             lead = self._leaders < self._instances
-            if lead:
+            arrivals = self._arrivals
+            if (lead and not self._queue and self._delay <= 0
+                    and (arrivals is None or not arrivals.others_arriving())):
+                # Alone: a free slot, nothing queued, nothing on its way, no delay asked for.
+                # Run at once, without queueing (see _solo).
                 self._leaders += 1
-                item.lead = True  # holds a slot: a hand-off must skip it
+                self._running += 1
+                solo = True
             else:
-                item.event = event = _Signal()
-                self._arrived.notify()
-        arrivals = self._arrivals
+                solo = False
+                self._queue.append(item)
+                self._queued_rows += rows
+                if lead:
+                    self._leaders += 1
+                    item.lead = True  # holds a slot: a hand-off must skip it
+                else:
+                    item.event = event = _Signal()
+                    self._arrived.notify()
+        full = 0 < self.max_batch_size <= self._queued_rows
         if arrivals is not None:
             arrivals.arrived()
             if full and not lead:
                 arrivals.wake()
+        if solo:
+            self._solo(item)
+            return self._outcome(item)
         if not lead:
             event.wait()
             if not item.lead:
                 return self._outcome(item)
         self._lead(item)
         return self._outcome(item)
+
+    def _solo(self, item: Pending) -> None:
+        """Run a lone request as a batch of one; it holds a slot and is counted as running.
+        Whatever queued meanwhile is handed the slot afterwards, as a leader's batch would."""
+        try:
+            if self._viable(item):
+                self._run([item])
+                if self._after_batch is not None:
+                    self._after("after_batch", self._after_batch)
+        finally:
+            with self._lock:
+                self._running -= 1
+                self._hand_off()
 
     def _batch_full(self) -> bool:
         return self._queued_rows >= self.max_batch_size

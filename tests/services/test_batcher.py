@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from services.arrivals import Arrivals
 from services.batcher import Batcher
 from services.config import DynamicBatching, ModelConfig
-from services.errors import ModelNotReadyError
+from services.errors import DeadlineExceededError, ModelNotReadyError
 from services.model import OnnxModel
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
@@ -289,3 +290,56 @@ def test_leader_waits_for_an_arriving_request_only_when_asked(tmp_path: Path, ar
         assert executions == [3] and led_for >= 0.25
     else:
         assert executions == [1, 2] and led_for < 0.25
+
+
+class _GatedModel(OnnxModel):
+    """The real model, whose first call waits for a gate: requests can arrive while it runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.running = threading.Event()
+        self.gate = threading.Event()
+
+    def run(self, feeds: dict[str, npt.NDArray[Any]], outputs: Sequence[str] = ()) -> list[npt.NDArray[Any]]:
+        if not self.gate.is_set():
+            self.running.set()
+            assert self.gate.wait(WAIT_S)
+        return super().run(feeds, outputs)
+
+
+@pytest.mark.timeout(60)
+def test_a_lone_request_runs_without_queueing_and_hands_its_slot_on(tmp_path: Path) -> None:
+    """Nothing queued, nothing arriving, no delay asked for: the request runs at once (it is never
+    queued). Requests that arrive meanwhile queue behind it and get the slot when it is done."""
+    path = models.write_model(tmp_path, "lone", models.identity("INT64"))
+    model = _GatedModel("lone", 1, path, ModelConfig(max_batch_size=8))
+    executions: list[int] = []
+    batcher = Batcher(model, lambda _batch, rows, _started, _done: executions.append(rows), Arrivals())
+    feeds = [np.full((1, 2), i, dtype=np.int64) for i in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        first = pool.submit(batcher.submit, {"x": feeds[0]}, 1, (), None)
+        assert model.running.wait(WAIT_S)
+        assert batcher.queued == 0 and batcher.inflight == 1
+        rest = [pool.submit(batcher.submit, {"x": f}, 1, (), None) for f in feeds[1:]]
+        deadline = time.monotonic() + WAIT_S
+        while batcher.queued < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert batcher.queued == 3 and batcher.inflight == 4
+        model.gate.set()
+        results = [first.result(timeout=WAIT_S), *(f.result(timeout=WAIT_S) for f in rest)]
+    for feed, result in zip(feeds, results, strict=True):
+        np.testing.assert_array_equal(result.outputs[0], feed)
+    assert executions == [1, 3]  # the three that waited ran as one batch
+    assert batcher.inflight == 0
+    assert batcher.drain(5)
+
+
+def test_a_lone_request_past_its_deadline_is_not_run(identity_model: OnnxModel) -> None:
+    batcher = Batcher(OnnxModel("unit", 1, identity_model.path, ModelConfig(max_batch_size=4)),
+                      lambda _batch, rows, _started, _done: executions.append(rows))
+    executions: list[int] = []
+    with pytest.raises(DeadlineExceededError, match="was not run"):
+        batcher.submit({"x": np.ones((1, 2), np.int64)}, 1, (), time.monotonic() - 1)
+    assert executions == []
+    assert batcher.submit({"x": np.ones((1, 2), np.int64)}, 1, (), None).batch_rows == 1
+    assert executions == [1] and batcher.inflight == 0
