@@ -179,18 +179,18 @@ class Batcher:
                 # Run at once, without queueing (see _solo).
                 self._leaders += 1
                 self._running += 1
-                solo = True
+                solo, full = True, False
             else:
                 solo = False
                 self._queue.append(item)
                 self._queued_rows += rows
+                full = 0 < self.max_batch_size <= self._queued_rows
                 if lead:
                     self._leaders += 1
                     item.lead = True  # holds a slot: a hand-off must skip it
                 else:
                     item.event = event = _Signal()
                     self._arrived.notify()
-        full = 0 < self.max_batch_size <= self._queued_rows
         if arrivals is not None:
             arrivals.arrived()
             if full and not lead:
