@@ -335,9 +335,9 @@ def test_a_lone_request_runs_without_queueing_and_hands_its_slot_on(tmp_path: Pa
 
 
 def test_a_lone_request_past_its_deadline_is_not_run(identity_model: OnnxModel) -> None:
+    executions: list[int] = []
     batcher = Batcher(OnnxModel("unit", 1, identity_model.path, ModelConfig(max_batch_size=4)),
                       lambda _batch, rows, _started, _done: executions.append(rows))
-    executions: list[int] = []
     with pytest.raises(DeadlineExceededError, match="was not run"):
         batcher.submit({"x": np.ones((1, 2), np.int64)}, 1, (), time.monotonic() - 1)
     assert executions == []
