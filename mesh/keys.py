@@ -15,15 +15,12 @@ import enum
 import re
 from dataclasses import dataclass
 
+from mesh import protocol
 from mesh.errors import InvalidKeyError, InvalidNameError
 
 DEFAULT_PREFIX = "/sluice/"
 
-# Model names end up in etcd keys, Envoy cluster names, HTTP header values and Kubernetes labels:
-# the Kubernetes label-value alphabet is the strictest of those.
-_MODEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")
-_VERSION_RE = re.compile(r"[1-9][0-9]{0,17}")
 
 
 class KeyKind(str, enum.Enum):
@@ -45,12 +42,10 @@ class ParsedKey:
 
 
 def validate_model_name(model: str) -> str:
-    """Return ``model`` if it is 1-63 characters of ``A-Z a-z 0-9 _ . -``, alphanumeric at both ends."""
-    if not isinstance(model, str) or not _MODEL_RE.fullmatch(model):
-        raise InvalidNameError(
-            f"model name {model!r} is invalid: use 1-63 characters A-Z a-z 0-9 _ . -, "
-            "starting and ending with a letter or digit"
-        )
+    """Return ``model`` if it follows :data:`mesh.protocol.MODEL_NAME_RULE`."""
+    if not protocol.is_model_name(model):
+        shown = protocol.clip(model) if isinstance(model, str) else repr(model)
+        raise InvalidNameError(f"model name {shown!r} is invalid: use {protocol.MODEL_NAME_RULE}")
     return model
 
 
@@ -72,9 +67,11 @@ def validate_version(version: int | str) -> int:
         if version < 1:
             raise InvalidNameError(f"version {version!r} is not a positive integer")
         return version
-    if isinstance(version, str) and _VERSION_RE.fullmatch(version):
-        return int(version)
-    raise InvalidNameError(f"version {version!r} is not a positive integer")
+    parsed = protocol.parse_version_text(version)
+    if parsed is not None:
+        return parsed
+    shown = protocol.clip(version) if isinstance(version, str) else repr(version)
+    raise InvalidNameError(f"version {shown!r} is not a positive integer")
 
 
 def normalize_prefix(prefix: str) -> str:
