@@ -62,6 +62,7 @@ def render_options(settings: GatewaySettings) -> RenderOptions:
         access_log=str(settings.access_log.absolute()) if settings.access_log else None,
         otlp_endpoint=settings.otlp_endpoint,
         trace_sampling=settings.trace_sampling,
+        allow_repository_control=settings.allow_repository_control,
     )
 
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.snapshot import (
+    CONFIG_VERSION_HEADER,
     LISTENER_NAME,
     RDS_FILE,
     ROUTE_CONFIG_NAME,
-    VERSION_HEADER,
     ModelPlan,
     Resource,
     Snapshot,
@@ -23,16 +23,22 @@ from gateway.snapshot import (
     content_hash,
     eds_file,
 )
+from mesh.protocol import MODEL_HEADER, VERSION_HEADER
 from mesh.records import InstanceState, RoutingDocument
 from mesh.registry import ModelState, RegistryState, resolve_weights
 
-MODEL_HEADER = "x-model-name"
-VERSION_PIN_HEADER = "x-model-version"
 STREAM_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
+# Load and unload change what a service serves for every client: an admin surface, not traffic.
+REPOSITORY_CONTROL_PATHS = (
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+)
+REPOSITORY_CONTROL_SETTING = "--allow-repository-control (env SLUICE_GATEWAY_ALLOW_REPOSITORY_CONTROL=true)"
 
 # gRPC status codes of the gateway's own replies.
 GRPC_INVALID_ARGUMENT = 3
 GRPC_NOT_FOUND = 5
+GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -65,6 +71,8 @@ class RenderOptions:
     trace_sampling: float = 100.0
     """Percent of new requests traced (requests with a sampled traceparent are always traced)."""
     service_name: str = "sluice-gateway"
+    allow_repository_control: bool = False
+    """Route RepositoryModelLoad/Unload to the services; off: the gateway refuses them itself."""
 
 
 def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPlan:
@@ -129,7 +137,8 @@ def render_snapshot(state: RegistryState, last_good: Mapping[str, RoutingDocumen
     digest = content_hash(listener, clusters, endpoints, routes)
     snapshot_version = f"{state.revision}.{digest}"
     routes["response_headers_to_add"] = [
-        {"header": {"key": VERSION_HEADER, "value": snapshot_version}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        {"header": {"key": CONFIG_VERSION_HEADER, "value": snapshot_version},
+         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
     ]
     return Snapshot(snapshot_version, state.revision, listener, clusters, endpoints, routes, plans)
 
@@ -141,7 +150,7 @@ def with_version(snapshot: Snapshot, revision: int, routes: Resource, clusters: 
     digest = content_hash(snapshot.listener, dict(clusters), dict(endpoints), bare)
     version = f"{revision}.{digest}"
     bare["response_headers_to_add"] = [
-        {"header": {"key": VERSION_HEADER, "value": version}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        {"header": {"key": CONFIG_VERSION_HEADER, "value": version}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
     ]
     return Snapshot(version, revision, snapshot.listener, dict(clusters), dict(endpoints), bare, snapshot.plans)
 
@@ -346,9 +355,9 @@ def _match(name: str | None = None, version: int | None = None, version_present:
     if name_present:
         headers.append({"name": MODEL_HEADER, "present_match": True})
     if version is not None:
-        headers.append({"name": VERSION_PIN_HEADER, "string_match": {"exact": str(version)}})
+        headers.append({"name": VERSION_HEADER, "string_match": {"exact": str(version)}})
     if version_present:
-        headers.append({"name": VERSION_PIN_HEADER, "present_match": True})
+        headers.append({"name": VERSION_HEADER, "present_match": True})
     match: Resource = {"prefix": "/"}
     if headers:
         match["headers"] = headers
@@ -379,7 +388,7 @@ def _route_action(model: str, weights: Mapping[int, int], sticky_header: str | N
     }
     weighted: Resource = {"clusters": [
         {"name": cluster_name(model, version), "weight": weight,
-         "request_headers_to_add": [{"header": {"key": VERSION_PIN_HEADER, "value": str(version)},
+         "request_headers_to_add": [{"header": {"key": VERSION_HEADER, "value": str(version)},
                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
         for version, weight in weights.items()
     ]}
@@ -424,7 +433,7 @@ def _model_routes(name: str, plan: ModelPlan, serving: list[int], options: Rende
     listed = ", ".join(str(v) for v in serving) or "none"
     routes.append({"name": f"{name}/pin/unknown", "match": _match(header_name, version_present=True),
                    **_grpc_error(GRPC_NOT_FOUND, f"model {name!r} has no serving instances of the version in "
-                                                 f"{VERSION_PIN_HEADER}; serving versions: {listed}")})
+                                                 f"{VERSION_HEADER}; serving versions: {listed}")})
     if plan.weights:
         add({"name": f"{name}/split", "match": _match(header_name),
              "route": _route_action(name, plan.weights, plan.sticky_header, options)})
@@ -434,8 +443,27 @@ def _model_routes(name: str, plan: ModelPlan, serving: list[int], options: Rende
     return routes
 
 
-def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]], options: RenderOptions) -> Resource:
+def _repository_control_routes(options: RenderOptions) -> list[Resource]:
+    """Direct PERMISSION_DENIED replies for the repository control RPCs, unless they are allowed.
+
+    They come before every model route: those match on headers only, so any client naming a
+    model could otherwise unload it from every service behind the gateway.
+    """
+    if options.allow_repository_control:
+        return []
     routes: list[Resource] = []
+    for path in REPOSITORY_CONTROL_PATHS:
+        method = path.rpartition("/")[2]
+        routes.append({"name": f"repository-control/{method}", "match": {"path": path},
+                       **_grpc_error(GRPC_PERMISSION_DENIED,
+                                     f"{method} is not allowed through the gateway: repository control is "
+                                     f"off; start the gateway with {REPOSITORY_CONTROL_SETTING} to route it "
+                                     "to the model services")})
+    return routes
+
+
+def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]], options: RenderOptions) -> Resource:
+    routes: list[Resource] = _repository_control_routes(options)
     for name, plan in plans.items():
         routes += _model_routes(name, plan, serving[name], options, by_header=True)
     names = ", ".join(plans) or "none"

@@ -65,6 +65,9 @@ class GatewaySettings(BaseSettings):
     """OTLP gRPC collector (``127.0.0.1:4317``): Envoy traces requests into it; off when unset."""
     trace_sampling: float = Field(100.0, ge=0.0, le=100.0)
     """Percent of new requests Envoy traces."""
+    allow_repository_control: bool = False
+    """Route RepositoryModelLoad/Unload to the model services. Off: the gateway answers them
+    PERMISSION_DENIED itself (anyone reaching the gateway could otherwise unload a model everywhere)."""
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     log_levels: str | None = None

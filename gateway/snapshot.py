@@ -23,7 +23,7 @@ ROUTE_CONFIG_NAME = "sluice_routes"
 LDS_FILE = "lds.yaml"
 CDS_FILE = "cds.yaml"
 RDS_FILE = "rds.yaml"
-VERSION_HEADER = "x-sluice-config"
+CONFIG_VERSION_HEADER = "x-sluice-config"
 """Every response carries the config version that routed it (debugging, propagation benchmark)."""
 
 TYPE_LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"

@@ -73,8 +73,10 @@ def test_weighted_clusters_pin_routes_and_order() -> None:
     # Each cluster tells the service which version to run (it serves several).
     assert [c["request_headers_to_add"][0]["header"] for c in split] == [
         {"key": "x-model-version", "value": "1"}, {"key": "x-model-version", "value": "2"}]
-    # Pins come before the split; the catch-alls for one model come after the header routes.
-    assert route_names(snapshot)[:4] == ["iris/pin/v1", "iris/pin/v2", "iris/pin/unknown", "iris/split"]
+    # Pins come before the split; the catch-alls for one model come after the header routes (the
+    # repository control refusals come first of all).
+    assert route_names(snapshot)[:6] == [*CONTROL_ROUTES, "iris/pin/v1", "iris/pin/v2", "iris/pin/unknown",
+                                         "iris/split"]
     assert [c["name"] for c in routes["iris/pin/v2"]["route"]["weighted_clusters"]["clusters"]] == ["iris.v2"]
     assert {"name": "x-model-version", "string_match": {"exact": "2"}} in routes["iris/pin/v2"]["match"]["headers"]
     assert "default/iris/split" in routes  # one model: no header needed
@@ -140,7 +142,32 @@ def test_model_header_errors() -> None:
     assert route_names(two)[-1] == "missing-model-header"
     assert not any(name.startswith("default/") for name in routes)
     empty = render_snapshot(state(), {}, OPTIONS)
-    assert route_names(empty) == ["unknown-model", "no-models"]
+    assert route_names(empty) == [*CONTROL_ROUTES, "unknown-model", "no-models"]
+
+
+CONTROL_ROUTES = ["repository-control/RepositoryModelLoad", "repository-control/RepositoryModelUnload"]
+
+
+@pytest.mark.parametrize("method", ["RepositoryModelLoad", "RepositoryModelUnload"])
+def test_repository_control_is_refused_before_any_model_route_by_default(method: str) -> None:
+    snapshot = render_snapshot(state(*IRIS, instance("mlp", 1, "m", 7010)), {}, OPTIONS)
+    names = route_names(snapshot)
+    route = routes_by_name(snapshot)[f"repository-control/{method}"]
+    # Model routes match on headers alone: the refusal must come first or x-model-name wins.
+    assert names.index(f"repository-control/{method}") < names.index("iris/pin/v1")
+    assert route["match"] == {"path": f"/inference.GRPCInferenceService/{method}"}
+    assert route["response_headers_to_add"][0]["header"] == {"key": "grpc-status", "value": "7"}
+    message = route["direct_response"]["body"]["inline_string"]
+    assert method in message and "--allow-repository-control" in message
+    assert "SLUICE_GATEWAY_ALLOW_REPOSITORY_CONTROL" in message
+    assert consistency_problems(snapshot) == []
+
+
+def test_repository_control_routes_like_any_call_when_allowed() -> None:
+    options = RenderOptions(xds_dir="/tmp/sluice-xds", allow_repository_control=True)
+    snapshot = render_snapshot(state(*IRIS), {}, options)
+    assert not any(name.startswith("repository-control/") for name in route_names(snapshot))
+    assert route_names(snapshot)[0] == "iris/pin/v1"
 
 
 def test_non_ip_addresses_are_left_out_with_a_warning() -> None:

@@ -1,0 +1,120 @@
+"""Repository control (RepositoryModelLoad/Unload) through the real gateway: refused by default.
+
+Real etcd, two real ``sluice gateway`` processes (running the real Envoy) on their own prefixes,
+one with ``--allow-repository-control``, and one real ``sluice serve`` behind both. Tests run in
+file order: the refusal first (the model must still serve after it), then the allowed unload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mesh.keys import KeySchema
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.service import ServiceHandle
+from tests.gateway.conftest import SERVICE_START_TIMEOUT_S, _start_service, register
+from tests.gateway.traffic import count_versions, eventually
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
+
+ROUTABLE_TIMEOUT_S = 15.0
+HEADER = (("x-model-name", "iris"),)
+
+
+@pytest.fixture(scope="module")
+def service(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
+    handle = _start_service(iris_repos[1], tmp_path_factory.mktemp("repository-control"), "iris-v1")
+    try:
+        handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
+        yield handle
+    finally:
+        handle.process.stop()
+
+
+def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandle, *extra: str
+             ) -> Iterator[GatewayHandle]:
+    handle = start_gateway(etcd, prefix, workdir, *extra)
+    try:
+        register(etcd, KeySchema(prefix), service, 1, "v1")
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def closed_gateway(shared_etcd: EtcdServer, gateway_prefix: str, service: ServiceHandle,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    yield from _gateway(shared_etcd, f"{gateway_prefix}closed/", tmp_path_factory.mktemp("gw-closed"), service)
+
+
+@pytest.fixture(scope="module")
+def open_gateway(shared_etcd: EtcdServer, gateway_prefix: str, service: ServiceHandle,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    yield from _gateway(shared_etcd, f"{gateway_prefix}open/", tmp_path_factory.mktemp("gw-open"), service,
+                        "--allow-repository-control")
+
+
+async def _wait_routable(gateway: GatewayHandle) -> None:
+    async def routable() -> bool:
+        try:
+            return sum((await count_versions(gateway.address, 1, HEADER, concurrency=1)).values()) == 1
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(routable, ROUTABLE_TIMEOUT_S, "iris routable through the gateway")
+
+
+def _model_ready(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            return bool(stub.ModelReady(pb.ModelReadyRequest(name="iris"), timeout=5).ready)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+
+
+async def _unload(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="iris"), metadata=HEADER,
+                                         timeout=10)
+
+
+async def _load(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="iris"), metadata=HEADER,
+                                       timeout=30)
+
+
+async def test_repository_control_through_the_gateway_is_refused_and_the_model_keeps_serving(
+        closed_gateway: GatewayHandle, service: ServiceHandle) -> None:
+    await _wait_routable(closed_gateway)
+    for call in (_unload, _unload, _load):  # the reported attack sent Unload twice
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(closed_gateway.address)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        details = caught.value.details() or ""
+        assert "not allowed through the gateway" in details and "--allow-repository-control" in details
+    assert _model_ready(service.address)
+    counts = await count_versions(closed_gateway.address, 20, HEADER, concurrency=4)
+    assert counts == {"1": 20}
+
+
+async def test_with_the_setting_on_repository_control_reaches_the_service(
+        open_gateway: GatewayHandle, service: ServiceHandle) -> None:
+    await _wait_routable(open_gateway)
+    await _unload(open_gateway.address)
+    # The service itself did it: its own answer (not the gateway's) says the model is gone.
+    assert not _model_ready(service.address)
+    await _load(open_gateway.address)
+    assert _model_ready(service.address)
