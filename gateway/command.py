@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from gateway.settings import GatewaySettings  # noqa: PLC0415
     from mesh import logging as sluice_logging  # noqa: PLC0415
     from mesh.commands.registry import settings_from_args  # noqa: PLC0415
+    from mesh.ports import PortBindError  # noqa: PLC0415
 
     flags = {name: getattr(args, name) for name in _GATEWAY_FLAGS if getattr(args, name, None) is not None}
     try:
@@ -124,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except PortBindError as exc:
+        print(f"sluice gateway: {exc}", file=sys.stderr)
+        return 2
     except GatewayError as exc:
         print(f"sluice gateway: {exc}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from gateway.status import changed, status_documents
 from mesh.errors import MeshError
 from mesh.etcd import EtcdClient, Resync, watch_prefix
 from mesh.keys import KeySchema
+from mesh.ports import bind_problem, check_bindable
 from mesh.records import RoutingDocument, StatusDocument, parse_routing_document
 from mesh.registry import RegistryState, apply_event, build_state
 from mesh.settings import EtcdSettings
@@ -138,9 +139,17 @@ class GatewayController:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set, then stop Envoy (if it is ours) and close everything."""
+        """Serve until ``stop`` is set, then stop Envoy (if it is ours) and close everything.
+
+        Raises :class:`~mesh.ports.PortBindError` first if a port it must listen on is taken.
+        """
+        self.check_ports()
         if self.settings.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+            except OSError as exc:  # taken between the check and now
+                raise bind_problem("the gateway's metrics", self.settings.metrics_host, self.settings.metrics_port,
+                                   "--metrics-port (-1 turns metrics off)", exc.strerror or str(exc)) from exc
         await self._prepare_files()
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -174,6 +183,17 @@ class GatewayController:
             self.admin.close()
             self._io.shutdown(wait=True)
             log.info("gateway_stopped")
+
+    def check_ports(self) -> None:
+        """One :class:`~mesh.ports.PortBindError` naming the flag for a taken port, instead of a
+        traceback from the metrics server or an Envoy that exits (admin) or never listens (listener)."""
+        s = self.settings
+        if s.metrics_port >= 0:
+            check_bindable(s.metrics_host, s.metrics_port, "the gateway's metrics",
+                           "--metrics-port (-1 turns metrics off)")
+        if s.runs_envoy:
+            check_bindable(s.listen_host, s.listen_port, "Envoy's gRPC listener", "--listen-port")
+            check_bindable("127.0.0.1", s.admin_port, "Envoy's admin API", "--admin-port")
 
     async def write_bootstrap(self, path: Path) -> None:
         """For an Envoy run by someone else: its bootstrap at ``path``, and files it can start on.

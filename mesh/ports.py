@@ -10,6 +10,7 @@ handed out twice by one process.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -68,3 +69,44 @@ def free_port(host: str = "127.0.0.1") -> int:
             port = int(sock.getsockname()[1])
         _given.add(port)
         return port
+
+
+class PortBindError(Exception):
+    """A port this process was told to listen on cannot be bound. The message is one line for an
+    operator and names the flag to change; the commands print it and exit with status 2."""
+
+
+def bind_problem(what: str, host: str, port: int, flag: str, reason: str) -> PortBindError:
+    """The :class:`PortBindError` for ``what`` (e.g. "the gRPC port") at ``host:port``."""
+    return PortBindError(f"cannot listen on {host}:{port} for {what}: {reason}; "
+                         f"choose another port with {flag}")
+
+
+def check_bindable(host: str, port: int, what: str, flag: str) -> None:
+    """Raise :class:`PortBindError` if ``host:port`` cannot be bound now (0: any port, always fine).
+
+    A probe before handing the address to a server that reports the failure its own way (gRPC
+    core logs a C++ error line and raises RuntimeError; Envoy exits with its own log): the
+    operator gets one line naming the flag instead. Binding is checked with SO_REUSEADDR, as the
+    servers bind, so a port in TIME_WAIT is not reported; a port another process listens on is.
+    """
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise bind_problem(what, host, port, flag, f"the address does not resolve ({exc.strerror or exc})") from exc
+    failures: list[OSError] = []
+    for family, kind, proto, _name, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as exc:
+            # "localhost" may also resolve to ::1 on a host without IPv6: the servers bind what they
+            # can, so only a port in use (or forbidden) anywhere, or no address at all, is fatal.
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise bind_problem(what, host, port, flag, exc.strerror or str(exc)) from exc
+            failures.append(exc)
+    if failures and len(failures) == len(addresses):
+        raise bind_problem(what, host, port, flag, failures[0].strerror or str(failures[0])) from failures[0]
