@@ -13,6 +13,7 @@ import structlog
 from opentelemetry.trace import Tracer
 
 from mesh.logging import RequestFields, bind_request, request_fields
+from mesh.protocol import clip
 from services import __version__
 from services.batcher import BatchResult
 from services.errors import SluiceError, VersionRetiredError, status_name
@@ -96,7 +97,8 @@ class DataPlane:
         served = self.registry.resolve(request.model, request.version)
         model = served.model
         fields = request_fields() or bind_request(RequestFields())  # called outside an RPC: bind here
-        fields.model, fields.version, fields.request_id = model.name, model.version, request.id
+        # The id is the client's string: clipped, so a log line cannot be made arbitrarily large.
+        fields.model, fields.version, fields.request_id = model.name, model.version, clip(request.id)
         submitted_ns = time.time_ns() if self.tracer is not None else 0
         outputs = tuple(request.outputs)
         feeds = {tensor.name: tensor.data for tensor in request.inputs}

@@ -10,6 +10,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from mesh.protocol import clip
 from services.errors import InvalidRequestError, UnsupportedError
 
 # KServe datatype name -> numpy dtype (little-endian, as the wire format is). BYTES is an object
@@ -89,7 +90,7 @@ def to_numpy(datatype: str) -> np.dtype[Any]:
         if datatype == "BF16":
             raise UnsupportedError("datatype BF16 is not supported by ONNX Runtime's Python API") from None
         raise InvalidRequestError(
-            f"unknown datatype {datatype!r}; expected one of {', '.join(ALL_DATATYPES)}"
+            f"unknown datatype '{clip(datatype)}'; expected one of {', '.join(ALL_DATATYPES)}"
         ) from None
 
 
@@ -103,8 +104,42 @@ def from_numpy(array: npt.NDArray[Any]) -> str:
         raise UnsupportedError(f"output dtype {array.dtype} has no KServe v2 datatype") from None
 
 
+# numpy's own limit on dimensions (NPY_MAXDIMS); a tensor with more cannot even be described.
+MAX_DIMS: Final = 64
+# Every element of a tensor costs at least one byte of the request (a BOOL or INT8 raw, a varint
+# in typed contents, a 4-byte length prefix for BYTES), so a request can never carry more elements
+# than it has bytes: the service caps the element count at its largest message.
+BYTES_PREFIX: Final = 4
+
+
 def element_count(shape: Sequence[int]) -> int:
     return prod(shape)
+
+
+def check_shape(name: str, shape: Sequence[int], max_elements: int) -> int:
+    """The element count of ``shape`` once it passed the one shape rule, checked before anything is
+    allocated for it: at most :data:`MAX_DIMS` dimensions, none negative, and every dimension as
+    well as the product of the non-zero ones at most ``max_elements``. The product leaves out
+    zeros because ``[0, 2**62, 2**62]`` holds no element and still cannot be made into an array
+    (numpy refuses the dimensions); stopping at the first product over the bound also keeps the
+    arithmetic small whatever the client declared."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidRequestError(
+            f"input '{clip(name)}': shape has {len(shape)} dimensions; at most {MAX_DIMS} are allowed")
+    product = 1
+    empty = False
+    for dim in shape:
+        if dim < 0:
+            raise InvalidRequestError(f"input '{clip(name)}': shape {list(shape)} has a negative dimension")
+        if dim == 0:
+            empty = True
+            continue
+        product *= dim
+        if product > max_elements:
+            raise InvalidRequestError(
+                f"input '{clip(name)}': shape {list(shape)} declares more than {max_elements} elements, "
+                f"the most a request of at most {max_elements} bytes (the service's max message size) can carry")
+    return 0 if empty else product
 
 
 def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> npt.NDArray[np.object_]:
@@ -114,27 +149,34 @@ def decode_bytes(raw: bytes | memoryview, count: int, name: str) -> npt.NDArray[
     (it would silently store ``"b'...'"`` for a ``bytes`` object otherwise).
     """
     view = memoryview(raw)
+    total = len(view)
+    # Checked before the array is made: its size comes from the client's shape, and only the bytes
+    # actually present say how many elements there can be.
+    if count * BYTES_PREFIX > total:
+        raise InvalidRequestError(
+            f"input '{clip(name)}': {count} BYTES elements need at least {count * BYTES_PREFIX} bytes "
+            f"(a {BYTES_PREFIX}-byte length prefix each), but the data is {total} bytes"
+        )
     out = np.empty(count, dtype=np.object_)
     offset = 0
-    total = len(view)
     for index in range(count):
         if offset + 4 > total:
             raise InvalidRequestError(
-                f"input '{name}': BYTES data ends after {index} of {count} elements "
+                f"input '{clip(name)}': BYTES data ends after {index} of {count} elements "
                 f"(no 4-byte length prefix at offset {offset})"
             )
         (length,) = struct.unpack_from("<I", view, offset)
         offset += 4
         if offset + length > total:
             raise InvalidRequestError(
-                f"input '{name}': BYTES element {index} declares {length} bytes but only "
+                f"input '{clip(name)}': BYTES element {index} declares {length} bytes but only "
                 f"{total - offset} remain"
             )
         out[index] = utf8(bytes(view[offset : offset + length]), name, index)
         offset += length
     if offset != total:
         raise InvalidRequestError(
-            f"input '{name}': {total - offset} bytes left over after {count} BYTES elements"
+            f"input '{clip(name)}': {total - offset} bytes left over after {count} BYTES elements"
         )
     return out
 
@@ -144,7 +186,7 @@ def utf8(data: bytes, name: str, index: int) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequestError(
-            f"input '{name}': BYTES element {index} is not valid UTF-8 (byte {exc.start}); "
+            f"input '{clip(name)}': BYTES element {index} is not valid UTF-8 (byte {exc.start}); "
             "ONNX Runtime string tensors hold UTF-8 text"
         ) from None
 

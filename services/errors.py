@@ -28,6 +28,10 @@ class QueueFullError(SluiceError):
     """The model's request queue is at its limit."""
 
 
+class StreamLimitError(SluiceError):
+    """A ModelStreamInfer stream over the service's bound on open streams (max_streams)."""
+
+
 class DeadlineExceededError(SluiceError):
     """The request's deadline passed before it could run."""
 
@@ -59,6 +63,7 @@ STATUS_CODES: dict[type[SluiceError], str] = {
     ModelNotFoundError: "NOT_FOUND",
     ModelNotReadyError: "UNAVAILABLE",
     QueueFullError: "RESOURCE_EXHAUSTED",
+    StreamLimitError: "RESOURCE_EXHAUSTED",
     DeadlineExceededError: "DEADLINE_EXCEEDED",
     UnsupportedError: "UNIMPLEMENTED",
     ModelLoadError: "FAILED_PRECONDITION",

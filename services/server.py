@@ -34,13 +34,14 @@ from protos.inference._pool import POOL
 from services.arrivals import HandlerPool
 from services.dataplane import DataPlane
 from services.grpc.interceptor import ErrorInterceptor
-from services.grpc.servicer import InferenceServicer
+from services.grpc.servicer import RAW_REQUEST_METHODS, InferenceServicer
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
 from services.registration import Registration
 from services.registry import ModelRegistry, ServedVersion
 from services.settings import ServiceSettings
 from services.watcher import RepositoryWatcher
+from services.streams import StreamGuard
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +82,7 @@ class ModelServer:
 
     async def start(self) -> None:
         s = self.settings
+        self.streams: StreamGuard | None = None
         started = time.perf_counter()
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
@@ -94,7 +96,8 @@ class ModelServer:
             # Server spans for every RPC but health checks (probes would drown the traces).
             interceptors.append(server_interceptor(  # type: ignore[no-untyped-call]
                 tracer_provider=self._tracer_provider, filter_=filters.negate(filters.health_check())))
-        errors = ErrorInterceptor(tracing=self._tracer_provider is not None)
+        errors = ErrorInterceptor(tracing=self._tracer_provider is not None,
+                                  raw_requests=frozenset(f"/{INFERENCE_SERVICE}/{m}" for m in RAW_REQUEST_METHODS))
         server = grpc.server(
             cast(ThreadPoolExecutor, HandlerPool(self.registry.arrivals, frozenset({INFER_METHOD}),
                                                  max_workers=s.max_concurrency, thread_name_prefix="grpc-handler",
@@ -107,7 +110,10 @@ class ModelServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = InferenceServicer(self.plane, self.manager, asyncio.get_running_loop())
+        self.streams = StreamGuard(s.stream_limit, s.stream_idle_timeout)
+        # Every element costs at least a byte of the message (see datatypes.check_shape).
+        servicer = InferenceServicer(self.plane, self.manager, asyncio.get_running_loop(),
+                                     streams=self.streams, max_elements=max_bytes)
         registering: Any = errors.installing(server)  # every handler below goes through it
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registering)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registering)
@@ -184,3 +190,5 @@ class ModelServer:
         await self.manager.close()
         shutdown_tracing(self._tracer_provider)
         log.info("stopped")
+        if self.streams is not None:
+            self.streams.stop()

@@ -6,7 +6,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,6 +33,12 @@ class ServiceSettings(BaseSettings):
     """Largest gRPC message accepted or sent, in MiB."""
     max_concurrency: int = Field(128, ge=1, le=4096)
     """gRPC handler threads: requests handled at once (more wait in gRPC's queue, up to 4x this)."""
+    max_streams: int | None = Field(None, ge=0, le=4095)
+    """ModelStreamInfer streams open at once (each holds a handler thread while open); default half
+    of max_concurrency. Always below max_concurrency, so that unary calls keep a thread."""
+    stream_idle_timeout: float = Field(60.0, gt=0)
+    """Seconds a stream may go without a request received or an answer taken before the server
+    ends it (DEADLINE_EXCEEDED), freeing its handler thread."""
     handler_policy: Literal["batch", "normal"] = "batch"
     """Linux scheduling policy of the handler threads: ``batch`` (SCHED_BATCH: a waking thread
     does not preempt the running one, so inference and request handling are not cut up on a busy
@@ -69,6 +75,18 @@ class ServiceSettings(BaseSettings):
     log_levels: str | None = None
     """Per-component levels, e.g. "services.batcher=debug,mesh=warning"."""
     log_format: Literal["auto", "json", "console"] = "auto"
+
+    @property
+    def stream_limit(self) -> int:
+        """The bound on open streams: max_streams, or half of max_concurrency."""
+        return self.max_concurrency // 2 if self.max_streams is None else self.max_streams
+
+    @model_validator(mode="after")
+    def _streams_below_concurrency(self) -> ServiceSettings:
+        if self.max_streams is not None and self.max_streams >= self.max_concurrency:
+            raise ValueError(f"max_streams ({self.max_streams}) must be below max_concurrency "
+                             f"({self.max_concurrency}): streams would hold every handler thread")
+        return self
 
     @classmethod
     def settings_customise_sources(

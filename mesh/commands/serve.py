@@ -29,6 +29,10 @@ def register(subparsers: Any) -> None:
                         help="requests handled at once (gRPC handler threads, default 128)")
     parser.add_argument("--handler-policy", choices=["batch", "normal"],
                         help="Linux scheduling policy of the handler threads (default batch: a waking "
+    parser.add_argument("--max-streams", type=int,
+                        help="ModelStreamInfer streams open at once (default half of --max-concurrency)")
+    parser.add_argument("--stream-idle-timeout", type=float,
+                        help="seconds a stream may idle before the server ends it (default 60)")
                              "thread does not preempt a running one)")
     parser.add_argument("--grace-period", type=float, help="seconds to finish in-flight requests on SIGTERM")
     parser.add_argument("--drain-timeout", type=float, help="seconds a retired version gets to drain")

@@ -52,10 +52,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     at 32 concurrent calls on one core).
     """
 
-    def __init__(self, tracing: bool = False) -> None:
+    def __init__(self, tracing: bool = False, raw_requests: frozenset[str] = frozenset()) -> None:
         self._cache: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
         self._tracing = tracing
         """Tracing is on: log lines get the trace and span ids."""
+        self._raw_requests = raw_requests
+        """Full method names whose handlers get the request bytes (no request deserializer): gRPC's
+        own answer to a frame that does not parse is INTERNAL, and grpcio keeps memory for each."""
 
     def intercept_service(
         self,
@@ -66,7 +69,8 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if method in self._cache:
             return self._cache[method]
         handler = continuation(handler_call_details)
-        wrapped = None if handler is None else self._wrap(handler, method, self._tracing)
+        wrapped = None if handler is None else self._wrap(handler, method, self._tracing,
+                                                          method in self._raw_requests)
         self._cache[method] = wrapped
         return wrapped
 
@@ -76,9 +80,11 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return _WrappingServer(server, self)
 
     @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str, tracing: bool
+    def _wrap(handler: grpc.RpcMethodHandler[Any, Any], method: str, tracing: bool, raw_request: bool = False
               ) -> grpc.RpcMethodHandler[Any, Any]:
         rpc = method.rpartition("/")[2]
+        # None is gRPC's identity: the handler receives the bytes of each request message.
+        deserializer = None if raw_request else handler.request_deserializer
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
@@ -92,7 +98,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     _abort(exc, context, method)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=handler.request_deserializer,
+                unary_unary, request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         if handler.stream_stream is not None:
             inner_stream: Any = handler.stream_stream
@@ -107,7 +113,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     _abort(exc, context, method)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, request_deserializer=handler.request_deserializer,
+                stream_stream, request_deserializer=deserializer,
                 response_serializer=handler.response_serializer)
         return handler
 
@@ -133,6 +139,8 @@ class _WrappingServer:
 
     def add_registered_method_handlers(self, service: str,
                                        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
-        tracing = self._interceptor._tracing
+        interceptor = self._interceptor
         self._server.add_registered_method_handlers(service, {
-            name: ErrorInterceptor._wrap(handler, f"/{service}/{name}", tracing) for name, handler in handlers.items()})
+            name: ErrorInterceptor._wrap(handler, f"/{service}/{name}", interceptor._tracing,
+                                         f"/{service}/{name}" in interceptor._raw_requests)
+            for name, handler in handlers.items()})

@@ -3,6 +3,11 @@
 Methods run on the gRPC server's handler threads. Inference runs right there (see
 services/batcher.py); control operations (load, unload) are handed to the asyncio loop that owns
 the model manager and awaited from the handler thread.
+
+ModelInfer and ModelStreamInfer receive their requests as bytes (the methods in
+:data:`RAW_REQUEST_METHODS` are registered with an identity deserializer) and parse them here, so
+that a frame that does not parse is a client mistake answered INVALID_ARGUMENT, on a stream one
+message's error instead of the end of the stream.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ from services.errors import ModelLoadError, SluiceError, UnsupportedError
 from services.grpc import converters
 from services.manager import ModelManager
 from services.model import PLATFORM
+from services.streams import StreamGuard
 
 Context = grpc.ServicerContext
 _CONTROL_TIMEOUT = 600.0
 log = structlog.get_logger(__name__)
+
+RAW_REQUEST_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
+"""Methods whose requests reach the servicer as bytes (see the module docstring)."""
 
 
 def _deadline(context: Context) -> float | None:
@@ -40,10 +49,16 @@ def _unsupported(rpc: str, hint: str) -> UnsupportedError:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, manager: ModelManager, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, plane: DataPlane, manager: ModelManager, loop: asyncio.AbstractEventLoop,
+                 streams: StreamGuard | None = None,
+                 max_elements: int = converters.DEFAULT_MAX_ELEMENTS) -> None:
         self.plane = plane
         self.manager = manager
         self.loop = loop
+        self.streams = streams or StreamGuard(limit=64, idle_timeout=60.0)
+        """Bounds on open streams (the server passes its settings')."""
+        self.max_elements = max_elements
+        """Largest element count of one input: a request cannot carry more than its bytes."""
 
     def _control(self, operation: Coroutine[Any, Any, None]) -> None:
         """Run a model-manager operation on the loop and wait for it from this handler thread.
@@ -70,7 +85,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context
                             ) -> pb.ModelMetadataResponse:
-        meta = self.plane.model_metadata(request.name, converters.parse_version(request.version))
+        meta = self.plane.model_metadata(converters.model_name(request.name, "name"),
+                                         converters.parse_version(request.version))
         return pb.ModelMetadataResponse(
             name=meta.name,
             versions=[str(v) for v in meta.versions],
@@ -79,39 +95,72 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=converters.tensor_metadata(meta.info.outputs),
         )
 
-    def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+    def ModelInfer(self, request: bytes | pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        message = converters.parse_request(request)
         headers = converters.routing_headers(context.invocation_metadata())
-        response = self.plane.infer(converters.request_from(request, _deadline(context), headers))
+        response = self.plane.infer(converters.request_from(message, _deadline(context), headers,
+                                                            self.max_elements))
         return converters.response_to(response)
 
-    def ModelStreamInfer(self, request_iterator: Iterator[pb.ModelInferRequest], context: Context
+    def ModelStreamInfer(self, request_iterator: Iterator[bytes | pb.ModelInferRequest], context: Context
                          ) -> Iterator[pb.ModelStreamInferResponse]:
-        """Requests on one stream are answered in order; a failed request answers with error_message
-        (and its id) while the stream stays open, as Triton does."""
-        headers = converters.routing_headers(context.invocation_metadata())
-        for message in request_iterator:
-            try:
-                response = self.plane.infer(converters.request_from(message, _deadline(context), headers))
-                yield pb.ModelStreamInferResponse(infer_response=converters.response_to(response))
-            except Exception as exc:  # every request on the stream gets an answer, whatever happened
-                if isinstance(exc, SluiceError):
-                    text = str(exc)
-                else:
-                    reference = uuid.uuid4().hex[:12]
-                    log.exception("unhandled error in a streamed request", reference=reference)
-                    text = f"internal server error (reference {reference}); the server log has the details"
-                yield pb.ModelStreamInferResponse(
-                    error_message=text,
-                    infer_response=pb.ModelInferResponse(model_name=message.model_name,
-                                                         model_version=message.model_version, id=message.id))
+        """Requests on one stream are answered in order; a failed request (one that does not even
+        parse included) answers with error_message (and its id) while the stream stays open, as
+        Triton does. The stream counts against the service's stream bound and ends after the idle
+        timeout (services/streams.py)."""
+        stream = self.streams.open(context)  # over the bound: RESOURCE_EXHAUSTED, no thread kept
+        try:
+            headers = converters.routing_headers(context.invocation_metadata())
+            while True:
+                try:
+                    data = next(request_iterator)
+                except StopIteration:
+                    return
+                except grpc.RpcError:
+                    # The call is over (ended for idling, or cancelled by the client): nobody to answer.
+                    if not stream.expired:
+                        log.debug("stream cancelled by the client")
+                    return
+                stream.busy()
+                answer = self._stream_answer(data, context, headers)
+                stream.idle()  # waiting for the client to take the answer is idle too
+                yield answer
+                stream.idle()
+        finally:
+            self.streams.close(stream)
+
+    def _stream_answer(self, data: bytes | pb.ModelInferRequest, context: Context, headers: tuple[str, str]
+                       ) -> pb.ModelStreamInferResponse:
+        message: pb.ModelInferRequest | None = None
+        try:
+            message = converters.parse_request(data)
+            response = self.plane.infer(converters.request_from(message, _deadline(context), headers,
+                                                                self.max_elements))
+            return pb.ModelStreamInferResponse(infer_response=converters.response_to(response))
+        except Exception as exc:  # every request on the stream gets an answer, whatever happened
+            if isinstance(exc, SluiceError):
+                text = str(exc)
+            else:
+                reference = uuid.uuid4().hex[:12]
+                log.exception("unhandled error in a streamed request", reference=reference)
+                text = f"internal server error (reference {reference}); the server log has the details"
+            if message is None:
+                return pb.ModelStreamInferResponse(error_message=text)
+            # The names are echoed as sent (the client matches answers by them); the message clips them.
+            return pb.ModelStreamInferResponse(
+                error_message=text,
+                infer_response=pb.ModelInferResponse(model_name=message.model_name,
+                                                     model_version=message.model_version, id=message.id))
 
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        served = self.plane.resolve(request.name, converters.parse_version(request.version))
+        served = self.plane.resolve(converters.model_name(request.name, "name"),
+                                    converters.parse_version(request.version))
         return pb.ModelConfigResponse(config=converters.model_config(served))
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context
                               ) -> pb.ModelStatisticsResponse:
-        served = self.plane.statistics(request.name, converters.parse_version(request.version))
+        name = converters.model_name(request.name, "name") if request.name else ""  # "" means every model
+        served = self.plane.statistics(name, converters.parse_version(request.version))
         return pb.ModelStatisticsResponse(model_stats=[converters.model_statistics(s) for s in served])
 
     def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
@@ -127,6 +176,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context
                                   ) -> pb.RepositoryModelLoadResponse:
+        # Refused before anything else when the admin surface is off, or the name is not a model
+        # name (which would otherwise reach the file system: "../elsewhere", "/abs").
+        self.manager.check_control("RepositoryModelLoad", request.model_name)
         if request.parameters:
             raise _unsupported("RepositoryModelLoad with parameters",
                                "place the model files in the repository and load it by name")

@@ -145,14 +145,51 @@ def test_bytes_that_are_not_utf8_are_refused_by_index() -> None:
 
 
 @pytest.mark.parametrize(("raw", "count", "fragment"), [
-    pytest.param(b"\x01\x00", 1, "no 4-byte length prefix at offset 0", id="truncated-prefix"),
+    # Data of at least 4 bytes per element, so that the framing itself is what fails.
+    pytest.param(_frame(b"ab") + b"\x01\x00", 2, "no 4-byte length prefix at offset 6", id="truncated-prefix"),
     pytest.param(_frame(b"ab")[:-1], 1, "declares 2 bytes but only 1 remain", id="past-the-end"),
     pytest.param(_frame(b"ab") + b"!", 1, "1 bytes left over after 1 BYTES elements", id="leftover"),
-    pytest.param(_frame(b"ab"), 2, "ends after 1 of 2 elements", id="too-few"),
+    pytest.param(_frame(b"abcd"), 2, "ends after 1 of 2 elements", id="too-few"),
+    pytest.param(b"\x01\x00", 1, "1 BYTES elements need at least 4 bytes", id="shorter-than-prefixes"),
 ])
 def test_bytes_framing_errors_name_the_problem(raw: bytes, count: int, fragment: str) -> None:
     with pytest.raises(InvalidRequestError, match="input 'x'") as caught:
         datatypes.decode_bytes(raw, count, "x")
+    assert fragment in str(caught.value)
+
+
+def test_bytes_declaring_more_elements_than_the_data_holds_are_refused_before_allocating() -> None:
+    """300,000,000 declared elements in 0 bytes once made the server allocate 2.4 GB first (and
+    then fail on the missing first prefix): the element count is checked against the bytes first."""
+    with pytest.raises(InvalidRequestError, match=r"300000000 BYTES elements need at least 1200000000 bytes"):
+        datatypes.decode_bytes(b"", 300_000_000, "x")
+
+
+LIMIT = 64 * 1024 * 1024
+
+
+@pytest.mark.parametrize(("shape", "count"), [
+    pytest.param((), 1, id="scalar"), pytest.param((3, 4), 12, id="matrix"), pytest.param((0, 5), 0, id="empty"),
+    pytest.param((0, LIMIT), 0, id="empty-at-the-limit"), pytest.param((1,) * 64, 1, id="64-dims"),
+    pytest.param((LIMIT,), LIMIT, id="at-the-limit"),
+])
+def test_check_shape_counts_elements(shape: tuple[int, ...], count: int) -> None:
+    assert datatypes.check_shape("x", shape, LIMIT) == count
+
+
+@pytest.mark.parametrize(("shape", "fragment"), [
+    pytest.param((0, 2 ** 62), "declares more than", id="zero-then-absurd"),
+    pytest.param((0, 2 ** 62, 2 ** 62), "declares more than", id="product-overflows-int64"),
+    pytest.param((2 ** 62, 4), "declares more than", id="absurd-first"),
+    pytest.param((1, 2 ** 40), "declares more than", id="bytes-2-40"),
+    pytest.param((LIMIT + 1,), "declares more than 67108864 elements", id="one-over"),
+    pytest.param((2 ** 16, 2 ** 16), "declares more than", id="product-over"),
+    pytest.param((1,) * 65, "shape has 65 dimensions; at most 64", id="65-dims"),
+    pytest.param((2, -1), "negative dimension", id="negative"),
+])
+def test_check_shape_refuses_what_no_request_can_carry(shape: tuple[int, ...], fragment: str) -> None:
+    with pytest.raises(InvalidRequestError, match="input 'x'") as caught:
+        datatypes.check_shape("x", shape, LIMIT)
     assert fragment in str(caught.value)
 
 
