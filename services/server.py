@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import filters, server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 
+from mesh.ports import bind_problem, check_bindable
 from mesh.settings import EtcdSettings
 from mesh.tracing import configure_tracing, shutdown_tracing
 from protos.inference import grpc_service_pb2 as pb
@@ -47,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INFER_METHOD = f"/{INFERENCE_SERVICE}/ModelInfer"
+METRICS_PORT_FLAG = "--metrics-port (default --port + 1; -1 turns metrics off)"
 
 
 def _reflection_pool() -> None:
@@ -84,8 +86,13 @@ class ModelServer:
         s = self.settings
         self.streams: StreamGuard | None = None
         started = time.perf_counter()
+        self.check_ports()
         if s.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
+            try:
+                self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
+            except OSError as exc:  # taken between the check and now
+                raise bind_problem("metrics", s.metrics_host, s.metrics_port, METRICS_PORT_FLAG,
+                                   exc.strerror or str(exc)) from exc
         max_bytes = s.max_message_mb * 1024 * 1024
         self._tracer_provider = configure_tracing(s.service_name, s.otlp_endpoint, s.trace_sampling,
                                                   s.instance_id)
@@ -122,9 +129,12 @@ class ModelServer:
             (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
             registering, pool=POOL)
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:  # grpcio's "Failed to bind to address"
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {s.host}:{s.port}")
+            raise bind_problem("gRPC", s.host, s.port, "--port", "the address is in use or not available here")
         self._server = server
         # Liveness first (the port answers while models load), readiness once loaded.
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -144,6 +154,13 @@ class ModelServer:
         self.plane.started = True
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("ready", models=self.registry.model_names(), seconds=round(time.perf_counter() - started, 3))
+
+    def check_ports(self) -> None:
+        """Raise :class:`PortBindError` (one line naming the flag) if a port to listen on is taken."""
+        s = self.settings
+        check_bindable(s.host, s.port, "gRPC", "--port")
+        if s.metrics_port >= 0:
+            check_bindable(s.metrics_host, s.metrics_port, "metrics", METRICS_PORT_FLAG)
 
     async def refresh_health(self) -> None:
         """One health service name per model: SERVING while it has a version ready."""
@@ -167,6 +184,7 @@ class ModelServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        self.check_ports()  # before anything starts: a taken port leaves nothing to shut down
         try:
             await self.start()
             await self._stop.wait()

@@ -28,7 +28,8 @@ class ServiceSettings(BaseSettings):
     """gRPC port (8001 as Triton's; 0 picks a free one)."""
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(8002, ge=-1, le=65535)
-    """Prometheus /metrics port (0 picks a free one; -1 disables it)."""
+    """Prometheus /metrics port (0 picks a free one; -1 disables it). Unset: port + 1 (0 when port
+    is 0 or 65535), so services that differ only in ``port`` do not collide on it."""
     max_message_mb: int = Field(64, ge=1, le=2047)
     """Largest gRPC message accepted or sent, in MiB."""
     max_concurrency: int = Field(128, ge=1, le=4096)
@@ -80,6 +81,18 @@ class ServiceSettings(BaseSettings):
     def stream_limit(self) -> int:
         """The bound on open streams: max_streams, or half of max_concurrency."""
         return self.max_concurrency // 2 if self.max_streams is None else self.max_streams
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_port_follows_port(cls, data: Any) -> Any:
+        # Before validation: only then is "not given" (absent or None) distinguishable from 8002.
+        if isinstance(data, dict) and data.get("metrics_port") is None:
+            try:
+                port = int(data.get("port", 8001))
+            except (TypeError, ValueError):
+                return data  # the port field reports its own error
+            data = {**data, "metrics_port": port + 1 if 0 < port < 65535 else 0}
+        return data
 
     @model_validator(mode="after")
     def _streams_below_concurrency(self) -> ServiceSettings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--host", help="listen address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
     parser.add_argument("--metrics-host", help="Prometheus listen address (default 127.0.0.1)")
-    parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = any; -1 = off)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="Prometheus port (default --port + 1, so 8002; 0 = any; -1 = off)")
     parser.add_argument("--max-message-mb", type=int, help="largest gRPC message in MiB (default 64)")
     parser.add_argument("--max-concurrency", type=int,
                         help="requests handled at once (gRPC handler threads, default 128)")
-    parser.add_argument("--handler-policy", choices=["batch", "normal"],
-                        help="Linux scheduling policy of the handler threads (default batch: a waking "
     parser.add_argument("--max-streams", type=int,
                         help="ModelStreamInfer streams open at once (default half of --max-concurrency)")
     parser.add_argument("--stream-idle-timeout", type=float,
                         help="seconds a stream may idle before the server ends it (default 60)")
+    parser.add_argument("--handler-policy", choices=["batch", "normal"],
+                        help="Linux scheduling policy of the handler threads (default batch: a waking "
                              "thread does not preempt a running one)")
     parser.add_argument("--grace-period", type=float, help="seconds to finish in-flight requests on SIGTERM")
     parser.add_argument("--drain-timeout", type=float, help="seconds a retired version gets to drain")
@@ -63,6 +65,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from mesh import logging as sluice_logging
     from mesh.commands.registry import ETCD_FLAGS, settings_from_args
+    from mesh.ports import PortBindError
     from mesh.settings import EtcdSettings
     from services.server import ModelServer
     from services.settings import load_settings
@@ -85,5 +88,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"sluice serve: invalid settings: {exc}")
         return 2
     sluice_logging.configure(settings.log_level, settings.log_format, levels)
-    asyncio.run(ModelServer(settings, etcd).serve())
+    try:
+        asyncio.run(ModelServer(settings, etcd).serve())
+    except PortBindError as exc:
+        print(f"sluice serve: {exc}", file=sys.stderr)
+        return 2
     return 0
