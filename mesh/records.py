@@ -19,6 +19,10 @@ from mesh.errors import InvalidDocumentError, InvalidNameError
 from mesh.keys import validate_instance_id, validate_model_name, validate_version
 
 MAX_WEIGHT = 1_000_000
+INSTANCE_RECORD_MAX = 64 * 1024
+"""Largest instance record (JSON bytes) a service writes. etcd refuses requests over 1.5 MiB by
+default, and every gateway and mesh-sync holds and re-reads every record: services refuse to load
+a version whose record would be larger (its labels, in practice) instead of failing to register."""
 _HEADER_RE = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -105,6 +109,14 @@ class InstanceRecord(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
+
+    def size_problem(self) -> str | None:
+        """Why this record is too large to register (None when it fits :data:`INSTANCE_RECORD_MAX`)."""
+        size = len(self.to_json())
+        if size <= INSTANCE_RECORD_MAX:
+            return None
+        return (f"its etcd instance record would be {size} bytes, more than {INSTANCE_RECORD_MAX}; "
+                f"labels take {len(json.dumps(self.labels))} of them")
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> InstanceRecord:

@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.errors import ModelLoadError
+from services.repository import outside_repository
 
 CONFIG_FILE = "config.yaml"
+CONFIG_MAX_BYTES: Final = 256 * 1024
+"""A config.yaml is a few hundred bytes; this leaves room for every label at its limits, and
+anything larger is a mistake (or an attack)."""
+# Labels travel in every instance record in etcd and in metadata: bounded one by one here, the
+# whole record is bounded at load time (mesh.records.INSTANCE_RECORD_MAX).
+LABELS_MAX: Final = 64
+LABEL_KEY_MAX: Final = 128
+LABEL_VALUE_MAX: Final = 2048
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases: ``*ref`` nested in ``*ref`` expands a file
+    of a few hundred bytes into gigabytes (the "billion laughs"), and config.yaml needs neither."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in the PyYAML stubs
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(problem="anchors and aliases (&name, *name, <<: *name) are not allowed",
+                                       problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
 
 
 class _Strict(BaseModel):
@@ -103,25 +124,64 @@ class ModelConfig(_Strict):
     @classmethod
     def _labels_as_strings(cls, value: Any) -> Any:
         if isinstance(value, dict):
-            return {str(k): str(v) for k, v in value.items()}
+            if len(value) > LABELS_MAX:
+                raise ValueError(f"at most {LABELS_MAX} labels, got {len(value)}")
+            labels = {str(k): str(v) for k, v in value.items()}
+            for key, text in labels.items():
+                if not 1 <= len(key) <= LABEL_KEY_MAX:
+                    raise ValueError(f"label key of {len(key)} characters: keys are 1-{LABEL_KEY_MAX} characters")
+                if len(text) > LABEL_VALUE_MAX:
+                    raise ValueError(f"label '{key}': value of {len(text)} characters, at most "
+                                     f"{LABEL_VALUE_MAX} allowed")
+            return labels
         return value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line with its position (PyYAML's own text spans several lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem or exc.context} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
 def load_model_config(model_dir: Path) -> ModelConfig:
-    """Read ``model_dir/config.yaml``; a missing file means all defaults."""
+    """Read ``model_dir/config.yaml``; a missing file means all defaults.
+
+    ``model_dir`` is ``<repo>/<model>``. Errors name the file relative to the repository (they
+    are shown to clients); a config.yaml that resolves outside the repository is refused unread.
+    """
     path = model_dir / CONFIG_FILE
+    shown = f"{model_dir.name}/{CONFIG_FILE}"
     if not path.exists():
+        if path.is_symlink():
+            raise ModelLoadError(f"{shown}: is a symbolic link to nothing")
         return ModelConfig()
+    if outside_repository(model_dir.parent, path):
+        raise ModelLoadError(f"{shown}: resolves outside the model repository (a symbolic link?); "
+                             "sluice reads only files inside it")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ModelLoadError(f"{path}: cannot read: {exc}") from exc
+        size = path.stat().st_size
+        if size > CONFIG_MAX_BYTES:
+            raise ModelLoadError(f"{shown}: {size} bytes, larger than {CONFIG_MAX_BYTES} bytes")
+        with path.open("rb") as handle:
+            data = handle.read(CONFIG_MAX_BYTES + 1)  # it may have grown since the stat
+        if len(data) > CONFIG_MAX_BYTES:
+            raise ModelLoadError(f"{shown}: larger than {CONFIG_MAX_BYTES} bytes")
+        raw = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader) or {}  # a SafeLoader subclass
+    except OSError as exc:
+        raise ModelLoadError(f"{shown}: cannot read: {exc.strerror or type(exc).__name__}") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{shown}: cannot read: not UTF-8 text (byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        raise ModelLoadError(f"{shown}: cannot read: {_yaml_problem(exc)}") from exc
     if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ModelLoadError(f"{shown}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
         return ModelConfig.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
-        raise ModelLoadError(f"{path}: {problems}") from exc
+        raise ModelLoadError(f"{shown}: {problems}") from exc

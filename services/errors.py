@@ -32,6 +32,10 @@ class StreamLimitError(SluiceError):
     """A ModelStreamInfer stream over the service's bound on open streams (max_streams)."""
 
 
+class PermissionDeniedError(SluiceError):
+    """The operation is disabled on this service (an admin surface that was not enabled)."""
+
+
 class DeadlineExceededError(SluiceError):
     """The request's deadline passed before it could run."""
 
@@ -64,6 +68,7 @@ STATUS_CODES: dict[type[SluiceError], str] = {
     ModelNotReadyError: "UNAVAILABLE",
     QueueFullError: "RESOURCE_EXHAUSTED",
     StreamLimitError: "RESOURCE_EXHAUSTED",
+    PermissionDeniedError: "PERMISSION_DENIED",
     DeadlineExceededError: "DEADLINE_EXCEEDED",
     UnsupportedError: "UNIMPLEMENTED",
     ModelLoadError: "FAILED_PRECONDITION",

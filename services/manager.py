@@ -21,17 +21,23 @@ from typing import TypeVar
 
 import structlog
 
+from mesh import protocol
+from services import repository
 from services.config import ModelConfig, load_model_config
-from services.errors import ModelLoadError, ModelNotFoundError
+from services.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, PermissionDeniedError
 from services.metrics import ServiceMetrics
-from services.model import OnnxModel, fingerprint, signature_conflicts
+from services.model import OnnxModel, fingerprint, signature_conflicts, without_paths
 from services.registry import ModelRegistry, ServedVersion, VersionState
-from services.repository import VersionOnDisk, scan, snapshot
+from services.repository import VersionOnDisk, outside_repository, scan, scan_versions, snapshot
 
 log = structlog.get_logger(__name__)
 
 ReadyHook = Callable[[ServedVersion], Awaitable[None]]
 RetireHook = Callable[[str, int], Awaitable[None]]
+LoadCheck = Callable[[OnnxModel], None]
+"""Raises ModelLoadError when a loaded version must not be published (e.g. its etcd record would
+be too large); runs on the loop, so it must be cheap."""
+CONTROL_SETTING = "--repository-control (SLUICE_REPOSITORY_CONTROL=true)"
 
 _T = TypeVar("_T")
 _RETRY_FIRST = 1.0
@@ -49,7 +55,7 @@ def _release_memory() -> None:
 class ModelManager:
     def __init__(self, repo: Path, registry: ModelRegistry, metrics: ServiceMetrics, *,
                  load_threads: int = 1, drain_timeout: float = 30.0, quiet_seconds: float = 0.3,
-                 retire_delay: float = 0.0) -> None:
+                 retire_delay: float = 0.0, repository_control: bool = False) -> None:
         self.repo = repo
         self.registry = registry
         self.metrics = metrics
@@ -57,8 +63,11 @@ class ModelManager:
         self.quiet_seconds = quiet_seconds
         self.retire_delay = retire_delay
         """Seconds between deregistering a version and draining it (gateway catch-up time)."""
+        self.repository_control = repository_control
+        """Whether clients may load and unload models explicitly (an admin surface, off by default)."""
         self.on_ready: list[ReadyHook] = []
         self.on_retire: list[RetireHook] = []
+        self.load_checks: list[LoadCheck] = []
         self._executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
         self._locks: dict[str, asyncio.Lock] = {}
         self._held: set[str] = set()
@@ -80,10 +89,12 @@ class ModelManager:
     # -- entry points ---------------------------------------------------------------------------
     async def load_all(self) -> None:
         """Load every model in the repository, versions chosen by each model's policy."""
-        models = await self._off_loop(scan, self.repo)
-        if not models:
+        found = await self._off_loop(scan, self.repo)
+        for folder, reason in found.refused.items():
+            self.registry.set_model_error(protocol.clip(folder), reason)
+        if not found.models:
             log.warning("model repository has no models", repo=str(self.repo))
-        await asyncio.gather(*(self.sync_model(name, wait_quiet=False) for name in models))
+        await asyncio.gather(*(self.sync_model(name, wait_quiet=False) for name in found.models))
 
     def request_sync(self, name: str) -> None:
         """Schedule a sync of ``name`` (watcher, retries); bursts coalesce into one more run."""
@@ -106,13 +117,28 @@ class ModelManager:
 
         self._scheduled[name] = asyncio.create_task(run(), name=f"sync-{name}")
 
+    def check_control(self, rpc: str, name: str) -> None:
+        """Refuse an explicit load/unload unless enabled, and a name that breaks the model-name
+        rule before it gets near the file system (``../elsewhere``, ``/abs``, 300 bytes)."""
+        if not self.repository_control:
+            raise PermissionDeniedError(f"{rpc} is disabled on this service; start it with {CONTROL_SETTING} "
+                                        "to allow explicit model loading and unloading")
+        if not protocol.is_model_name(name):
+            raise InvalidRequestError(f"model name '{protocol.clip(name)}' is invalid: use {protocol.MODEL_NAME_RULE}")
+
     async def load_model(self, name: str) -> None:
         """Explicit load (RepositoryModelLoad): also lifts an explicit unload."""
+        self.check_control("RepositoryModelLoad", name)
+        # Nothing is recorded for a model that is not in the repository: unknown names must not
+        # accumulate state (or log lines) however many a client sends.
+        if not await self._off_loop(repository.model_folder_exists, self.repo, name):
+            raise ModelNotFoundError(f"model '{name}' is not in the model repository")
         self._held.discard(name)
         await self.sync_model(name, wait_quiet=False)
 
     async def unload_model(self, name: str) -> None:
         """Explicit unload (RepositoryModelUnload): stays unloaded until loaded explicitly."""
+        self.check_control("RepositoryModelUnload", name)
         if name not in self.registry.model_names():
             raise ModelNotFoundError(f"unknown model '{name}'")
         self._held.add(name)
@@ -123,12 +149,18 @@ class ModelManager:
     # -- the sync ---------------------------------------------------------------------------------
     async def sync_model(self, name: str, *, wait_quiet: bool = True) -> None:
         """Bring what is served for ``name`` in line with the disk and its version policy."""
+        if not protocol.is_model_name(name):
+            await self._refuse_folder(name)
+            return
         async with self._lock(name):
             if wait_quiet and not await self._quiet(self.repo / name):
                 self.request_sync(name)  # still being written: look again once it settles
                 return
-            on_disk = (await self._off_loop(scan, self.repo)).get(name, {})
+            on_disk = await self._off_loop(scan_versions, self.repo, name)
             try:
+                if await self._off_loop(outside_repository, self.repo, self.repo / name):
+                    raise ModelLoadError(f"{name}: the model folder resolves outside the model repository "
+                                         "(a symbolic link?); sluice reads only files inside it")
                 config = await self._off_loop(load_model_config, self.repo / name)
             except ModelLoadError as exc:
                 # Keep serving what is loaded with the config it was loaded with.
@@ -165,6 +197,16 @@ class ModelManager:
             if not on_disk and not self.registry.ready_versions(name):
                 log.warning("model has no versions on disk", model=name)
 
+    async def _refuse_folder(self, folder: str) -> None:
+        """A model folder whose name breaks the rule (found by the watcher): shown in
+        RepositoryIndex while it exists, never loaded."""
+        shown = protocol.clip(folder)
+        if await self._off_loop((self.repo / folder).is_dir):
+            log.warning("model folder refused: invalid model name", folder=shown, rule=protocol.MODEL_NAME_RULE)
+            self.registry.set_model_error(shown, repository.invalid_name_reason(folder))
+        else:
+            self.registry.set_model_error(shown, None)
+
     async def _quiet(self, model_dir: Path) -> bool:
         """True when nothing under ``model_dir`` changed for the quiet interval."""
         before = await self._off_loop(snapshot, model_dir)
@@ -189,13 +231,17 @@ class ModelManager:
                  replacing=current is not None)
 
         def build() -> OnnxModel:
+            if outside_repository(self.repo, where.model_file):
+                raise ModelLoadError(f"{where.shown_file}: resolves outside the model repository (a symbolic "
+                                     "link in the version folder or file?); sluice reads only files inside it")
             try:
                 model = OnnxModel(name, version, where.model_file, config)
                 model.warm_up()
             except ModelLoadError:
                 raise
             except Exception as exc:  # whatever goes wrong in a load must only fail this load
-                raise ModelLoadError(f"{where.model_file}: {type(exc).__name__}: {exc}") from exc
+                detail = without_paths(str(exc).strip()[:500], where.model_file, where.shown_file)
+                raise ModelLoadError(f"{where.shown_file}: {type(exc).__name__}: {detail}") from exc
             return model
 
         try:
@@ -204,7 +250,13 @@ class ModelManager:
                 current.model.fingerprint = model.fingerprint  # touched, not changed
                 model.close()
                 return True
-            self._check_signature(model, current)
+            try:
+                for check in self.load_checks:
+                    check(model)
+                self._check_signature(model, current)
+            except ModelLoadError:
+                model.close()
+                raise
         except ModelLoadError as exc:
             self._failed(name, version, exc, serving=current is not None)
             return False
@@ -238,7 +290,7 @@ class ModelManager:
             return
         summary = f"incompatible with version {reference.version}: {'; '.join(problems)}"
         if model.config.on_signature_change == "refuse":
-            raise ModelLoadError(f"{model.path}: {summary} (set on_signature_change: warn to allow)")
+            raise ModelLoadError(f"{model.where}: {summary} (set on_signature_change: warn to allow)")
         log.warning("model signature changed", model=model.name, version=model.version, problems=problems)
 
     def _failed(self, name: str, version: int, exc: ModelLoadError, *, serving: bool) -> None:

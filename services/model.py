@@ -17,6 +17,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 import structlog
 
+from mesh.protocol import clip
 from services import datatypes
 from services.config import ExecutionProvider, ModelConfig
 from services.errors import InferenceError, InvalidRequestError, ModelLoadError, SluiceError
@@ -24,7 +25,6 @@ from services.types import InferInput, TensorSpec
 
 log = structlog.get_logger(__name__)
 
-MODEL_FILE = "model.onnx"
 DEFAULT_MAX_BATCH = 32
 PLATFORM = "onnxruntime_onnx"
 
@@ -121,15 +121,20 @@ class OnnxModel:
         self.name = name
         self.version = version
         self.path = path
+        self.where = f"{name}/{version}/{path.name}"
+        """The file as named to clients: relative to the repository (``<repo>/<name>/<version>/``),
+        because load errors reach RepositoryIndex, ModelReady and metadata answers."""
         self.config = config
         started = time.perf_counter()
+        where = self.where
         if not path.is_file():
-            raise ModelLoadError(f"{path}: no such file")
+            raise ModelLoadError(f"{where}: no such file")
         try:
             self.fingerprint = fingerprint(path)
             self.sha256 = file_sha256(path)
         except OSError as exc:
-            raise ModelLoadError(f"{path}: cannot read: {exc}", transient=True) from exc
+            raise ModelLoadError(f"{where}: cannot read: {exc.strerror or type(exc).__name__}",
+                                 transient=True) from exc
         try:
             self._session = ort.InferenceSession(
                 str(path),
@@ -139,15 +144,17 @@ class OnnxModel:
         except ModelLoadError:
             raise
         except MemoryError as exc:
-            raise ModelLoadError(f"{path}: out of memory while loading", transient=True) from exc
+            raise ModelLoadError(f"{where}: out of memory while loading", transient=True) from exc
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
-            raise ModelLoadError(f"{path}: ONNX Runtime cannot load it: {_first_line(exc)}") from exc
+            # ORT quotes the path it was given ("Load model from /srv/models/… failed").
+            reason = without_paths(_first_line(exc), path, where)
+            raise ModelLoadError(f"{where}: ONNX Runtime cannot load it: {reason}") from exc
         try:
             changed = fingerprint(path) != self.fingerprint
         except OSError:
             changed = True
         if changed:
-            raise ModelLoadError(f"{path}: the file changed while it was being loaded", transient=True)
+            raise ModelLoadError(f"{where}: the file changed while it was being loaded", transient=True)
         self._check_providers()
         raw_inputs, raw_outputs = self._session.get_inputs(), self._session.get_outputs()
         try:
@@ -155,10 +162,10 @@ class OnnxModel:
             self.outputs = tuple(TensorSpec(o.name, datatypes.from_onnx(o.type), _dims(o.shape))
                                  for o in raw_outputs)
         except SluiceError as exc:
-            raise ModelLoadError(f"{path}: {exc}") from exc
+            raise ModelLoadError(f"{where}: {exc}") from exc
         for spec in self.inputs:
             if spec.datatype == "BF16":
-                raise ModelLoadError(f"{path}: input '{spec.name}' is BF16, which ONNX Runtime's Python API "
+                raise ModelLoadError(f"{where}: input '{spec.name}' is BF16, which ONNX Runtime's Python API "
                                      "cannot feed; export the model with FP16 or FP32 inputs")
         self._first_dims = ([_first_dim(i.shape) for i in raw_inputs], [_first_dim(o.shape) for o in raw_outputs])
         self._input_by_name = {spec.name: spec for spec in self.inputs}
@@ -192,7 +199,7 @@ class OnnxModel:
         missing = [p for p in wanted if p not in active]
         if missing and "CPUExecutionProvider" not in wanted:
             message = (
-                f"{self.path}: execution provider(s) {', '.join(missing)} could not be used "
+                f"{self.where}: execution provider(s) {', '.join(missing)} could not be used "
                 f"(ONNX Runtime fell back to {', '.join(active)})"
             )
             if not self.config.allow_cpu_fallback:
@@ -247,7 +254,7 @@ class OnnxModel:
             spec = specs.get(name)
             if spec is None:
                 raise InvalidRequestError(
-                    f"unknown input '{name}' for model '{self.name}' version {self.version}; "
+                    f"unknown input '{clip(name)}' for model '{self.name}' version {self.version}; "
                     f"expected inputs: {', '.join(specs)}"
                 )
             if seen is not None:
@@ -278,7 +285,7 @@ class OnnxModel:
         for name in outputs:
             if name not in self._output_names:
                 raise InvalidRequestError(
-                    f"unknown output '{name}' requested; model '{self.name}' version {self.version} has "
+                    f"unknown output '{clip(name)}' requested; model '{self.name}' version {self.version} has "
                     f"outputs: {', '.join(self._output_names)}"
                 )
         if self.max_batch_size and rows > self.max_batch_size:
@@ -313,11 +320,19 @@ class OnnxModel:
         return [generated] * self.config.warmup_runs
 
     def warm_up(self) -> None:
+        """Run the warm-up inputs. A configured warm-up that fails fails the load; the generated
+        one is a guess (zeros of each input's shape) that a valid model may reject, e.g. when an
+        input is a shape tensor or a split spec, so its failure is only a warning."""
         for feeds in self.warmup_feeds():
             try:
                 self.run(feeds)
             except InferenceError as exc:
-                raise ModelLoadError(f"warm-up failed: {exc}") from exc
+                if self.config.warmup:
+                    raise ModelLoadError(f"{self.where}: warm-up failed: {exc}") from exc
+                log.warning("generated warm-up input failed; serving without warm-up "
+                            "(configure warmup in config.yaml to warm this model up)",
+                            model=self.name, version=self.version, reason=str(exc))
+                return
 
 
 def signature_conflicts(old: OnnxModel, new: OnnxModel) -> list[str]:
@@ -370,6 +385,18 @@ _Runner = Callable[[Sequence[str], Mapping[str, npt.NDArray[Any]], None], list[A
 
 def _closed(outputs: Sequence[str], feeds: Mapping[str, npt.NDArray[Any]], options: None) -> list[Any]:
     raise InferenceError("the model version was unloaded")
+
+
+def without_paths(text: str, path: Path, where: str) -> str:
+    """``text`` (a third-party message) with the model file's absolute path replaced by
+    ``where`` and the repository's own path removed."""
+    for form in {str(path), str(path.absolute()), str(path.resolve())}:
+        text = text.replace(form, where)
+    if len(path.parents) > 2:
+        for form in {str(path.parents[2]), str(path.parents[2].resolve())}:
+            if form != "/":
+                text = text.replace(form + "/", "")
+    return text
 
 
 def _first_line(exc: BaseException) -> str:

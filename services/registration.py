@@ -9,6 +9,8 @@ import structlog
 from mesh.records import InstanceRecord, InstanceState
 from mesh.registrar import Registrar
 from mesh.settings import EtcdSettings
+from services.errors import ModelLoadError
+from services.model import OnnxModel
 from services.registry import ServedVersion
 from services.settings import ServiceSettings
 
@@ -38,14 +40,23 @@ class Registration:
         log.info("registering in etcd", address=self.address, instance_id=self.instance_id,
                  endpoints=self.registrar.settings.endpoints)
 
+    def record(self, model: OnnxModel) -> InstanceRecord:
+        return InstanceRecord(
+            address=self.address, model=model.name, version=model.version, instance_id=self.instance_id,
+            state=InstanceState.SERVING, sha256=model.sha256, labels=dict(model.config.labels),
+        )
+
+    def check_record(self, model: OnnxModel) -> None:
+        """A load check: refuse a version whose instance record etcd would refuse (or that would
+        burden every reader of the registry), so it fails to load instead of failing to register."""
+        problem = self.record(model).size_problem()
+        if problem is not None:
+            raise ModelLoadError(f"{model.where}: cannot be registered: {problem}")
+
     async def on_ready(self, served: ServedVersion) -> None:
         if self._closed:
             return
-        record = InstanceRecord(
-            address=self.address, model=served.name, version=served.version, instance_id=self.instance_id,
-            state=InstanceState.SERVING, sha256=served.model.sha256, labels=dict(served.model.config.labels),
-        )
-        await self.registrar.register(record, wait=0)
+        await self.registrar.register(self.record(served.model), wait=0)
 
     async def on_retire(self, name: str, version: int) -> None:
         if not self._closed:

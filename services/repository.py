@@ -1,19 +1,42 @@
-"""Reading a model repository: ``<repo>/<model>/<version>/model.onnx`` (+ ``<repo>/<model>/config.yaml``)."""
+"""Reading a model repository: ``<repo>/<model>/<version>/model.onnx`` (+ ``<repo>/<model>/config.yaml``).
+
+Folder names become model names in etcd keys, Envoy clusters and headers, so a model folder must
+follow :data:`mesh.protocol.MODEL_NAME_RULE`; one that does not is refused (for itself only) when
+it is found. Nothing outside the repository is ever read: a model folder, version folder or file
+that resolves elsewhere (a symbolic link out) is refused.
+"""
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import structlog
 
-from services.model import MODEL_FILE
+from mesh import protocol
 
 log = structlog.get_logger(__name__)
 
-READY_MARKER = "READY"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODEL_FILE: Final = "model.onnx"
+READY_MARKER: Final = "READY"
+
+
+def invalid_name_reason(folder: str) -> str:
+    """Why a model folder called ``folder`` is not served (shown in RepositoryIndex)."""
+    return f"folder '{protocol.clip(folder)}' is not a valid model name: use {protocol.MODEL_NAME_RULE}"
+
+
+def outside_repository(repo: Path, path: Path) -> bool:
+    """True when ``path`` (under ``repo``) resolves to somewhere outside ``repo`` through a
+    symbolic link. A path that cannot be resolved counts as outside."""
+    try:
+        root = repo.resolve(strict=True)
+        target = path.resolve(strict=False)
+    except (OSError, RuntimeError):  # a symlink loop raises RuntimeError
+        return True
+    return not target.is_relative_to(root)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,39 +50,70 @@ class VersionOnDisk:
         return self.directory / MODEL_FILE
 
     @property
+    def shown_file(self) -> str:
+        """The model file relative to the repository: how it is named to clients."""
+        return f"{self.model}/{self.version}/{MODEL_FILE}"
+
+    @property
     def has_ready_marker(self) -> bool:
         return (self.directory / READY_MARKER).exists()
 
 
 def parse_version(name: str) -> int | None:
     """A version folder is a positive integer without sign or leading zeros."""
-    if not (name.isascii() and name.isdigit()) or name.startswith("0"):
-        return None
-    return int(name)
+    return protocol.parse_version_text(name)
 
 
-def scan(repo: Path) -> dict[str, dict[int, VersionOnDisk]]:
-    """Models and their versions that exist on disk (complete or not: the loader decides)."""
-    models: dict[str, dict[int, VersionOnDisk]] = {}
+@dataclass(frozen=True, slots=True)
+class RepositoryScan:
+    """What a scan found: the models (complete or not: the loader decides) and the folders
+    refused for their name, folder name -> reason."""
+
+    models: dict[str, dict[int, VersionOnDisk]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def model_folder_exists(repo: Path, name: str) -> bool:
+    """``name`` is a valid model name with a folder in ``repo`` (no other file system access
+    happens for an invalid name: it could be ``../elsewhere``)."""
+    return protocol.is_model_name(name) and (repo / name).is_dir()
+
+
+def scan_versions(repo: Path, name: str) -> dict[int, VersionOnDisk]:
+    """The version folders of one (valid) model."""
+    versions: dict[int, VersionOnDisk] = {}
+    model_dir = repo / name
+    try:
+        entries = list(os.scandir(model_dir))
+    except OSError:
+        return versions  # removed while we looked, or not a folder
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        version = parse_version(entry.name)
+        if version is None:
+            log.warning("ignoring version folder that is not a positive integer", model=name,
+                        folder=protocol.clip(entry.name), rule=protocol.VERSION_RULE)
+            continue
+        versions[version] = VersionOnDisk(name, version, model_dir / entry.name)
+    return versions
+
+
+def scan(repo: Path) -> RepositoryScan:
+    """Models and their versions that exist on disk, and the model folders refused for their name."""
+    found = RepositoryScan()
     if not repo.is_dir():
-        return models
+        return found
     for model_dir in sorted(repo.iterdir()):
         if not model_dir.is_dir() or model_dir.name.startswith("."):
             continue
-        if not MODEL_NAME.match(model_dir.name):
-            log.warning("ignoring folder with an invalid model name", path=str(model_dir))
+        if not protocol.is_model_name(model_dir.name):
+            found.refused[model_dir.name] = invalid_name_reason(model_dir.name)
+            log.warning("model folder refused: invalid model name", folder=protocol.clip(model_dir.name),
+                        rule=protocol.MODEL_NAME_RULE)
             continue
-        versions: dict[int, VersionOnDisk] = {}
-        for version_dir in model_dir.iterdir():
-            if not version_dir.is_dir() or version_dir.name.startswith("."):
-                continue
-            version = parse_version(version_dir.name)
-            if version is None:
-                log.warning("ignoring version folder that is not a positive integer", path=str(version_dir))
-                continue
-            versions[version] = VersionOnDisk(model_dir.name, version, version_dir)
-        models[model_dir.name] = versions
-    return models
+        found.models[model_dir.name] = scan_versions(repo, model_dir.name)
+    return found
 
 
 def snapshot(directory: Path) -> tuple[tuple[str, int, int], ...]:

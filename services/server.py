@@ -69,7 +69,8 @@ class ModelServer:
         self.manager = ModelManager(settings.repo, self.registry, self.metrics,
                                     load_threads=settings.load_threads, drain_timeout=settings.drain_timeout,
                                     quiet_seconds=settings.reload_quiet_ms / 1000,
-                                    retire_delay=settings.deregister_grace if settings.registry else 0.0)
+                                    retire_delay=settings.deregister_grace if settings.registry else 0.0,
+                                    repository_control=settings.repository_control)
         self.manager.on_ready.append(self._on_ready)
         self.manager.on_retire.append(self._on_retire)
         self.watcher = (RepositoryWatcher(settings.repo, self.manager, settings.reload_quiet_ms,
@@ -143,6 +144,7 @@ class ModelServer:
             # Registered versions must be reachable, so registration starts once the port is bound.
             self.registration = Registration(s, self.etcd or EtcdSettings(), self.port)
             self.manager.on_ready.append(self.registration.on_ready)
+            self.manager.load_checks.append(self.registration.check_record)
             self.manager.on_retire.insert(0, self.registration.on_retire)
             await self.registration.start()
         log.info("listening", address=f"{s.host}:{self.port}", metrics_port=self.metrics_port,

@@ -56,6 +56,9 @@ class ServiceSettings(BaseSettings):
     """A version is loaded once its files have been unchanged for this long."""
     load_threads: int = Field(1, ge=1, le=16)
     """Threads that load models (kept small so loading never starves serving)."""
+    repository_control: bool = False
+    """Allow RepositoryModelLoad / RepositoryModelUnload (an admin surface: any client could take
+    a model offline). Off, as in Triton's default model-control mode: they answer PERMISSION_DENIED."""
     registry: bool = False
     """Register served versions in etcd (connection: the SLUICE_ETCD_… settings / --etcd flags)."""
     advertise_address: str | None = None

@@ -45,6 +45,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--reload-quiet-ms", type=int,
                         help="load a version once its files were unchanged this long (default 300)")
     parser.add_argument("--load-threads", type=int, help="threads that load models (default 1)")
+    parser.add_argument("--repository-control", action=argparse.BooleanOptionalAction,
+                        help="allow RepositoryModelLoad/Unload from clients (an admin surface; default off)")
     parser.add_argument("--registry", action=argparse.BooleanOptionalAction,
                         help="register served versions in etcd (implied by --etcd)")
     parser.add_argument("--advertise-address", help="host:port the gateway uses for this process")

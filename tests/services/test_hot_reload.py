@@ -133,7 +133,9 @@ def adder_repo(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def adder_service(adder_repo: Path, start_service: Callable[..., ServiceHandle]) -> Iterator[ServiceHandle]:
-    yield start_service(adder_repo, "--reload-quiet-ms", str(QUIET_MS), "--metrics-port", "0")
+    # Explicit load/unload is an admin surface, off by default: the unload tests turn it on.
+    yield start_service(adder_repo, "--reload-quiet-ms", str(QUIET_MS), "--metrics-port", "0",
+                        "--repository-control")
 
 
 def wait_state(handle: ServiceHandle, version: int, state: str | None, timeout: float = 15.0) -> None:
@@ -311,7 +313,7 @@ def test_memory_is_returned_after_unload_cycles(tmp_path: Path, start_service: C
 
     repo = tmp_path / "repo"
     build_heavy(repo)
-    service = start_service(repo, "--metrics-port", "-1")
+    service = start_service(repo, "--metrics-port", "-1", "--repository-control")
     x = np.ones((4, 512), dtype=np.float32)
     with triton_grpc.InferenceServerClient(service.address) as triton:
         def cycle() -> None:

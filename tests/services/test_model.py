@@ -1,18 +1,23 @@
-"""OnnxModel as a unit: signature, batching decision, request validation, load and warm-up errors."""
+"""OnnxModel: signature, batching decision, request validation, load and warm-up errors (as a unit,
+and warm-up in the real service)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+import tritonclient.grpc as triton_grpc
 from onnx import TensorProto, helper, numpy_helper
 
 from services.config import ExecutionProvider, ModelConfig, WarmupInput
 from services.errors import InvalidRequestError, ModelLoadError
 from services.model import DEFAULT_MAX_BATCH, OnnxModel
 from services.types import InferInput, TensorSpec
+from tests.fixtures.service import ServiceHandle
 from tests.services import models
 
 
@@ -129,3 +134,72 @@ def test_missing_gpu_provider_without_fallback_fails_clearly(tmp_path: Path) -> 
         pytest.skip("TensorRT is available here")
     with pytest.raises(ModelLoadError, match="tensorrt"):
         _load(tmp_path, models.identity("FP32"), config)
+
+
+def expand_by_shape() -> onnx.ModelProto:
+    """``x`` FP32 [3, 1] expanded to the shape given in ``shape`` (INT64 [2]): the generated
+    warm-up (zeros) asks for shape [0, 0], which [3, 1] cannot broadcast to."""
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])], "expand_shape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1]),
+         helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", "columns"])])
+    return _model_of(graph)
+
+
+def split_by_spec() -> onnx.ModelProto:
+    """``x`` FP32 [6] split into two by ``split`` (INT64 [2]): zeros do not add up to 6."""
+    graph = helper.make_graph(
+        [helper.make_node("Split", ["x", "split"], ["a", "b"], axis=0)], "split_spec",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6]),
+         helper.make_tensor_value_info("split", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["first"]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["second"])])
+    return _model_of(graph)
+
+
+def _model_of(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, producer_name="sluice-tests",
+                              opset_imports=[helper.make_opsetid("", models.OPSET)])
+    model.ir_version = models.IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_generated_warmup_that_fails_does_not_fail_the_load(tmp_path: Path) -> None:
+    model = _load(tmp_path, expand_by_shape())
+    model.warm_up()  # logs a warning
+    (y,) = model.run({"x": np.ones((3, 1), np.float32), "shape": np.array([3, 4], np.int64)})
+    assert y.shape == (3, 4)
+    configured = ModelConfig(warmup=(WarmupInput(name="x", shape=(3, 1)), WarmupInput(name="shape", shape=(2,))))
+    with pytest.raises(ModelLoadError, match=r"m2/1/model\.onnx: warm-up failed"):
+        _load(tmp_path, expand_by_shape(), configured, name="m2").warm_up()
+
+
+@pytest.mark.timeout(120)
+def test_models_the_generated_warmup_cannot_feed_are_served(tmp_path: Path,
+                                                             start_service: Callable[..., ServiceHandle]) -> None:
+    repo = tmp_path / "repo"
+    models.write_model(repo, "expand", expand_by_shape())
+    models.write_model(repo, "split", split_by_spec())
+    # A warm-up the user configured is a promise about the model: when it fails, the load fails.
+    models.write_model(repo, "configured", expand_by_shape(), config={
+        "warmup": [{"name": "x", "shape": [3, 1]}, {"name": "shape", "shape": [2]}]})
+    service = start_service(repo)
+    with triton_grpc.InferenceServerClient(service.address) as triton:
+        assert triton.is_model_ready("expand") and triton.is_model_ready("split")
+        x, shape = triton_grpc.InferInput("x", [3, 1], "FP32"), triton_grpc.InferInput("shape", [2], "INT64")
+        x.set_data_from_numpy(np.arange(3, dtype=np.float32).reshape(3, 1))
+        shape.set_data_from_numpy(np.array([3, 4], np.int64))
+        y = triton.infer("expand", [x, shape]).as_numpy("y")
+        np.testing.assert_array_equal(y, np.repeat(np.arange(3, dtype=np.float32).reshape(3, 1), 4, axis=1))
+        x, split = triton_grpc.InferInput("x", [6], "FP32"), triton_grpc.InferInput("split", [2], "INT64")
+        x.set_data_from_numpy(np.arange(6, dtype=np.float32))
+        split.set_data_from_numpy(np.array([2, 4], np.int64))
+        result = triton.infer("split", [x, split])
+        np.testing.assert_array_equal(result.as_numpy("b"), np.arange(2, 6, dtype=np.float32))
+        assert not triton.is_model_ready("configured")
+        rows = triton.get_model_repository_index(as_json=True)["models"]
+        reason = next(r.get("reason", "") for r in rows if r["name"] == "configured")
+        assert "configured/1/model.onnx: warm-up failed" in reason, rows
+    assert "generated warm-up input failed" in service.process.log_text()

@@ -141,3 +141,42 @@ def test_etcd_outage_loses_no_request_and_heals(two_repos: tuple[Path, Path], et
     assert not failures, failures[:5]
     assert outage_requests > 100
     assert service.process.alive()
+
+
+@pytest.mark.timeout(120)
+def test_bad_models_are_refused_alone_and_the_good_one_registers(tmp_path: Path, etcd: EtcdServer,
+                                                                start_service: Callable[..., ServiceHandle]
+                                                                ) -> None:
+    """A folder whose name etcd keys cannot hold, a label etcd would refuse, and labels that make
+    the instance record too large: each fails to load on its own; the process stays up and the
+    good model registers."""
+    import shutil
+
+    from mesh.protocol import MODEL_NAME_RULE
+    from mesh.records import INSTANCE_RECORD_MAX
+    from services.config import LABEL_VALUE_MAX
+    from tests.services import models
+
+    repo = tmp_path / "repo"
+    build_iris(repo)
+    shutil.copytree(repo / "iris", repo / "iris-")
+    models.write_model(repo, "huge_label", models.identity("FP32"), config={"labels": {"note": "n" * (2 << 20)}})
+    many = {f"k{i}": "v" * LABEL_VALUE_MAX for i in range(INSTANCE_RECORD_MAX // LABEL_VALUE_MAX + 1)}
+    models.write_model(repo, "many_labels", models.identity("FP32"), config={"labels": many})
+    service = start_registered(start_service, repo, etcd, "svc-a")
+    expected = {"/sluice/models/iris/instances/1/svc-a", "/sluice/models/iris/instances/2/svc-a"}
+    wait_for(lambda: set(instances(etcd)) == expected, 10, "the good model registered")
+    with triton_grpc.InferenceServerClient(service.address) as triton:
+        rows = {(r["name"], r.get("version", "")): r for r in
+                triton.get_model_repository_index(as_json=True)["models"]}
+    assert rows[("iris-", "")]["reason"] == f"folder 'iris-' is not a valid model name: use {MODEL_NAME_RULE}"
+    assert "huge_label/config.yaml: " in rows[("huge_label", "")]["reason"]
+    assert "larger than 262144 bytes" in rows[("huge_label", "")]["reason"]
+    reason = rows[("many_labels", "1")]["reason"]
+    assert rows[("many_labels", "1")]["state"] == "UNAVAILABLE"
+    assert "many_labels/1/model.onnx: cannot be registered: its etcd instance record would be" in reason
+    assert f"more than {INSTANCE_RECORD_MAX}" in reason
+    time.sleep(1.0)  # nothing else shows up late, and nothing brought the process down
+    assert set(instances(etcd)) == expected
+    assert service.process.alive()
+    assert "etcd_unavailable" not in service.process.log_text()
