@@ -17,6 +17,7 @@ from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
 from tests.services.conftest import start_handle
+from tests.services.test_config import alias_bomb
 
 RPC_TIMEOUT_S = 30.0
 SECRET = "hunter2_secret_key"
@@ -31,6 +32,8 @@ def build_repo(root: Path) -> tuple[Path, Path]:
     models.write_model(repo, "good", model)
     models.write_model(repo, "broken", b"this is not an ONNX model")
     models.write_model(repo, "iris-", model)  # valid files, invalid name (ends with '-')
+    models.write_model(repo, "bomb", model)
+    (repo / "bomb" / "config.yaml").write_text(alias_bomb())
     # What a client must never see: a config.yaml with a secret top-level key and an unparsable one.
     models.write_model(outside, "secretdir", model, config={SECRET: 1})
     (outside / "unparsable").mkdir()
@@ -57,8 +60,9 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def service(layout: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
-    handle = start_handle(layout[0], tmp_path_factory.mktemp("hostile-logs"), "--repository-control",
-                          "--reload-quiet-ms", "50")
+    # Explicit control switched on the way a deployment would: the flag is used in test_hot_reload.
+    handle = start_handle(layout[0], tmp_path_factory.mktemp("hostile-logs"), "--reload-quiet-ms", "50",
+                          env={"SLUICE_REPOSITORY_CONTROL": "true"})
     try:
         yield handle
     finally:
@@ -139,6 +143,13 @@ def test_links_out_of_the_repository_are_refused(stub: pb_grpc.GRPCInferenceServ
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "linked_config/config.yaml: resolves outside" in (error.details() or "")
     assert SECRET not in (error.details() or "")
+
+
+def test_yaml_alias_bomb_is_refused_for_its_model_only(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    rows = index(stub)
+    state, reason = rows[("bomb", "")]
+    assert state == "UNAVAILABLE" and reason.startswith("bomb/config.yaml: cannot read: anchors and aliases")
+    assert ("bomb", "1") not in rows and rows[("good", "1")][0] == "READY"
 
 
 def test_reasons_shown_to_clients_carry_no_server_paths(layout: tuple[Path, Path],
