@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import structlog
+from pydantic import ValidationError
 
 from mesh.records import InstanceRecord, InstanceState
 from mesh.registrar import Registrar
@@ -49,7 +50,10 @@ class Registration:
     def check_record(self, model: OnnxModel) -> None:
         """A load check: refuse a version whose instance record etcd would refuse (or that would
         burden every reader of the registry), so it fails to load instead of failing to register."""
-        problem = self.record(model).size_problem()
+        try:
+            problem = self.record(model).size_problem()
+        except ValidationError as exc:  # a record etcd readers would reject must not crash the load
+            problem = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         if problem is not None:
             raise ModelLoadError(f"{model.where}: cannot be registered: {problem}")
 
