@@ -225,6 +225,37 @@ def test_model_metadata_of_unknown_model(client: triton_grpc.InferenceServerClie
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
+LONG_NAME = "m" * (1024 * 1024)
+
+
+@pytest.mark.parametrize(("rpc", "request_message", "fragments"), [
+    # A 1 MiB name echoed whole made the status too large for the client to read
+    # (RESOURCE_EXHAUSTED "received metadata size exceeds hard limit").
+    ("ModelMetadata", pb.ModelMetadataRequest(name=LONG_NAME), ["name 'mmm", "more characters]",
+                                                                          "is not a model name"]),
+    ("ModelConfig", pb.ModelConfigRequest(name=LONG_NAME), ["is not a model name"]),
+    ("ModelStatistics", pb.ModelStatisticsRequest(name=LONG_NAME), ["is not a model name"]),
+    ("ModelMetadata", pb.ModelMetadataRequest(name="../iris"), ["name '../iris' is not a model name"]),
+    # Versions in canonical form only, as the gateway and etcd keys have them: "01" is not version 1.
+    ("ModelMetadata", pb.ModelMetadataRequest(name="iris", version="01"),
+     ["model_version '01' is not a positive integer without sign or leading zeros"]),
+    ("ModelConfig", pb.ModelConfigRequest(name="iris", version="+1"), ["model_version '+1'"]),
+    ("ModelMetadata", pb.ModelMetadataRequest(name="iris", version="9" * 100_000),
+     ["more characters]"]),
+])
+def test_metadata_rpcs_refuse_names_and_versions_outside_the_rules(
+        stub: pb_grpc.GRPCInferenceServiceStub, rpc: str, request_message: Any, fragments: list[str]) -> None:
+    call = getattr(stub, rpc)
+    details = expect_error(lambda: call(request_message, timeout=RPC_TIMEOUT_S), INVALID, *fragments)
+    assert len(details) < 1024, details[:300]
+
+
+def test_model_ready_with_a_non_canonical_version_is_refused(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    assert stub.ModelReady(pb.ModelReadyRequest(name="iris", version="1"), timeout=RPC_TIMEOUT_S).ready
+    expect_error(lambda: stub.ModelReady(pb.ModelReadyRequest(name="iris", version="01"), timeout=RPC_TIMEOUT_S),
+                 INVALID, "model_version '01'")
+
+
 def test_model_config_leaves_out_the_batch_dim(client: triton_grpc.InferenceServerClient) -> None:
     config = client.get_model_config("iris").config
     assert config.max_batch_size == 32
