@@ -23,7 +23,7 @@ _GATEWAY_FLAGS = (
     "envoy_concurrency", "envoy_hot_restart", "access_log", "metrics_host", "metrics_port", "debounce_ms",
     "confirm_timeout", "connect_timeout_ms", "route_timeout", "per_try_timeout", "num_retries", "max_request_bytes",
     "health_check_interval", "rate_limits", "otlp_endpoint", "trace_sampling", "log_level", "log_format",
-    "log_levels", "allow_repository_control",
+    "log_levels", "allow_repository_control", "registry_reset_grace",
 )
 
 
@@ -72,6 +72,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--otlp-endpoint", metavar="HOST:PORT",
                    help="OTLP gRPC collector Envoy sends traces to (off by default)")
     g.add_argument("--trace-sampling", type=float, help="percent of new requests Envoy traces (default 100)")
+    g.add_argument("--registry-reset-grace", type=float, metavar="SECONDS",
+                   help="after etcd lost its data, keep routing what it no longer lists for this long, while "
+                        "services register again (default 10)")
     g.add_argument("--allow-repository-control", action=argparse.BooleanOptionalAction,
                    help="route RepositoryModelLoad/Unload to the model services (default off: the gateway "
                         "answers them PERMISSION_DENIED)")

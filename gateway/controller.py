@@ -35,7 +35,7 @@ from mesh.etcd import EtcdClient, Resync, watch_prefix
 from mesh.keys import KeySchema
 from mesh.ports import bind_problem, check_bindable
 from mesh.records import RoutingDocument, StatusDocument, parse_routing_document
-from mesh.registry import RegistryState, apply_event, build_state
+from mesh.registry import RegistryState, apply_event, build_state, keep_missing
 from mesh.settings import EtcdSettings
 
 T = TypeVar("T")
@@ -115,6 +115,9 @@ class GatewayController:
         self._client = EtcdClient(etcd_settings)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-publish")
         self._state: RegistryState | None = None
+        self._held: RegistryState | None = None
+        """What the registry showed before etcd lost its data; rendered on top until ``_held_until``."""
+        self._held_until = 0.0
         self._dirty = asyncio.Event()
         self._first_change_at: float | None = None
         self._live: Snapshot | None = None
@@ -265,6 +268,9 @@ class GatewayController:
                                                     on_connection=connection)) as events:
             async for event in events:
                 if isinstance(event, Resync):
+                    shown = self._render_state()
+                    if event.reason == "reset" and shown is not None:
+                        self._hold(shown)
                     self._state = build_state(self.schema, event.revision, event.items)
                     log.info("registry_resync", revision=event.revision, reason=event.reason,
                              models=len(self._state.models))
@@ -274,6 +280,25 @@ class GatewayController:
                     self._first_change_at = time.monotonic()
                 self._dirty.set()
 
+    def _hold(self, state: RegistryState) -> None:
+        """etcd lost its data: keep routing ``state`` for ``registry_reset_grace`` seconds."""
+        self._held = state
+        self._held_until = time.monotonic() + self.settings.registry_reset_grace
+        # The status documents went with the data: write them again rather than trust the cache.
+        self._written.clear()
+        log.warning("registry_reset", held_models=len(state.models), grace=self.settings.registry_reset_grace)
+
+    def _render_state(self) -> RegistryState | None:
+        """The registry state to render: the watched one, plus what is held after a reset."""
+        state = self._state
+        if self._held is None or state is None:
+            return state
+        if time.monotonic() >= self._held_until:
+            self._held = None
+            log.info("registry_reset_grace_over", models=len(state.models))
+            return state
+        return keep_missing(state, self._held)
+
     async def _reconcile_loop(self) -> None:
         debounce = self.settings.debounce_ms / 1000
         while True:
@@ -282,7 +307,7 @@ class GatewayController:
                 await asyncio.sleep(debounce)
             self._dirty.clear()
             started, self._first_change_at = self._first_change_at, None
-            state = self._state
+            state = self._render_state()
             if state is None:
                 continue
             try:
@@ -306,6 +331,8 @@ class GatewayController:
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
                 self._dirty.set()
+            if self._held is not None and time.monotonic() >= self._held_until:
+                self._dirty.set()  # the grace is over: render what etcd holds now
 
     async def measure_watch_lag(self) -> float:
         """Seconds since etcd first showed a write under the prefix that the watch has not delivered

@@ -65,6 +65,10 @@ class GatewaySettings(BaseSettings):
     """OTLP gRPC collector (``127.0.0.1:4317``): Envoy traces requests into it; off when unset."""
     trace_sampling: float = Field(100.0, ge=0.0, le=100.0)
     """Percent of new requests Envoy traces."""
+    registry_reset_grace: float = Field(10.0, ge=0)
+    """Seconds after etcd came back without its data (wiped, restored) during which instances and
+    routing documents missing from it stay routed, so services get time to register again (one
+    lease TTL). New records are routed at once."""
     allow_repository_control: bool = False
     """Route RepositoryModelLoad/Unload to the model services. Off: the gateway answers them
     PERMISSION_DENIED itself (anyone reaching the gateway could otherwise unload a model everywhere)."""

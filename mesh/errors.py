@@ -54,3 +54,8 @@ class RevisionCompactedError(EtcdError):
 
 class LeaseLostError(EtcdError):
     """The lease expired or was revoked: keys written under it are gone."""
+
+
+class EtcdRefusedError(EtcdError):
+    """etcd refused this one request for what it carries (too large, invalid, not permitted): the
+    same request fails again, the connection is fine, other requests go through."""

@@ -4,6 +4,12 @@ The registrar holds the *desired* set of records and reconciles etcd to it in a 
 after an etcd outage or a lost lease it grants a new lease, writes everything again, deletes
 what was deregistered meanwhile and revokes the old lease, so no stale entry survives. Serving
 never waits for etcd: :meth:`Registrar.start` returns at once and retries in the background.
+
+Only connection trouble counts as an outage. A record etcd refuses for what it carries ("request
+is too large", see :class:`~mesh.errors.EtcdRefusedError`) is logged once, left out and tried
+again when it changes or under the next lease; the other records are registered as usual. An
+etcd that came back without its data (see :mod:`mesh.etcd.epoch`) is treated as a lost lease:
+everything is registered again under a new one.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from mesh.errors import EtcdError, LeaseLostError
+from mesh.errors import EtcdError, EtcdRefusedError, LeaseLostError
 from mesh.etcd.backoff import Backoff
 from mesh.etcd.client import EtcdClient, with_timeout
+from mesh.etcd.epoch import ClusterEpoch
 from mesh.etcd.lease import LeaseKeepAlive
 from mesh.keys import KeySchema, validate_model_name, validate_version
+from mesh.protocol import clip
 from mesh.records import InstanceRecord
 from mesh.settings import EtcdSettings
 
@@ -42,6 +50,8 @@ class RegistrarState:
     """Unix time of ``last_error``."""
     reconnects: int
     """Leases granted after the first one."""
+    refused: tuple[str, ...] = ()
+    """Keys of desired records etcd refused (too large, …): not registered, the reason is logged."""
 
 
 class Registrar:
@@ -61,6 +71,8 @@ class Registrar:
         self._desired: dict[str, bytes] = {}
         self._records: dict[str, InstanceRecord] = {}
         self._written: dict[str, bytes] = {}  # what etcd may hold from us, under any of our leases
+        self._refused: dict[str, bytes] = {}  # key → the value etcd refused for it
+        self._epoch = ClusterEpoch()
         self._lease_id: int | None = None
         self._connected = False
         self._last_error: str | None = None
@@ -84,6 +96,7 @@ class Registrar:
             last_error=self._last_error,
             last_error_at=self._last_error_at,
             reconnects=max(0, self._reconnects),
+            refused=tuple(sorted(self._refused)),
         )
 
     @property
@@ -108,7 +121,7 @@ class Registrar:
         self._records[key] = record
         log.info("registry_register", model=record.model, version=record.version,
                  instance_id=record.instance_id, address=record.address)
-        return await self._changed(wait)
+        return await self._changed(wait) and key not in self._refused
 
     async def deregister(self, model: str, version: int, *, wait: float | None = None) -> bool:
         """Remove this process's records of ``model`` ``version``; True once etcd no longer holds them."""
@@ -201,6 +214,8 @@ class Registrar:
         self._reconnects += 1
         log.info("etcd_lease_granted", lease_id=f"{lease_id:x}", ttl=self.settings.lease_ttl,
                  endpoint=self._client.endpoint, reconnect=self._reconnects > 0)
+        # Everything is written again under this lease: whatever the cluster did before is moot.
+        self._epoch.observe(await self._client.cluster_header())
         keepalive = asyncio.create_task(
             LeaseKeepAlive(self._client, lease_id, self.settings.lease_ttl, on_health=self._on_keepalive).run(),
             name="sluice-lease-keepalive",
@@ -223,6 +238,11 @@ class Registrar:
                     keepalive.result()  # raises LeaseLostError
                     raise LeaseLostError(f"lease {lease_id:x} keepalive stopped")
                 verify, self._verify_pending = self._verify_pending or not done, False
+                if verify:
+                    problem = self._epoch.observe(await self._client.cluster_header())
+                    if problem is not None:
+                        log.warning("etcd_cluster_reset", problem=problem, lease_id=f"{lease_id:x}")
+                        raise LeaseLostError(f"etcd lost its data ({problem}): registering again")
                 await self._sync(lease_id, rewrite=False, verify=verify)
         finally:
             keepalive.cancel()
@@ -237,14 +257,31 @@ class Registrar:
         for key in [k for k in self._written if k not in desired]:
             await self._client.delete(key)
             del self._written[key]
+        for key in [k for k in self._refused if k not in desired]:
+            del self._refused[key]
         for key, value in desired.items():
+            refused = self._refused.get(key) == value
+            if refused and not rewrite:
+                continue  # refused as it is: again when it changes, or under the next lease
             if verify and not rewrite:
                 current = await self._client.get(key)
                 if current is None or current.value != value or current.lease != lease_id:
                     log.warning("registry_record_restored", key=key)
                     self._written.pop(key, None)
             if rewrite or self._written.get(key) != value:
-                await self._client.put(key, value, lease=lease_id)
+                try:
+                    await self._client.put(key, value, lease=lease_id)
+                except EtcdRefusedError as exc:
+                    # This record only: the connection is fine and the others go on. What etcd
+                    # may still hold of an earlier value stays in _written, so it is deleted later.
+                    if not refused:
+                        log.error("registry_record_refused", key=clip(key), bytes=len(value),
+                                  error=clip(str(exc), 300))
+                    self._refused[key] = value
+                    continue
+                if key in self._refused:
+                    del self._refused[key]
+                    log.info("registry_record_accepted", key=clip(key))
                 self._written[key] = value
         self._synced_generation = generation
         self._sync_done.set()

@@ -157,6 +157,33 @@ def apply_event(state: RegistryState, event: WatchEvent) -> RegistryState:
                    entries=MappingProxyType(entries))
 
 
+def keep_missing(current: RegistryState, held: RegistryState) -> RegistryState:
+    """``current`` plus what ``held`` had and ``current`` lacks: instances (by version and instance
+    id), routing documents, whole models. What ``current`` has wins.
+
+    For rendering only (``entries`` are those of ``current``: never apply events to the result).
+    The gateway renders this for a while after etcd came back without its data, so the routes in
+    force stay while the services register again, instead of dropping to "no model registered".
+    """
+    models = dict(current.models)
+    for name, old in held.models.items():
+        new = models.get(name)
+        if new is None:
+            models[name] = old
+            continue
+        instances = {version: dict(records) for version, records in new.instances.items()}
+        for version, records in old.instances.items():
+            for instance_id, record in records.items():
+                instances.setdefault(version, {}).setdefault(instance_id, record)
+        has_routing = new.routing is not None or new.routing_error is not None
+        models[name] = replace(
+            new,
+            instances=MappingProxyType({v: MappingProxyType(r) for v, r in sorted(instances.items())}),
+            routing=new.routing if has_routing else old.routing,
+        )
+    return replace(current, models=MappingProxyType(dict(sorted(models.items()))))
+
+
 def build_model(schema: KeySchema, name: str, entries: Mapping[bytes, KeyValue]) -> ModelState:
     """Parse one model's key-values into a :class:`ModelState` (bad documents become errors, not exceptions)."""
     instances: dict[int, dict[str, InstanceRecord]] = {}

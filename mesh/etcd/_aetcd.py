@@ -13,10 +13,24 @@ import aetcd.exceptions
 import grpc
 from aetcd import rpc, watcher
 
-from mesh.errors import EtcdAuthError, EtcdError, EtcdUnavailableError, MeshError, RevisionCompactedError
+from mesh.errors import (
+    EtcdAuthError,
+    EtcdError,
+    EtcdRefusedError,
+    EtcdUnavailableError,
+    LeaseLostError,
+    MeshError,
+    RevisionCompactedError,
+)
 
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                       grpc.StatusCode.CANCELLED)
+# Refusals of one request for what it carries ("etcdserver: request is too large", gRPC's "received
+# message larger than max", a key the user may not write): sending it again fails again.
+_REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  grpc.StatusCode.PERMISSION_DENIED)
+# RESOURCE_EXHAUSTED that is about the cluster, not the request: every write fails until it clears.
+_CLUSTER_EXHAUSTED = ("too many requests", "database space exceeded")
 
 
 class TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
@@ -58,6 +72,13 @@ class TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type info
             self._is_connecting = False
 
 
+async def member_status(client: TlsClient) -> Any:
+    """The raw Status reply of the member ``client`` talks to, response header included (aetcd's
+    ``status()`` drops the header and lists the members on top)."""
+    return await client.maintenancestub.Status(rpc.StatusRequest(), timeout=client._timeout,
+                                               metadata=client.metadata)
+
+
 def translate_error(exc: BaseException, endpoint: str) -> MeshError | None:
     """The :mod:`mesh.errors` equivalent of an aetcd/gRPC error, or None if it is not one."""
     if isinstance(exc, MeshError):
@@ -69,6 +90,14 @@ def translate_error(exc: BaseException, endpoint: str) -> MeshError | None:
         return EtcdUnavailableError(f"etcd at {endpoint} is unreachable: {_detail(exc)}")
     if isinstance(exc, aetcd.exceptions.UnauthenticatedError):
         return EtcdAuthError(f"etcd at {endpoint} refused the credentials: {_detail(exc)}")
+    if isinstance(exc, (aetcd.ClientError, grpc.aio.AioRpcError)) and "authentication failed" not in str(exc):
+        text, code = str(exc), _grpc_code(exc)
+        if "lease not found" in text:
+            return LeaseLostError(f"etcd at {endpoint}: {_detail(exc)}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and any(part in text for part in _CLUSTER_EXHAUSTED):
+            return EtcdUnavailableError(f"etcd at {endpoint} cannot take writes now: {_detail(exc)}")
+        if code in _REFUSED_CODES:
+            return EtcdRefusedError(f"etcd at {endpoint} refused the request: {_detail(exc)}")
     if isinstance(exc, grpc.aio.AioRpcError):
         if exc.code() in _UNAVAILABLE_CODES:
             return EtcdUnavailableError(f"etcd at {endpoint} is unreachable: {exc.details()}")
@@ -79,6 +108,18 @@ def translate_error(exc: BaseException, endpoint: str) -> MeshError | None:
         return EtcdAuthError(f"etcd at {endpoint} refused the credentials: {exc}")
     if isinstance(exc, aetcd.ClientError):
         return EtcdError(f"etcd at {endpoint}: {_detail(exc)}")
+    return None
+
+
+def _grpc_code(exc: BaseException) -> grpc.StatusCode | None:
+    """The gRPC status code behind ``exc`` (aetcd wraps the gRPC error it got into its own)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, grpc.aio.AioRpcError):
+            return seen.code()
+        seen = seen.__cause__ or seen.__context__
     return None
 
 

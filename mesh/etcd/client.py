@@ -15,7 +15,7 @@ import grpc
 import structlog
 
 from mesh.errors import EtcdAuthError, EtcdUnavailableError, LeaseLostError, MeshError
-from mesh.etcd._aetcd import TlsClient, translate_error
+from mesh.etcd._aetcd import TlsClient, member_status, translate_error
 from mesh.settings import EtcdSettings, parse_endpoint
 
 T = TypeVar("T")
@@ -85,11 +85,30 @@ class KeyValue:
 
 
 @dataclass(frozen=True)
+class ClusterHeader:
+    """Who answered a call and as of when: the response header etcd puts on every reply."""
+
+    cluster_id: int
+    member_id: int
+    revision: int
+    raft_term: int
+    endpoint: str
+    """The endpoint the reply came from (member ids are per endpoint)."""
+
+    @classmethod
+    def from_etcd(cls, header: Any, endpoint: str) -> ClusterHeader:
+        return cls(int(header.cluster_id), int(header.member_id), int(header.revision), int(header.raft_term),
+                   endpoint)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Every key under a prefix as of one revision."""
 
     revision: int
     items: tuple[KeyValue, ...]
+    header: ClusterHeader | None = None
+    """The listing's response header (None where a snapshot is built by hand)."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +226,12 @@ class EtcdClient:
         status = await self._call(lambda c: c.status())
         return str(status.version)
 
+    async def cluster_header(self) -> ClusterHeader:
+        """The current endpoint's response header (cluster and member id, revision, raft term):
+        one cheap call, for telling a restarted cluster from one that lost its data."""
+        reply = await self._call(member_status)
+        return ClusterHeader.from_etcd(reply.header, self.endpoint)
+
     async def get(self, key: str | bytes) -> KeyValue | None:
         result = await self._call(lambda c: c.get(_key(key)))
         return None if result is None else KeyValue.from_etcd(result)
@@ -214,7 +239,8 @@ class EtcdClient:
     async def get_prefix(self, prefix: str | bytes) -> Snapshot:
         """Every key starting with ``prefix`` (sorted by key) and the revision they were read at."""
         result = await self._call(lambda c: c.get_prefix(_key(prefix), sort_order="ascend"))
-        return Snapshot(int(result.header.revision), tuple(KeyValue.from_etcd(kv) for kv in result.kvs))
+        return Snapshot(int(result.header.revision), tuple(KeyValue.from_etcd(kv) for kv in result.kvs),
+                        ClusterHeader.from_etcd(result.header, self.endpoint))
 
     async def newest_mod_revision(self, prefix: str | bytes) -> int:
         """The highest ``mod_revision`` of the keys under ``prefix`` (0 when there are none): the

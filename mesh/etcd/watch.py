@@ -6,8 +6,12 @@ aetcd's watch raises on disconnect (``ConnectionFailedError``) and after compact
 * first it lists the prefix and yields :class:`Resync` (``reason="initial"``) with every key;
 * then it yields each :class:`~mesh.etcd.client.KeyEvent` from revision R+1 on;
 * after a disconnect it retries with backoff and resumes from the last revision it yielded;
-* when that history was compacted it lists again and yields :class:`Resync` (``"compacted"``):
-  consumers replace their whole state with a resync's items.
+* when that history was compacted it lists again and yields :class:`Resync` (``"compacted"``);
+* when etcd came back without its data (wiped and restarted, restored from a backup: see
+  :mod:`mesh.etcd.epoch`) it lists again and yields :class:`Resync` (``"reset"``) instead of
+  waiting for a revision the new cluster may reach much later, if ever.
+
+Consumers replace their whole state with a resync's items.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import structlog
 from mesh.errors import EtcdError, RevisionCompactedError
 from mesh.etcd.backoff import Backoff
 from mesh.etcd.client import EtcdClient, KeyEvent, KeyValue
+from mesh.etcd.epoch import ClusterEpoch
 
 log = structlog.get_logger("mesh.etcd.watch")
 
-ResyncReason = Literal["initial", "compacted", "reconnect"]
+ResyncReason = Literal["initial", "compacted", "reconnect", "reset"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ async def watch_prefix(
     the connection to etcd is lost or back.
     """
     backoff = backoff or Backoff()
+    epoch = ClusterEpoch()
     revision: int | None = None
     reason: ResyncReason = "initial"
     connected: bool | None = None
@@ -74,14 +80,24 @@ async def watch_prefix(
                 snapshot = await client.get_prefix(prefix)
                 report(True, None)
                 backoff.reset()
+                if snapshot.header is not None:
+                    epoch.observe(snapshot.header)  # a fresh listing: whatever came before is replaced
                 revision = snapshot.revision
                 log.debug("etcd_watch_resync", prefix=_text(prefix), revision=revision, reason=reason,
                           keys=len(snapshot.items))
                 yield Resync(snapshot.revision, snapshot.items, reason)
             elif not connected:
-                await client.status()  # cheap probe so that "connected" is reported before any event
+                # A cheap probe, so that "connected" is reported before any event, and so that a
+                # cluster that lost its data is not watched from a revision it has not reached.
+                header = await client.cluster_header()
                 report(True, None)
                 backoff.reset()
+                problem = epoch.observe(header, revision)
+                if problem is not None:
+                    log.warning("etcd_cluster_reset", prefix=_text(prefix), revision=revision,
+                                etcd_revision=header.revision, problem=problem, endpoint=header.endpoint)
+                    revision, reason = None, "reset"
+                    continue
                 log.info("etcd_watch_resumed", prefix=_text(prefix), from_revision=revision + 1)
             async with contextlib.aclosing(client.watch(prefix, revision + 1)) as events:
                 async for event in events:

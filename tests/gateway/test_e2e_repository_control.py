@@ -1,7 +1,8 @@
 """Repository control (RepositoryModelLoad/Unload) through the real gateway: refused by default.
 
 Real etcd, two real ``sluice gateway`` processes (running the real Envoy) on their own prefixes,
-one with ``--allow-repository-control``, and one real ``sluice serve`` behind both. Tests run in
+one with ``--allow-repository-control``, and one real ``sluice serve --repository-control``
+behind both. Tests run in
 file order: the refusal first (the model must still serve after it), then the allowed unload.
 """
 
@@ -14,12 +15,14 @@ import grpc
 import pytest
 
 from mesh.keys import KeySchema
+from mesh.ports import free_port
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.service import ServiceHandle
-from tests.gateway.conftest import SERVICE_START_TIMEOUT_S, _start_service, register
+from tests.fixtures.processes import ManagedProcess
+from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.gateway.conftest import SERVICE_START_TIMEOUT_S, register
 from tests.gateway.traffic import count_versions, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -30,7 +33,13 @@ HEADER = (("x-model-name", "iris"),)
 
 @pytest.fixture(scope="module")
 def service(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
-    handle = _start_service(iris_repos[1], tmp_path_factory.mktemp("repository-control"), "iris-v1")
+    # The service's own switch is on, so that what the gateway does is all that is tested here.
+    workdir = tmp_path_factory.mktemp("repository-control")
+    port, metrics_port = free_port(), free_port()
+    argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
+                       str(metrics_port), "--log-format", "json", "--grace-period", "2", "--repository-control")
+    handle = ServiceHandle(ManagedProcess("iris-v1", argv, workdir / "iris-v1.log"), port, metrics_port,
+                           iris_repos[1])
     try:
         handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
         yield handle

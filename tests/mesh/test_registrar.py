@@ -1,10 +1,12 @@
-"""The Registrar against a real etcd: leases, deregistration, crashes, outages, lost leases."""
+"""The Registrar against a real etcd: leases, deregistration, crashes, outages, lost leases, refused
+records."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
@@ -192,3 +194,49 @@ async def test_records_deleted_by_hand_are_restored(registrars: Callable[..., Re
         return await client.get(key) is not None
 
     await eventually(restored, timeout=10, what="the registrar to restore a deleted record")
+
+
+@pytest.fixture
+def small_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd that refuses requests over 4 KiB ("request is too large"), so a refusal is cheap."""
+    server = EtcdServer(tmp_path / "etcd-small", extra_args=("--max-request-bytes", "4096"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+async def test_a_record_etcd_refuses_does_not_block_the_others(small_etcd: EtcdServer) -> None:
+    settings = settings_for(small_etcd, "/refused/")
+    schema = KeySchema(settings.prefix)
+    registrar = Registrar(settings)
+    big = record(model="big").model_copy(update={"labels": {"note": "x" * 8192}})
+    try:
+        with capture_logs() as logs:
+            await registrar.start()
+            assert await registrar.wait_synced(10)
+            assert not await registrar.register(big)  # refused: registering it does not succeed
+            assert await registrar.register(record(model="good"))
+            async with EtcdClient(settings) as client:
+                assert set(await keys_under(client, schema.models_prefix)) == {schema.instance("good", 1, "inst-a")}
+                # A change of the good record goes through too; the refused one is not retried meanwhile.
+                assert await registrar.register(record(model="good", state=InstanceState.DRAINING))
+                stored = await client.get(schema.instance("good", 1, "inst-a"))
+                assert stored is not None and json.loads(stored.value)["state"] == "draining"
+            await asyncio.sleep(3 * settings.lease_ttl)  # long enough for several lease round trips
+        state = registrar.state
+        assert state.connected and state.reconnects == 0 and state.last_error is None
+        assert state.refused == (schema.instance("big", 1, "inst-a"),)
+        events = [entry["event"] for entry in logs]
+        assert "etcd_unavailable" not in events and events.count("etcd_lease_granted") == 1
+        refusals = [entry for entry in logs if entry["event"] == "registry_record_refused"]
+        assert len(refusals) == 1 and "request is too large" in refusals[0]["error"]
+        assert refusals[0]["key"] == schema.instance("big", 1, "inst-a")
+
+        # Deregistering it forgets the refusal.
+        await registrar.deregister("big", 1)
+        assert registrar.state.refused == ()
+    finally:
+        await registrar.close()

@@ -16,6 +16,7 @@ from mesh.registry import (
     apply_event,
     build_state,
     get_routing,
+    keep_missing,
     load_state,
     promote,
     resolve_weights,
@@ -33,6 +34,27 @@ def kv(key: str, value: bytes, revision: int = 1) -> KeyValue:
 def instance(model: str, version: int, instance_id: str, state: str = "serving") -> bytes:
     return InstanceRecord(address="127.0.0.1:9000", model=model, version=version, instance_id=instance_id,
                           state=InstanceState(state)).to_json()
+
+
+def test_keep_missing_adds_what_the_new_state_lacks_and_lets_the_new_state_win() -> None:
+    before = build_state(SCHEMA, 40, [
+        kv("/s/models/iris/instances/1/a", instance("iris", 1, "a")),
+        kv("/s/models/iris/instances/2/b", instance("iris", 2, "b")),
+        kv("/s/models/iris/routing", RoutingDocument.from_weights({1: 90, 2: 10}).to_json()),
+        kv("/s/models/mlp/instances/1/m", instance("mlp", 1, "m")),
+    ])
+    after = build_state(SCHEMA, 3, [  # an etcd that lost its data: one service back so far
+        kv("/s/models/iris/instances/2/b", instance("iris", 2, "b", "draining")),
+        kv("/s/models/iris/instances/3/c", instance("iris", 3, "c")),
+    ])
+    shown = keep_missing(after, before)
+    assert shown.revision == 3 and set(shown.models) == {"iris", "mlp"}
+    iris = shown.models["iris"]
+    assert {v: set(r) for v, r in iris.instances.items()} == {1: {"a"}, 2: {"b"}, 3: {"c"}}
+    assert iris.instances[2]["b"].state is InstanceState.DRAINING  # the new record wins
+    assert iris.routing is not None and iris.routing.weights == {1: 90, 2: 10}
+    assert shown.models["mlp"] == before.models["mlp"]
+    assert keep_missing(after, build_state(SCHEMA, 0, [])) == after
 
 
 def test_build_state_sorts_everything_into_models() -> None:

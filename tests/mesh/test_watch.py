@@ -1,4 +1,5 @@
-"""watch_prefix against a real etcd: initial listing, resume after a restart, resync after compaction."""
+"""watch_prefix against a real etcd: initial listing, resume after a restart, resync after compaction
+or after etcd lost its data."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 
 import pytest
 
-from mesh.etcd import Backoff, EtcdClient, KeyEvent, Resync, watch_prefix
+from mesh.etcd import Backoff, ClusterEpoch, ClusterHeader, EtcdClient, KeyEvent, Resync, watch_prefix
 from tests.fixtures.etcd import EtcdServer
 from tests.mesh.conftest import settings_for
 from tests.mesh.helpers import next_event
@@ -84,3 +85,48 @@ async def test_resync_on_reconnect_mode(etcd: EtcdServer) -> None:
         again = await next_event(events, timeout=20)
         assert isinstance(again, Resync) and again.reason == "reconnect"
         assert [kv.key for kv in again.items] == [b"/r/a"]
+
+
+@pytest.mark.slow
+async def test_resyncs_when_etcd_comes_back_without_its_data(etcd: EtcdServer) -> None:
+    """Wiped and restarted on the same port: the new etcd is at a lower revision than the watch.
+
+    Resuming would wait for a revision the new cluster reaches much later; the watch lists again.
+    """
+    async with EtcdClient(settings_for(etcd)) as client, contextlib.aclosing(
+        watch_prefix(client, "/z/", backoff=Backoff(initial=0.1, maximum=0.5))
+    ) as events:
+        assert isinstance(await next_event(events), Resync)
+        for index in range(10):  # the old cluster's revision, well above what the new one reaches
+            await client.put(f"/z/old-{index}", b"1")
+        for _ in range(10):
+            assert isinstance(await next_event(events), KeyEvent)
+
+        etcd.wipe_and_restart()
+        await client.put("/z/after", b"2")
+        reset = await next_event(events, timeout=20)
+        assert isinstance(reset, Resync) and reset.reason == "reset"
+        assert [kv.key for kv in reset.items] == [b"/z/after"]
+        await client.put("/z/later", b"3")
+        later = await next_event(events)
+        assert isinstance(later, KeyEvent) and later.kv.key == b"/z/later"
+
+
+def _header(revision: int, *, term: int = 2, cluster: int = 1, member: int = 7,
+            endpoint: str = "127.0.0.1:2379") -> ClusterHeader:
+    return ClusterHeader(cluster, member, revision, term, endpoint)
+
+
+def test_cluster_epoch_tells_a_wiped_cluster_from_a_restarted_one() -> None:
+    epoch = ClusterEpoch()
+    assert epoch.observe(_header(5)) is None
+    assert epoch.observe(_header(5, term=3), seen_revision=5) is None  # restarted: new term, same data
+    assert epoch.observe(_header(9, term=3)) is None
+    assert epoch.observe(_header(4, term=3)) == "revision went back from 9 to 4"
+    assert epoch.observe(_header(6, term=3)) is None  # starts over from the alarm
+    assert epoch.observe(_header(7, term=3), seen_revision=12) == "revision went back from 12 to 7"
+    assert epoch.observe(_header(20, term=2)) == "raft term went back from 3 to 2"
+    assert epoch.observe(_header(21, cluster=2)) == "cluster id changed from 1 to 2"
+    assert epoch.observe(_header(22, cluster=2, member=8)) == "member behind 127.0.0.1:2379 changed from 7 to 8"
+    # Another endpoint of the same cluster has its own member.
+    assert epoch.observe(_header(23, cluster=2, member=9, endpoint="127.0.0.1:2380")) is None
