@@ -116,6 +116,9 @@ class ModelServer:
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
                 ("grpc.so_reuseport", 0),
+                # Unsent answers stay in memory until the client reads them: capping the calls of one
+                # connection is the bound grpcio offers on what one connection can make it hold.
+                ("grpc.max_concurrent_streams", s.max_calls_per_connection),
             ],
         )
         self.streams = StreamGuard(s.stream_limit, s.stream_idle_timeout)

@@ -40,6 +40,10 @@ class ServiceSettings(BaseSettings):
     stream_idle_timeout: float = Field(60.0, gt=0)
     """Seconds a stream may go without a request received or an answer taken before the server
     ends it (DEADLINE_EXCEEDED), freeing its handler thread."""
+    max_calls_per_connection: int = Field(100, ge=1, le=65535)
+    """Calls one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; clients
+    and Envoy queue or open another connection beyond it). A call whose answer the client does not
+    read stays open, so this bounds the unsent answers one connection can make the server hold."""
     handler_policy: Literal["batch", "normal"] = "batch"
     """Linux scheduling policy of the handler threads: ``batch`` (SCHED_BATCH: a waking thread
     does not preempt the running one, so inference and request handling are not cut up on a busy

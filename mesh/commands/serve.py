@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
                         help="ModelStreamInfer streams open at once (default half of --max-concurrency)")
     parser.add_argument("--stream-idle-timeout", type=float,
                         help="seconds a stream may idle before the server ends it (default 60)")
+    parser.add_argument("--max-calls-per-connection", type=int,
+                        help="calls one HTTP/2 connection may have open at once (default 100)")
     parser.add_argument("--handler-policy", choices=["batch", "normal"],
                         help="Linux scheduling policy of the handler threads (default batch: a waking "
                              "thread does not preempt a running one)")
