@@ -259,6 +259,10 @@ class MeshSync:
                     if parsed.kind is not KeyKind.STATUS:  # our own status writes change nothing
                         self._mark([parsed.model])
             else:
+                if event.reason == "reset":
+                    # etcd lost its data, our status documents with it: write them again.
+                    log.warning("mesh_sync_registry_reset", revision=event.revision)
+                    self._last_status.clear()
                 self.state = build_state(self.schema, event.revision, event.items)
                 self._mark(list(self.settings.virtual_services))
 

@@ -20,6 +20,8 @@ from mesh.istio_sync import MeshSync, MeshSyncSettings, PatchConflictError, Sync
 from mesh.keys import KeySchema
 from mesh.records import InstanceRecord, StatusDocument
 from mesh.registry import set_weights
+from tests.fixtures.etcd import EtcdServer
+from tests.mesh.conftest import settings_for
 from tests.mesh.helpers import eventually
 from tests.mesh.test_istio import virtual_service
 
@@ -214,6 +216,44 @@ async def test_missing_virtual_service_is_reported(client: EtcdClient, schema: K
     await register(client, schema, 1)
     status = await _wait_status(client, schema, lambda s: bool(s.errors))
     assert status.errors == [f"cannot read the VirtualService: VirtualService models/{VS_NAME} not found"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+async def test_follows_an_etcd_that_lost_its_data(etcd: EtcdServer, store: MemoryVirtualServices) -> None:
+    """Wiped and restarted on the same port, etcd is at a lower revision than mesh-sync's watch:
+    a routing document written afterwards must still reach the VirtualService, with its status."""
+    settings = MeshSyncSettings(virtual_services={"iris": VS_NAME}, namespace="models", resync_interval=0.5,
+                                debounce_ms=10, metrics_port=-1)
+    etcd_settings = settings_for(etcd, "/wiped/")
+    schema = KeySchema(etcd_settings.prefix)
+    async with EtcdClient(etcd_settings) as client:
+        sync = MeshSync(settings, client, store, SyncMetrics())
+        stop = asyncio.Event()
+        task = asyncio.create_task(sync.run(stop))
+        try:
+            await register(client, schema, 1, 2)
+            await set_weights(client, schema, "iris", {1: 1, 2: 1})
+            await eventually(lambda: _async(store.weights() == {1: 50, 2: 50}), 10, "50/50 before the wipe")
+            for index in range(30):  # the old revision, well above what the new etcd reaches here
+                await client.put(f"/filler/{index}", b"x")
+
+            etcd.wipe_and_restart()
+            await eventually(lambda: _register_again(client, schema), 20, "etcd back")
+            await set_weights(client, schema, "iris", {2: 100})
+            await eventually(lambda: _async(store.weights() == {1: 0, 2: 100}), 20,
+                             "the document written after the wipe in the VirtualService")
+            status = await _wait_status(client, schema, lambda s: s.effective_weights == {1: 0, 2: 100})
+            assert status.errors == []
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+
+
+async def _register_again(client: EtcdClient, schema: KeySchema) -> bool:
+    await register(client, schema, 1, 2)
+    return True
 
 
 def test_settings_parse_pairs_and_reject_bad_ones(monkeypatch: pytest.MonkeyPatch) -> None:
