@@ -37,7 +37,7 @@ def first(shared_etcd: EtcdServer, gateway_prefix: str,
     ("--admin-port", "Envoy's admin API", "--admin-port"),
     ("--metrics-port", "the gateway's metrics", "--metrics-port (-1 turns metrics off)"),
 ])
-def test_taken_port_is_one_line_naming_the_flag(first: GatewayHandle, shared_etcd: EtcdServer, tmp_path: Path,
+def test_taken_port_is_one_line_naming_the_flag(first: GatewayHandle, shared_etcd: EtcdServer, tmp_path: Path, *,
                                                 flag: str, what: str, hint: str) -> None:
     ports = {"--listen-port": free_port(), "--admin-port": free_port(), "--metrics-port": free_port()}
     taken = {"--listen-port": first.listen_port, "--admin-port": first.admin_port,
