@@ -34,6 +34,7 @@ from mesh.errors import InvalidNameError, MeshError
 from mesh.etcd import EtcdClient, KeyEvent, watch_prefix
 from mesh.istio import Action, IstioError, apply_json_patch, plan_sync
 from mesh.keys import KeyKind, KeySchema, validate_model_name
+from mesh.ports import bind_problem, check_bindable
 from mesh.records import StatusDocument
 from mesh.registry import ModelState, RegistryState, apply_event, build_state
 from mesh.settings import EtcdSettings
@@ -369,12 +370,21 @@ def _comparable(status: StatusDocument) -> dict[str, Any]:
 
 async def run_mesh_sync(settings: MeshSyncSettings, etcd_settings: EtcdSettings,
                         stop: asyncio.Event | None = None) -> None:
-    """Connect to etcd and Kubernetes and sync until ``stop`` is set."""
+    """Connect to etcd and Kubernetes and sync until ``stop`` is set (a taken metrics port:
+    :class:`~mesh.ports.PortBindError` before anything else)."""
+    flag = "--metrics-port (-1 turns metrics off)"
+    if settings.metrics_port >= 0:
+        check_bindable(settings.metrics_host, settings.metrics_port, "metrics", flag)
     namespace = settings.resolved_namespace()
     virtual_services = KubernetesVirtualServices(namespace, settings.api_version, settings.kubeconfig)
     metrics = SyncMetrics()
     if settings.metrics_port >= 0:
-        prometheus_client.start_http_server(settings.metrics_port, settings.metrics_host, registry=metrics.registry)
+        try:
+            prometheus_client.start_http_server(settings.metrics_port, settings.metrics_host,
+                                                registry=metrics.registry)
+        except OSError as exc:  # taken between the check and now
+            raise bind_problem("metrics", settings.metrics_host, settings.metrics_port, flag,
+                               exc.strerror or str(exc)) from exc
     started = time.monotonic()
     async with EtcdClient(etcd_settings) as etcd:
         log.info("mesh_sync_started", namespace=namespace, virtual_services=settings.virtual_services,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from mesh import logging as sluice_logging
     from mesh.commands.registry import settings_from_args
     from mesh.istio_sync import MeshSyncSettings
+    from mesh.ports import PortBindError
 
     flags = {name: getattr(args, name) for name in MESH_SYNC_FLAGS if getattr(args, name, None) is not None}
     try:
@@ -57,7 +59,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"sluice mesh-sync: invalid settings: {exc}")
         return 2
     sluice_logging.configure(settings.log_level, settings.log_format)
-    asyncio.run(_serve(settings, etcd))
+    try:
+        asyncio.run(_serve(settings, etcd))
+    except PortBindError as exc:
+        print(f"sluice mesh-sync: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

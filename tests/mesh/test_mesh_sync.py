@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import socket
+import subprocess
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,6 +23,7 @@ from mesh.keys import KeySchema
 from mesh.records import InstanceRecord, StatusDocument
 from mesh.registry import set_weights
 from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.service import sluice_argv
 from tests.mesh.conftest import settings_for
 from tests.mesh.helpers import eventually
 from tests.mesh.test_istio import virtual_service
@@ -271,6 +274,23 @@ def test_cli_reports_invalid_settings(capsys: pytest.CaptureFixture[str]) -> Non
 
     assert main(["mesh-sync", "--virtual-service", "iris"]) == 2
     assert "is not MODEL=VIRTUALSERVICE" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(90)
+def test_cli_taken_metrics_port_is_one_line_and_exit_2() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            sluice_argv("mesh-sync", "--virtual-service", "iris=vs", "--namespace", "models", "--metrics-host",
+                        "127.0.0.1", "--metrics-port", str(port), "--etcd", "127.0.0.1:1", "--log-format", "json"),
+            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"sluice mesh-sync: cannot listen on 127.0.0.1:{port} for metrics: Address already in use; "
+        "choose another port with --metrics-port (-1 turns metrics off)"]
 
 
 def _set_weights(obj: dict[str, Any], weights: dict[int, int]) -> None:
