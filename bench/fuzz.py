@@ -333,11 +333,15 @@ def run(total: int, kinds: list[str], senders: int, clients: int, seed: int) -> 
             mismatches: collections.Counter[str] = collections.Counter()
             lock = threading.Lock()
             counter = iter(range(total))
+            tenth = [0.0]
+            """RSS once a tenth was sent: after the allocator's first high-water mark, before most."""
 
             def sender(index: int) -> None:
                 rng = random.Random(seed * 1000 + index)
                 with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 * MIB)]) as channel:
-                    for _ in counter:
+                    for sent in counter:
+                        if sent == total // 10:
+                            tenth[0] = rss_mb(proc.pid)
                         case = rng.choice(makers)(rng)
                         outcome = send(channel, case)
                         wrong = not answered_as_expected(case, outcome)
@@ -374,6 +378,9 @@ def run(total: int, kinds: list[str], senders: int, clients: int, seed: int) -> 
     print(f"\nINTERNAL: {internal}")
     print(f"service RSS: before {before:.0f} MB, after {after:.0f} MB ({(after - before) / before * 100:+.1f} %), "
           f"peak {max(peak.peak, after):.0f} MB")
+    if tenth[0]:
+        print(f"             after the first tenth {tenth[0]:.0f} MB; over the other nine tenths "
+              f"{(after - tenth[0]) / tenth[0] * 100:+.1f} %")
     failures = sum(v for k, v in good.items() if k != "ok")
     print(f"well-behaved clients: {good['ok']} ok, {failures} failed"
           + (f" ({dict((k, v) for k, v in good.items() if k != 'ok')})" if failures else ""))

@@ -7,6 +7,7 @@ is logged with its traceback and answered INTERNAL with a generic message and a 
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -34,9 +35,23 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
                                             "the server log has the details")
 
 
+def _peer_of(context: grpc.ServicerContext) -> Callable[[], str]:
+    """``context.peer``, without holding the context: the fields live in the RPC's contextvars
+    Context, which gRPC's call state holds, and a bound method would close the cycle call state →
+    Context → fields → servicer context → call state. Such a cycle is freed only by the cyclic GC,
+    late: until then the finished call keeps its request and its HTTP/2 stream, which counts
+    against the connection's max_concurrent_streams (concurrent clients were refused)."""
+    ref = weakref.ref(context)
+
+    def peer() -> str:
+        alive = ref()
+        return alive.peer() if alive is not None else "(call finished)"
+    return peer
+
+
 def _bind_context(rpc: str, context: grpc.ServicerContext, tracing: bool) -> None:
     """Per-RPC log fields, rendered only if a line is logged (see mesh.logging.RequestFields)."""
-    fields = bind_request(RequestFields(rpc, context.peer))
+    fields = bind_request(RequestFields(rpc, _peer_of(context)))
     if tracing:
         ids = current_ids()
         if ids is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.arrivals import Arrivals, HandlerPool
+from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
 from tests.services.clients import RPC_TIMEOUT_S
 
@@ -215,3 +217,24 @@ def test_the_service_handler_threads_run_under_sched_batch(zoo: ServiceHandle) -
     # Python 3.11 does not name OS threads: the handler threads are the ones under SCHED_BATCH.
     assert any(policy == os.SCHED_BATCH for _, policy in policies.values()), policies
     assert policies[zoo.process.pid][1] == os.SCHED_OTHER  # the main thread (asyncio loop) keeps the default
+
+
+def test_an_idle_handler_thread_keeps_no_reference_to_its_last_call() -> None:
+    """gRPC's call event holds the call, its request bytes and its HTTP/2 stream: a thread that
+    kept its last one while idle kept the stream counted against the connection's
+    max_concurrent_streams (concurrent clients were refused once enough threads each held one)."""
+
+    class CallEvent:
+        pass
+
+    pool = HandlerPool(Arrivals(), frozenset(), max_workers=2)
+    try:
+        event = CallEvent()
+        released = weakref.ref(event)
+        ran = threading.Event()
+        pool.submit(lambda _event: ran.set(), event)
+        assert ran.wait(5.0)
+        del event
+        wait_for(lambda: released() is None, 5.0, "the handler thread to drop its last call event")
+    finally:
+        pool.shutdown()

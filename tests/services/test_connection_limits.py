@@ -117,3 +117,26 @@ def test_one_connection_cannot_keep_more_than_100_unread_answers(start_service: 
         assert service.process.alive()
     finally:
         client.close()
+
+
+def test_concurrent_clients_on_one_connection_are_never_refused(start_service: Callable[..., ServiceHandle],
+                                                                tmp_path: Path) -> None:
+    """Channels to one address share one HTTP/2 connection: eight clients with one call at a time
+    stay far below the 100 calls it may have open, so none may be refused. (Finished calls once
+    stayed counted while idle handler threads held them, and most calls were refused.)"""
+    service = start_service(build_repo(tmp_path / "repo"), "--no-watch")
+    codes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def client() -> None:
+        with grpc.insecure_channel(service.address) as channel:
+            for _ in range(250):
+                outcome = send(channel, Case("good", GOOD, grpc.StatusCode.OK, ""), timeout=15.0)
+                with lock:
+                    codes[outcome.code.name] = codes.get(outcome.code.name, 0) + 1
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert codes == {"OK": 2000}, codes
