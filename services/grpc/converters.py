@@ -197,8 +197,8 @@ def request_from(msg: pb.ModelInferRequest, deadline: float | None, headers: tup
                 "send every input raw, or none"
             )
         for tensor in tensors:
-            # KServe v2: raw_input_contents and typed contents are exclusive; the typed values
-            # were silently ignored before.
+            # KServe v2 makes them exclusive: taking the raw bytes would silently drop the typed
+            # values the client meant to send.
             if tensor.HasField("contents"):
                 raise InvalidRequestError(
                     f"input '{clip(tensor.name)}' has typed contents while raw_input_contents is set; "
