@@ -41,8 +41,8 @@ from services.metrics import ServiceMetrics
 from services.registration import Registration
 from services.registry import ModelRegistry, ServedVersion
 from services.settings import ServiceSettings
-from services.watcher import RepositoryWatcher
 from services.streams import StreamGuard
+from services.watcher import RepositoryWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -82,10 +82,10 @@ class ModelServer:
         self._server: grpc.Server | None = None
         self._stop = asyncio.Event()
         self._tracer_provider: TracerProvider | None = None
+        self.streams: StreamGuard | None = None
 
     async def start(self) -> None:
         s = self.settings
-        self.streams: StreamGuard | None = None
         started = time.perf_counter()
         self.check_ports()
         if s.metrics_port >= 0:
@@ -210,8 +210,8 @@ class ModelServer:
             # Stops accepting at once; running RPCs get the grace period to finish.
             stopped = self._server.stop(self.settings.grace_period)
             await asyncio.to_thread(stopped.wait)
+        if self.streams is not None:
+            self.streams.stop()
         await self.manager.close()
         shutdown_tracing(self._tracer_provider)
         log.info("stopped")
-        if self.streams is not None:
-            self.streams.stop()
