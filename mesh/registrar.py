@@ -202,7 +202,8 @@ class Registrar:
                 error = str(exc) or "etcd did not answer in time"
                 self._set_error(error)
                 delay = backoff.next_delay()
-                event = "etcd_lease_lost" if isinstance(exc, LeaseLostError) else "etcd_unavailable"
+                event = ("etcd_lease_lost" if isinstance(exc, LeaseLostError)
+                         else "etcd_refused" if isinstance(exc, EtcdRefusedError) else "etcd_unavailable")
                 log.warning(event, error=error, retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
 
