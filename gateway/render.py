@@ -265,6 +265,10 @@ def _listener(options: RenderOptions) -> Resource:
         "stat_prefix": "sluice",
         "codec_type": "AUTO",
         "generate_request_id": True,
+        # Paths are matched as the service will read them: "//" and percent-encoded letters must
+        # not slip a method past the repository control refusals.
+        "normalize_path": True,
+        "merge_slashes": True,
         "stream_idle_timeout": "300s",
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "rds": {"route_config_name": ROUTE_CONFIG_NAME,

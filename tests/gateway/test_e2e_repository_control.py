@@ -114,6 +114,15 @@ async def test_repository_control_through_the_gateway_is_refused_and_the_model_k
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         details = caught.value.details() or ""
         assert "not allowed through the gateway" in details and "--allow-repository-control" in details
+    # Spelled differently, the path still names the method once normalised: still refused.
+    for path in ("/inference.GRPCInferenceService//RepositoryModelUnload",
+                 "/inference.GRPCInferenceService/RepositoryModel%55nload"):
+        async with grpc.aio.insecure_channel(closed_gateway.address) as channel:
+            unload = channel.unary_unary(path, request_serializer=pb.RepositoryModelUnloadRequest.SerializeToString,
+                                         response_deserializer=pb.RepositoryModelUnloadResponse.FromString)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unload(pb.RepositoryModelUnloadRequest(model_name="iris"), metadata=HEADER, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, path
     assert _model_ready(service.address)
     counts = await count_versions(closed_gateway.address, 20, HEADER, concurrency=4)
     assert counts == {"1": 20}

@@ -161,6 +161,8 @@ def test_repository_control_is_refused_before_any_model_route_by_default(method:
     assert method in message and "--allow-repository-control" in message
     assert "SLUICE_GATEWAY_ALLOW_REPOSITORY_CONTROL" in message
     assert consistency_problems(snapshot) == []
+    hcm = snapshot.listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True  # no way around the exact match
 
 
 def test_repository_control_routes_like_any_call_when_allowed() -> None:
