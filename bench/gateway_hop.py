@@ -34,12 +34,12 @@ from bench import loadgen
 from bench.cpu import core_ticks
 from bench.propagation import Admin, etcd_binary, start, stop, wait
 from examples.build_models import build_iris
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
+from mesh.devstack.stack import etcd_argv
 from mesh.ports import free_port
-from mesh.records import InstanceRecord
-from mesh.settings import EtcdSettings
-from mesh.stack import etcd_argv
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord
+from mesh.registry.settings import EtcdSettings
 
 PREFIX = "/sluice-bench-hop/"
 HEADERS = ("x-model-name: iris",)

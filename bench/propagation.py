@@ -2,7 +2,7 @@
 
 Starts a throwaway etcd, two ``sluice serve`` processes (iris v1, iris v2), and ``sluice gateway``
 (which runs Envoy); registers the two instances; then N times writes new weights with
-``mesh.registry.set_weights`` (the CLI's compare-and-swap) and polls Envoy's admin API
+``mesh.registry.state.set_weights`` (the CLI's compare-and-swap) and polls Envoy's admin API
 (``/config_dump?resource=dynamic_route_configs``, over one kept-alive connection) until the live
 route carries exactly the new weights. Prints p50/p90/p99/max as a Markdown table.
 
@@ -29,13 +29,13 @@ if __package__ in (None, ""):  # `python bench/propagation.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.build_models import build_iris
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
+from mesh.devstack.stack import etcd_argv, find_etcd
 from mesh.ports import free_port
-from mesh.records import InstanceRecord
-from mesh.registry import set_weights
-from mesh.settings import EtcdSettings
-from mesh.stack import etcd_argv, find_etcd
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord
+from mesh.registry.settings import EtcdSettings
+from mesh.registry.state import set_weights
 
 PREFIX = "/sluice-bench/"
 

@@ -4,7 +4,7 @@ SIGTERM/SIGINT stop it; SIGHUP hot-restarts the Envoy it supervises. ``--write-b
 writes what an external Envoy needs to start, then exits.
 
 Flags map 1:1 to :class:`gateway.settings.GatewaySettings` (env ``SLUICE_GATEWAY_…``) and, for
-etcd, to :class:`mesh.settings.EtcdSettings` (env ``SLUICE_ETCD_…``).
+etcd, to :class:`mesh.registry.settings.EtcdSettings` (env ``SLUICE_ETCD_…``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _GATEWAY_FLAGS = (
 
 
 def register(subparsers: Any) -> None:
-    from mesh.commands.registry import etcd_flags  # noqa: PLC0415
+    from mesh.registry.command import etcd_flags  # noqa: PLC0415
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "gateway", parents=[etcd_flags()],
@@ -88,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     from gateway.controller import GatewayController  # noqa: PLC0415
     from gateway.errors import GatewayError  # noqa: PLC0415
     from gateway.settings import GatewaySettings  # noqa: PLC0415
-    from mesh import logging as sluice_logging  # noqa: PLC0415
-    from mesh.commands.registry import settings_from_args  # noqa: PLC0415
+    from mesh.observability import logging as sluice_logging  # noqa: PLC0415
     from mesh.ports import PortBindError  # noqa: PLC0415
+    from mesh.registry.command import settings_from_args  # noqa: PLC0415
 
     flags = {name: getattr(args, name) for name in _GATEWAY_FLAGS if getattr(args, name, None) is not None}
     try:

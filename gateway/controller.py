@@ -1,6 +1,6 @@
 """The gateway controller: registry watch → render → check → validate → publish → confirm → status.
 
-One watch on the registry prefix feeds an immutable :class:`~mesh.registry.RegistryState`; a
+One watch on the registry prefix feeds an immutable :class:`~mesh.registry.state.RegistryState`; a
 debounced loop renders a whole snapshot from it and, when it differs from the live one, takes it
 through consistency check, ``envoy --mode validate``, atomic publication and confirmation over the
 admin API. Any failure leaves the last good snapshot live and is written to the models' status.
@@ -31,12 +31,12 @@ from gateway.settings import GatewaySettings
 from gateway.snapshot import Snapshot, consistency_problems, dump_yaml, shape_key, snapshot_from_files
 from gateway.status import changed, status_documents
 from mesh.errors import MeshError
-from mesh.etcd import EtcdClient, Resync, watch_prefix
-from mesh.keys import KeySchema
 from mesh.ports import bind_problem, check_bindable
-from mesh.records import RoutingDocument, StatusDocument, parse_routing_document
-from mesh.registry import RegistryState, apply_event, build_state, keep_missing
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd import EtcdClient, Resync, watch_prefix
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import RoutingDocument, StatusDocument, parse_routing_document
+from mesh.registry.settings import EtcdSettings
+from mesh.registry.state import RegistryState, apply_event, build_state, keep_missing
 
 T = TypeVar("T")
 log = structlog.get_logger("gateway.controller")

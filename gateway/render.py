@@ -24,8 +24,8 @@ from gateway.snapshot import (
     eds_file,
 )
 from mesh.protocol import MODEL_HEADER, VERSION_HEADER
-from mesh.records import InstanceState, RoutingDocument
-from mesh.registry import ModelState, RegistryState, resolve_weights
+from mesh.registry.records import InstanceState, RoutingDocument
+from mesh.registry.state import ModelState, RegistryState, resolve_weights
 
 STREAM_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Load and unload change what a service serves for every client: an admin surface, not traffic.

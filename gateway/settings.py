@@ -2,7 +2,7 @@
 
 Precedence is argument > environment (``SLUICE_GATEWAY_…``) > default: the CLI passes the flags
 that were given as keyword arguments, ``GatewaySettings(**flags)``, and the environment fills in
-the rest. etcd settings live in :class:`mesh.settings.EtcdSettings` (``SLUICE_ETCD_…``).
+the rest. etcd settings live in :class:`mesh.registry.settings.EtcdSettings` (``SLUICE_ETCD_…``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mesh.errors import InvalidNameError
-from mesh.keys import validate_model_name
+from mesh.registry.keys import validate_model_name
 
 
 class GatewaySettings(BaseSettings):

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mesh.records import RoutingDocument
+from mesh.registry.records import RoutingDocument
 
 LISTENER_NAME = "sluice_grpc"
 ROUTE_CONFIG_NAME = "sluice_routes"

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from gateway.snapshot import ModelPlan, Snapshot
-from mesh.records import StatusDocument
+from mesh.registry.records import StatusDocument
 
 
 def status_documents(wanted: Snapshot, live: Snapshot | None, published_at: datetime | None,

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 
 def register(subparsers: Any) -> None:
-    from mesh.commands.registry import etcd_flags
+    from mesh.registry.command import etcd_flags
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve", parents=[etcd_flags()],
@@ -67,10 +67,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh import logging as sluice_logging
-    from mesh.commands.registry import ETCD_FLAGS, settings_from_args
+    from mesh.observability import logging as sluice_logging
     from mesh.ports import PortBindError
-    from mesh.settings import EtcdSettings
+    from mesh.registry.command import ETCD_FLAGS, settings_from_args
+    from mesh.registry.settings import EtcdSettings
     from services.server import ModelServer
     from services.settings import load_settings
 

@@ -16,7 +16,7 @@ CONFIG_MAX_BYTES: Final = 256 * 1024
 """A config.yaml is a few hundred bytes; this leaves room for every label at its limits, and
 anything larger is a mistake (or an attack)."""
 # Labels travel in every instance record in etcd and in metadata: bounded one by one here, the
-# whole record is bounded at load time (mesh.records.INSTANCE_RECORD_MAX).
+# whole record is bounded at load time (mesh.registry.records.INSTANCE_RECORD_MAX).
 LABELS_MAX: Final = 64
 LABEL_KEY_MAX: Final = 128
 LABEL_VALUE_MAX: Final = 2048

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import structlog
 from opentelemetry.trace import Tracer
 
-from mesh.logging import RequestFields, bind_request, request_fields
+from mesh.observability.logging import RequestFields, bind_request, request_fields
 from mesh.protocol import clip
 from services import __version__
 from services.batcher import BatchResult

@@ -7,9 +7,9 @@ import socket
 import structlog
 from pydantic import ValidationError
 
-from mesh.records import InstanceRecord, InstanceState
-from mesh.registrar import Registrar
-from mesh.settings import EtcdSettings
+from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.registry.registrar import Registrar
+from mesh.registry.settings import EtcdSettings
 from services.errors import ModelLoadError
 from services.model import OnnxModel
 from services.registry import ServedVersion

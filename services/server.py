@@ -26,9 +26,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import filters, server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 
+from mesh.observability.tracing import configure_tracing, shutdown_tracing
 from mesh.ports import bind_problem, check_bindable
-from mesh.settings import EtcdSettings
-from mesh.tracing import configure_tracing, shutdown_tracing
+from mesh.registry.settings import EtcdSettings
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL

@@ -1,8 +1,9 @@
-"""The ``sluice`` command line: one sub-command per module in :mod:`mesh.commands`.
+"""The ``sluice`` command line: the entry point only, it dispatches to each component's command.
 
-Each command module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` (a callable taking the parsed namespace and returning an exit code). Flags map 1:1
-to settings fields; the environment (``SLUICE_…``) fills in what flags leave unset.
+Each command module (``services.command``, ``gateway.command``, ``mesh.registry.command``,
+``mesh.istio.command``, ``mesh.devstack.command``) exposes ``register(subparsers)``, which adds
+its parser and sets ``func`` (a callable taking the parsed namespace and returning an exit code).
+Flags map 1:1 to settings fields; the environment (``SLUICE_…``) fills in what flags leave unset.
 """
 
 from __future__ import annotations
@@ -14,15 +15,25 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 COMMAND_MODULES = (
-    "mesh.commands.serve",
-    "mesh.commands.registry",
+    "services.command",
+    "mesh.registry.command",
     "gateway.command",
-    "mesh.commands.up",
-    "mesh.commands.mesh_sync",
+    "mesh.devstack.command",
+    "mesh.istio.command",
 )
 
 
+def _absent(exc: ModuleNotFoundError, name: str) -> bool:
+    """Whether ``exc`` says the command module itself (or its component's package) is missing.
+
+    An image may ship only some components (the gateway image has no ``services/``): their
+    commands are left out. A missing dependency *inside* a present module is a real error.
+    """
+    return exc.name is not None and (name == exc.name or name.startswith(exc.name + "."))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``sluice`` parser with every command whose module this installation has."""
     parser = argparse.ArgumentParser(
         prog="sluice",
         description="ONNX model serving as gRPC microservices behind an Envoy gateway.",
@@ -33,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:
+            if not _absent(exc, name):
                 raise
-            continue  # a command module that does not exist yet in this build
+            continue
         module.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; its return value is the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     func = cast(Callable[[argparse.Namespace], int], args.func)

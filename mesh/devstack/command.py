@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from mesh.stack import LocalStack, StackConfig, StackError
+    from mesh.devstack.stack import LocalStack, StackConfig, StackError
 
     if args.services < 1:
         print("sluice up: --services must be at least 1")
@@ -101,7 +101,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def _status(stack: Any) -> str:
-    from mesh.stack import sluice_command
+    from mesh.devstack.stack import sluice_command
 
     result = subprocess.run([*sluice_command(), "status", "--etcd", stack.etcd_endpoint, "--prefix",
                              stack.config.prefix], capture_output=True, text=True, timeout=30, check=False)
@@ -125,7 +125,7 @@ Press Ctrl-C to stop everything."""
 def run_env(args: argparse.Namespace) -> int:
     import shlex
 
-    from mesh.stack import read_state
+    from mesh.devstack.stack import read_state
 
     state = read_state(args.run_dir)
     if not state.get("gateway"):
@@ -147,7 +147,7 @@ def run_env(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from mesh.stack import read_state
+    from mesh.devstack.stack import read_state
 
     state = read_state(args.run_dir)
     pid = state.get("pid")
@@ -182,7 +182,7 @@ def register_traces(subparsers: Any) -> None:
 
 
 def run_traces(args: argparse.Namespace) -> int:
-    from mesh.traces import read_spans, render_trace, traces
+    from mesh.observability.traces import read_spans, render_trace, traces
 
     path = args.run_dir / "traces.jsonl"
     if not path.exists():

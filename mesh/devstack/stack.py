@@ -25,8 +25,8 @@ from pathlib import Path
 
 import grpc
 
+from mesh.observability.traces import TraceReceiver
 from mesh.ports import free_port
-from mesh.traces import TraceReceiver
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -188,7 +188,7 @@ class LocalStack:
         if self.repo.is_dir() and any(self.repo.iterdir()):
             self.progress(f"  models      {self.repo} (example models from an earlier run)")
             return
-        builder = Path(__file__).resolve().parents[1] / "examples" / "build_models.py"
+        builder = Path(__file__).resolve().parents[2] / "examples" / "build_models.py"
         if not builder.is_file():
             raise StackError("no --repo given and the example model builder is not available here; "
                              "pass --repo DIR with <model>/<version>/model.onnx folders")

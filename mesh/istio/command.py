@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
-    from mesh.istio_sync import MeshSyncSettings
-    from mesh.settings import EtcdSettings
+    from mesh.istio.sync import MeshSyncSettings
+    from mesh.registry.settings import EtcdSettings
 
 MESH_SYNC_FLAGS = ("virtual_services", "namespace", "kubeconfig", "api_version", "resync_interval",
                    "debounce_ms", "max_conflict_retries", "metrics_host", "metrics_port", "log_level", "log_format")
 
 
 def register(subparsers: Any) -> None:
-    from mesh.commands.registry import etcd_flags
+    from mesh.registry.command import etcd_flags
 
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "mesh-sync", parents=[etcd_flags()],
@@ -46,10 +46,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mesh import logging as sluice_logging
-    from mesh.commands.registry import settings_from_args
-    from mesh.istio_sync import MeshSyncSettings
+    from mesh.istio.sync import MeshSyncSettings
+    from mesh.observability import logging as sluice_logging
     from mesh.ports import PortBindError
+    from mesh.registry.command import settings_from_args
 
     flags = {name: getattr(args, name) for name in MESH_SYNC_FLAGS if getattr(args, name, None) is not None}
     try:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: MeshSyncSettings, etcd: EtcdSettings) -> None:
-    from mesh.istio_sync import run_mesh_sync
+    from mesh.istio.sync import run_mesh_sync
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,12 +1,12 @@
 """The routing model rendered for Istio: VirtualService weights and the guarded JSON patch that sets them.
 
-Pure functions only (``mesh.istio_sync`` does the I/O). The chart renders one VirtualService per
+Pure functions only (``mesh.istio.sync`` does the I/O). The chart renders one VirtualService per
 model (``charts/sluice/templates/istio.yaml``) with
 
 * one pin route per version (``x-model-name`` + ``x-model-version`` → subset ``v<N>``), and
 * one route named :data:`WEIGHTED_ROUTE` (``x-model-name`` → every subset ``v<N>`` with a weight).
 
-``sluice mesh-sync`` computes the weights with :func:`mesh.registry.resolve_weights`, the same
+``sluice mesh-sync`` computes the weights with :func:`mesh.registry.state.resolve_weights`, the same
 rules the Envoy gateway uses, scales them to Istio's percentages and writes them with a JSON patch
 whose ``test`` operations make the API server refuse it if the object changed since it was read.
 
@@ -29,7 +29,7 @@ from enum import Enum
 from typing import Any
 
 from mesh.errors import MeshError
-from mesh.registry import ModelState, resolve_weights
+from mesh.registry.state import ModelState, resolve_weights
 
 WEIGHTED_ROUTE = "weighted"
 """Name of the HTTP route whose destination weights mesh-sync owns."""
@@ -132,7 +132,7 @@ class MeshWeights:
 
 
 def mesh_weights(plan_weights: Mapping[int, int], subsets: Sequence[int]) -> MeshWeights:
-    """Fit the weights of a :class:`~mesh.registry.WeightPlan` onto the subsets a VirtualService routes to.
+    """Fit the weights of a :class:`~mesh.registry.state.WeightPlan` onto the subsets a VirtualService routes to.
 
     Versions without a subset (not deployed by the chart) are dropped with a warning; if no
     weight is left, the result has an error and no weights.

@@ -1,8 +1,8 @@
 """``sluice mesh-sync``: etcd routing documents → Istio VirtualService weights, status back to etcd.
 
-The loop: watch the registry (:func:`mesh.etcd.watch_prefix`, resync included) into a
-:class:`~mesh.registry.RegistryState`; for every model whose keys changed, and for all of them
-every ``resync_interval``, read its VirtualService, decide with :func:`mesh.istio.plan_sync` and
+The loop: watch the registry (:func:`mesh.registry.etcd.watch_prefix`, resync included) into a
+:class:`~mesh.registry.state.RegistryState`; for every model whose keys changed, and for all of them
+every ``resync_interval``, read its VirtualService, decide with :func:`mesh.istio.plan.plan_sync` and
 apply the guarded JSON patch. A patch refused because the object changed in between is retried
 from a fresh read (which then sees the concurrent edit and, if it touched the weights, holds).
 The outcome is written to ``models/<model>/status`` like the gateway controller does.
@@ -31,15 +31,15 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mesh.errors import InvalidNameError, MeshError
-from mesh.etcd import EtcdClient, KeyEvent, watch_prefix
-from mesh.istio import Action, IstioError, apply_json_patch, plan_sync
-from mesh.keys import KeyKind, KeySchema, validate_model_name
+from mesh.istio.plan import Action, IstioError, apply_json_patch, plan_sync
 from mesh.ports import bind_problem, check_bindable
-from mesh.records import StatusDocument
-from mesh.registry import ModelState, RegistryState, apply_event, build_state
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd import EtcdClient, KeyEvent, watch_prefix
+from mesh.registry.keys import KeyKind, KeySchema, validate_model_name
+from mesh.registry.records import StatusDocument
+from mesh.registry.settings import EtcdSettings
+from mesh.registry.state import ModelState, RegistryState, apply_event, build_state
 
-log = structlog.get_logger("mesh.istio_sync")
+log = structlog.get_logger("mesh.istio.sync")
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 

@@ -1,6 +1,6 @@
 """``sluice models | status | weights …``: read the registry and steer traffic from a terminal.
 
-Every etcd flag maps 1:1 to a field of :class:`mesh.settings.EtcdSettings`; what a flag leaves
+Every etcd flag maps 1:1 to a field of :class:`mesh.registry.settings.EtcdSettings`; what a flag leaves
 unset comes from ``SLUICE_ETCD_…`` in the environment, then the default. Errors are one line on
 stderr with exit code 1 (etcd unreachable, invalid document, lost compare-and-swap).
 """
@@ -18,11 +18,12 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mesh import logging as sluice_logging
 from mesh.errors import InvalidDocumentError, MeshError
-from mesh.etcd.client import EtcdClient
-from mesh.keys import KeySchema
-from mesh.registry import (
+from mesh.observability import logging as sluice_logging
+from mesh.registry.etcd.client import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.settings import EtcdSettings
+from mesh.registry.state import (
     ModelState,
     RegistryState,
     RoutingChange,
@@ -32,7 +33,6 @@ from mesh.registry import (
     resolve_weights,
     set_weights,
 )
-from mesh.settings import EtcdSettings
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
 ETCD_FLAGS = ("endpoints", "prefix", "ca_cert", "cert", "key", "username", "password", "connect_timeout",

@@ -6,7 +6,7 @@
     <prefix>models/<model>/routing                             RoutingDocument, by operators
     <prefix>models/<model>/status                              StatusDocument, by the gateway
 
-Keys are ``str`` here; :mod:`mesh.etcd` encodes them to the bytes etcd stores.
+Keys are ``str`` here; :mod:`mesh.registry.etcd` encodes them to the bytes etcd stores.
 """
 
 from __future__ import annotations

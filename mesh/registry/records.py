@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mesh.errors import InvalidDocumentError, InvalidNameError
-from mesh.keys import validate_instance_id, validate_model_name, validate_version
+from mesh.registry.keys import validate_instance_id, validate_model_name, validate_version
 
 MAX_WEIGHT = 1_000_000
 INSTANCE_RECORD_MAX = 64 * 1024

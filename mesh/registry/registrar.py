@@ -8,7 +8,7 @@ never waits for etcd: :meth:`Registrar.start` returns at once and retries in the
 Only connection trouble counts as an outage. A record etcd refuses for what it carries ("request
 is too large", see :class:`~mesh.errors.EtcdRefusedError`) is logged once, left out and tried
 again when it changes or under the next lease; the other records are registered as usual. An
-etcd that came back without its data (see :mod:`mesh.etcd.epoch`) is treated as a lost lease:
+etcd that came back without its data (see :mod:`mesh.registry.etcd.epoch`) is treated as a lost lease:
 everything is registered again under a new one.
 """
 
@@ -22,16 +22,16 @@ from dataclasses import dataclass
 import structlog
 
 from mesh.errors import EtcdError, EtcdRefusedError, LeaseLostError
-from mesh.etcd.backoff import Backoff
-from mesh.etcd.client import EtcdClient, with_timeout
-from mesh.etcd.epoch import ClusterEpoch
-from mesh.etcd.lease import LeaseKeepAlive
-from mesh.keys import KeySchema, validate_model_name, validate_version
 from mesh.protocol import clip
-from mesh.records import InstanceRecord
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd.backoff import Backoff
+from mesh.registry.etcd.client import EtcdClient, with_timeout
+from mesh.registry.etcd.epoch import ClusterEpoch
+from mesh.registry.etcd.lease import LeaseKeepAlive
+from mesh.registry.keys import KeySchema, validate_model_name, validate_version
+from mesh.registry.records import InstanceRecord
+from mesh.registry.settings import EtcdSettings
 
-log = structlog.get_logger("mesh.registrar")
+log = structlog.get_logger("mesh.registry.registrar")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from mesh.keys import normalize_prefix
+from mesh.registry.keys import normalize_prefix
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int, bool | None]:

@@ -11,10 +11,10 @@ from types import MappingProxyType
 from typing import Any
 
 from mesh.errors import ConflictError, InvalidDocumentError, InvalidKeyError
-from mesh.etcd.client import EtcdClient, KeyEvent, KeyValue
-from mesh.etcd.watch import WatchEvent
-from mesh.keys import KeyKind, KeySchema, validate_model_name, validate_version
-from mesh.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument, parse_routing_document
+from mesh.registry.etcd.client import EtcdClient, KeyEvent, KeyValue
+from mesh.registry.etcd.watch import WatchEvent
+from mesh.registry.keys import KeyKind, KeySchema, validate_model_name, validate_version
+from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument, parse_routing_document
 
 _EMPTY: Mapping[bytes, KeyValue] = MappingProxyType({})
 

@@ -14,8 +14,8 @@ from typing import Any, cast
 import grpc
 import structlog
 
-from mesh.logging import RequestFields, bind_request
-from mesh.tracing import current_ids
+from mesh.observability.logging import RequestFields, bind_request
+from mesh.observability.tracing import current_ids
 from services.errors import SluiceError, status_name
 
 log = structlog.get_logger(__name__)
@@ -50,7 +50,7 @@ def _peer_of(context: grpc.ServicerContext) -> Callable[[], str]:
 
 
 def _bind_context(rpc: str, context: grpc.ServicerContext, tracing: bool) -> None:
-    """Per-RPC log fields, rendered only if a line is logged (see mesh.logging.RequestFields)."""
+    """Per-RPC log fields, rendered only if a line is logged (see mesh.observability.logging.RequestFields)."""
     fields = bind_request(RequestFields(rpc, _peer_of(context)))
     if tracing:
         ids = current_ids()

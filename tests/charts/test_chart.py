@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from mesh.istio import ANNOTATION_WEIGHTS, WEIGHTED_ROUTE, decode_weights, read_weighted_route
+from mesh.istio.plan import ANNOTATION_WEIGHTS, WEIGHTED_ROUTE, decode_weights, read_weighted_route
 from tests.charts.helpers import (
     CHART,
     CI_VALUES,

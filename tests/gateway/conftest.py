@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from examples.build_models import build_iris
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
 from mesh.ports import free_port
-from mesh.records import InstanceRecord, InstanceState
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.registry.settings import EtcdSettings
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess

@@ -9,9 +9,9 @@ import pytest
 
 from gateway.controller import GatewayController
 from gateway.settings import GatewaySettings
-from mesh.keys import KeySchema
-from mesh.registry import build_state
-from mesh.settings import EtcdSettings
+from mesh.registry.keys import KeySchema
+from mesh.registry.settings import EtcdSettings
+from mesh.registry.state import build_state
 from tests.fixtures.etcd import EtcdServer
 
 

@@ -40,11 +40,11 @@ from tritonclient.utils import InferenceServerException
 
 from examples.build_models import build_iris
 from gateway.envoy import EnvoyProcess, find_envoy
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
 from mesh.ports import free_port
-from mesh.records import StatusDocument
-from mesh.registry import set_weights
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import StatusDocument
+from mesh.registry.state import set_weights
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess
 from tests.fixtures.service import ServiceHandle, sluice_argv

@@ -15,9 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.etcd import EtcdClient
 from mesh.ports import free_port
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.settings import EtcdSettings
 from tests.fixtures.envoy import start_gateway
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess

@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from gateway.envoy import find_envoy
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
-from mesh.registry import set_weights
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.state import set_weights
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer

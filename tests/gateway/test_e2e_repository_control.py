@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.keys import KeySchema
 from mesh.ports import free_port
+from mesh.registry.keys import KeySchema
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway

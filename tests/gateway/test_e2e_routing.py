@@ -13,10 +13,10 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
-from mesh.records import StatusDocument
-from mesh.registry import set_weights
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import StatusDocument
+from mesh.registry.state import set_weights
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.gateway.conftest import Fleet, register

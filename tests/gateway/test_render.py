@@ -16,10 +16,10 @@ from gateway.publish import Publisher, load_published
 from gateway.render import RenderOptions, render_snapshot
 from gateway.snapshot import Snapshot, consistency_problems, shape_key, snapshot_from_files
 from gateway.status import status_documents
-from mesh.etcd.client import KeyValue
-from mesh.keys import KeySchema
-from mesh.records import InstanceRecord, InstanceState, RoutingDocument
-from mesh.registry import RegistryState, build_state
+from mesh.registry.etcd.client import KeyValue
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument
+from mesh.registry.state import RegistryState, build_state
 
 SCHEMA = KeySchema()
 OPTIONS = RenderOptions(xds_dir="/tmp/sluice-xds", listen_host="127.0.0.1", listen_port=8080)

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdServer
 
 

@@ -13,7 +13,7 @@ import tritonclient.grpc as triton_grpc
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from mesh.logging import merge_request_fields
+from mesh.observability.logging import merge_request_fields
 from services.dataplane import DataPlane
 from services.errors import InvalidRequestError
 from services.manager import ModelManager

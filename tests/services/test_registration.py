@@ -153,7 +153,7 @@ def test_bad_models_are_refused_alone_and_the_good_one_registers(tmp_path: Path,
     import shutil
 
     from mesh.protocol import MODEL_NAME_RULE
-    from mesh.records import INSTANCE_RECORD_MAX
+    from mesh.registry.records import INSTANCE_RECORD_MAX
     from services.config import LABEL_VALUE_MAX
     from tests.services import models
 

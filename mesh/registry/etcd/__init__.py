@@ -3,11 +3,11 @@
 Only this package imports aetcd.
 """
 
-from mesh.etcd.backoff import Backoff
-from mesh.etcd.client import ClusterHeader, EtcdClient, KeyEvent, KeyValue, Snapshot, prefix_range_end
-from mesh.etcd.epoch import ClusterEpoch
-from mesh.etcd.lease import LeaseKeepAlive
-from mesh.etcd.watch import Resync, WatchEvent, watch_prefix
+from mesh.registry.etcd.backoff import Backoff
+from mesh.registry.etcd.client import ClusterHeader, EtcdClient, KeyEvent, KeyValue, Snapshot, prefix_range_end
+from mesh.registry.etcd.epoch import ClusterEpoch
+from mesh.registry.etcd.lease import LeaseKeepAlive
+from mesh.registry.etcd.watch import Resync, WatchEvent, watch_prefix
 
 __all__ = [
     "Backoff",

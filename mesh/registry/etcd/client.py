@@ -15,11 +15,11 @@ import grpc
 import structlog
 
 from mesh.errors import EtcdAuthError, EtcdUnavailableError, LeaseLostError, MeshError
-from mesh.etcd._aetcd import TlsClient, member_status, translate_error
-from mesh.settings import EtcdSettings, parse_endpoint
+from mesh.registry.etcd._aetcd import TlsClient, member_status, translate_error
+from mesh.registry.settings import EtcdSettings, parse_endpoint
 
 T = TypeVar("T")
-log = structlog.get_logger("mesh.etcd")
+log = structlog.get_logger("mesh.registry.etcd")
 
 # gRPC's own reconnect backoff grows to 120 s; after an etcd restart we want to be back in ~1 s.
 # Keepalive pings detect a dead peer that sent no FIN; etcd's server-side minimum interval is 5 s.
@@ -316,7 +316,7 @@ class EtcdClient:
     async def watch(self, prefix: str | bytes, start_revision: int) -> AsyncGenerator[KeyEvent, None]:
         """Raw watch of a prefix from ``start_revision``: raises on disconnect or compaction.
 
-        Use :func:`mesh.etcd.watch_prefix` instead, which resumes and resyncs.
+        Use :func:`mesh.registry.etcd.watch_prefix` instead, which resumes and resyncs.
         """
         raw = _key(prefix)
         client = await self._session()

@@ -7,7 +7,7 @@ holds no longer exists. etcd's response headers give it away: a different cluste
 member behind the same endpoint, a revision below one already seen, or a raft term below one
 already seen (terms are persisted and never go back in a cluster that kept its data).
 
-Every consumer (:func:`mesh.etcd.watch_prefix`, hence the gateway and mesh-sync, and the
+Every consumer (:func:`mesh.registry.etcd.watch_prefix`, hence the gateway and mesh-sync, and the
 registrar) keeps one :class:`ClusterEpoch` and feeds it the headers it gets. A false alarm (a
 failover to a member that lags behind) only costs a resync; a missed one costs correctness.
 Not detectable from headers: a wiped single member whose new revision and term have both caught
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mesh.etcd.client import ClusterHeader
+from mesh.registry.etcd.client import ClusterHeader
 
 
 @dataclass

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import structlog
 
 from mesh.errors import EtcdError, LeaseLostError
-from mesh.etcd.client import EtcdClient
+from mesh.registry.etcd.client import EtcdClient
 
-log = structlog.get_logger("mesh.etcd.lease")
+log = structlog.get_logger("mesh.registry.etcd.lease")
 
 
 class LeaseKeepAlive:

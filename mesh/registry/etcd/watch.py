@@ -4,11 +4,11 @@ aetcd's watch raises on disconnect (``ConnectionFailedError``) and after compact
 (``RevisionCompactedError``); :func:`watch_prefix` turns both into an endless, gap-free stream:
 
 * first it lists the prefix and yields :class:`Resync` (``reason="initial"``) with every key;
-* then it yields each :class:`~mesh.etcd.client.KeyEvent` from revision R+1 on;
+* then it yields each :class:`~mesh.registry.etcd.client.KeyEvent` from revision R+1 on;
 * after a disconnect it retries with backoff and resumes from the last revision it yielded;
 * when that history was compacted it lists again and yields :class:`Resync` (``"compacted"``);
 * when etcd came back without its data (wiped and restarted, restored from a backup: see
-  :mod:`mesh.etcd.epoch`) it lists again and yields :class:`Resync` (``"reset"``) instead of
+  :mod:`mesh.registry.etcd.epoch`) it lists again and yields :class:`Resync` (``"reset"``) instead of
   waiting for a revision the new cluster may reach much later, if ever.
 
 Consumers replace their whole state with a resync's items.
@@ -25,11 +25,11 @@ from typing import Literal
 import structlog
 
 from mesh.errors import EtcdError, RevisionCompactedError
-from mesh.etcd.backoff import Backoff
-from mesh.etcd.client import EtcdClient, KeyEvent, KeyValue
-from mesh.etcd.epoch import ClusterEpoch
+from mesh.registry.etcd.backoff import Backoff
+from mesh.registry.etcd.client import EtcdClient, KeyEvent, KeyValue
+from mesh.registry.etcd.epoch import ClusterEpoch
 
-log = structlog.get_logger("mesh.etcd.watch")
+log = structlog.get_logger("mesh.registry.etcd.watch")
 
 ResyncReason = Literal["initial", "compacted", "reconnect", "reset"]
 

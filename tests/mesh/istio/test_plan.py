@@ -1,4 +1,4 @@
-"""mesh.istio: routing model → VirtualService weights, the guarded JSON patch, the sync decision (pure)."""
+"""mesh.istio.plan: routing model → VirtualService weights, the guarded JSON patch, the sync decision (pure)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mesh.istio import (
+from mesh.istio.plan import (
     ANNOTATION_HELD,
     ANNOTATION_REVISION,
     ANNOTATION_WEIGHTS,
@@ -22,8 +22,8 @@ from mesh.istio import (
     plan_sync,
     read_weighted_route,
 )
-from mesh.records import InstanceRecord, RoutingDocument
-from mesh.registry import ModelState
+from mesh.registry.records import InstanceRecord, RoutingDocument
+from mesh.registry.state import ModelState
 
 
 def virtual_service(weights: dict[int, int], *, applied: dict[int, int] | None = None, revision: int = 0,

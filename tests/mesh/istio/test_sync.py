@@ -1,6 +1,6 @@
 """The mesh-sync loop against a real etcd; VirtualServices in an in-memory store that applies JSON
 patches with the API server's rules (``test`` ops, resourceVersion bump). The same loop against a
-real kube-apiserver is in test_mesh_sync_apiserver.py."""
+real kube-apiserver is in test_sync_apiserver.py."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 
 from mesh.errors import MeshError
-from mesh.etcd import EtcdClient
-from mesh.istio import ANNOTATION_HELD, IstioError, apply_json_patch, read_weighted_route
-from mesh.istio_sync import MeshSync, MeshSyncSettings, PatchConflictError, SyncMetrics, VirtualServiceNotFoundError
-from mesh.keys import KeySchema
-from mesh.records import InstanceRecord, StatusDocument
-from mesh.registry import set_weights
+from mesh.istio.plan import ANNOTATION_HELD, IstioError, apply_json_patch, read_weighted_route
+from mesh.istio.sync import MeshSync, MeshSyncSettings, PatchConflictError, SyncMetrics, VirtualServiceNotFoundError
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, StatusDocument
+from mesh.registry.state import set_weights
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.service import sluice_argv
 from tests.mesh.conftest import settings_for
 from tests.mesh.helpers import eventually
-from tests.mesh.test_istio import virtual_service
+from tests.mesh.istio.test_plan import virtual_service
 
 VS_NAME = "demo-sluice-iris"
 

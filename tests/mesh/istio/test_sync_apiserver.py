@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 
-from mesh.etcd import EtcdClient
-from mesh.istio import ANNOTATION_HELD, Action, plan_sync, read_weighted_route
-from mesh.istio_sync import KubernetesVirtualServices, MeshSync, MeshSyncSettings, PatchConflictError
-from mesh.keys import KeySchema
-from mesh.registry import build_model, set_weights
+from mesh.istio.plan import ANNOTATION_HELD, Action, plan_sync, read_weighted_route
+from mesh.istio.sync import KubernetesVirtualServices, MeshSync, MeshSyncSettings, PatchConflictError
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.state import build_model, set_weights
 from tests.fixtures.etcd import EtcdServer
 from tests.mesh.helpers import eventually
-from tests.mesh.kube_apiserver import VIRTUAL_SERVICE_CRD, KubeApiServer, apiserver_binary, run_apiserver
-from tests.mesh.test_mesh_sync import register, status_of, track_passes
+from tests.mesh.istio.kube_apiserver import VIRTUAL_SERVICE_CRD, KubeApiServer, apiserver_binary, run_apiserver
+from tests.mesh.istio.test_sync import register, status_of, track_passes
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -236,8 +236,8 @@ async def test_mesh_sync_end_to_end(cluster: dict[str, Any], client: EtcdClient,
 
 
 def _model_state(schema: KeySchema, weights: dict[int, int], revision: int) -> Any:
-    from mesh.etcd import KeyValue
-    from mesh.records import InstanceRecord, RoutingDocument
+    from mesh.registry.etcd import KeyValue
+    from mesh.registry.records import InstanceRecord, RoutingDocument
 
     entries = {}
     for version in (1, 2):

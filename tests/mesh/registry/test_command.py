@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from mesh.ports import free_port
-from mesh.records import InstanceRecord
+from mesh.registry.records import InstanceRecord
 from tests.fixtures.etcd import EtcdServer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def sluice(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from mesh.errors import InvalidKeyError, InvalidNameError
-from mesh.keys import KeyKind, KeySchema, ParsedKey, validate_model_name, validate_version
+from mesh.registry.keys import KeyKind, KeySchema, ParsedKey, validate_model_name, validate_version
 
 
 def test_keys_follow_the_documented_layout() -> None:

@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 import pytest
 
 from mesh.errors import InvalidDocumentError
-from mesh.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument, parse_routing_document
+from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument, parse_routing_document
 
 
 def test_routing_document_round_trip() -> None:
@@ -108,7 +108,7 @@ def test_status_document_round_trip() -> None:
 
 
 def test_instance_record_size_problem_names_the_limit_and_the_labels() -> None:
-    from mesh.records import INSTANCE_RECORD_MAX
+    from mesh.registry.records import INSTANCE_RECORD_MAX
 
     base = {"address": "10.0.0.1:8001", "model": "iris", "version": 1, "instance_id": "svc-a"}
     assert InstanceRecord.model_validate({**base, "labels": {"team": "x" * 1000}}).size_problem() is None

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from mesh.etcd import EtcdClient
-from mesh.keys import KeySchema
-from mesh.records import InstanceRecord, InstanceState
-from mesh.registrar import Registrar
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.registry.registrar import Registrar
+from mesh.registry.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdServer
 from tests.mesh.conftest import settings_for
 from tests.mesh.helpers import eventually

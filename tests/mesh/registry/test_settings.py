@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mesh.settings import EtcdSettings, parse_endpoint
+from mesh.registry.settings import EtcdSettings, parse_endpoint
 
 
 def test_defaults() -> None:

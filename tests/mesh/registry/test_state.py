@@ -8,10 +8,10 @@ import contextlib
 import pytest
 
 from mesh.errors import ConflictError, InvalidDocumentError
-from mesh.etcd import EtcdClient, KeyEvent, KeyValue, Resync, watch_prefix
-from mesh.keys import KeySchema
-from mesh.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument
-from mesh.registry import (
+from mesh.registry.etcd import EtcdClient, KeyEvent, KeyValue, Resync, watch_prefix
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument
+from mesh.registry.state import (
     ModelState,
     apply_event,
     build_state,

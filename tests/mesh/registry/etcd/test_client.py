@@ -7,9 +7,9 @@ import time
 import pytest
 
 from mesh.errors import EtcdAuthError, EtcdUnavailableError, LeaseLostError
-from mesh.etcd import EtcdClient
 from mesh.ports import free_port
-from mesh.settings import EtcdSettings
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.settings import EtcdSettings
 from tests.fixtures.etcd import EtcdServer
 from tests.mesh.conftest import settings_for
 

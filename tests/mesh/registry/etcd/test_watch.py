@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from mesh.etcd import Backoff, ClusterEpoch, ClusterHeader, EtcdClient, KeyEvent, Resync, watch_prefix
+from mesh.registry.etcd import Backoff, ClusterEpoch, ClusterHeader, EtcdClient, KeyEvent, Resync, watch_prefix
 from tests.fixtures.etcd import EtcdServer
 from tests.mesh.conftest import settings_for
 from tests.mesh.helpers import next_event
