@@ -23,7 +23,7 @@ from gateway.snapshot import (
     content_hash,
     eds_file,
 )
-from mesh.protocol import MODEL_HEADER, VERSION_HEADER
+from mesh.protocol import MODEL_HEADER, VERSION_HEADER, health_service_name
 from mesh.registry.records import InstanceState, RoutingDocument
 from mesh.registry.state import ModelState, RegistryState, resolve_weights
 
@@ -329,7 +329,7 @@ def _cluster(name: str, model: str, options: RenderOptions) -> Resource:
             "no_traffic_interval": interval,
             "unhealthy_threshold": 2,
             "healthy_threshold": 1,
-            "grpc_health_check": {"service_name": model},
+            "grpc_health_check": {"service_name": health_service_name(model)},
         }],
         # A host taken out of the registry leaves at once, even while it still passes health checks.
         "ignore_health_on_host_removal": True,

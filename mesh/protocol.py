@@ -14,6 +14,12 @@ from typing import Final
 MODEL_HEADER: Final = "x-model-name"
 VERSION_HEADER: Final = "x-model-version"
 
+# gRPC health service names (grpc.health.v1): a service reports each model under the model's own
+# name, SERVING while one of its versions is ready; the gateway's Envoy health-checks each model's
+# cluster by that name, so a host without the model leaves that model's routing only.
+SERVER_HEALTH_SERVICE: Final = ""
+"""The whole process: SERVING from startup until it begins to stop."""
+
 # Model names end up in etcd keys, Envoy cluster names, HTTP header values and Kubernetes labels:
 # the Kubernetes label-value alphabet is the strictest of those.
 MODEL_NAME_MAX: Final = 63
@@ -40,6 +46,11 @@ def parse_version_text(text: object) -> int | None:
     if isinstance(text, str) and _VERSION_RE.fullmatch(text):
         return int(text)
     return None
+
+
+def health_service_name(model: str) -> str:
+    """The gRPC health service name under which a service reports ``model`` (and Envoy checks it)."""
+    return model
 
 
 def clip(text: str | bytes, limit: int = CLIENT_TEXT_MAX) -> str:

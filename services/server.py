@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import filters, server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 
+from mesh import protocol
 from mesh.observability.tracing import configure_tracing, shutdown_tracing
 from mesh.ports import bind_problem, check_bindable
 from mesh.registry.settings import EtcdSettings
@@ -141,7 +142,7 @@ class ModelServer:
             raise bind_problem("gRPC", s.host, s.port, "--port", "the address is in use or not available here")
         self._server = server
         # Liveness first (the port answers while models load), readiness once loaded.
-        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
         if self.settings.registry:
             # Registered versions must be reachable, so registration starts once the port is bound.
@@ -157,7 +158,7 @@ class ModelServer:
             self.watcher.start()
         await self.refresh_health()
         self.plane.started = True
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready", models=self.registry.model_names(), seconds=round(time.perf_counter() - started, 3))
 
     def check_ports(self) -> None:
@@ -171,7 +172,7 @@ class ModelServer:
         """One health service name per model: SERVING while it has a version ready."""
         for name in self.registry.model_names():
             ready = bool(self.registry.ready_versions(name)) and not self.plane.stopping
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING if ready
+            self.health.set(protocol.health_service_name(name), health_pb2.HealthCheckResponse.SERVING if ready
                             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _on_ready(self, served: ServedVersion) -> None:
@@ -180,7 +181,7 @@ class ModelServer:
 
     async def _on_retire(self, name: str, version: int) -> None:
         if self.plane.started and self.registry.ready_versions(name) == [version]:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(protocol.health_service_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -1,7 +1,8 @@
 """The routing model rendered for Istio: VirtualService weights and the guarded JSON patch that sets them.
 
 Pure functions only (``mesh.istio.sync`` does the I/O). The chart renders one VirtualService per
-model (``charts/sluice/templates/istio.yaml``) with
+model (``charts/sluice/templates/istio.yaml``), matching on the headers of :mod:`mesh.protocol`
+(mesh-sync only rewrites weights, so it needs no header names itself), with
 
 * one pin route per version (``x-model-name`` + ``x-model-version`` → subset ``v<N>``), and
 * one route named :data:`WEIGHTED_ROUTE` (``x-model-name`` → every subset ``v<N>`` with a weight).
@@ -36,8 +37,6 @@ WEIGHTED_ROUTE = "weighted"
 ANNOTATION_WEIGHTS = "sluice.io/applied-weights"
 ANNOTATION_REVISION = "sluice.io/routing-revision"
 ANNOTATION_HELD = "sluice.io/held-revision"
-MODEL_HEADER = "x-model-name"
-VERSION_HEADER = "x-model-version"
 ISTIO_TOTAL_WEIGHT = 100
 
 _SUBSET_RE = re.compile(r"v([1-9][0-9]{0,17})")
