@@ -1,0 +1,1 @@
+"""``sluice up``: the whole stack (etcd, model services, gateway, Envoy) on one machine."""
