@@ -33,7 +33,7 @@ from services.errors import (
     InferenceError,
     ModelNotReadyError,
     QueueFullError,
-    SluiceError,
+    ServiceError,
     VersionRetiredError,
 )
 from services.model import OnnxModel
@@ -87,7 +87,7 @@ class Pending:
     event: _Signal | None = None
     """Only a request that waits gets one (made under the lock, before it waits)."""
     result: BatchResult | None = None
-    error: SluiceError | None = None
+    error: ServiceError | None = None
     lead: bool = False
     """The request's thread holds an execution slot: it led from the start, or a finishing leader
     handed its slot over (and set ``event``)."""
@@ -209,7 +209,7 @@ class Batcher:
         """Run a lone request as a batch of one; it holds a slot and is counted as running.
         Whatever queued meanwhile is handed the slot afterwards, as a leader's batch would."""
         try:
-            if self._viable(item):
+            if not self._answer_if_expired(item):
                 self._run([item])
                 if self._after_batch is not None:
                     self._after("after_batch", self._after_batch)
@@ -278,7 +278,7 @@ class Batcher:
     def _pick_batch(self) -> list[Pending]:
         while self._queue:
             first = self._queue.popleft()
-            if self._viable(first):
+            if not self._answer_if_expired(first):
                 break
         else:
             return []
@@ -294,7 +294,7 @@ class Batcher:
         while self._queue:
             item = self._queue.popleft()
             if item.key == first.key and rows + item.rows <= self.max_batch_size:
-                if self._viable(item):
+                if not self._answer_if_expired(item):
                     batch.append(item)
                     rows += item.rows
             else:
@@ -314,17 +314,18 @@ class Batcher:
                 return
             self._arrived.wait(remaining)
 
-    def _viable(self, item: Pending) -> bool:
-        """Answer requests whose deadline already passed instead of running them."""
+    def _answer_if_expired(self, item: Pending) -> bool:
+        """Answer a request whose deadline already passed (DEADLINE_EXCEEDED) instead of running
+        it; True when it was answered so."""
         if item.deadline is not None and time.monotonic() >= item.deadline:
             self._finish(item, error=DeadlineExceededError(
                 f"deadline exceeded after {time.monotonic() - item.enqueued:.3f}s in the queue of "
                 f"model '{self.model.name}' version {self.model.version}; the request was not run"))
-            return False
-        return True
+            return True
+        return False
 
     @staticmethod
-    def _finish(item: Pending, result: BatchResult | None = None, error: SluiceError | None = None) -> None:
+    def _finish(item: Pending, result: BatchResult | None = None, error: ServiceError | None = None) -> None:
         item.result, item.error = result, error
         event = item.event  # read after the result: a waiter that set one up sees either
         if event is not None:
@@ -356,7 +357,7 @@ class Batcher:
         bad = [i for i, r in enumerate(results) if r.ndim == 0 or r.shape[0] != total]
         if bad:
             error = InferenceError(
-                f"model '{self.model.name}' output '{(outputs or tuple(self.model.output_names))[bad[0]]}' "
+                f"model '{self.model.name}' output '{self.model.selected_outputs(outputs)[bad[0]]}' "
                 f"does not keep the batch dimension ({total} rows in, shape {results[bad[0]].shape} out); "
                 "set max_batch_size: 0 for this model")
             for item in batch:

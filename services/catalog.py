@@ -1,4 +1,7 @@
-"""The in-process model registry: what is served, looked up on every request.
+"""The service's model catalog: what this process serves, looked up on every request.
+
+(Not the etcd registry of mesh.registry: the catalog is in-process and says what is loaded here;
+the registry is where the fleet advertises it.)
 
 The whole state (what is served, every version's status, model-level errors) is one immutable
 value replaced as a whole, so publishing a new version (or retiring one) is a single reference
@@ -10,17 +13,14 @@ from __future__ import annotations
 
 import enum
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from mesh import protocol
 from services.arrivals import Arrivals
-from services.batcher import Batcher, Pending
 from services.errors import ModelNotFoundError, ModelNotReadyError
-from services.metrics import VersionMetrics
-from services.model import OnnxModel
-from services.stats import FOLD_AT, BatchLog, VersionStats
+from services.served import ServedVersion
 
 
 class VersionState(enum.StrEnum):
@@ -29,60 +29,6 @@ class VersionState(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"  # failed to load; reason says why
     DRAINING = "DRAINING"
     UNLOADED = "UNLOADED"
-
-
-@dataclass(slots=True)
-class ServedVersion:
-    model: OnnxModel
-    batcher: Batcher
-    metrics: VersionMetrics
-    stats: VersionStats = field(default_factory=VersionStats)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    """Guards ``log``, ``stats`` and ``metrics``: batches (``instances`` at a time), failed
-    requests and readers of one version run on many threads."""
-    log: BatchLog = field(default_factory=BatchLog)
-    """Answered requests not yet added to ``stats`` and ``metrics`` (see :meth:`flush`)."""
-
-    @property
-    def name(self) -> str:
-        return self.model.name
-
-    @property
-    def version(self) -> int:
-        return self.model.version
-
-    @property
-    def inflight(self) -> int:
-        return self.batcher.inflight
-
-    @classmethod
-    def start(cls, model: OnnxModel, metrics: VersionMetrics, arrivals: Arrivals | None = None) -> ServedVersion:
-        """Wrap a loaded model with its queue, ready to take requests."""
-        served: ServedVersion
-
-        def on_batch(batch: Sequence[Pending], rows: int, started: float, done: float) -> None:
-            # The requests' own threads record nothing on success (see Batcher).
-            with served.lock:
-                served.log.add(batch, rows, started, done)
-
-        def after_batch() -> None:
-            if len(served.log) >= FOLD_AT:  # read without the lock: a few requests more do not matter
-                served.flush()
-
-        served = cls(model, Batcher(model, on_batch, arrivals, after_batch), metrics)
-        metrics.attach(served)
-        return served
-
-    def flush(self) -> None:
-        """Add the logged requests to ``stats`` and ``metrics``: before reading either."""
-        with self.lock:
-            self._fold()
-
-    def _fold(self) -> None:
-        samples = self.log.take()
-        if samples is not None:
-            self.stats.add(samples)
-            self.metrics.add(samples)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +53,9 @@ class _State:
     model_errors: Mapping[str, str]
 
 
-class ModelRegistry:
+class ModelCatalog:
+    """What is served and every version's status; read on handler threads, written by the loop."""
+
     def __init__(self) -> None:
         self.arrivals = Arrivals()
         """Accepted inference requests not yet queued: shared by every version's batcher."""

@@ -16,10 +16,11 @@ from mesh.observability.logging import RequestFields, bind_request, request_fiel
 from mesh.protocol import clip
 from services import __version__
 from services.batcher import BatchResult
-from services.errors import SluiceError, VersionRetiredError, status_name
+from services.catalog import ModelCatalog, VersionStatus
+from services.errors import ServiceError, VersionRetiredError
 from services.manager import ModelManager
 from services.model import VersionInfo
-from services.registry import ModelRegistry, ServedVersion, VersionStatus
+from services.served import ServedVersion
 from services.types import InferOutput, InferRequest, InferResponse
 
 log = structlog.get_logger(__name__)
@@ -39,8 +40,8 @@ class ModelMetadata:
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, manager: ModelManager, tracer: Tracer | None = None) -> None:
-        self.registry = registry
+    def __init__(self, catalog: ModelCatalog, manager: ModelManager, tracer: Tracer | None = None) -> None:
+        self.catalog = catalog
         self.manager = manager
         self.tracer = tracer
         """Set when tracing is on: queue and inference spans per request."""
@@ -60,8 +61,8 @@ class DataPlane:
 
     def model_ready(self, name: str, version: int | None) -> bool:
         try:
-            self.registry.resolve(name, version)
-        except SluiceError:
+            self.catalog.resolve(name, version)
+        except ServiceError:
             return False
         return not self.stopping
 
@@ -70,22 +71,22 @@ class DataPlane:
         return SERVER_NAME, __version__, EXTENSIONS
 
     def model_metadata(self, name: str, version: int | None) -> ModelMetadata:
-        served = self.registry.resolve(name, version)
-        return ModelMetadata(name, self.registry.ready_versions(name), served.model.info())
+        served = self.catalog.resolve(name, version)
+        return ModelMetadata(name, self.catalog.ready_versions(name), served.model.info())
 
     def resolve(self, name: str, version: int | None) -> ServedVersion:
-        return self.registry.resolve(name, version)
+        return self.catalog.resolve(name, version)
 
     def repository_index(self) -> list[VersionStatus]:
-        return self.registry.index()
+        return self.catalog.index()
 
     def statistics(self, name: str, version: int | None) -> list[ServedVersion]:
         if not name:
-            return [s for versions in self.registry.served().values() for s in versions.values()]
+            return [s for versions in self.catalog.served().values() for s in versions.values()]
         if version is None:
-            self.registry.resolve(name, None)  # raises the right error for unknown models
-            return list(self.registry.served().get(name, {}).values())
-        return [self.registry.resolve(name, version)]
+            self.catalog.resolve(name, None)  # raises the right error for unknown models
+            return list(self.catalog.served().get(name, {}).values())
+        return [self.catalog.resolve(name, version)]
 
     # -- inference ----------------------------------------------------------------------------
     def infer(self, request: InferRequest) -> InferResponse:
@@ -94,7 +95,7 @@ class DataPlane:
         A success is recorded (statistics, metrics) by the batch that answered it, a failure here.
         """
         started = time.monotonic()
-        served = self.registry.resolve(request.model, request.version)
+        served = self.catalog.resolve(request.model, request.version)
         model = served.model
         fields = request_fields() or bind_request(RequestFields())  # called outside an RPC: bind here
         # The id is the client's string: clipped, so a log line cannot be made arbitrarily large.
@@ -112,21 +113,19 @@ class DataPlane:
                     # Retired (replaced by a new copy, or unloaded) between routing and queueing,
                     # a window a hot reload opens under load: route again, so that no request is
                     # lost to a reload while another copy or version serves.
-                    rerouted = self.registry.resolve(request.model, request.version)
+                    rerouted = self.catalog.resolve(request.model, request.version)
                     if rerouted is served or attempt == _REROUTES:
                         raise
                     served, model = rerouted, rerouted.model
                     rows = model.validate(request.inputs, request.outputs)
                     fields.model, fields.version = model.name, model.version
-        except SluiceError as exc:
-            with served.lock:
-                served.stats.fail.add(time.monotonic() - started)
-                served.metrics.count(status_name(exc))
+        except ServiceError as exc:
+            served.record_failure(exc, started)
             raise
         if self.tracer is not None:
             self._spans(submitted_ns, result, model.name, model.version, rows)
         datatypes = model.output_datatypes
-        names = outputs or model.output_names
+        names = model.selected_outputs(outputs)
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # the cheap check keeps the hot path free of it
             log.debug("inference done", rows=rows, batch_rows=result.batch_rows,
                       ms=round((time.monotonic() - started) * 1000, 3))

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 
-class SluiceError(Exception):
+class ServiceError(Exception):
     """Root of every error a client or operator can cause; the message is shown to the client."""
 
 
-class InvalidRequestError(SluiceError):
+class InvalidRequestError(ServiceError):
     """The request is malformed: wrong input name, shape, datatype, byte length, framing…"""
 
 
-class ModelNotFoundError(SluiceError):
+class ModelNotFoundError(ServiceError):
     """No such model, or no such version of it."""
 
 
-class ModelNotReadyError(SluiceError):
+class ModelNotReadyError(ServiceError):
     """The model (version) exists but cannot serve right now (loading, draining, failed)."""
 
 
@@ -24,27 +24,27 @@ class VersionRetiredError(ModelNotReadyError):
     it: the data plane routes the request again."""
 
 
-class QueueFullError(SluiceError):
+class QueueFullError(ServiceError):
     """The model's request queue is at its limit."""
 
 
-class StreamLimitError(SluiceError):
+class StreamLimitError(ServiceError):
     """A ModelStreamInfer stream over the service's bound on open streams (max_streams)."""
 
 
-class PermissionDeniedError(SluiceError):
+class PermissionDeniedError(ServiceError):
     """The operation is disabled on this service (an admin surface that was not enabled)."""
 
 
-class DeadlineExceededError(SluiceError):
+class DeadlineExceededError(ServiceError):
     """The request's deadline passed before it could run."""
 
 
-class UnsupportedError(SluiceError):
+class UnsupportedError(ServiceError):
     """The operation or datatype is not supported by this server or runtime."""
 
 
-class ModelLoadError(SluiceError):
+class ModelLoadError(ServiceError):
     """A model version could not be loaded; the reason says why.
 
     ``transient`` marks failures worth retrying without a file change (out of memory, files that
@@ -56,13 +56,13 @@ class ModelLoadError(SluiceError):
         self.transient = transient
 
 
-class InferenceError(SluiceError):
+class InferenceError(ServiceError):
     """ONNX Runtime failed while running a request that passed validation."""
 
 
 # The one table from errors to status codes (canonical gRPC code names). The gRPC interceptor
 # applies it; metrics label failures with it. Anything not listed here is INTERNAL.
-STATUS_CODES: dict[type[SluiceError], str] = {
+STATUS_CODES: dict[type[ServiceError], str] = {
     InvalidRequestError: "INVALID_ARGUMENT",
     ModelNotFoundError: "NOT_FOUND",
     ModelNotReadyError: "UNAVAILABLE",

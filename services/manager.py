@@ -23,12 +23,13 @@ import structlog
 
 from mesh import protocol
 from services import repository
+from services.catalog import ModelCatalog, VersionState
 from services.config import ModelConfig, load_model_config
 from services.errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, PermissionDeniedError
 from services.metrics import ServiceMetrics
 from services.model import OnnxModel, fingerprint, signature_conflicts, without_paths
-from services.registry import ModelRegistry, ServedVersion, VersionState
 from services.repository import VersionOnDisk, outside_repository, scan, scan_versions, snapshot
+from services.served import ServedVersion
 
 log = structlog.get_logger(__name__)
 
@@ -53,11 +54,11 @@ def _release_memory() -> None:
 
 
 class ModelManager:
-    def __init__(self, repo: Path, registry: ModelRegistry, metrics: ServiceMetrics, *,
+    def __init__(self, repo: Path, catalog: ModelCatalog, metrics: ServiceMetrics, *,
                  load_threads: int = 1, drain_timeout: float = 30.0, quiet_seconds: float = 0.3,
                  retire_delay: float = 0.0, repository_control: bool = False) -> None:
         self.repo = repo
-        self.registry = registry
+        self.catalog = catalog
         self.metrics = metrics
         self.drain_timeout = drain_timeout
         self.quiet_seconds = quiet_seconds
@@ -91,7 +92,7 @@ class ModelManager:
         """Load every model in the repository, versions chosen by each model's policy."""
         found = await self._off_loop(scan, self.repo)
         for folder, reason in found.refused.items():
-            self.registry.set_model_error(protocol.clip(folder), reason)
+            self.catalog.set_model_error(protocol.clip(folder), reason)
         if not found.models:
             log.warning("model repository has no models", repo=str(self.repo))
         await asyncio.gather(*(self.sync_model(name, wait_quiet=False) for name in found.models))
@@ -139,11 +140,11 @@ class ModelManager:
     async def unload_model(self, name: str) -> None:
         """Explicit unload (RepositoryModelUnload): stays unloaded until loaded explicitly."""
         self.check_control("RepositoryModelUnload", name)
-        if name not in self.registry.model_names():
+        if name not in self.catalog.model_names():
             raise ModelNotFoundError(f"unknown model '{name}'")
         self._held.add(name)
         async with self._lock(name):
-            for version in self.registry.ready_versions(name):
+            for version in self.catalog.ready_versions(name):
                 await self._retire(name, version, "unloaded on request")
 
     # -- the sync ---------------------------------------------------------------------------------
@@ -165,13 +166,13 @@ class ModelManager:
             except ModelLoadError as exc:
                 # Keep serving what is loaded with the config it was loaded with.
                 log.error("model config rejected", model=name, reason=str(exc))
-                self.registry.set_model_error(name, str(exc))
+                self.catalog.set_model_error(name, str(exc))
                 return
-            self.registry.set_model_error(name, None)
+            self.catalog.set_model_error(name, None)
             eligible = {v: d for v, d in on_disk.items()
                         if not config.require_ready_marker or d.has_ready_marker}
             wanted = config.version_policy.select([v for v, d in eligible.items() if d.model_file.is_file()])
-            served = self.registry.served().get(name, {})
+            served = self.catalog.served().get(name, {})
             for version in wanted:
                 current = served.get(version)
                 if current is None or await self._changed(current, eligible[version], config):
@@ -185,16 +186,16 @@ class ModelManager:
                         self._failed_files[(name, version)] = (files, config)
                     else:
                         self._failed_files.pop((name, version), None)
-            for version in list(self.registry.ready_versions(name)):
+            for version in list(self.catalog.ready_versions(name)):
                 if version not in wanted:
                     reason = "deleted from the repository" if version not in on_disk else "left the version policy"
                     await self._retire(name, version, reason)
             for version in [v for (m, v) in self._retries if m == name and v not in wanted]:
                 self._cancel_retry(name, version)
-            for status in [s for s in self.registry.index() if s.model == name and s.version
+            for status in [s for s in self.catalog.index() if s.model == name and s.version
                            and s.version not in on_disk and s.state is not VersionState.READY]:
-                self.registry.forget(name, status.version)  # failed versions that were deleted
-            if not on_disk and not self.registry.ready_versions(name):
+                self.catalog.forget(name, status.version)  # failed versions that were deleted
+            if not on_disk and not self.catalog.ready_versions(name):
                 log.warning("model has no versions on disk", model=name)
 
     async def _refuse_folder(self, folder: str) -> None:
@@ -203,9 +204,9 @@ class ModelManager:
         shown = protocol.clip(folder)
         if await self._off_loop((self.repo / folder).is_dir):
             log.warning("model folder refused: invalid model name", folder=shown, rule=protocol.MODEL_NAME_RULE)
-            self.registry.set_model_error(shown, repository.invalid_name_reason(folder))
+            self.catalog.set_model_error(shown, repository.invalid_name_reason(folder))
         else:
-            self.registry.set_model_error(shown, None)
+            self.catalog.set_model_error(shown, None)
 
     async def _quiet(self, model_dir: Path) -> bool:
         """True when nothing under ``model_dir`` changed for the quiet interval."""
@@ -225,7 +226,7 @@ class ModelManager:
         """Load, check, warm up and publish one version; False when it failed (already recorded)."""
         name, version = where.model, where.version
         if current is None:
-            self.registry.set_status(name, version, VersionState.LOADING)
+            self.catalog.set_status(name, version, VersionState.LOADING)
         started = time.perf_counter()
         log.info("loading model version", model=name, version=version, path=str(where.model_file),
                  replacing=current is not None)
@@ -261,12 +262,12 @@ class ModelManager:
             self._failed(name, version, exc, serving=current is not None)
             return False
         self._cancel_retry(name, version)
-        served = ServedVersion.start(model, self.metrics.for_version(name, version), self.registry.arrivals)
-        previous = self.registry.publish(served)
+        served = ServedVersion.start(model, self.metrics.for_version(name, version), self.catalog.arrivals)
+        previous = self.catalog.publish(served)
         seconds = time.perf_counter() - started
         self.metrics.loads.labels(name, "ok").inc()
         self.metrics.load_seconds.labels(name).observe(seconds)
-        self.metrics.loaded.labels(name).set(len(self.registry.ready_versions(name)))
+        self.metrics.loaded.labels(name).set(len(self.catalog.ready_versions(name)))
         log.info("model version ready", model=name, version=version, seconds=round(seconds, 3),
                  max_batch_size=model.max_batch_size, providers=list(model.providers), sha256=model.sha256,
                  replaced=previous is not None)
@@ -280,9 +281,9 @@ class ModelManager:
         """Compare with the copy being replaced, or else with the newest version served."""
         reference = current
         if reference is None:
-            older = [v for v in self.registry.ready_versions(model.name) if v < model.version]
+            older = [v for v in self.catalog.ready_versions(model.name) if v < model.version]
             if older:
-                reference = self.registry.served()[model.name][max(older)]
+                reference = self.catalog.served()[model.name][max(older)]
         if reference is None:
             return
         problems = signature_conflicts(reference.model, model)
@@ -298,9 +299,9 @@ class ModelManager:
         self.metrics.loads.labels(name, "failed").inc()
         if serving:
             # The copy that was serving keeps serving; the failure is reported next to it.
-            self.registry.set_status(name, version, VersionState.READY, f"reload failed: {reason}")
+            self.catalog.set_status(name, version, VersionState.READY, f"reload failed: {reason}")
         else:
-            self.registry.set_status(name, version, VersionState.UNAVAILABLE, reason)
+            self.catalog.set_status(name, version, VersionState.UNAVAILABLE, reason)
         log.error("model version failed to load", model=name, version=version, reason=reason,
                   transient=exc.transient, still_serving_previous=serving)
         if exc.transient:
@@ -330,11 +331,11 @@ class ModelManager:
                 await hook(name, version)
             if self.on_retire and self.retire_delay > 0:
                 await asyncio.sleep(self.retire_delay)
-        served = self.registry.retire(name, version, VersionState.DRAINING, reason)
-        self.metrics.loaded.labels(name).set(len(self.registry.ready_versions(name)))
+        served = self.catalog.retire(name, version, VersionState.DRAINING, reason)
+        self.metrics.loaded.labels(name).set(len(self.catalog.ready_versions(name)))
         if served is not None:
             await self._drain(served, reason)
-        self.registry.set_status(name, version, VersionState.UNLOADED, reason)
+        self.catalog.set_status(name, version, VersionState.UNLOADED, reason)
 
     async def _drain(self, served: ServedVersion, reason: str) -> None:
         started = time.perf_counter()
@@ -354,7 +355,7 @@ class ModelManager:
         for task in self._scheduled.values():
             task.cancel()
         await asyncio.gather(*self._scheduled.values(), return_exceptions=True)
-        for name, versions in self.registry.served().items():
+        for name, versions in self.catalog.served().items():
             for version in list(versions):
                 # The server already deregistered everything and waited for the gateway.
                 await self._retire(name, version, "server shutting down", notify=False)

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the model service, on their own registry and HTTP port.
+"""Prometheus metrics of the model service, on their own Prometheus registry and HTTP port.
 
 The per-request series are plain counters and bucket counts, added to in bulk from each
 version's log of answered requests (services/stats.py) and turned into Prometheus families when
@@ -25,8 +25,9 @@ _LATENCY_BUCKETS = (
 _BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 
-class LoopHistogram:
-    """A histogram written by one thread at a time: counts per bucket, made cumulative when scraped."""
+class BulkHistogram:
+    """A histogram filled in bulk from folded samples (:meth:`observe_all`), by one thread at a
+    time (the version's lock): counts per bucket, made cumulative when scraped."""
 
     __slots__ = ("bounds", "count", "counts", "sum")
 
@@ -74,10 +75,10 @@ class VersionMetrics:
         self.codes: dict[str, int] = {}
         self._sources: list[_Source] = []
         """The served copies of this version (two while a replaced copy drains)."""
-        self.queue = LoopHistogram(_LATENCY_BUCKETS)
-        self.compute = LoopHistogram(_LATENCY_BUCKETS)
-        self.total = LoopHistogram(_LATENCY_BUCKETS)
-        self.batch = LoopHistogram(_BATCH_BUCKETS)
+        self.queue = BulkHistogram(_LATENCY_BUCKETS)
+        self.compute = BulkHistogram(_LATENCY_BUCKETS)
+        self.total = BulkHistogram(_LATENCY_BUCKETS)
+        self.batch = BulkHistogram(_BATCH_BUCKETS)
 
     def count(self, code: str) -> None:
         self.codes[code] = self.codes.get(code, 0) + 1
@@ -134,9 +135,10 @@ class _RequestCollector(Collector):
 
 
 class ServiceMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, arrivals: Arrivals | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
+    def __init__(self, prometheus_registry: CollectorRegistry | None = None, arrivals: Arrivals | None = None
+                 ) -> None:
+        self.prometheus_registry = prometheus_registry or CollectorRegistry()
+        r = self.prometheus_registry
         if arrivals is not None:
             arriving = Gauge("sluice_arriving_requests", "Inference requests accepted by the server and not yet "
                              "queued for a model (being received or decoded)", registry=r)
@@ -162,5 +164,5 @@ class ServiceMetrics:
 
     def serve(self, port: int, host: str) -> int:
         """Expose /metrics over HTTP; returns the bound port (useful with port 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server, _thread = start_http_server(port, addr=host, registry=self.prometheus_registry)
         return int(server.server_address[1])

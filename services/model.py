@@ -20,7 +20,7 @@ import structlog
 from mesh.protocol import clip
 from services import datatypes
 from services.config import ExecutionProvider, ModelConfig
-from services.errors import InferenceError, InvalidRequestError, ModelLoadError, SluiceError
+from services.errors import InferenceError, InvalidRequestError, ModelLoadError, ServiceError
 from services.types import InferInput, TensorSpec
 
 log = structlog.get_logger(__name__)
@@ -161,7 +161,7 @@ class OnnxModel:
             self.inputs = tuple(TensorSpec(i.name, datatypes.from_onnx(i.type), _dims(i.shape)) for i in raw_inputs)
             self.outputs = tuple(TensorSpec(o.name, datatypes.from_onnx(o.type), _dims(o.shape))
                                  for o in raw_outputs)
-        except SluiceError as exc:
+        except ServiceError as exc:
             raise ModelLoadError(f"{where}: {exc}") from exc
         for spec in self.inputs:
             if spec.datatype == "BF16":
@@ -170,6 +170,7 @@ class OnnxModel:
         self._first_dims = ([_first_dim(i.shape) for i in raw_inputs], [_first_dim(o.shape) for o in raw_outputs])
         self._input_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = [spec.name for spec in self.outputs]
+        self._all_outputs = tuple(self._output_names)
         self.output_datatypes = {spec.name: spec.datatype for spec in self.outputs}
         self.max_batch_size = self._batch_size()
         self._run = self._runner()
@@ -236,6 +237,11 @@ class OnnxModel:
     def output_names(self) -> list[str]:
         return self._output_names
 
+    def selected_outputs(self, requested: Sequence[str] | None) -> Sequence[str]:
+        """The outputs a request gets, in answer order: those it asked for, or, when it asked for
+        none, every output of the model (KServe's rule, applied here only)."""
+        return requested or self._all_outputs
+
     def info(self) -> VersionInfo:
         return VersionInfo(self.name, self.version, self.path, self.sha256, self.inputs, self.outputs,
                            self.max_batch_size, self.providers, self.load_seconds)
@@ -299,7 +305,7 @@ class OnnxModel:
             ) -> list[npt.NDArray[Any]]:
         """One ONNX Runtime call. Blocking: runs on an executor thread, never on the event loop."""
         try:
-            return self._run(outputs or self._output_names, feeds, None)
+            return self._run(self.selected_outputs(outputs), feeds, None)
         except Exception as exc:
             raise InferenceError(
                 f"model '{self.name}' version {self.version} failed to run: {_first_line(exc)}"

@@ -12,7 +12,7 @@ from mesh.registry.registrar import Registrar
 from mesh.registry.settings import EtcdSettings
 from services.errors import ModelLoadError
 from services.model import OnnxModel
-from services.registry import ServedVersion
+from services.served import ServedVersion
 from services.settings import ServiceSettings
 
 log = structlog.get_logger(__name__)

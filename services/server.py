@@ -33,14 +33,15 @@ from mesh.registry.settings import EtcdSettings
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
-from services.arrivals import HandlerPool
+from services.catalog import ModelCatalog
 from services.dataplane import DataPlane
+from services.grpc.handlers import HandlerPool
 from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import RAW_REQUEST_METHODS, InferenceServicer
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
 from services.registration import Registration
-from services.registry import ModelRegistry, ServedVersion
+from services.served import ServedVersion
 from services.settings import ServiceSettings
 from services.streams import StreamGuard
 from services.watcher import RepositoryWatcher
@@ -65,9 +66,9 @@ class ModelServer:
         self.settings = settings
         self.etcd = etcd if settings.registry else None
         self.registration: Registration | None = None
-        self.registry = ModelRegistry()
-        self.metrics = ServiceMetrics(arrivals=self.registry.arrivals)
-        self.manager = ModelManager(settings.repo, self.registry, self.metrics,
+        self.catalog = ModelCatalog()
+        self.metrics = ServiceMetrics(arrivals=self.catalog.arrivals)
+        self.manager = ModelManager(settings.repo, self.catalog, self.metrics,
                                     load_threads=settings.load_threads, drain_timeout=settings.drain_timeout,
                                     quiet_seconds=settings.reload_quiet_ms / 1000,
                                     retire_delay=settings.deregister_grace if settings.registry else 0.0,
@@ -76,7 +77,7 @@ class ModelServer:
         self.manager.on_retire.append(self._on_retire)
         self.watcher = (RepositoryWatcher(settings.repo, self.manager, settings.reload_quiet_ms,
                                           settings.watch_polling) if settings.watch else None)
-        self.plane = DataPlane(self.registry, self.manager)
+        self.plane = DataPlane(self.catalog, self.manager)
         self.health = HealthServicer()
         self.port = settings.port
         self.metrics_port: int | None = None
@@ -108,7 +109,7 @@ class ModelServer:
         errors = ErrorInterceptor(tracing=self._tracer_provider is not None,
                                   raw_requests=frozenset(f"/{INFERENCE_SERVICE}/{m}" for m in RAW_REQUEST_METHODS))
         server = grpc.server(
-            cast(ThreadPoolExecutor, HandlerPool(self.registry.arrivals, frozenset({INFER_METHOD}),
+            cast(ThreadPoolExecutor, HandlerPool(self.catalog.arrivals, frozenset({INFER_METHOD}),
                                                  max_workers=s.max_concurrency, thread_name_prefix="grpc-handler",
                                                  batch_policy=s.handler_policy == "batch")),
             interceptors=interceptors or None,
@@ -159,7 +160,7 @@ class ModelServer:
         await self.refresh_health()
         self.plane.started = True
         self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready", models=self.registry.model_names(), seconds=round(time.perf_counter() - started, 3))
+        log.info("ready", models=self.catalog.model_names(), seconds=round(time.perf_counter() - started, 3))
 
     def check_ports(self) -> None:
         """Raise :class:`PortBindError` (one line naming the flag) if a port to listen on is taken."""
@@ -170,8 +171,8 @@ class ModelServer:
 
     async def refresh_health(self) -> None:
         """One health service name per model: SERVING while it has a version ready."""
-        for name in self.registry.model_names():
-            ready = bool(self.registry.ready_versions(name)) and not self.plane.stopping
+        for name in self.catalog.model_names():
+            ready = bool(self.catalog.ready_versions(name)) and not self.plane.stopping
             self.health.set(protocol.health_service_name(name), health_pb2.HealthCheckResponse.SERVING if ready
                             else health_pb2.HealthCheckResponse.NOT_SERVING)
 
@@ -180,7 +181,7 @@ class ModelServer:
             await self.refresh_health()
 
     async def _on_retire(self, name: str, version: int) -> None:
-        if self.plane.started and self.registry.ready_versions(name) == [version]:
+        if self.plane.started and self.catalog.ready_versions(name) == [version]:
             self.health.set(protocol.health_service_name(name), health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def request_stop(self) -> None:

@@ -22,7 +22,7 @@ from protos.inference import model_config_pb2 as mc
 from services import datatypes
 from services.errors import InvalidRequestError
 from services.model import PLATFORM
-from services.registry import ServedVersion
+from services.served import ServedVersion
 from services.stats import Duration
 from services.types import InferInput, InferRequest, InferResponse, ParameterValue, TensorSpec
 

@@ -1,6 +1,6 @@
 """The one place where service errors become gRPC status codes.
 
-Clients see the message of a :class:`SluiceError` (it names what was wrong); any other exception
+Clients see the message of a :class:`ServiceError` (it names what was wrong); any other exception
 is logged with its traceback and answered INTERNAL with a generic message and a reference.
 """
 
@@ -16,7 +16,7 @@ import structlog
 
 from mesh.observability.logging import RequestFields, bind_request
 from mesh.observability.tracing import current_ids
-from services.errors import SluiceError, status_name
+from services.errors import ServiceError, status_name
 
 log = structlog.get_logger(__name__)
 
@@ -27,7 +27,7 @@ def grpc_code(exc: BaseException) -> grpc.StatusCode:
 
 def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
     """``context.abort`` raises, ending the RPC with the status; it never returns."""
-    if isinstance(exc, SluiceError):
+    if isinstance(exc, ServiceError):
         context.abort(grpc_code(exc), str(exc))
     reference = uuid.uuid4().hex[:12]
     log.exception("unhandled error in RPC", method=method, reference=reference)

@@ -25,7 +25,7 @@ import structlog
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.dataplane import DataPlane
-from services.errors import ModelLoadError, SluiceError, UnsupportedError
+from services.errors import ModelLoadError, ServiceError, UnsupportedError
 from services.grpc import converters
 from services.manager import ModelManager
 from services.model import PLATFORM
@@ -138,7 +138,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                                 self.max_elements))
             return pb.ModelStreamInferResponse(infer_response=converters.response_to(response))
         except Exception as exc:  # every request on the stream gets an answer, whatever happened
-            if isinstance(exc, SluiceError):
+            if isinstance(exc, ServiceError):
                 text = str(exc)
             else:
                 reference = uuid.uuid4().hex[:12]

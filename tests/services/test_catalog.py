@@ -1,4 +1,4 @@
-"""ModelRegistry's state read from many handler threads while the event loop changes it."""
+"""ModelCatalog's state read from many handler threads while the event loop changes it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from services.catalog import ModelCatalog, VersionState
 from services.errors import ModelNotFoundError, ModelNotReadyError
-from services.registry import ModelRegistry, VersionState
 
 HAMMER_SECONDS = 3.0
 READERS = 4
@@ -30,23 +30,23 @@ def fast_switching() -> Iterator[None]:
 
 @pytest.mark.timeout(60)
 def test_readers_never_see_a_dict_change_size(fast_switching: None) -> None:
-    registry = ModelRegistry()
+    catalog = ModelCatalog()
     # Enough entries that one pass over them spans many thread switches.
     for version in range(1, 200):
-        registry.set_status("failed", version, VersionState.UNAVAILABLE, "bad file")
-    registry.set_model_error("config-broken", "config.yaml: bad")
+        catalog.set_status("failed", version, VersionState.UNAVAILABLE, "bad file")
+    catalog.set_model_error("config-broken", "config.yaml: bad")
     stop = threading.Event()
     errors: list[BaseException] = []
     reads = [0] * READERS
 
     def reader(slot: int) -> None:
         lookups: list[Callable[[], object]] = [
-            lambda: registry.resolve("nope", None),
-            lambda: registry.resolve("failed", None),
-            lambda: registry.resolve("config-broken", None),
-            lambda: registry.resolve("churn", 3),
-            registry.index,
-            registry.model_names,
+            lambda: catalog.resolve("nope", None),
+            lambda: catalog.resolve("failed", None),
+            lambda: catalog.resolve("config-broken", None),
+            lambda: catalog.resolve("churn", 3),
+            catalog.index,
+            catalog.model_names,
         ]
         while not stop.is_set():
             for lookup in lookups:
@@ -64,11 +64,11 @@ def test_readers_never_see_a_dict_change_size(fast_switching: None) -> None:
         version = 0
         while not stop.is_set():
             version += 1
-            registry.set_status("churn", version, VersionState.LOADING)
-            registry.set_model_error(f"churn-{version % 50}", "bad config")
+            catalog.set_status("churn", version, VersionState.LOADING)
+            catalog.set_model_error(f"churn-{version % 50}", "bad config")
             if version > 100:
-                registry.forget("churn", version - 100)
-                registry.set_model_error(f"churn-{(version + 25) % 50}", None)
+                catalog.forget("churn", version - 100)
+                catalog.set_model_error(f"churn-{(version + 25) % 50}", None)
 
     threads = [threading.Thread(target=reader, args=(i,), daemon=True) for i in range(READERS)]
     threads.append(threading.Thread(target=writer, daemon=True))
@@ -85,16 +85,16 @@ def test_readers_never_see_a_dict_change_size(fast_switching: None) -> None:
 
 
 def test_unknown_and_failed_models_get_their_own_answers() -> None:
-    registry = ModelRegistry()
-    registry.set_status("failed", 1, VersionState.UNAVAILABLE, "bad file")
-    registry.set_model_error("config-broken", "config.yaml: bad")
+    catalog = ModelCatalog()
+    catalog.set_status("failed", 1, VersionState.UNAVAILABLE, "bad file")
+    catalog.set_model_error("config-broken", "config.yaml: bad")
     with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
-        registry.resolve("nope", None)
+        catalog.resolve("nope", None)
     with pytest.raises(ModelNotReadyError, match=r"version 1: UNAVAILABLE \(bad file\)"):
-        registry.resolve("failed", None)
+        catalog.resolve("failed", None)
     with pytest.raises(ModelNotReadyError, match=r"config\.yaml: bad"):
-        registry.resolve("config-broken", None)
-    assert [(s.model, s.version) for s in registry.index()] == [("config-broken", 0), ("failed", 1)]
-    registry.forget("failed", 1)
-    registry.set_model_error("config-broken", None)
-    assert registry.index() == [] and registry.model_names() == []
+        catalog.resolve("config-broken", None)
+    assert [(s.model, s.version) for s in catalog.index()] == [("config-broken", 0), ("failed", 1)]
+    catalog.forget("failed", 1)
+    catalog.set_model_error("config-broken", None)
+    assert catalog.index() == [] and catalog.model_names() == []

@@ -14,11 +14,12 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from sklearn.datasets import load_iris
 
+from services.catalog import ModelCatalog
 from services.dataplane import DataPlane
 from services.errors import ModelNotReadyError
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
-from services.registry import ModelRegistry, ServedVersion
+from services.served import ServedVersion
 from services.types import InferInput, InferRequest
 from tests.services import models
 from tests.services.clients import RPC_TIMEOUT_S, infer_input
@@ -66,31 +67,31 @@ def test_fixed_first_dimension_model_serves(client: triton_grpc.InferenceServerC
 
 async def test_a_request_routed_to_a_version_retired_before_it_queued_is_routed_again(tmp_path: Path) -> None:
     """Hot reload under load: a request resolves the newest version, the version is retired (its
-    queue closes) before the request is queued. It must be served by what the registry routes to
-    now, not lost; with nothing else serving, it gets the registry's own error."""
+    queue closes) before the request is queued. It must be served by what the catalog routes to
+    now, not lost; with nothing else serving, it gets the catalog's own error."""
     repo = tmp_path / "repo"
     for version in (1, 2):
         models.write_model(repo, "m", models.identity("FP32"), version=version)
-    registry = ModelRegistry()
-    manager = ModelManager(repo, registry, ServiceMetrics())
+    catalog = ModelCatalog()
+    manager = ModelManager(repo, catalog, ServiceMetrics())
     await manager.load_all()
-    plane = DataPlane(registry, manager)
-    retired = registry.retire("m", 2)
+    plane = DataPlane(catalog, manager)
+    retired = catalog.retire("m", 2)
     assert retired is not None and retired.batcher.drain(5)
-    resolve = registry.resolve
+    resolve = catalog.resolve
     stale = [retired]
 
     def routed_before_the_retirement(name: str, version: int | None) -> ServedVersion:
         return stale.pop() if stale else resolve(name, version)
 
-    registry.resolve = routed_before_the_retirement  # type: ignore[method-assign]
+    catalog.resolve = routed_before_the_retirement  # type: ignore[method-assign]
     x = np.ones((1, 1), np.float32)
     response = plane.infer(InferRequest("m", None, [InferInput("x", "FP32", (1, 1), x)]))
     assert response.version == 1
     np.testing.assert_array_equal(response.outputs[0].data, x)
     # Pinned to the retired version, nothing else to go to: the error names the version.
     stale.append(retired)
-    registry.retire("m", 1)
+    catalog.retire("m", 1)
     with pytest.raises(ModelNotReadyError, match="has no version ready to serve"):
         plane.infer(InferRequest("m", 2, [InferInput("x", "FP32", (1, 1), x)]))
     await manager.close()

@@ -14,11 +14,11 @@ from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
 from mesh.observability.logging import merge_request_fields
+from services.catalog import ModelCatalog
 from services.dataplane import DataPlane
 from services.errors import InvalidRequestError
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
-from services.registry import ModelRegistry
 from services.types import InferInput, InferRequest
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
@@ -96,11 +96,11 @@ async def test_log_lines_carry_the_request_context(tmp_path: Path) -> None:
     """The data plane binds model, version and request id; log lines of the request carry them."""
     repo = tmp_path / "repo"
     models.write_model(repo, "m", models.identity("FP32"))
-    registry = ModelRegistry()
+    catalog = ModelCatalog()
     metrics = ServiceMetrics()
-    manager = ModelManager(repo, registry, metrics)
+    manager = ModelManager(repo, catalog, metrics)
     await manager.load_all()
-    plane = DataPlane(registry, manager)
+    plane = DataPlane(catalog, manager)
     structlog.contextvars.clear_contextvars()
     with capture_logs(processors=[merge_contextvars, merge_request_fields]) as logs:
         bad = InferRequest("m", None, [InferInput("x", "FP64", (1, 1), np.ones((1, 1)))], id="req-7")

@@ -12,7 +12,7 @@ import pytest
 from services.config import ModelConfig
 from services.metrics import VersionMetrics
 from services.model import OnnxModel
-from services.registry import ServedVersion
+from services.served import ServedVersion
 from services.stats import FOLD_AT, BatchLog, VersionStats
 from tests.services import models
 
@@ -69,10 +69,10 @@ def test_the_leader_folds_a_long_log_and_reads_see_every_request(tmp_path: Path)
     row = np.ones((1, 2), np.int64)
     for _ in range(FOLD_AT + 10):
         served.batcher.submit({"x": row}, 1, (), None)
-    assert len(served.log) < FOLD_AT, "the log was never folded"
+    assert len(served.batch_log) < FOLD_AT, "the log was never folded"
     assert served.stats.success.count >= FOLD_AT  # folded without any reader
     metrics.flush()  # what a scrape does
-    assert served.stats.success.count == FOLD_AT + 10 and len(served.log) == 0
+    assert served.stats.success.count == FOLD_AT + 10 and len(served.batch_log) == 0
     assert metrics.codes["OK"] == FOLD_AT + 10 and metrics.inflight == 0
     metrics.detach(served)
     assert metrics.inflight == 0
