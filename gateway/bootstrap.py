@@ -7,9 +7,7 @@ with its endpoints inline.
 
 from __future__ import annotations
 
-import copy
-
-from gateway.snapshot import CDS_FILE, LDS_FILE, Resource, Snapshot
+from gateway.snapshot import CDS_FILE, LDS_FILE, Resource, Snapshot, thaw
 
 NODE_ID = "sluice-gateway"
 
@@ -38,19 +36,19 @@ def bootstrap(xds_dir: str, admin_port: int) -> Resource:
 
 def validation_config(snapshot: Snapshot, admin_port: int = 9901) -> Resource:
     """A static bootstrap holding the whole snapshot, for ``envoy --mode validate``."""
-    listener = copy.deepcopy(snapshot.listener)
+    listener = thaw(snapshot.listener)
     for chain in listener["filter_chains"]:
         for network_filter in chain["filters"]:
             hcm = network_filter["typed_config"]
             if "rds" in hcm:
                 del hcm["rds"]
-                hcm["route_config"] = copy.deepcopy(snapshot.routes)
+                hcm["route_config"] = thaw(snapshot.route_config())
     clusters = []
     for name in sorted(snapshot.clusters):
-        cluster = copy.deepcopy(snapshot.clusters[name])
+        cluster = thaw(snapshot.clusters[name])
         cluster.pop("eds_cluster_config", None)
         cluster["type"] = "STATIC"
-        cluster["load_assignment"] = copy.deepcopy(snapshot.endpoints[name])
+        cluster["load_assignment"] = thaw(snapshot.endpoints[name])
         clusters.append(cluster)
     return {
         "node": {"id": NODE_ID, "cluster": NODE_ID},

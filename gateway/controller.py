@@ -1,9 +1,10 @@
 """The gateway controller: registry watch → render → check → validate → publish → confirm → status.
 
-One watch on the registry prefix feeds an immutable :class:`~mesh.registry.state.RegistryState`; a
-debounced loop renders a whole snapshot from it and, when it differs from the live one, takes it
-through consistency check, ``envoy --mode validate``, atomic publication and confirmation over the
-admin API. Any failure leaves the last good snapshot live and is written to the models' status.
+The shared controller loop (:class:`mesh.control.ControlLoop`: watch, debounce, etcd reset grace,
+status written back) calls :meth:`GatewayController.reconcile` with the registry state; it renders
+a whole snapshot and, when it differs from the live one, takes it through the consistency check,
+``envoy --mode validate``, atomic publication and confirmation over the admin API. Any failure
+leaves the last good snapshot live and is written to the models' status.
 """
 
 from __future__ import annotations
@@ -23,20 +24,27 @@ import structlog
 from gateway.admin import EnvoyAdmin, mismatches
 from gateway.bootstrap import bootstrap
 from gateway.envoy import EnvoyProcess, find_envoy, validate_snapshot
-from gateway.errors import ConfirmError, EnvoyValidationError, GatewayError, PublishError
+from gateway.errors import (
+    ConfirmError,
+    EnvoyValidationError,
+    GatewayError,
+    InconsistentSnapshotError,
+    PublishError,
+)
 from gateway.metrics import GatewayMetrics
 from gateway.publish import Publisher, load_published
-from gateway.render import RenderOptions, render_snapshot, with_version
+from gateway.render import RenderOptions, render_snapshot
 from gateway.settings import GatewaySettings
-from gateway.snapshot import Snapshot, consistency_problems, dump_yaml, shape_key, snapshot_from_files
-from gateway.status import changed, status_documents
+from gateway.snapshot import Snapshot, dump_yaml, shape_key, snapshot_from_files, transition
+from gateway.status import status_documents
+from mesh.control import Changes, ControlLoop
 from mesh.errors import MeshError
 from mesh.ports import bind_problem, check_bindable
-from mesh.registry.etcd import EtcdClient, Resync, watch_prefix
+from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import RoutingDocument, StatusDocument, parse_routing_document
 from mesh.registry.settings import EtcdSettings
-from mesh.registry.state import RegistryState, apply_event, build_state, keep_missing
+from mesh.registry.state import RegistryState, build_state
 
 T = TypeVar("T")
 log = structlog.get_logger("gateway.controller")
@@ -67,28 +75,6 @@ def render_options(settings: GatewaySettings) -> RenderOptions:
     )
 
 
-def transition(live: Snapshot | None, wanted: Snapshot) -> list[Snapshot]:
-    """The snapshots to publish in order so that no route ever names a cluster Envoy lacks.
-
-    Envoy reloads every watched file on one move, in no fixed order; with ``validate_clusters``
-    a route to a cluster that is not there yet is rejected. So: new clusters first (old routes),
-    then the new routes (old clusters still there), then drop the clusters nothing routes to.
-    """
-    if live is None:
-        return [wanted]
-    added = set(wanted.clusters) - set(live.clusters)
-    removed = set(live.clusters) - set(wanted.clusters)
-    clusters = {**live.clusters, **wanted.clusters}
-    endpoints = {**live.endpoints, **wanted.endpoints}
-    steps = []
-    if added:
-        steps.append(with_version(wanted, wanted.revision, live.routes, clusters, endpoints))
-    if removed:
-        steps.append(with_version(wanted, wanted.revision, wanted.routes, clusters, endpoints))
-    steps.append(wanted)
-    return steps
-
-
 def _write_atomically(path: Path, content: bytes) -> None:
     """Replace ``path`` by rename, so an Envoy starting right now never reads half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,18 +100,16 @@ class GatewayController:
         self.metrics_port: int | None = None
         self._client = EtcdClient(etcd_settings)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-publish")
-        self._state: RegistryState | None = None
-        self._held: RegistryState | None = None
-        """What the registry showed before etcd lost its data; rendered on top until ``_held_until``."""
-        self._held_until = 0.0
-        self._dirty = asyncio.Event()
-        self._first_change_at: float | None = None
+        self.control = ControlLoop(self._client, self.schema, controller="gateway",
+                                   debounce=settings.debounce_ms / 1000, reset_grace=settings.registry_reset_grace,
+                                   expected_errors=(GatewayError,),
+                                   on_connection=lambda ok: self.metrics.etcd_connected.set(1 if ok else 0))
+        """Watch, debounce, etcd reset grace and status documents: the loop shared with mesh-sync."""
         self._live: Snapshot | None = None
         self._live_published_at: datetime | None = None
         self._last_good: dict[str, RoutingDocument] = {}
         self._validated: set[str] = set()
         self._invalid: dict[str, str] = {}
-        self._written: dict[str, StatusDocument] = {}
         self._retry_at: float | None = None
         self._behind_since: float | None = None
         """When etcd first showed a write the watch had not delivered (None: caught up)."""
@@ -164,8 +148,7 @@ class GatewayController:
                                           hot_restart=self.settings.envoy_hot_restart,
                                           on_restart=lambda _n: self.metrics.envoy_restarts.inc())
                 await self.envoy.start()
-            tasks = [asyncio.create_task(self._watch(), name="gateway-watch"),
-                     asyncio.create_task(self._reconcile_loop(), name="gateway-reconcile"),
+            tasks = [asyncio.create_task(self.control.run(self._round), name="gateway-loop"),
                      asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -252,70 +235,16 @@ class GatewayController:
             log.info("gateway_found_snapshot", version=existing.version, clusters=len(existing.clusters))
             return
         empty = render_snapshot(build_state(self.schema, 0, []), {}, self.options)
+        empty.consistent()
         await self._validate(empty)
         await self._in_io(partial(self._write, empty))
         self._live = empty
         log.info("gateway_initial_snapshot", version=empty.version)
 
-    # -- registry watch ----------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------------
 
-    async def _watch(self) -> None:
-        def connection(ok: bool, error: str | None) -> None:
-            self.metrics.etcd_connected.set(1 if ok else 0)
-            log.info("etcd_connection", connected=ok, error=error)
-
-        async with contextlib.aclosing(watch_prefix(self._client, self.schema.models_prefix,
-                                                    on_connection=connection)) as events:
-            async for event in events:
-                if isinstance(event, Resync):
-                    shown = self._render_state()
-                    if event.reason == "reset" and shown is not None:
-                        self._hold(shown)
-                    self._state = build_state(self.schema, event.revision, event.items)
-                    log.info("registry_resync", revision=event.revision, reason=event.reason,
-                             models=len(self._state.models))
-                elif self._state is not None:
-                    self._state = apply_event(self._state, event)
-                if self._first_change_at is None:
-                    self._first_change_at = time.monotonic()
-                self._dirty.set()
-
-    def _hold(self, state: RegistryState) -> None:
-        """etcd lost its data: keep routing ``state`` for ``registry_reset_grace`` seconds."""
-        self._held = state
-        self._held_until = time.monotonic() + self.settings.registry_reset_grace
-        # The status documents went with the data: write them again rather than trust the cache.
-        self._written.clear()
-        log.warning("registry_reset", held_models=len(state.models), grace=self.settings.registry_reset_grace)
-
-    def _render_state(self) -> RegistryState | None:
-        """The registry state to render: the watched one, plus what is held after a reset."""
-        state = self._state
-        if self._held is None or state is None:
-            return state
-        if time.monotonic() >= self._held_until:
-            self._held = None
-            log.info("registry_reset_grace_over", models=len(state.models))
-            return state
-        return keep_missing(state, self._held)
-
-    async def _reconcile_loop(self) -> None:
-        debounce = self.settings.debounce_ms / 1000
-        while True:
-            await self._dirty.wait()
-            if debounce:
-                await asyncio.sleep(debounce)
-            self._dirty.clear()
-            started, self._first_change_at = self._first_change_at, None
-            state = self._render_state()
-            if state is None:
-                continue
-            try:
-                await self.reconcile(state, started)
-            except GatewayError as exc:
-                log.error("gateway_reconcile_failed", error=str(exc))
-            except Exception:
-                log.exception("gateway_reconcile_crashed")
+    async def _round(self, state: RegistryState, changes: Changes) -> None:
+        await self.reconcile(state, changes.since)
 
     async def _liveness_loop(self) -> None:
         """Re-publish when Envoy serves something else (restarted on other files), retry failures;
@@ -330,14 +259,12 @@ class GatewayController:
             await self.measure_watch_lag()
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_at = None
-                self._dirty.set()
-            if self._held is not None and time.monotonic() >= self._held_until:
-                self._dirty.set()  # the grace is over: render what etcd holds now
+                self.control.request()
 
     async def measure_watch_lag(self) -> float:
         """Seconds since etcd first showed a write under the prefix that the watch has not delivered
         (0 when caught up, or when etcd cannot be asked: the connection gauge covers that)."""
-        state = self._state
+        state = self.control.state
         try:
             newest = await self._client.newest_mod_revision(self.schema.models_prefix)
         except MeshError:
@@ -424,10 +351,11 @@ class GatewayController:
             phases[name] = round(phases.get(name, 0.0) + now - mark, 4)
             mark = now
 
-        problems = consistency_problems(wanted)
-        if problems:
+        try:
+            wanted.consistent()
+        except InconsistentSnapshotError:
             self.metrics.publishes.labels("inconsistent").inc()
-            raise GatewayError("inconsistent snapshot: " + "; ".join(problems))
+            raise
         try:
             await self._validate(wanted)
         except EnvoyValidationError:
@@ -436,9 +364,7 @@ class GatewayController:
         phase("validate")
         steps = transition(self._live, wanted)
         for step in steps:
-            problems = consistency_problems(step)
-            if problems:
-                raise GatewayError("inconsistent transition snapshot: " + "; ".join(problems))
+            step.consistent()
         previous = self._live if self._live is not None and self._live.plans else None
         for step in steps:
             try:
@@ -495,27 +421,13 @@ class GatewayController:
         self._validated.add(key)
 
     async def _write_status(self, state: RegistryState, wanted: Snapshot, failure: str | None) -> None:
+        watched = self.control.state  # what etcd holds: a model held after a reset has no status there
         documents = status_documents(wanted, self._live, self._live_published_at, failure)
-        previous: dict[str, StatusDocument] = {}
-        for name in documents:
-            model = state.model(name)
-            if name in self._written:
-                previous[name] = self._written[name]
-            elif model is not None and model.status is not None:
-                previous[name] = model.status
-        for name, document in changed(previous, documents).items():
-            try:
-                await self._client.put(self.schema.status(name), document.to_json())
-                self._written[name] = document
-            except MeshError as exc:
-                log.warning("status_write_failed", model=name, error=str(exc))
+        await self.control.status.write(documents, watched)
         # A model that left the registry (only its status is left) loses its status too.
-        for name, model in state.models.items():
-            if name not in wanted.plans and model.status is not None:
-                with contextlib.suppress(MeshError):
-                    await self._client.delete(self.schema.status(name))
-                self._written.pop(name, None)
+        await self.control.status.remove(name for name, model in state.models.items()
+                                      if name not in wanted.plans and model.status is not None)
 
     def statuses(self) -> Mapping[str, StatusDocument]:
         """The status documents this controller wrote last, per model."""
-        return dict(self._written)
+        return self.control.status.written

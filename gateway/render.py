@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.snapshot import (
-    CONFIG_VERSION_HEADER,
     LISTENER_NAME,
     RDS_FILE,
     ROUTE_CONFIG_NAME,
@@ -20,7 +19,6 @@ from gateway.snapshot import (
     Resource,
     Snapshot,
     cluster_name,
-    content_hash,
     eds_file,
 )
 from mesh.protocol import MODEL_HEADER, VERSION_HEADER, health_service_name
@@ -127,32 +125,12 @@ def render_snapshot(state: RegistryState, last_good: Mapping[str, RoutingDocumen
                 addresses.append((instance_id, address))
             endpoints[cluster] = _load_assignment(cluster, addresses)
         if skipped:
-            plan = ModelPlan(plan.model, plan.weights, plan.sticky_header, plan.warnings + tuple(skipped),
-                             plan.errors, plan.routing_source)
+            plan = replace(plan, warnings=plan.warnings + tuple(skipped))
         plans[name] = plan
     serving = {name: [v for v in m.serving_versions() if _has_endpoints(endpoints, cluster_name(name, v))]
                for name, m in models.items()}
-    listener = _listener(options)
-    routes = _routes(plans, serving, options)
-    digest = content_hash(listener, clusters, endpoints, routes)
-    snapshot_version = f"{state.revision}.{digest}"
-    routes["response_headers_to_add"] = [
-        {"header": {"key": CONFIG_VERSION_HEADER, "value": snapshot_version},
-         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-    ]
-    return Snapshot(snapshot_version, state.revision, listener, clusters, endpoints, routes, plans)
-
-
-def with_version(snapshot: Snapshot, revision: int, routes: Resource, clusters: Mapping[str, Resource],
-                 endpoints: Mapping[str, Resource]) -> Snapshot:
-    """A snapshot built from parts (the publisher's transition steps), with its own version."""
-    bare = {k: v for k, v in routes.items() if k != "response_headers_to_add"}
-    digest = content_hash(snapshot.listener, dict(clusters), dict(endpoints), bare)
-    version = f"{revision}.{digest}"
-    bare["response_headers_to_add"] = [
-        {"header": {"key": CONFIG_VERSION_HEADER, "value": version}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-    ]
-    return Snapshot(version, revision, snapshot.listener, dict(clusters), dict(endpoints), bare, snapshot.plans)
+    return Snapshot.build(state.revision, listener=_listener(options), clusters=clusters, endpoints=endpoints,
+                          routes=_routes(plans, serving, options), plans=plans)
 
 
 def _has_endpoints(endpoints: Mapping[str, Resource], cluster: str) -> bool:

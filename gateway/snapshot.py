@@ -1,8 +1,10 @@
 """An immutable, versioned Envoy snapshot (listener, clusters, endpoints, routes) and its checks.
 
 A :class:`Snapshot` is what :func:`gateway.render.render_snapshot` returns and what the publisher
-writes: one file per xDS type plus one EDS file per cluster. :func:`consistency_problems` is
-checked before anything is validated or published (as go-control-plane's ``Consistent()``).
+writes: one file per xDS type plus one EDS file per cluster. Like go-control-plane's snapshot it
+is immutable all the way down (its resources are frozen when it is made), its version is stamped
+once by :meth:`Snapshot.build`, and :meth:`Snapshot.consistent` is checked before anything is
+validated or published. :func:`transition` orders the snapshots that take Envoy from one to the next.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NoReturn
 
 import yaml
 
+from gateway.errors import InconsistentSnapshotError
 from mesh.registry.records import RoutingDocument
 
 LISTENER_NAME = "sluice_grpc"
@@ -35,6 +39,62 @@ _UINT32_MAX = 2**32 - 1
 _CLUSTER_RE = re.compile(r"(?P<model>.+)\.v(?P<version>[1-9][0-9]*)")
 
 Resource = dict[str, Any]
+
+
+class FrozenResource(dict[str, Any]):
+    """A dict that refuses changes: every mapping inside a :class:`Snapshot` is one.
+
+    A dict (not a MappingProxyType) so that ``json`` and the YAML dumper take it as it is; a copy
+    (``copy.deepcopy``, ``{**r}``) is an ordinary, changeable dict.
+    """
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise TypeError("a snapshot's resources are immutable: build a new snapshot")
+
+    __setitem__ = __delitem__ = setdefault = update = pop = popitem = clear = _refuse
+    __ior__ = _refuse
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict[str, Any]:
+        return thaw(self)  # type: ignore[no-any-return]
+
+
+class FrozenList(list[Any]):
+    """A list that refuses changes (see :class:`FrozenResource`)."""
+
+    def _refuse(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise TypeError("a snapshot's resources are immutable: build a new snapshot")
+
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __iadd__ = __imul__ = _refuse
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return thaw(self)  # type: ignore[no-any-return]
+
+
+def freeze(value: Any) -> Any:
+    """``value`` with every dict and list inside made immutable (frozen parts are reused as they are)."""
+    kind = type(value)
+    if kind is dict:
+        return FrozenResource({key: freeze(item) if type(item) in _CONTAINERS else item
+                               for key, item in value.items()})
+    if kind is list or kind is tuple:
+        return FrozenList([freeze(item) if type(item) in _CONTAINERS else item for item in value])
+    if kind is not FrozenResource and isinstance(value, Mapping):  # a MappingProxyType, say
+        return freeze(dict(value))
+    return value
+
+
+# Exact types (a type lookup, not isinstance: a snapshot holds thousands of small values).
+_CONTAINERS = frozenset({dict, list, tuple, MappingProxyType})
+
+
+def thaw(value: Any) -> Any:
+    """An ordinary, changeable deep copy of ``value`` (e.g. to embed a resource in another config)."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [thaw(item) for item in value]
+    return value
 
 
 def cluster_name(model: str, version: int) -> str:
@@ -71,7 +131,12 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Every resource Envoy gets, as of registry ``revision``; ``version`` names it in Envoy."""
+    """Every resource Envoy gets, as of registry ``revision``; ``version`` names it in Envoy.
+
+    Make one with :meth:`build` (which stamps the version); the constructor is for a snapshot whose
+    version was stamped before (read back from the published files). Either way the resources are
+    frozen (:func:`freeze`): a snapshot never changes once made.
+    """
 
     version: str
     revision: int
@@ -80,7 +145,30 @@ class Snapshot:
     endpoints: Mapping[str, Resource]
     """Cluster name → ClusterLoadAssignment."""
     routes: Resource
+    """The route configuration; the config-version header is added when it is written (:meth:`route_config`)."""
     plans: Mapping[str, ModelPlan] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("listener", "clusters", "endpoints", "routes"):
+            object.__setattr__(self, name, freeze(getattr(self, name)))
+        if not isinstance(self.plans, FrozenResource):
+            object.__setattr__(self, "plans", FrozenResource(self.plans))
+
+    @classmethod
+    def build(cls, revision: int, *, listener: Resource, clusters: Mapping[str, Resource],
+              endpoints: Mapping[str, Resource], routes: Resource,
+              plans: Mapping[str, ModelPlan] | None = None) -> Snapshot:
+        """The snapshot of these resources as of ``revision``, versioned ``<revision>.<content hash>``."""
+        listener, clusters, endpoints, routes = (freeze(part) for part in (listener, clusters, endpoints, routes))
+        version = f"{revision}.{content_hash(listener, clusters, endpoints, routes)}"
+        return cls(version, revision, listener, clusters, endpoints, routes, plans or {})
+
+    def consistent(self) -> None:
+        """Raise :class:`~gateway.errors.InconsistentSnapshotError` if Envoy would reject or
+        mis-route the snapshot (see :func:`consistency_problems`); checked before it is published."""
+        problems = consistency_problems(self)
+        if problems:
+            raise InconsistentSnapshotError(f"inconsistent snapshot {self.version}: " + "; ".join(problems))
 
     @property
     def content_hash(self) -> str:
@@ -102,13 +190,19 @@ class Snapshot:
         """Every cluster a route points at."""
         return set(_route_clusters(self.routes))
 
+    def route_config(self) -> Resource:
+        """The route configuration as Envoy gets it: every response names the config version."""
+        header = {"header": {"key": CONFIG_VERSION_HEADER, "value": self.version},
+                  "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        return {**self.routes, "response_headers_to_add": [header]}
+
     def files(self) -> dict[str, bytes]:
         """File name → YAML bytes; each file is a DiscoveryResponse-shaped ``{version_info, resources}``."""
         files = {
             LDS_FILE: _dump(self.listener_version, TYPE_LISTENER, [self.listener]),
             CDS_FILE: _dump(self.clusters_version, TYPE_CLUSTER,
                             [self.clusters[name] for name in sorted(self.clusters)]),
-            RDS_FILE: _dump(self.version, TYPE_ROUTES, [self.routes]),
+            RDS_FILE: _dump(self.version, TYPE_ROUTES, [self.route_config()]),
         }
         for name in sorted(self.endpoints):
             assignment = self.endpoints[name]
@@ -125,6 +219,10 @@ class _NoAliasDumper(_Dumper):  # type: ignore[valid-type,misc]
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+_NoAliasDumper.add_representer(FrozenResource, yaml.representer.SafeRepresenter.represent_dict)
+_NoAliasDumper.add_representer(FrozenList, yaml.representer.SafeRepresenter.represent_list)
 
 
 def dump_yaml(document: Any) -> bytes:
@@ -197,14 +295,13 @@ def shape_key(snapshot: Snapshot) -> str:
     Two snapshots with the same shape differ only in weight values, which
     :func:`consistency_problems` checks; the controller validates a shape with Envoy once.
     """
-    routes = json.loads(json.dumps(snapshot.routes))
+    routes = thaw(snapshot.routes)
     for vhost in routes.get("virtual_hosts", []):
         for route in vhost.get("routes", []):
             weighted = (route.get("route") or {}).get("weighted_clusters")
             if weighted:
                 for item in weighted["clusters"]:
                     item["weight"] = 1
-    routes.pop("response_headers_to_add", None)
     return content_hash(snapshot.listener, snapshot.clusters, snapshot.endpoints, routes)
 
 
@@ -225,6 +322,8 @@ def snapshot_from_files(documents: Mapping[str, Mapping[str, Any]]) -> Snapshot 
     listeners, routes = resources(LDS_FILE), resources(RDS_FILE)
     if not listeners or not routes:
         return None
+    # The config-version header is added when the file is written (Snapshot.route_config).
+    bare_routes = {k: v for k, v in routes[0].items() if k != "response_headers_to_add"}
     clusters = {c["name"]: c for c in resources(CDS_FILE)}
     endpoints = {}
     for name in clusters:
@@ -234,4 +333,28 @@ def snapshot_from_files(documents: Mapping[str, Mapping[str, Any]]) -> Snapshot 
     version = str((documents.get(RDS_FILE) or {}).get("version_info", "0.unknown"))
     revision_text = version.partition(".")[0]
     revision = int(revision_text) if revision_text.isdigit() else 0
-    return Snapshot(version, revision, listeners[0], clusters, endpoints, routes[0])
+    return Snapshot(version, revision, listeners[0], clusters, endpoints, bare_routes)
+
+
+def transition(live: Snapshot | None, wanted: Snapshot) -> list[Snapshot]:
+    """The snapshots to publish in order so that no route ever names a cluster Envoy lacks.
+
+    Envoy reloads every watched file on one move, in no fixed order; with ``validate_clusters``
+    a route to a cluster that is not there yet is rejected. So: new clusters first (old routes),
+    then the new routes (old clusters still there), then drop the clusters nothing routes to.
+    """
+    if live is None:
+        return [wanted]
+    added = set(wanted.clusters) - set(live.clusters)
+    removed = set(live.clusters) - set(wanted.clusters)
+    clusters = {**live.clusters, **wanted.clusters}
+    endpoints = {**live.endpoints, **wanted.endpoints}
+    steps = []
+    if added:
+        steps.append(Snapshot.build(wanted.revision, listener=wanted.listener, clusters=clusters,
+                                    endpoints=endpoints, routes=live.routes, plans=wanted.plans))
+    if removed:
+        steps.append(Snapshot.build(wanted.revision, listener=wanted.listener, clusters=clusters,
+                                    endpoints=endpoints, routes=wanted.routes, plans=wanted.plans))
+    steps.append(wanted)
+    return steps

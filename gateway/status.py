@@ -1,8 +1,10 @@
-"""The status documents the controller writes back to etcd (``models/<model>/status``)."""
+"""The status documents the gateway controller writes back to etcd (``models/<model>/status``).
+
+When one is written is the rule every controller shares: :func:`mesh.control.status_changed`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import datetime
 
 from gateway.snapshot import ModelPlan, Snapshot
@@ -33,15 +35,3 @@ def status_documents(wanted: Snapshot, live: Snapshot | None, published_at: date
             routing=live_plan.routing if live_plan is not None else None,
         )
     return documents
-
-
-def same_status(a: StatusDocument | None, b: StatusDocument) -> bool:
-    """Equal apart from the publish time (rewriting only that would only churn etcd)."""
-    if a is None:
-        return False
-    return (a.effective_weights, a.applied_revision, a.envoy_config_version, a.warnings, a.errors, a.routing) == (
-        b.effective_weights, b.applied_revision, b.envoy_config_version, b.warnings, b.errors, b.routing)
-
-
-def changed(previous: Mapping[str, StatusDocument], current: Mapping[str, StatusDocument]) -> dict[str, StatusDocument]:
-    return {name: doc for name, doc in current.items() if not same_status(previous.get(name), doc)}

@@ -26,7 +26,7 @@ async def test_watch_lag_counts_from_the_first_undelivered_write(shared_etcd: Et
     try:
         revision = await client.put(schema.routing("iris"), b'{"weights": {"1": 100}}')
         snapshot = await client.get_prefix(schema.models_prefix)
-        controller._state = build_state(schema, snapshot.revision, snapshot.items)
+        controller.control.state = build_state(schema, snapshot.revision, snapshot.items)
         assert await controller.measure_watch_lag() == 0.0  # caught up
 
         newer = await client.put(schema.routing("iris"), b'{"weights": {"1": 50, "2": 50}}')
@@ -38,7 +38,7 @@ async def test_watch_lag_counts_from_the_first_undelivered_write(shared_etcd: Et
         assert controller.metrics.registry.get_sample_value("sluice_gateway_watch_lag_seconds") == lag
 
         snapshot = await client.get_prefix(schema.models_prefix)  # what the watch would deliver
-        controller._state = build_state(schema, snapshot.revision, snapshot.items)
+        controller.control.state = build_state(schema, snapshot.revision, snapshot.items)
         assert await controller.measure_watch_lag() == 0.0
     finally:
         await client.delete_prefix(prefix)

@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 
 from gateway.bootstrap import validation_config
-from gateway.controller import transition
 from gateway.envoy import find_envoy, validate_snapshot
 from gateway.errors import EnvoyValidationError
 from gateway.publish import Publisher, load_published
 from gateway.render import RenderOptions, render_snapshot
-from gateway.snapshot import Snapshot, consistency_problems, shape_key, snapshot_from_files
+from gateway.snapshot import Snapshot, consistency_problems, shape_key, snapshot_from_files, transition
 from gateway.status import status_documents
 from mesh.registry.etcd.client import KeyValue
 from mesh.registry.keys import KeySchema
