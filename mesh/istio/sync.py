@@ -1,11 +1,13 @@
 """``sluice mesh-sync``: etcd routing documents → Istio VirtualService weights, status back to etcd.
 
-The loop: watch the registry (:func:`mesh.registry.etcd.watch_prefix`, resync included) into a
-:class:`~mesh.registry.state.RegistryState`; for every model whose keys changed, and for all of them
-every ``resync_interval``, read its VirtualService, decide with :func:`mesh.istio.plan.plan_sync` and
-apply the guarded JSON patch. A patch refused because the object changed in between is retried
-from a fresh read (which then sees the concurrent edit and, if it touched the weights, holds).
-The outcome is written to ``models/<model>/status`` like the gateway controller does.
+The loop is the one the gateway runs (:class:`mesh.control.ControlLoop`: the registry watched
+into a :class:`~mesh.registry.state.RegistryState`, resync included); for every model whose keys
+changed, and for all of them every ``resync_interval``, read its VirtualService, decide with
+:func:`mesh.istio.plan.plan_sync` and apply the guarded JSON patch. A patch refused because the
+object changed in between is retried from a fresh read (which then sees the concurrent edit and,
+if it touched the weights, holds).
+The outcome is written to ``models/<model>/status`` by the loop's status writer, as the
+gateway's is (rewritten only when :func:`mesh.control.status_changed` says so).
 
 The Kubernetes client is synchronous: every call runs in the one-thread ``k8s`` executor.
 """
@@ -30,14 +32,15 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from mesh.control import Changes, ControlLoop
 from mesh.errors import InvalidNameError, MeshError
 from mesh.istio.plan import Action, IstioError, apply_json_patch, plan_sync
 from mesh.ports import bind_problem, check_bindable
-from mesh.registry.etcd import EtcdClient, KeyEvent, watch_prefix
-from mesh.registry.keys import KeyKind, KeySchema, validate_model_name
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema, validate_model_name
 from mesh.registry.records import StatusDocument
 from mesh.registry.settings import EtcdSettings
-from mesh.registry.state import ModelState, RegistryState, apply_event, build_state
+from mesh.registry.state import ModelState, RegistryState
 
 log = structlog.get_logger("mesh.istio.sync")
 
@@ -219,70 +222,38 @@ class MeshSync:
         self.etcd = etcd
         self.schema = KeySchema(etcd.settings.prefix)
         self.virtual_services = virtual_services
-        self.state: RegistryState | None = None
-        self._dirty: set[str] = set()
-        self._wake = asyncio.Event()
+        self.control = ControlLoop(etcd, self.schema, controller="mesh-sync", debounce=settings.debounce_ms / 1000,
+                                   resync_interval=settings.resync_interval)
+        """Watch, debounce, periodic passes and status documents: the loop shared with the gateway."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="k8s")
-        self._last_status: dict[str, StatusDocument] = {}
         self.synced = asyncio.Event()
-        """Set after every full pass (tests wait on it)."""
+        """Set after every pass (tests wait on it)."""
+
+    @property
+    def state(self) -> RegistryState | None:
+        """The registry as watched (None until the first listing)."""
+        return self.control.state
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Run until ``stop`` is set (or the task is cancelled)."""
         stop = stop or asyncio.Event()
-        tasks = [asyncio.create_task(coro) for coro in (self._watch(), self._tick(), self._work())]
+        loop = asyncio.create_task(self.control.run(self._round))
         stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stopper:
-                    task.result()  # a loop that ended on its own raised: let it propagate
+            done, _ = await asyncio.wait([loop, stopper], return_when=asyncio.FIRST_COMPLETED)
+            if loop in done:
+                loop.result()  # the loop ended on its own: it raised, let it propagate
         finally:
-            for task in [*tasks, stopper]:
+            for task in (loop, stopper):
                 task.cancel()
-            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+            await asyncio.gather(loop, stopper, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _mark(self, models: set[str] | list[str]) -> None:
-        self._dirty.update(model for model in models if model in self.settings.virtual_services)
-        if self._dirty:
-            self._wake.set()
-
-    async def _watch(self) -> None:
-        async for event in watch_prefix(self.etcd, self.schema.models_prefix):
-            if self.state is None and isinstance(event, KeyEvent):
-                continue  # cannot happen: the first event is always a resync
-            if isinstance(event, KeyEvent):
-                assert self.state is not None
-                self.state = apply_event(self.state, event)
-                with contextlib.suppress(MeshError):
-                    parsed = self.schema.parse(event.kv.key)
-                    if parsed.kind is not KeyKind.STATUS:  # our own status writes change nothing
-                        self._mark([parsed.model])
-            else:
-                if event.reason == "reset":
-                    # etcd lost its data, our status documents with it: write them again.
-                    log.warning("mesh_sync_registry_reset", revision=event.revision)
-                    self._last_status.clear()
-                self.state = build_state(self.schema, event.revision, event.items)
-                self._mark(list(self.settings.virtual_services))
-
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.resync_interval)
-            if self.state is not None:
-                self._mark(list(self.settings.virtual_services))
-
-    async def _work(self) -> None:
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(self.settings.debounce_ms / 1000)
-            self._wake.clear()
-            models, self._dirty = sorted(self._dirty), set()
-            for model in models:
-                await self.sync_model(model)
-            if not self._dirty:
-                self.synced.set()
+    async def _round(self, _state: RegistryState, changes: Changes) -> None:
+        # Only the models given a VirtualService; each pass reads the newest state (sync_model).
+        for model in sorted(model for model in self.settings.virtual_services if changes.includes(model)):
+            await self.sync_model(model)
+        self.synced.set()
 
     async def _k8s(self, func: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
@@ -338,7 +309,7 @@ class MeshSync:
             self.metrics.syncs.labels(outcome).inc()
 
     async def _report(self, model: str, outcome: _Outcome) -> StatusDocument:
-        previous = self._last_status.get(model)
+        previous = self.control.status.previous(model, self.state)
         published = datetime.now(timezone.utc) if outcome.patched or previous is None else previous.published_at
         status = StatusDocument(
             effective_weights=dict(outcome.effective),
@@ -349,23 +320,12 @@ class MeshSync:
             warnings=outcome.warnings,
             errors=outcome.errors,
         )
-        unchanged = previous is not None and _comparable(previous) == _comparable(status)
-        if not unchanged:
-            try:
-                await self.etcd.put(self.schema.status(model), status.to_json())
-                self._last_status[model] = status
-            except MeshError as exc:
-                log.warning("mesh_sync_status_failed", model=model, error=str(exc))
+        await self.control.status.write({model: status}, self.state)
         return status
 
     @property
     def virtual_services_namespace(self) -> str:
         return str(getattr(self.virtual_services, "namespace", "") or self.settings.resolved_namespace())
-
-
-def _comparable(status: StatusDocument) -> dict[str, Any]:
-    # applied_revision moves with every etcd write (our own status included): compare what matters.
-    return status.model_dump(exclude={"published_at", "applied_revision"})
 
 
 async def run_mesh_sync(settings: MeshSyncSettings, etcd_settings: EtcdSettings,
