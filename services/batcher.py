@@ -380,8 +380,8 @@ class Batcher:
         try:
             callback(*args)
         except Exception:
-            log.exception(f"batch bookkeeping ({what}) failed; the requests are answered anyway",
-                          model=self.model.name, version=self.model.version)
+            log.exception("batch_bookkeeping_failed", callback=what, model=self.model.name,
+                          version=self.model.version, consequence="the requests are answered anyway")
 
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new requests and wait (blocking) for queued and running ones to finish.

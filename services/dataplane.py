@@ -127,7 +127,7 @@ class DataPlane:
         datatypes = model.output_datatypes
         names = model.selected_outputs(outputs)
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # the cheap check keeps the hot path free of it
-            log.debug("inference done", rows=rows, batch_rows=result.batch_rows,
+            log.debug("inference_done", rows=rows, batch_rows=result.batch_rows,
                       ms=round((time.monotonic() - started) * 1000, 3))
         return InferResponse(model.name, model.version, request.id, [
             InferOutput(name, datatypes[name], array.shape, array)

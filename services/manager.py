@@ -16,6 +16,7 @@ import ctypes.util
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -45,6 +46,36 @@ _RETRY_FIRST = 1.0
 _RETRY_MAX = 60.0
 
 
+@dataclass(slots=True)
+class _LoadAttempts:
+    """What the manager remembers of one version's loads (event loop only)."""
+
+    failed_files: tuple[object, ModelConfig] | None = None
+    """The files and config of the last failed load: tried again only once they change (or when
+    the failure was transient and the retry timer fired)."""
+    retries: int = 0
+    """Retries scheduled in a row for a transient failure (the backoff exponent)."""
+    retry: asyncio.TimerHandle | None = None
+    """The pending retry after a transient failure (kept until cancelled, also once it fired)."""
+    retry_due: bool = False
+    """The retry timer fired: load again even though the files did not change."""
+
+
+@dataclass(slots=True)
+class _ModelSync:
+    """What the manager keeps per model folder (event loop only)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One sync, explicit load or unload of the model at a time."""
+    held: bool = False
+    """Explicitly unloaded: file changes leave it alone until an explicit load."""
+    sync: asyncio.Task[None] | None = None
+    """The scheduled sync (watcher, retries), if one is running."""
+    dirty: bool = False
+    """Asked again while ``sync`` ran: it runs once more."""
+    versions: dict[int, _LoadAttempts] = field(default_factory=dict)
+
+
 def _release_memory() -> None:
     """Hand freed heap pages back to the OS after a session is dropped (glibc keeps them otherwise)."""
     name = ctypes.util.find_library("c")
@@ -55,13 +86,12 @@ def _release_memory() -> None:
 
 class ModelManager:
     def __init__(self, repo: Path, catalog: ModelCatalog, metrics: ServiceMetrics, *,
-                 load_threads: int = 1, drain_timeout: float = 30.0, quiet_seconds: float = 0.3,
+                 load_threads: int = 1, drain_timeout: float = 30.0,
                  retire_delay: float = 0.0, repository_control: bool = False) -> None:
         self.repo = repo
         self.catalog = catalog
         self.metrics = metrics
         self.drain_timeout = drain_timeout
-        self.quiet_seconds = quiet_seconds
         self.retire_delay = retire_delay
         """Seconds between deregistering a version and draining it (gateway catch-up time)."""
         self.repository_control = repository_control
@@ -70,19 +100,22 @@ class ModelManager:
         self.on_retire: list[RetireHook] = []
         self.load_checks: list[LoadCheck] = []
         self._executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._held: set[str] = set()
-        self._scheduled: dict[str, asyncio.Task[None]] = {}
-        self._dirty: set[str] = set()
-        self._retries: dict[tuple[str, int], tuple[int, asyncio.TimerHandle]] = {}
-        # What the files of a failed version looked like: it is tried again only once they change
-        # (or when its failure was transient and its retry timer fires).
-        self._failed_files: dict[tuple[str, int], tuple[object, ModelConfig]] = {}
-        self._due_retries: set[tuple[str, int]] = set()
+        self._models: dict[str, _ModelSync] = {}
+        """Per model folder the manager was asked about: its sync state (loop only)."""
         self._closed = False
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        return self._locks.setdefault(name, asyncio.Lock())
+    def _model(self, name: str) -> _ModelSync:
+        entry = self._models.get(name)
+        if entry is None:
+            entry = self._models[name] = _ModelSync()
+        return entry
+
+    def _attempts(self, name: str, version: int) -> _LoadAttempts:
+        model = self._model(name)
+        entry = model.versions.get(version)
+        if entry is None:
+            entry = model.versions[version] = _LoadAttempts()
+        return entry
 
     async def _off_loop(self, func: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
@@ -94,29 +127,30 @@ class ModelManager:
         for folder, reason in found.refused.items():
             self.catalog.set_model_error(protocol.clip(folder), reason)
         if not found.models:
-            log.warning("model repository has no models", repo=str(self.repo))
-        await asyncio.gather(*(self.sync_model(name, wait_quiet=False) for name in found.models))
+            log.warning("repository_empty", repo=str(self.repo))
+        await asyncio.gather(*(self.sync_model(name) for name in found.models))
 
     def request_sync(self, name: str) -> None:
         """Schedule a sync of ``name`` (watcher, retries); bursts coalesce into one more run."""
-        if self._closed or name in self._held:
+        known = self._models.get(name)
+        if self._closed or (known is not None and known.held):
             return
-        running = self._scheduled.get(name)
-        if running is not None and not running.done():
-            self._dirty.add(name)
+        model = known or self._model(name)
+        if model.sync is not None and not model.sync.done():
+            model.dirty = True
             return
 
         async def run() -> None:
             while True:
-                self._dirty.discard(name)
+                model.dirty = False
                 try:
                     await self.sync_model(name)
                 except Exception:  # never let one model's failure stop the watcher
-                    log.exception("model sync failed", model=name)
-                if name not in self._dirty or self._closed:
+                    log.exception("model_sync_failed", model=name)
+                if not model.dirty or self._closed:
                     return
 
-        self._scheduled[name] = asyncio.create_task(run(), name=f"sync-{name}")
+        model.sync = asyncio.create_task(run(), name=f"sync-{name}")
 
     def check_control(self, rpc: str, name: str) -> None:
         """Refuse an explicit load/unload unless enabled, and a name that breaks the model-name
@@ -134,29 +168,31 @@ class ModelManager:
         # accumulate state (or log lines) however many a client sends.
         if not await self._off_loop(repository.model_folder_exists, self.repo, name):
             raise ModelNotFoundError(f"model '{name}' is not in the model repository")
-        self._held.discard(name)
-        await self.sync_model(name, wait_quiet=False)
+        self._model(name).held = False
+        await self.sync_model(name)
 
     async def unload_model(self, name: str) -> None:
         """Explicit unload (RepositoryModelUnload): stays unloaded until loaded explicitly."""
         self.check_control("RepositoryModelUnload", name)
         if name not in self.catalog.model_names():
             raise ModelNotFoundError(f"unknown model '{name}'")
-        self._held.add(name)
-        async with self._lock(name):
+        model = self._model(name)
+        model.held = True
+        async with model.lock:
             for version in self.catalog.ready_versions(name):
                 await self._retire(name, version, "unloaded on request")
 
     # -- the sync ---------------------------------------------------------------------------------
-    async def sync_model(self, name: str, *, wait_quiet: bool = True) -> None:
-        """Bring what is served for ``name`` in line with the disk and its version policy."""
+    async def sync_model(self, name: str) -> None:
+        """Bring what is served for ``name`` in line with the disk and its version policy.
+
+        Called once the files settled: the repository watcher waits the quiet interval
+        (``--reload-quiet-ms``) before it asks, so nothing here waits again."""
         if not protocol.is_model_name(name):
             await self._refuse_folder(name)
             return
-        async with self._lock(name):
-            if wait_quiet and not await self._quiet(self.repo / name):
-                self.request_sync(name)  # still being written: look again once it settles
-                return
+        model = self._model(name)
+        async with model.lock:
             on_disk = await self._off_loop(scan_versions, self.repo, name)
             try:
                 if await self._off_loop(outside_repository, self.repo, self.repo / name):
@@ -165,7 +201,7 @@ class ModelManager:
                 config = await self._off_loop(load_model_config, self.repo / name)
             except ModelLoadError as exc:
                 # Keep serving what is loaded with the config it was loaded with.
-                log.error("model config rejected", model=name, reason=str(exc))
+                log.error("model_config_rejected", model=name, reason=str(exc))
                 self.catalog.set_model_error(name, str(exc))
                 return
             self.catalog.set_model_error(name, None)
@@ -178,41 +214,33 @@ class ModelManager:
                 if current is None or await self._changed(current, eligible[version], config):
                     where = eligible[version]
                     files = await self._off_loop(snapshot, where.directory)
-                    failed = self._failed_files.get((name, version))
-                    if failed == (files, config) and (name, version) not in self._due_retries:
+                    attempts = self._attempts(name, version)
+                    if attempts.failed_files == (files, config) and not attempts.retry_due:
                         continue  # same broken files as last time: wait for a change
-                    self._due_retries.discard((name, version))
-                    if not await self._load(where, config, current):
-                        self._failed_files[(name, version)] = (files, config)
-                    else:
-                        self._failed_files.pop((name, version), None)
+                    attempts.retry_due = False
+                    attempts.failed_files = None if await self._load(where, config, current) else (files, config)
             for version in list(self.catalog.ready_versions(name)):
                 if version not in wanted:
                     reason = "deleted from the repository" if version not in on_disk else "left the version policy"
                     await self._retire(name, version, reason)
-            for version in [v for (m, v) in self._retries if m == name and v not in wanted]:
+            for version in [v for v, a in model.versions.items() if a.retry is not None and v not in wanted]:
                 self._cancel_retry(name, version)
             for status in [s for s in self.catalog.index() if s.model == name and s.version
                            and s.version not in on_disk and s.state is not VersionState.READY]:
                 self.catalog.forget(name, status.version)  # failed versions that were deleted
             if not on_disk and not self.catalog.ready_versions(name):
-                log.warning("model has no versions on disk", model=name)
+                log.warning("model_has_no_versions", model=name)
 
     async def _refuse_folder(self, folder: str) -> None:
         """A model folder whose name breaks the rule (found by the watcher): shown in
         RepositoryIndex while it exists, never loaded."""
         shown = protocol.clip(folder)
         if await self._off_loop((self.repo / folder).is_dir):
-            log.warning("model folder refused: invalid model name", folder=shown, rule=protocol.MODEL_NAME_RULE)
+            log.warning("model_folder_refused", reason="invalid model name", folder=shown,
+                        rule=protocol.MODEL_NAME_RULE)
             self.catalog.set_model_error(shown, repository.invalid_name_reason(folder))
         else:
             self.catalog.set_model_error(shown, None)
-
-    async def _quiet(self, model_dir: Path) -> bool:
-        """True when nothing under ``model_dir`` changed for the quiet interval."""
-        before = await self._off_loop(snapshot, model_dir)
-        await asyncio.sleep(self.quiet_seconds)
-        return before == await self._off_loop(snapshot, model_dir)
 
     async def _changed(self, current: ServedVersion, where: VersionOnDisk, config: ModelConfig) -> bool:
         if current.model.config != config:
@@ -228,7 +256,7 @@ class ModelManager:
         if current is None:
             self.catalog.set_status(name, version, VersionState.LOADING)
         started = time.perf_counter()
-        log.info("loading model version", model=name, version=version, path=str(where.model_file),
+        log.info("model_version_loading", model=name, version=version, path=str(where.model_file),
                  replacing=current is not None)
 
         def build() -> OnnxModel:
@@ -268,7 +296,7 @@ class ModelManager:
         self.metrics.loads.labels(name, "ok").inc()
         self.metrics.load_seconds.labels(name).observe(seconds)
         self.metrics.loaded.labels(name).set(len(self.catalog.ready_versions(name)))
-        log.info("model version ready", model=name, version=version, seconds=round(seconds, 3),
+        log.info("model_version_ready", model=name, version=version, seconds=round(seconds, 3),
                  max_batch_size=model.max_batch_size, providers=list(model.providers), sha256=model.sha256,
                  replaced=previous is not None)
         for hook in self.on_ready:
@@ -292,7 +320,7 @@ class ModelManager:
         summary = f"incompatible with version {reference.version}: {'; '.join(problems)}"
         if model.config.on_signature_change == "refuse":
             raise ModelLoadError(f"{model.where}: {summary} (set on_signature_change: warn to allow)")
-        log.warning("model signature changed", model=model.name, version=model.version, problems=problems)
+        log.warning("model_signature_changed", model=model.name, version=model.version, problems=problems)
 
     def _failed(self, name: str, version: int, exc: ModelLoadError, *, serving: bool) -> None:
         reason = str(exc)
@@ -302,27 +330,30 @@ class ModelManager:
             self.catalog.set_status(name, version, VersionState.READY, f"reload failed: {reason}")
         else:
             self.catalog.set_status(name, version, VersionState.UNAVAILABLE, reason)
-        log.error("model version failed to load", model=name, version=version, reason=reason,
+        log.error("model_version_load_failed", model=name, version=version, reason=reason,
                   transient=exc.transient, still_serving_previous=serving)
         if exc.transient:
             self._schedule_retry(name, version)
 
     def _schedule_retry(self, name: str, version: int) -> None:
-        attempt = self._retries[(name, version)][0] + 1 if (name, version) in self._retries else 1
+        attempts = self._attempts(name, version)
+        attempt = attempts.retries + 1
         self._cancel_retry(name, version)
         delay = min(_RETRY_FIRST * 2 ** (attempt - 1), _RETRY_MAX)
-        handle = asyncio.get_running_loop().call_later(delay, self._retry_now, name, version)
-        self._retries[(name, version)] = (attempt, handle)
-        log.info("will retry loading", model=name, version=version, attempt=attempt, delay=delay)
+        attempts.retries = attempt
+        attempts.retry = asyncio.get_running_loop().call_later(delay, self._retry_now, name, version)
+        log.info("model_version_retry_scheduled", model=name, version=version, attempt=attempt, delay=delay)
 
     def _retry_now(self, name: str, version: int) -> None:
-        self._due_retries.add((name, version))
+        self._attempts(name, version).retry_due = True
         self.request_sync(name)
 
     def _cancel_retry(self, name: str, version: int) -> None:
-        entry = self._retries.pop((name, version), None)
-        if entry is not None:
-            entry[1].cancel()
+        model = self._models.get(name)
+        attempts = model.versions.get(version) if model is not None else None
+        if attempts is not None and attempts.retry is not None:
+            attempts.retry.cancel()
+            attempts.retry, attempts.retries = None, 0
 
     async def _retire(self, name: str, version: int, reason: str, *, notify: bool = True) -> None:
         """Deregister → give the gateway time → stop routing here → finish in-flight → unload."""
@@ -344,17 +375,20 @@ class ModelManager:
         served.model.close()
         self.metrics.unloads.labels(served.name).inc()
         await self._off_loop(_release_memory)
-        log.info("model version unloaded", model=served.name, version=served.version, reason=reason,
+        log.info("model_version_unloaded", model=served.name, version=served.version, reason=reason,
                  drained=finished, seconds=round(time.perf_counter() - started, 3))
 
     async def close(self) -> None:
         """Drain every served version (at shutdown, after the server stopped accepting)."""
         self._closed = True
-        for _attempt, handle in self._retries.values():
-            handle.cancel()
-        for task in self._scheduled.values():
+        tasks = [m.sync for m in self._models.values() if m.sync is not None]
+        for model in self._models.values():
+            for attempts in model.versions.values():
+                if attempts.retry is not None:
+                    attempts.retry.cancel()
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._scheduled.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         for name, versions in self.catalog.served().items():
             for version in list(versions):
                 # The server already deregistered everything and waited for the gateway.

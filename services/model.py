@@ -92,7 +92,7 @@ def _providers(wanted: Sequence[ExecutionProvider], allow_cpu_fallback: bool) ->
                        f"available: {', '.join(sorted(available))}")
             if not allow_cpu_fallback:
                 raise ModelLoadError(message + "; set allow_cpu_fallback: true to serve on CPU anyway")
-            log.warning("execution provider missing, falling back to CPU", provider=provider.name,
+            log.warning("execution_provider_missing", fallback="CPUExecutionProvider", provider=provider.name,
                         available=sorted(available))
             continue
         chosen.append((ort_name, {k: str(v) for k, v in provider.options.items()}))
@@ -205,7 +205,7 @@ class OnnxModel:
             )
             if not self.config.allow_cpu_fallback:
                 raise ModelLoadError(message + "; set allow_cpu_fallback: true to serve on CPU anyway")
-            log.warning("execution provider fallback", model=self.name, version=self.version,
+            log.warning("execution_provider_fallback", model=self.name, version=self.version,
                         missing=missing, active=active)
 
     def _batch_size(self) -> int:
@@ -223,7 +223,7 @@ class OnnxModel:
             return DEFAULT_MAX_BATCH if batchable else 0
         if configured > 0 and not batchable:
             log.warning(
-                "batching disabled: not every input and output has a dynamic first dimension",
+                "batching_disabled", reason="not every input and output has a dynamic first dimension",
                 model=self.name, version=self.version, max_batch_size=configured,
             )
             return 0
@@ -335,9 +335,8 @@ class OnnxModel:
             except InferenceError as exc:
                 if self.config.warmup:
                     raise ModelLoadError(f"{self.where}: warm-up failed: {exc}") from exc
-                log.warning("generated warm-up input failed; serving without warm-up "
-                            "(configure warmup in config.yaml to warm this model up)",
-                            model=self.name, version=self.version, reason=str(exc))
+                log.warning("generated_warmup_failed", model=self.name, version=self.version, reason=str(exc),
+                            consequence="serving without warm-up (configure warmup in config.yaml to warm it up)")
                 return
 
 

@@ -38,7 +38,7 @@ class Registration:
 
     async def start(self) -> None:
         await self.registrar.start()
-        log.info("registering in etcd", address=self.address, instance_id=self.instance_id,
+        log.info("etcd_registering", address=self.address, instance_id=self.instance_id,
                  endpoints=self.registrar.settings.endpoints)
 
     def record(self, model: OnnxModel) -> InstanceRecord:

@@ -92,7 +92,7 @@ def scan_versions(repo: Path, name: str) -> dict[int, VersionOnDisk]:
             continue
         version = parse_version(entry.name)
         if version is None:
-            log.warning("ignoring version folder that is not a positive integer", model=name,
+            log.warning("version_folder_ignored", reason="not a positive integer", model=name,
                         folder=protocol.clip(entry.name), rule=protocol.VERSION_RULE)
             continue
         versions[version] = VersionOnDisk(name, version, model_dir / entry.name)
@@ -109,7 +109,7 @@ def scan(repo: Path) -> RepositoryScan:
             continue
         if not protocol.is_model_name(model_dir.name):
             found.refused[model_dir.name] = invalid_name_reason(model_dir.name)
-            log.warning("model folder refused: invalid model name", folder=protocol.clip(model_dir.name),
+            log.warning("model_folder_refused", reason="invalid model name", folder=protocol.clip(model_dir.name),
                         rule=protocol.MODEL_NAME_RULE)
             continue
         found.models[model_dir.name] = scan_versions(repo, model_dir.name)

@@ -13,7 +13,6 @@ within the grace period, then drains and unloads every model.
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -70,7 +69,6 @@ class ModelServer:
         self.metrics = ServiceMetrics(arrivals=self.catalog.arrivals)
         self.manager = ModelManager(settings.repo, self.catalog, self.metrics,
                                     load_threads=settings.load_threads, drain_timeout=settings.drain_timeout,
-                                    quiet_seconds=settings.reload_quiet_ms / 1000,
                                     retire_delay=settings.deregister_grace if settings.registry else 0.0,
                                     repository_control=settings.repository_control)
         self.manager.on_ready.append(self._on_ready)
@@ -188,9 +186,7 @@ class ModelServer:
         self._stop.set()
 
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+        """Start, serve until :meth:`request_stop` (``sluice serve`` calls it on SIGTERM/SIGINT), shut down."""
         self.check_ports()  # before anything starts: a taken port leaves nothing to shut down
         try:
             await self.start()
@@ -199,7 +195,7 @@ class ModelServer:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        log.info("shutting down", grace_period=self.settings.grace_period)
+        log.info("shutting_down", grace_period=self.settings.grace_period)
         self.plane.stopping = True
         self.health.enter_graceful_shutdown()
         if self.watcher is not None:

@@ -105,7 +105,7 @@ class StreamGuard:
             with self._lock:
                 idle = [s for s in self._open if not s.expired and s.idle_for(now) >= self.idle_timeout]
             for stream in idle:
-                log.info("stream idle too long: ended", idle_timeout=self.idle_timeout)
+                log.info("stream_idle_ended", idle_timeout=self.idle_timeout)
                 stream.end(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"stream idle for {self.idle_timeout:g} s (no request received and no answer taken): "
                            "ended by the server (setting stream_idle_timeout, --stream-idle-timeout)")

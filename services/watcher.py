@@ -1,4 +1,8 @@
-"""Watches the model repository and asks the manager to re-sync the models whose files changed."""
+"""Watches the model repository and asks the manager to re-sync the models whose files changed.
+
+The watcher is where the quiet interval (``--reload-quiet-ms``) is waited, once: a burst of
+changes is handed on only after the tree was quiet that long.
+"""
 
 from __future__ import annotations
 
@@ -30,11 +34,12 @@ def affected_models(repo: Path, paths: set[str]) -> set[str]:
 class RepositoryWatcher:
     """``awatch`` over the whole repository: new/removed model folders, versions, config.yaml."""
 
-    def __init__(self, repo: Path, manager: ModelManager, quiet_ms: int = 300, force_polling: bool = False
-                 ) -> None:
+    def __init__(self, repo: Path, manager: ModelManager, reload_quiet_ms: int = 300,
+                 force_polling: bool = False) -> None:
         self.repo = repo
         self.manager = manager
-        self.quiet_ms = quiet_ms
+        self.reload_quiet_ms = reload_quiet_ms
+        """Changes are handed on once the tree was unchanged this long (a copy is one burst)."""
         self.force_polling = force_polling
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -44,20 +49,20 @@ class RepositoryWatcher:
 
     async def _run(self) -> None:
         self.repo.mkdir(parents=True, exist_ok=True)
-        log.info("watching model repository", repo=str(self.repo), quiet_ms=self.quiet_ms,
+        log.info("repository_watch_started", repo=str(self.repo), reload_quiet_ms=self.reload_quiet_ms,
                  polling=self.force_polling)
         while not self._stop.is_set():
             try:
                 # Changes are yielded once the tree was quiet for `step` ms (or after 10 s of
                 # continuous writing), so a copy in progress is seen as one burst.
-                async for changes in awatch(self.repo, stop_event=self._stop, step=self.quiet_ms,
+                async for changes in awatch(self.repo, stop_event=self._stop, step=self.reload_quiet_ms,
                                             debounce=10_000, force_polling=self.force_polling,
                                             recursive=True):
                     for name in sorted(affected_models(self.repo, {path for _change, path in changes})):
-                        log.debug("repository changed", model=name)
+                        log.debug("repository_changed", model=name)
                         self.manager.request_sync(name)
             except Exception:  # the watcher must outlive odd file systems and races
-                log.exception("repository watcher failed; restarting in 1 s")
+                log.exception("repository_watch_failed", restart_in_s=1.0)
                 await asyncio.sleep(1.0)
 
     async def stop(self) -> None:

@@ -46,7 +46,7 @@ class _Done:
             try:
                 callback(self)
             except Exception:
-                log.exception("handler pool: a done-callback failed")
+                log.exception("handler_done_callback_failed")
 
 
 _STOP = object()
@@ -117,7 +117,7 @@ class HandlerPool:
             try:
                 fn(*args, **kwargs)
             except BaseException:
-                log.exception("handler pool: unhandled error in a handler")
+                log.exception("handler_failed")
             finally:
                 if counted:
                     arrivals.arrived()
@@ -158,7 +158,7 @@ def _sched_batch() -> None:
     try:
         setter(0, policy, os.sched_param(0))
     except OSError as exc:
-        log.debug("SCHED_BATCH refused; handler threads keep the default policy", error=str(exc))
+        log.debug("sched_batch_refused", error=str(exc), consequence="handler threads keep the default policy")
 
 
 def _method(arg: Any) -> str | None:

@@ -30,7 +30,7 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
     if isinstance(exc, ServiceError):
         context.abort(grpc_code(exc), str(exc))
     reference = uuid.uuid4().hex[:12]
-    log.exception("unhandled error in RPC", method=method, reference=reference)
+    log.exception("rpc_internal_error", method=method, reference=reference)
     context.abort(grpc.StatusCode.INTERNAL, f"internal server error (reference {reference}); "
                                             "the server log has the details")
 

@@ -119,7 +119,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 except grpc.RpcError:
                     # The call is over (ended for idling, or cancelled by the client): nobody to answer.
                     if not stream.expired:
-                        log.debug("stream cancelled by the client")
+                        log.debug("stream_cancelled", by="client")
                     return
                 stream.busy()
                 answer = self._stream_answer(data, context, headers)
@@ -142,7 +142,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 text = str(exc)
             else:
                 reference = uuid.uuid4().hex[:12]
-                log.exception("unhandled error in a streamed request", reference=reference)
+                log.exception("stream_request_internal_error", reference=reference)
                 text = f"internal server error (reference {reference}); the server log has the details"
             if message is None:
                 return pb.ModelStreamInferResponse(error_message=text)

@@ -296,7 +296,7 @@ async def test_chaos_under_load_costs_no_request(
         await eventually(lambda: deregistered("a", 1), STEP_TIMEOUT_S, "version 1 deregistered by A")
         drained = await wait_status(lambda s: s.effective_weights == {2: 30, 3: 40}, "version 1 out of the routes")
         assert any("version 1 has weight 30 but no serving instances" in w for w in drained.warnings), drained
-        await eventually(lambda: logged(services["a"], "model version unloaded"), STEP_TIMEOUT_S, "A drained version 1")
+        await eventually(lambda: logged(services["a"], "model_version_unloaded"), STEP_TIMEOUT_S, "A drained version 1")
         await run_load_for(1.0)
 
         load.phase = "controller-restart"

@@ -202,4 +202,4 @@ def test_models_the_generated_warmup_cannot_feed_are_served(tmp_path: Path,
         rows = triton.get_model_repository_index(as_json=True)["models"]
         reason = next(r.get("reason", "") for r in rows if r["name"] == "configured")
         assert "configured/1/model.onnx: warm-up failed" in reason, rows
-    assert "generated warm-up input failed" in service.process.log_text()
+    assert "generated_warmup_failed" in service.process.log_text()
