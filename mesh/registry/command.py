@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from mesh.errors import InvalidDocumentError, MeshError
 from mesh.observability import logging as sluice_logging
+from mesh.observability.component import add_settings_flags, given_flags, one_line
 from mesh.registry.etcd.client import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.settings import EtcdSettings
@@ -35,24 +36,16 @@ from mesh.registry.state import (
 )
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
-ETCD_FLAGS = ("endpoints", "prefix", "ca_cert", "cert", "key", "username", "password", "connect_timeout",
-               "request_timeout")
+ETCD_SERVICE_ONLY = ("lease_ttl",)
+ETCD_FLAGS = tuple(name for name in EtcdSettings.model_fields if name not in ETCD_SERVICE_ONLY)
 
 
 def etcd_flags() -> argparse.ArgumentParser:
-    """The etcd connection flags, shared by every command that talks to etcd."""
+    """The etcd connection flags, shared by every command that talks to etcd (one per field of
+    :class:`EtcdSettings`; the lease TTL is a flag of ``sluice serve`` only)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("etcd connection (env SLUICE_ETCD_<NAME>)")
-    group.add_argument("--etcd", dest="endpoints", metavar="ENDPOINTS",
-                       help="comma-separated host:port list (default 127.0.0.1:2379)")
-    group.add_argument("--prefix", help="key prefix (default /sluice/)")
-    group.add_argument("--ca-cert", help="CA bundle of etcd's server certificate (turns TLS on)")
-    group.add_argument("--cert", help="client certificate for etcd's --client-cert-auth")
-    group.add_argument("--key", help="private key of --cert")
-    group.add_argument("--username", help="etcd user when etcd auth is on")
-    group.add_argument("--password", help="its password (prefer SLUICE_ETCD_PASSWORD)")
-    group.add_argument("--connect-timeout", type=float, help="seconds to reach etcd (default 5)")
-    group.add_argument("--request-timeout", type=float, help="seconds per request (default 5)")
+    add_settings_flags(group, EtcdSettings, skip=ETCD_SERVICE_ONLY)
     return parent
 
 
@@ -118,8 +111,7 @@ Command = Callable[[argparse.Namespace, EtcdClient, KeySchema], Awaitable[int]]
 
 def settings_from_args(args: argparse.Namespace) -> EtcdSettings:
     """Flags that were given override the environment, which overrides the defaults."""
-    overrides = {name: getattr(args, name) for name in ETCD_FLAGS if getattr(args, name, None) is not None}
-    return EtcdSettings(**overrides)
+    return EtcdSettings(**given_flags(args, EtcdSettings.model_fields))
 
 
 def _fail(message: str) -> int:
@@ -132,8 +124,7 @@ def _run(args: argparse.Namespace, command: Command) -> int:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        return _fail(f"invalid etcd settings: {problems}")
+        return _fail(f"invalid etcd settings: {one_line(exc)}")
 
     async def main() -> int:
         client = EtcdClient(settings)

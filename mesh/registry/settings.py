@@ -1,7 +1,8 @@
 """Settings of the etcd registry. The only module of :mod:`mesh` that reads the environment.
 
 Precedence is argument > environment (``SLUICE_ETCD_…``) > default: pass flags as keyword
-arguments, ``EtcdSettings(**overrides)``, and the environment fills in the rest.
+arguments, ``EtcdSettings(**overrides)``, and the environment fills in the rest. The fields are
+also the etcd connection flags of every command (their docstrings are the flags' help).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from mesh.observability.component import cli
 from mesh.registry.keys import normalize_prefix
 
 
@@ -33,10 +35,12 @@ def parse_endpoint(endpoint: str) -> tuple[str, int, bool | None]:
 class EtcdSettings(BaseSettings):
     """Where etcd is and how to talk to it (env prefix ``SLUICE_ETCD_``)."""
 
-    model_config = SettingsConfigDict(env_prefix="SLUICE_ETCD_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="SLUICE_ETCD_", extra="forbid", frozen=True,
+                                      use_attribute_docstrings=True)
 
-    endpoints: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:2379"])
-    """Client endpoints, tried in order; env/flag form is comma-separated."""
+    endpoints: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["127.0.0.1:2379"],
+                                                      json_schema_extra=cli(flag="--etcd", metavar="ENDPOINTS"))
+    """Comma-separated host:port list, tried in order."""
     prefix: str = "/sluice/"
     """Every key lives under this prefix; it starts and ends with ``/``."""
     ca_cert: Path | None = None
@@ -48,6 +52,7 @@ class EtcdSettings(BaseSettings):
     username: str | None = None
     """etcd user (with ``password``) when etcd auth is enabled."""
     password: SecretStr | None = None
+    """Its password (prefer SLUICE_ETCD_PASSWORD: a flag shows in the process list)."""
     lease_ttl: int = Field(10, ge=2, le=3600)
     """Seconds a service's registrations outlive its last keepalive."""
     connect_timeout: float = Field(5.0, gt=0)
