@@ -1,4 +1,4 @@
-"""Prometheus metrics of the gateway controller (one registry per controller, so tests can run several)."""
+"""Prometheus metrics of the gateway controller (one Prometheus registry per controller, so tests can run several)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 
 
 
 class GatewayMetrics:
+    """The gateway's metrics, in their own Prometheus registry (:attr:`prometheus_registry`)."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+        self.prometheus_registry = CollectorRegistry()
+        r = self.prometheus_registry
         self.publish_seconds = Histogram(
             "sluice_gateway_publish_seconds",
             "Registry change seen → Envoy confirmed the new snapshot live (debounce included).",
@@ -42,5 +44,5 @@ class GatewayMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Expose ``/metrics``; returns the bound port (``port`` 0 picks a free one)."""
-        server, _thread = start_http_server(port, host, registry=self.registry)
+        server, _thread = start_http_server(port, host, registry=self.prometheus_registry)
         return int(server.server_address[1])

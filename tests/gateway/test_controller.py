@@ -35,7 +35,7 @@ async def test_watch_lag_counts_from_the_first_undelivered_write(shared_etcd: Et
         await asyncio.sleep(0.3)
         lag = await controller.measure_watch_lag()
         assert 0.25 <= lag < 10
-        assert controller.metrics.registry.get_sample_value("sluice_gateway_watch_lag_seconds") == lag
+        assert controller.metrics.prometheus_registry.get_sample_value("sluice_gateway_watch_lag_seconds") == lag
 
         snapshot = await client.get_prefix(schema.models_prefix)  # what the watch would deliver
         controller.control.state = build_state(schema, snapshot.revision, snapshot.items)

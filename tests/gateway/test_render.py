@@ -7,13 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from gateway.bootstrap import validation_config
 from gateway.envoy import find_envoy, validate_snapshot
-from gateway.errors import EnvoyValidationError
+from gateway.errors import EnvoyValidationError, InconsistentSnapshotError
 from gateway.publish import Publisher, load_published
 from gateway.render import RenderOptions, render_snapshot
-from gateway.snapshot import Snapshot, consistency_problems, shape_key, snapshot_from_files, transition
+from gateway.snapshot import (
+    CONFIG_VERSION_HEADER,
+    Snapshot,
+    consistency_problems,
+    shape_key,
+    snapshot_from_files,
+    transition,
+)
 from gateway.status import status_documents
 from mesh.registry.etcd.client import KeyValue
 from mesh.registry.keys import KeySchema
@@ -252,3 +260,23 @@ async def test_real_envoy_accepts_rendered_snapshots_and_rejects_a_broken_one() 
     with pytest.raises(EnvoyValidationError, match=r"NOT_A_POLICY|lb_policy"):
         await validate_snapshot(binary, broken)
     assert "static_resources" in validation_config(good)
+
+
+def test_snapshot_is_immutable_and_its_version_header_is_added_when_written() -> None:
+    snapshot = render_snapshot(state(*IRIS), {}, OPTIONS)
+    with pytest.raises(TypeError, match="immutable"):
+        snapshot.clusters["iris.v1"]["lb_policy"] = "RANDOM"
+    with pytest.raises(TypeError, match="immutable"):
+        snapshot.routes["virtual_hosts"][0]["routes"].append({})
+    assert "response_headers_to_add" not in snapshot.routes
+    written = snapshot_from_files({name: yaml.safe_load(data) for name, data in snapshot.files().items()})
+    assert written is not None and written.version == snapshot.version and written.routes == snapshot.routes
+    header = snapshot.route_config()["response_headers_to_add"][0]["header"]
+    assert header == {"key": CONFIG_VERSION_HEADER, "value": snapshot.version}
+    rebuilt = Snapshot.build(snapshot.revision, listener=snapshot.listener, clusters=snapshot.clusters,
+                             endpoints=snapshot.endpoints, routes=snapshot.routes, plans=snapshot.plans)
+    assert rebuilt == snapshot
+    broken = Snapshot.build(snapshot.revision, listener=snapshot.listener, clusters={}, endpoints={},
+                            routes=snapshot.routes)
+    with pytest.raises(InconsistentSnapshotError, match=r"iris\.v1"):
+        broken.consistent()
