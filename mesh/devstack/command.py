@@ -44,29 +44,39 @@ def register(subparsers: Any) -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
+    """Start the stack and keep it up until Ctrl-C or SIGTERM (a second one kills it at once)."""
     from mesh.devstack.stack import LocalStack, StackConfig, StackError
+    from mesh.observability.component import fail, run_component
 
     if args.services < 1:
-        print("sluice up: --services must be at least 1")
-        return 2
+        return fail("up", "--services must be at least 1", 2)
     config = StackConfig(repo=args.repo, services=args.services, etcd=args.etcd, gateway_port=args.gateway_port,
                          admin_port=args.admin_port, run_dir=args.run_dir, prefix=args.prefix,
                          start_timeout=args.start_timeout, traces=args.traces)
     stack = LocalStack(config, progress=lambda line: print(line, flush=True))
-    stopping = False
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
     try:
         stack.acquire()
     except StackError as exc:
-        print(f"sluice up: {exc}")
+        print(f"sluice up: {exc}")  # stdout, with the rest of what `sluice up` tells its user
         return 1
-    code = 0
+
+    def main() -> int:
+        try:
+            return _keep_up(stack)
+        finally:
+            stack.stop()
+            stack.release()
+            print("sluice up: stopped", flush=True)
+
+    return run_component("up", main, on_force=stack.kill)
+
+
+def _keep_up(stack: Any) -> int:
+    """Start every piece, then watch them until one dies (1) or the first signal (0)."""
+    from mesh.devstack.stack import StackError
+
+    config = stack.config
     try:
         print(f"sluice up: starting in {config.run_dir.resolve()} (logs in {config.run_dir / 'logs'})", flush=True)
         started = time.monotonic()
@@ -82,22 +92,14 @@ def run_up(args: argparse.Namespace) -> int:
             dead = stack.check()
             if dead is not None:
                 print(f"sluice up: {dead.name} exited unexpectedly; last lines of {dead.log_path}:\n{dead.tail()}")
-                code = 1
-                break
+                return 1
             time.sleep(0.5)
     except StackError as exc:
         print(f"sluice up: {exc}")
-        code = 1
+        return 1
     except KeyboardInterrupt:
         print("\nsluice up: stopping (gateway, services, etcd) ...", flush=True)
-        code = 0
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the stop short
-        stack.stop()
-        stack.release()
-        signal.signal(signal.SIGTERM, previous)
-        print("sluice up: stopped", flush=True)
-    return code
+        return 0
 
 
 def _status(stack: Any) -> str:

@@ -34,13 +34,15 @@ _CLI_KEY = "cli"
 
 
 def cli(*, flag: str | None = None, metavar: str | None = None, repeat: bool = False,
-        hidden: bool = False) -> dict[str, Any]:
+        hidden: bool = False, deprecated: Sequence[str] = ()) -> dict[str, Any]:
     """Command-line details of a settings field, for ``Field(json_schema_extra=cli(...))``.
 
     ``flag`` replaces ``--field-name`` (``--etcd`` for ``endpoints``); ``repeat`` makes the flag
-    repeatable, collecting a list; ``hidden`` leaves the field to the environment only.
+    repeatable, collecting a list; ``hidden`` leaves the field to the environment only;
+    ``deprecated`` are old spellings still accepted (and not shown).
     """
-    return {_CLI_KEY: {"flag": flag, "metavar": metavar, "repeat": repeat, "hidden": hidden}}
+    return {_CLI_KEY: {"flag": flag, "metavar": metavar, "repeat": repeat, "hidden": hidden,
+                       "deprecated": list(deprecated)}}
 
 
 def _details(info: FieldInfo) -> dict[str, Any]:
@@ -117,6 +119,8 @@ def add_settings_flags(container: argparse._ActionsContainer, model: type[BaseMo
         elif annotation not in (str, SecretStr) and get_origin(annotation) not in (list, dict):
             raise TypeError(f"{model.__name__}.{name}: no command-line form for {annotation!r}; declare cli(...)")
         container.add_argument(flag, **kwargs)
+        for old in details.get("deprecated", ()):
+            container.add_argument(old, **{**kwargs, "help": argparse.SUPPRESS})
         added.append(name)
     return tuple(added)
 
@@ -153,8 +157,9 @@ class _Signals:
     """The first SIGINT/SIGTERM asks the component to stop; a second one forces the exit (as
     uvicorn does), for a shutdown that hangs or takes longer than whoever pressed Ctrl-C wants."""
 
-    def __init__(self, on_first: Callable[[], object]) -> None:
+    def __init__(self, on_first: Callable[[], object], on_force: Callable[[], object] | None = None) -> None:
         self._on_first = on_first
+        self._on_force = on_force
         self._seen = False
         self._previous: dict[int, Any] = {}
 
@@ -170,6 +175,8 @@ class _Signals:
     def _handle(self, signum: int, _frame: object) -> None:
         if self._seen:
             print(f"\n{signal.Signals(signum).name} again: forcing exit", file=sys.stderr, flush=True)
+            if self._on_force is not None:
+                self._on_force()
             os._exit(128 + signum)
         self._seen = True
         self._on_first()
@@ -179,25 +186,26 @@ def _raise_interrupt() -> None:
     raise KeyboardInterrupt
 
 
-async def _until_stopped(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int | None:
+async def _until_stopped(main: Callable[[asyncio.Event], Awaitable[int | None]],
+                         on_force: Callable[[], object] | None) -> int | None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     # Signal handlers run between bytecodes of the loop's thread; call_soon_threadsafe also wakes
     # a loop that sleeps in select().
-    with _Signals(lambda: loop.call_soon_threadsafe(stop.set)):
+    with _Signals(lambda: loop.call_soon_threadsafe(stop.set), on_force):
         return await main(stop)
 
 
 def run_component(command: str, main: Callable[[asyncio.Event], Awaitable[int | None]] | Callable[[], int],
                   *, log: LogSettings | None = None, log_levels: str | None = None,
-                  errors: Mapping[type[BaseException], int] | Sequence[tuple[type[BaseException], int]] = ()
-                  ) -> int:
+                  errors: Mapping[type[BaseException], int] | Sequence[tuple[type[BaseException], int]] = (),
+                  on_force: Callable[[], object] | None = None) -> int:
     """Run one component process: configure logging from ``log``, run ``main``, return the exit code.
 
     An async ``main`` gets an event set by the first SIGINT/SIGTERM and should return soon after;
     a plain ``main`` sees the first signal as :class:`KeyboardInterrupt`. A second signal forces the
-    exit. An exception of a type in ``errors`` is one line on stderr and its exit code; ``main``
-    returning None means 0.
+    exit, after ``on_force`` (e.g. killing child processes). An exception of a type in ``errors`` is
+    one line on stderr and its exit code; ``main`` returning None means 0.
     """
     table = list(errors.items()) if isinstance(errors, Mapping) else list(errors)
     if log is not None:
@@ -209,9 +217,9 @@ def run_component(command: str, main: Callable[[asyncio.Event], Awaitable[int | 
     try:
         code: int | None
         if inspect.iscoroutinefunction(main):
-            code = asyncio.run(_until_stopped(cast(Callable[[asyncio.Event], Awaitable[int | None]], main)))
+            code = asyncio.run(_until_stopped(cast(Callable[[asyncio.Event], Awaitable[int | None]], main), on_force))
         else:
-            with _Signals(_raise_interrupt):
+            with _Signals(_raise_interrupt, on_force):
                 code = cast(Callable[[], int], main)()
     except KeyboardInterrupt:
         return 130
