@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from services.settings import ServiceSettings, load_settings
 
     flags = given_flags(args, ServiceSettings.model_fields)
-    if args.endpoints is not None and "registry" not in flags:
-        flags["registry"] = True  # --etcd alone means: register there
+    if args.endpoints is not None and "register_in_etcd" not in flags:
+        flags["register_in_etcd"] = True  # --etcd alone means: register there
     try:
         settings = load_settings(flags, args.config)
         etcd = settings_from_args(args)

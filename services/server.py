@@ -63,13 +63,13 @@ def _reflection_pool() -> None:
 class ModelServer:
     def __init__(self, settings: ServiceSettings, etcd: EtcdSettings | None = None) -> None:
         self.settings = settings
-        self.etcd = etcd if settings.registry else None
+        self.etcd = etcd if settings.register_in_etcd else None
         self.registration: Registration | None = None
         self.catalog = ModelCatalog()
         self.metrics = ServiceMetrics(arrivals=self.catalog.arrivals)
         self.manager = ModelManager(settings.repo, self.catalog, self.metrics,
                                     load_threads=settings.load_threads, drain_timeout=settings.drain_timeout,
-                                    retire_delay=settings.deregister_grace if settings.registry else 0.0,
+                                    retire_delay=settings.deregister_grace if settings.register_in_etcd else 0.0,
                                     repository_control=settings.repository_control)
         self.manager.on_ready.append(self._on_ready)
         self.manager.on_retire.append(self._on_retire)
@@ -143,7 +143,7 @@ class ModelServer:
         # Liveness first (the port answers while models load), readiness once loaded.
         self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
-        if self.settings.registry:
+        if self.settings.register_in_etcd:
             # Registered versions must be reachable, so registration starts once the port is bound.
             self.registration = Registration(s, self.etcd or EtcdSettings(), self.port)
             self.manager.on_ready.append(self.registration.on_ready)

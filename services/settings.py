@@ -6,11 +6,17 @@ its attribute docstring is the flag's help.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from mesh.observability.component import cli
+
+OLD_REGISTER_ENV = "SLUICE_REGISTRY"
+"""The old environment name of ``register_in_etcd``, still read by :func:`load_settings`."""
 
 
 class ServiceSettings(BaseSettings):
@@ -63,8 +69,9 @@ class ServiceSettings(BaseSettings):
     repository_control: bool = False
     """Allow RepositoryModelLoad / RepositoryModelUnload (an admin surface: any client could take
     a model offline). Off, as in Triton's default model-control mode: they answer PERMISSION_DENIED."""
-    registry: bool = False
-    """Register served versions in etcd (connection: the SLUICE_ETCD_… settings / --etcd flags)."""
+    register_in_etcd: bool = Field(False, json_schema_extra=cli(deprecated=["--registry"]))
+    """Register served versions in etcd (implied by --etcd; connection: the SLUICE_ETCD_… settings /
+    --etcd flags). Was ``registry`` (still accepted as --registry, SLUICE_REGISTRY, ``registry:``)."""
     advertise_address: str | None = None
     """host:port the gateway should use for this process (default: host:port, or this host's
     address when listening on 0.0.0.0)."""
@@ -90,6 +97,16 @@ class ServiceSettings(BaseSettings):
     def stream_limit(self) -> int:
         """The bound on open streams: max_streams, or half of max_concurrency."""
         return self.max_concurrency // 2 if self.max_streams is None else self.max_streams
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        # ``registry`` was this setting's name (in --config files and keyword arguments).
+        if isinstance(data, dict) and "registry" in data:
+            data = dict(data)
+            old = data.pop("registry")
+            data.setdefault("register_in_etcd", old)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -122,6 +139,9 @@ def load_settings(flags: dict[str, Any], config_file: Path | None = None) -> Ser
     values: dict[str, Any] = {}
     if config_file is not None:
         values.update(YamlConfigSettingsSource(ServiceSettings, yaml_file=config_file)())
-    values.update(EnvSettingsSource(ServiceSettings)())
+    environment = EnvSettingsSource(ServiceSettings)()
+    if "register_in_etcd" not in environment and OLD_REGISTER_ENV in os.environ:
+        environment["register_in_etcd"] = os.environ[OLD_REGISTER_ENV]
+    values.update(environment)
     values.update({k: v for k, v in flags.items() if v is not None})
     return ServiceSettings.model_validate(values)

@@ -145,7 +145,7 @@ def test_model_pods_probe_the_grpc_health_service_and_drain(objects: list[dict[s
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert grace > sleep + float(env["SLUICE_DEREGISTER_GRACE"]) + float(env["SLUICE_GRACE_PERIOD"])
-        assert env["HOME"] == "/tmp" and env["SLUICE_REGISTRY"] == "true"
+        assert env["HOME"] == "/tmp" and env["SLUICE_REGISTER_IN_ETCD"] == "true"
         mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
         assert f"/models/{labels['app']}/{labels['sluice.io/version']}" in mounts
 
