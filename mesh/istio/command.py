@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
 
 
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         settings = MeshSyncSettings(**given_flags(args, MeshSyncSettings.model_fields))
         etcd = settings_from_args(args)
     except (ValidationError, ValueError) as exc:
-        return fail("mesh-sync", f"invalid settings: {one_line(exc)}", 2)
+        # stdout, as it always was for this command (scripts and tests read it there)
+        return fail("mesh-sync", f"invalid settings: {one_line(exc)}", 2, file=sys.stdout)
 
     async def main(stop: asyncio.Event) -> None:
         await run_mesh_sync(settings, etcd, stop)

@@ -22,7 +22,7 @@ import sys
 import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union, cast, get_args, get_origin
+from typing import Any, Literal, Protocol, TextIO, Union, cast, get_args, get_origin
 
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
@@ -138,9 +138,9 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def fail(command: str, message: str, code: int) -> int:
-    """Print ``sluice <command>: <message>`` as one line on stderr and return ``code``."""
-    print(f"sluice {command}: {message}", file=sys.stderr, flush=True)
+def fail(command: str, message: str, code: int, *, file: TextIO | None = None) -> int:
+    """Print ``sluice <command>: <message>`` as one line on stderr (or ``file``) and return ``code``."""
+    print(f"sluice {command}: {message}", file=file or sys.stderr, flush=True)
     return code
 
 
