@@ -82,14 +82,19 @@ def gateway_prefix(request: pytest.FixtureRequest) -> str:
     return f"/sluice-gw-{request.module.__name__.rpartition('.')[2].replace('_', '-')}/"
 
 
-@pytest.fixture(scope="module")
-def gateway(shared_etcd: EtcdServer, gateway_prefix: str,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    handle = start_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway"))
+def running_gateway(shared_etcd: EtcdServer, prefix: str, directory: Path) -> Iterator[GatewayHandle]:
+    """A gateway process for a fixture to yield (``yield from``); stopped when the fixture ends."""
+    handle = start_gateway(shared_etcd, prefix, directory)
     try:
         yield handle
     finally:
         handle.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(shared_etcd: EtcdServer, gateway_prefix: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    yield from running_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway"))
 
 
 def record(schema: KeySchema, service: ServiceHandle, version: int, instance_id: str, *,

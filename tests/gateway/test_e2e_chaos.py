@@ -48,6 +48,7 @@ from mesh.registry.state import set_weights
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess
 from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.gateway.test_e2e_routing import read_status, wait_status
 from tests.gateway.traffic import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(150)]
@@ -223,22 +224,8 @@ async def test_chaos_under_load_costs_no_request(
     gw, envoy = gateway
     started = time.monotonic()
 
-    async def status() -> StatusDocument | None:
-        kv = await client.get(schema.status("iris"))
-        return None if kv is None else StatusDocument.from_json(kv.value)
-
-    async def wait_status(predicate: Callable[[StatusDocument], bool], what: str) -> StatusDocument:
-        found: list[StatusDocument] = []
-
-        async def check() -> bool:
-            doc = await status()
-            if doc is not None and predicate(doc):
-                found.append(doc)
-                return True
-            return False
-
-        await eventually(check, STEP_TIMEOUT_S, what)
-        return found[-1]
+    async def status_is(predicate: Callable[[StatusDocument], bool], what: str) -> StatusDocument:
+        return await wait_status(client, schema, predicate, what, timeout=STEP_TIMEOUT_S)
 
     async def instances(version: int) -> set[str]:
         found = await client.get_prefix(schema.instances_prefix("iris", version))
@@ -255,15 +242,15 @@ async def test_chaos_under_load_costs_no_request(
 
     async def weights(new: dict[int, int]) -> None:
         await set_weights(client, schema, "iris", new)
-        await wait_status(lambda s: s.effective_weights == {v: w for v, w in new.items() if w} and not s.errors,
-                          f"weights {new} live")
+        await status_is(lambda s: s.effective_weights == {v: w for v, w in new.items() if w} and not s.errors,
+                        f"weights {new} live")
 
     async def run_load_for(seconds: float) -> None:
         before = load.total()
         await asyncio.sleep(seconds)
         assert load.total() > before, f"no request succeeded in {seconds}s of phase {load.phase}"
 
-    await wait_status(lambda s: s.effective_weights == {2: 100}, "both services registered, newest version live")
+    await status_is(lambda s: s.effective_weights == {2: 100}, "both services registered, newest version live")
     assert await instances(1) == await instances(2) == {"a", "b"}
     load = Load(gw.address)
     load.start(CLIENTS)
@@ -294,7 +281,7 @@ async def test_chaos_under_load_costs_no_request(
         load.phase = "drain-version"
         (repos["a"] / "iris" / "1").rename(tmp_path / "retired-1")
         await eventually(lambda: deregistered("a", 1), STEP_TIMEOUT_S, "version 1 deregistered by A")
-        drained = await wait_status(lambda s: s.effective_weights == {2: 30, 3: 40}, "version 1 out of the routes")
+        drained = await status_is(lambda s: s.effective_weights == {2: 30, 3: 40}, "version 1 out of the routes")
         assert any("version 1 has weight 30 but no serving instances" in w for w in drained.warnings), drained
         await eventually(lambda: logged(services["a"], "model_version_unloaded"), STEP_TIMEOUT_S, "A drained version 1")
         await run_load_for(1.0)
@@ -324,7 +311,7 @@ async def test_chaos_under_load_costs_no_request(
 
         await eventually(new_epoch_live, STEP_TIMEOUT_S, "Envoy epoch 1 live")
         await weights({2: 20, 3: 80})  # the controller publishes to, and confirms with, the new Envoy
-        live = await status()
+        live = await read_status(client, schema)
         assert live is not None and live.envoy_config_version == await asyncio.to_thread(gw.routes_version)
         assert envoy.draining_pids == [old_pid]
 
@@ -337,7 +324,7 @@ async def test_chaos_under_load_costs_no_request(
 
         load.phase = "invalid-routing"
         shared_etcd.etcdctl("put", schema.routing("iris"), '{"weights": {"2": -5, "3": 80}}')
-        rejected = await wait_status(lambda s: bool(s.errors), "status error for the invalid document")
+        rejected = await status_is(lambda s: bool(s.errors), "status error for the invalid document")
         assert any("-5" in e for e in rejected.errors), rejected.errors
         assert rejected.effective_weights == {2: 20, 3: 80}
         await run_load_for(1.0)

@@ -176,28 +176,15 @@ async def test_killed_instance_costs_no_request(gateway: GatewayHandle, fleet: F
     await set_weights(client, schema, "iris", {1: 100})
     await wait_status(client, schema, lambda s: s.effective_weights == {1: 100}, "v1 only")
     failures: list[str] = []
-    done = 0
     stop = asyncio.Event()
-
-    async def load() -> None:
-        nonlocal done
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while not stop.is_set():
-                try:
-                    await infer(stub, HEADER)
-                    done += 1
-                except grpc.aio.AioRpcError as exc:
-                    failures.append(f"{exc.code()}: {exc.details()}")
-
-    workers = [asyncio.create_task(load()) for _ in range(8)]
+    load = asyncio.create_task(_load(gateway.address, stop, failures))
     try:
         await asyncio.sleep(1.0)
         fleet.v1[1].process.signal(signal.SIGKILL)
         await asyncio.sleep(4.0)  # health checks and outlier detection take the dead host out meanwhile
     finally:
         stop.set()
-        await asyncio.gather(*workers)
+        done = await load
     assert done > 100
     assert failures == [], failures[:5]
 

@@ -41,7 +41,7 @@ async def read_status(client: EtcdClient, schema: KeySchema, model: str = "iris"
 
 
 async def wait_status(client: EtcdClient, schema: KeySchema, predicate: Callable[[StatusDocument], bool],
-                      what: str, model: str = "iris") -> StatusDocument:
+                      what: str, model: str = "iris", *, timeout: float = PROPAGATION_TIMEOUT_S) -> StatusDocument:
     found: list[StatusDocument] = []
 
     async def check() -> bool:
@@ -51,7 +51,7 @@ async def wait_status(client: EtcdClient, schema: KeySchema, predicate: Callable
             return True
         return False
 
-    await eventually(check, PROPAGATION_TIMEOUT_S, what)
+    await eventually(check, timeout, what)
     return found[-1]
 
 

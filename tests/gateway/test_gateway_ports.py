@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from mesh.ports import free_port
-from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.service import sluice_argv
+from tests.gateway.conftest import running_gateway
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -25,11 +26,7 @@ EXIT_TIMEOUT_S = 60.0
 @pytest.fixture(scope="module")
 def first(shared_etcd: EtcdServer, gateway_prefix: str,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    handle = start_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway-first"))
-    try:
-        yield handle
-    finally:
-        handle.stop()
+    yield from running_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway-first"))
 
 
 @pytest.mark.parametrize(("flag", "what", "hint"), [
