@@ -141,12 +141,12 @@ class _Outcome:
 
 
 class SyncMetrics:
-    """Prometheus counters of one mesh-sync process (own registry: tests run several)."""
+    """Prometheus counters of one mesh-sync process (own Prometheus registry: tests run several)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self.prometheus_registry = CollectorRegistry()
         self.syncs = Counter("sluice_mesh_sync_total", "VirtualService syncs by outcome "
-                             "(patch, hold, in-sync, conflict, error)", ["outcome"], registry=self.registry)
+                             "(patch, hold, in-sync, conflict, error)", ["outcome"], registry=self.prometheus_registry)
 
 
 class MeshSync:
@@ -278,7 +278,7 @@ async def run_mesh_sync(settings: MeshSyncSettings, etcd_settings: EtcdSettings,
     if settings.metrics_port >= 0:
         try:
             prometheus_client.start_http_server(settings.metrics_port, settings.metrics_host,
-                                                registry=metrics.registry)
+                                                registry=metrics.prometheus_registry)
         except OSError as exc:  # taken between the check and now
             raise bind_problem("metrics", settings.metrics_host, settings.metrics_port, flag,
                                exc.strerror or str(exc)) from exc

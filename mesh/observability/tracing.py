@@ -35,7 +35,7 @@ def configure_tracing(service_name: str, endpoint: str | None, sampling_ratio: f
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=insecure),
                                                    schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
-    log.info("tracing on", endpoint=endpoint, sampling_ratio=sampling_ratio, service_name=service_name)
+    log.info("tracing_on", endpoint=endpoint, sampling_ratio=sampling_ratio, service_name=service_name)
     return provider
 
 
