@@ -16,7 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mesh.errors import InvalidNameError
-from mesh.observability.component import cli
+from mesh.observability.component import cli, split_pairs
 from mesh.registry.keys import validate_model_name
 
 
@@ -99,17 +99,7 @@ class GatewaySettings(BaseSettings):
     @field_validator("rate_limits", mode="before")
     @classmethod
     def _split_rate_limits(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [part for part in value.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)):
-            limits: dict[str, Any] = {}
-            for item in value:
-                model, sep, rate = str(item).partition("=")
-                if not sep:
-                    raise ValueError(f"rate limit {item!r} is not MODEL=REQUESTS_PER_SECOND")
-                limits[model.strip()] = rate.strip()
-            return limits
-        return value
+        return split_pairs(value, lambda item: f"rate limit {item!r} is not MODEL=REQUESTS_PER_SECOND")
 
     @field_validator("rate_limits")
     @classmethod

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mesh.errors import InvalidNameError
-from mesh.observability.component import cli
+from mesh.observability.component import cli, split_pairs
 from mesh.registry.keys import validate_model_name
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -53,17 +53,7 @@ class MeshSyncSettings(BaseSettings):
     @field_validator("virtual_services", mode="before")
     @classmethod
     def _split_pairs(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [part for part in value.split(",") if part.strip()]
-        if isinstance(value, (list, tuple)):
-            pairs: dict[str, str] = {}
-            for item in value:
-                model, sep, name = str(item).partition("=")
-                if not sep or not name.strip():
-                    raise ValueError(f"{item!r} is not MODEL=VIRTUALSERVICE")
-                pairs[model.strip()] = name.strip()
-            return pairs
-        return value
+        return split_pairs(value, lambda item: f"{item!r} is not MODEL=VIRTUALSERVICE", need_value=True)
 
     @field_validator("virtual_services")
     @classmethod

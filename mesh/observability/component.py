@@ -125,6 +125,23 @@ def add_settings_flags(container: argparse._ActionsContainer, model: type[BaseMo
     return tuple(added)
 
 
+def split_pairs(value: Any, problem: Callable[[str], str], *, need_value: bool = False) -> Any:
+    """``MODEL=VALUE`` items (a repeated flag's list, or the environment's comma-separated string)
+    as a dict; anything else is returned for the field's own validation. ``problem(item)`` is the
+    message for an item without ``=`` (or, with ``need_value``, with nothing after it)."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        return value
+    pairs: dict[str, str] = {}
+    for item in value:
+        key, sep, rest = str(item).partition("=")
+        if not sep or (need_value and not rest.strip()):
+            raise ValueError(problem(str(item)))
+        pairs[key.strip()] = rest.strip()
+    return pairs
+
+
 def given_flags(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
     """The flags of ``names`` given on the command line (argparse leaves the others ``None``)."""
     return {name: value for name in names if (value := getattr(args, name, None)) is not None}
