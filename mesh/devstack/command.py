@@ -12,20 +12,15 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
+    """Add ``sluice up``, ``env``, ``traces`` and ``down`` to the ``sluice`` parser."""
+    from mesh.devstack.stack import StackConfig
+    from mesh.observability.component import add_settings_flags
+
     up = subparsers.add_parser(
         "up", help="run etcd, model services, the gateway controller and Envoy on this machine",
         description="Start the whole stack on 127.0.0.1 and keep it running until Ctrl-C or SIGTERM. "
                     "Free ports are chosen for anything not given. Logs go to <run-dir>/logs/.")
-    up.add_argument("--repo", type=Path, help="model repository (default: example models in <run-dir>/models)")
-    up.add_argument("--services", type=int, default=2, help="model service processes (default 2)")
-    up.add_argument("--etcd", help="use this etcd (host:port) instead of starting one")
-    up.add_argument("--gateway-port", type=int, help="gateway (Envoy) gRPC port (default: a free port)")
-    up.add_argument("--admin-port", type=int, help="Envoy admin port on 127.0.0.1 (default: a free port)")
-    up.add_argument("--prefix", default="/sluice/", help="etcd key prefix (default /sluice/)")
-    up.add_argument("--run-dir", type=Path, default=Path(".sluice"), help="logs, state, etcd data (default .sluice)")
-    up.add_argument("--start-timeout", type=float, default=90.0, help="seconds each piece gets to become ready")
-    up.add_argument("--traces", action=argparse.BooleanOptionalAction, default=True,
-                    help="record traces of every request in <run-dir>/traces.jsonl (`sluice traces` shows them)")
+    add_settings_flags(up, StackConfig)
     up.set_defaults(func=run_up)
 
     env = subparsers.add_parser(
@@ -45,14 +40,15 @@ def register(subparsers: Any) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     """Start the stack and keep it up until Ctrl-C or SIGTERM (a second one kills it at once)."""
-    from mesh.devstack.stack import LocalStack, StackConfig, StackError
-    from mesh.observability.component import fail, run_component
+    from pydantic import ValidationError
 
-    if args.services < 1:
-        return fail("up", "--services must be at least 1", 2)
-    config = StackConfig(repo=args.repo, services=args.services, etcd=args.etcd, gateway_port=args.gateway_port,
-                         admin_port=args.admin_port, run_dir=args.run_dir, prefix=args.prefix,
-                         start_timeout=args.start_timeout, traces=args.traces)
+    from mesh.devstack.stack import LocalStack, StackConfig, StackError
+    from mesh.observability.component import fail, given_flags, one_line, run_component
+
+    try:
+        config = StackConfig(**given_flags(args, StackConfig.model_fields))
+    except ValidationError as exc:
+        return fail("up", f"invalid settings: {one_line(exc)}", 2)
     stack = LocalStack(config, progress=lambda line: print(line, flush=True))
 
     try:

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from pydantic import BaseModel, ConfigDict, Field
 
+from mesh.observability.component import cli
 from mesh.observability.traces import TraceReceiver
 from mesh.ports import free_port
 from protos.inference import grpc_service_pb2 as pb
@@ -95,17 +97,29 @@ class Child:
             return ""
 
 
-@dataclass
-class StackConfig:
-    repo: Path | None
-    services: int = 2
-    etcd: str | None = None
+class StackConfig(BaseModel):
+    """What ``sluice up`` starts; each field is also its flag (the docstring is the help)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    repo: Path | None = None
+    """Model repository (default: example models in <run-dir>/models)."""
+    services: int = Field(2, ge=1)
+    """Model service processes."""
+    etcd: str | None = Field(None, json_schema_extra=cli(metavar="HOST:PORT"))
+    """Use this etcd instead of starting one."""
     gateway_port: int | None = None
+    """Gateway (Envoy) gRPC port (default: a free port)."""
     admin_port: int | None = None
-    run_dir: Path = Path(".sluice")
+    """Envoy admin port on 127.0.0.1 (default: a free port)."""
     prefix: str = "/sluice/"
-    start_timeout: float = 60.0
+    """etcd key prefix."""
+    run_dir: Path = Path(".sluice")
+    """Logs, state, etcd data."""
+    start_timeout: float = 90.0
+    """Seconds each piece gets to become ready."""
     traces: bool = True
+    """Record traces of every request in <run-dir>/traces.jsonl (`sluice traces` shows them)."""
 
 
 @dataclass
