@@ -117,8 +117,8 @@ def scan(repo: Path) -> RepositoryScan:
 
 
 def snapshot(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    """(relative path, size, mtime) of every file below ``directory``: equal snapshots taken a
-    quiet interval apart mean nobody is writing there."""
+    """(relative path, size, mtime) of every file below ``directory``: equal snapshots mean the
+    same files (a version that failed to load is tried again only once its snapshot changes)."""
     entries: list[tuple[str, int, int]] = []
     if not directory.exists():
         return ()
