@@ -24,6 +24,8 @@ from tests.charts.helpers import (
     CHART,
     CI_VALUES,
     GOLDEN,
+    NAMESPACE,
+    RELEASE,
     HelmUnavailableError,
     documents,
     helm,
@@ -284,3 +286,21 @@ def test_invalid_values_fail_with_a_clear_message(sets: list[str], message: str)
     result = helm(*template_args(None, *sets), check=False)
     assert result.returncode != 0, f"rendered although invalid: {sets}"
     assert message in result.stderr, result.stderr
+
+
+def test_default_values_say_what_to_set_instead_of_crashing_in_the_notes() -> None:
+    """The default values list no model; NOTES.txt names the first model, so it renders nothing
+    then (it crashed lint with an index error before), and install says what to set."""
+    lint = helm("lint", "--strict", str(CHART), check=False)
+    assert "NOTES.txt" not in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+    assert "index out of range" not in lint.stdout + lint.stderr
+    install = helm("install", "--dry-run=client", RELEASE, str(CHART), "--namespace", NAMESPACE, check=False)
+    assert install.returncode != 0
+    assert "models: list at least one model" in install.stderr, install.stderr
+
+
+def test_notes_name_the_first_model() -> None:
+    install = helm("install", "--dry-run=client", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                   "-f", str(CHART / "ci" / "canary.yaml"))
+    notes = install.stdout.partition("NOTES:")[2]
+    assert "sluice status" in notes and "sluice weights set" in notes, notes
