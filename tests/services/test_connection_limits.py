@@ -44,6 +44,9 @@ class NonReadingClient:
         self.refused: list[int] = []
         self.data_frames = 0
         self._lock = threading.Lock()
+        # gRPC enforces its stream limit once the client acknowledged the SETTINGS that announce it:
+        # calls sent before that ACK may all be accepted (seen on a loaded machine).
+        self._settings_acked = threading.Event()
         self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
                           + _frame(SETTINGS, 0, 0, struct.pack(">HI", INITIAL_WINDOW_SIZE, 0)))
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -73,12 +76,15 @@ class NonReadingClient:
                 try:  # the connection stays healthy: settings and pings are acknowledged
                     if kind == SETTINGS and not flags & ACK:
                         self.sock.sendall(_frame(SETTINGS, ACK, 0, b""))
+                        self._settings_acked.set()
                     elif kind == PING and not flags & ACK:
                         self.sock.sendall(_frame(PING, ACK, 0, payload))
                 except OSError:
                     return
 
     def open_calls(self, count: int) -> None:
+        if not self._settings_acked.wait(10.0):
+            raise AssertionError("the service sent no HTTP/2 SETTINGS within 10 s")
         headers = b"".join(_literal(n, v) for n, v in (
             (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
             (":authority", "127.0.0.1"), ("content-type", "application/grpc"), ("te", "trailers")))
