@@ -6,8 +6,9 @@ sluice speaks the KServe v2 / Triton gRPC protocol, so any Triton client works::
     python examples/client.py --url 127.0.0.1:8001 --version 1      # iris version 1 (LogisticRegression)
     python examples/client.py --url 127.0.0.1:8001 --model mlp      # 3 random rows through the tiny MLP
 
-Exit status: 0 on success, 2 if the server cannot be reached or is not ready, 3 if the model is not
-ready, 4 if the inference call fails.
+Exit status: 0 on success, 2 if the server cannot be reached or is not ready, 3 if the model or
+version is unknown or not ready (gRPC NOT_FOUND or INVALID_ARGUMENT, from any call: through the
+gateway even the server checks carry the model's headers), 4 if the inference call fails.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ IRIS_ROWS = np.array(
 )
 IRIS_CLASSES = ("setosa", "versicolor", "virginica")
 
+EXIT_UNREACHABLE = 2
+EXIT_MODEL = 3
+EXIT_INFER = 4
+# A gateway that answers is reachable: these codes name the model or version, whatever the call.
+MODEL_CODES = frozenset({"StatusCode.NOT_FOUND", "StatusCode.INVALID_ARGUMENT"})
+UNREACHABLE_CODES = frozenset({None, "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"})
+
 NUMPY_DTYPES: dict[str, Any] = {
     "FP32": np.float32,
     "FP64": np.float64,
@@ -42,6 +50,17 @@ NUMPY_DTYPES: dict[str, Any] = {
 def _fail(code: int, message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _call_failed(exc: InferenceServerException, stage_code: int, what: str) -> int:
+    """The documented exit code for a failed call: by its gRPC code first, else by the stage."""
+    status = exc.status()
+    if status in MODEL_CODES:
+        return _fail(EXIT_MODEL, f"{what}: {exc.message()} ({status})")
+    if stage_code == EXIT_UNREACHABLE and status not in UNREACHABLE_CODES:
+        # It answered: not "unreachable", but not usable either.
+        return _fail(EXIT_UNREACHABLE, f"{what}: the server answers with an error ({status}: {exc.message()})")
+    return _fail(stage_code, f"{what}: {exc.message()} ({status or 'no status'})")
 
 
 def _make_inputs(model: str, metadata: Any, rows: int, seed: int) -> list[grpcclient.InferInput]:
@@ -99,43 +118,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = grpcclient.InferenceServerClient(url=args.url)
     except InferenceServerException as exc:
-        return _fail(2, f"cannot create a client for {args.url}: {exc}")
+        return _fail(EXIT_UNREACHABLE, f"cannot create a client for {args.url}: {exc}")
 
     # Through the sluice gateway (Envoy) these headers pick the route; a service ignores them.
     headers = {"x-model-name": args.model}
     if args.version:
         headers["x-model-version"] = args.version
     with client:
+        what = f"server at {args.url}"
         try:
             live = client.is_server_live(client_timeout=args.timeout, headers=headers)
             ready = client.is_server_ready(client_timeout=args.timeout, headers=headers)
         except InferenceServerException as exc:
-            return _fail(
-                2,
-                f"server at {args.url} is unreachable ({exc.status() or 'no status'}: {exc.message()}).\n"
-                "       Is it running? e.g. `sluice serve --repo DIR --port 8001`",
-            )
+            if exc.status() in UNREACHABLE_CODES:
+                return _fail(EXIT_UNREACHABLE, f"{what} is unreachable ({exc.status() or 'no status'}: "
+                                               f"{exc.message()}).\n"
+                                               "       Is it running? e.g. `sluice serve --repo DIR --port 8001`")
+            return _call_failed(exc, EXIT_UNREACHABLE, f"model {args.model!r} through {args.url}")
         if not (live and ready):
-            return _fail(2, f"server at {args.url} answers but is not ready (live={live}, ready={ready})")
+            return _fail(EXIT_UNREACHABLE, f"{what} answers but is not ready (live={live}, ready={ready})")
         print(f"server {args.url}: live, ready")
 
         shown_version = args.version or "latest"
         try:
             model_ready = client.is_model_ready(args.model, args.version, client_timeout=args.timeout, headers=headers)
         except InferenceServerException as exc:
-            return _fail(3, f"model readiness check failed: {exc.message()}")
+            return _call_failed(exc, EXIT_MODEL, "model readiness check failed")
         if not model_ready:
-            return _fail(3, f"model {args.model!r} version {shown_version} is not ready (or unknown)")
+            return _fail(EXIT_MODEL, f"model {args.model!r} version {shown_version} is not ready (or unknown)")
         try:
             metadata = client.get_model_metadata(args.model, args.version, client_timeout=args.timeout, headers=headers)
         except InferenceServerException as exc:
-            return _fail(3, f"cannot read metadata of {args.model!r}: {exc.message()}")
+            return _call_failed(exc, EXIT_MODEL, f"cannot read metadata of {args.model!r}")
         print(f"model {metadata.name!r} versions {list(metadata.versions)} ready ({metadata.platform})")
 
         try:
             inputs = _make_inputs(args.model, metadata, args.rows, args.seed)
         except ValueError as exc:
-            return _fail(4, str(exc))
+            return _fail(EXIT_INFER, str(exc))
         # Ask for every output the metadata lists (none listed: the server sends all of them).
         outputs = [grpcclient.InferRequestedOutput(o.name) for o in metadata.outputs] or None
         try:
@@ -148,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 headers=headers,
             )
         except InferenceServerException as exc:
-            return _fail(4, f"inference failed ({exc.status()}): {exc.message()}")
+            return _fail(EXIT_INFER, f"inference failed ({exc.status()}): {exc.message()}")
         response = result.get_response()
         print(f"response from {response.model_name!r} version {response.model_version or '?'}:")
         _print_result(args.model, result)

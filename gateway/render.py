@@ -21,7 +21,7 @@ from gateway.snapshot import (
     cluster_name,
     eds_file,
 )
-from mesh.protocol import MODEL_HEADER, VERSION_HEADER, health_service_name
+from mesh.protocol import MODEL_HEADER, VERSION_HEADER, VERSION_PATTERN, VERSION_RULE, health_service_name
 from mesh.registry.records import InstanceState, RoutingDocument
 from mesh.registry.state import ModelState, RegistryState, resolve_weights
 
@@ -95,6 +95,7 @@ def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPla
         errors=tuple(list(plan.errors) + extra_errors),
         routing_source=source,
         routing=routing,
+        routing_revision=model.routing_revision,
     )
 
 
@@ -330,7 +331,7 @@ def _grpc_error(code: int, message: str) -> Resource:
 
 
 def _match(name: str | None = None, version: int | None = None, version_present: bool = False,
-           name_present: bool = False) -> Resource:
+           name_present: bool = False, version_invalid: bool = False) -> Resource:
     headers: list[Resource] = []
     if name is not None:
         headers.append({"name": MODEL_HEADER, "string_match": {"exact": name}})
@@ -338,8 +339,12 @@ def _match(name: str | None = None, version: int | None = None, version_present:
         headers.append({"name": MODEL_HEADER, "present_match": True})
     if version is not None:
         headers.append({"name": VERSION_HEADER, "string_match": {"exact": str(version)}})
-    if version_present:
+    if version_present or version_invalid:
         headers.append({"name": VERSION_HEADER, "present_match": True})
+    if version_invalid:
+        # Envoy's safe_regex matches the whole value; an absent header never matches, inverted or not.
+        headers.append({"name": VERSION_HEADER, "string_match": {"safe_regex": {"regex": VERSION_PATTERN}},
+                        "invert_match": True})
     match: Resource = {"prefix": "/"}
     if headers:
         match["headers"] = headers
@@ -412,6 +417,10 @@ def _model_routes(name: str, plan: ModelPlan, serving: list[int], options: Rende
     for version in serving:
         add({"name": f"{name}/pin/v{version}", "match": _match(header_name, version),
              "route": _route_action(name, {version: 1}, None, options)})
+    # After the pins, which match canonical versions only: anything else in the header is not a
+    # version at all, INVALID_ARGUMENT as the service answers it (not "no such version").
+    routes.append({"name": f"{name}/pin/invalid", "match": _match(header_name, version_invalid=True),
+                   **_grpc_error(GRPC_INVALID_ARGUMENT, f"{VERSION_HEADER} must be {VERSION_RULE}")})
     listed = ", ".join(str(v) for v in serving) or "none"
     routes.append({"name": f"{name}/pin/unknown", "match": _match(header_name, version_present=True),
                    **_grpc_error(GRPC_NOT_FOUND, f"model {name!r} has no serving instances of the version in "

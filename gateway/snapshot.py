@@ -127,6 +127,8 @@ class ModelPlan:
     ``none`` (no routing document: newest serving version)."""
     routing: RoutingDocument | None = None
     """The routing document in force (the last good one while the current one is invalid)."""
+    routing_revision: int = 0
+    """mod_revision of the model's routing key when this plan was made (0: no document)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,10 @@ _MODEL_RE: Final = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
 # A version is a positive integer in canonical form: no sign, no leading zero, at most 18 digits
 # (fits an int64 everywhere it travels).
 VERSION_RULE: Final = "a positive integer without sign or leading zeros (at most 18 digits)"
-_VERSION_RE: Final = re.compile(r"[1-9][0-9]{0,17}")
+VERSION_PATTERN: Final = r"[1-9][0-9]{0,17}"
+"""The version rule as a regular expression matching a whole string (Python re and RE2 alike: the
+gateway renders it into Envoy's header matchers)."""
+_VERSION_RE: Final = re.compile(VERSION_PATTERN)
 
 # Client strings (names, ids, parameters) are clipped to this many characters wherever they are
 # stored, logged or echoed back in an error message.

@@ -138,6 +138,8 @@ class _Outcome:
     patched: bool
     warnings: list[str]
     errors: list[str]
+    model: ModelState
+    """The registry's view of the model that was synced (its routing document and revision)."""
 
 
 class SyncMetrics:
@@ -239,7 +241,7 @@ class MeshSync:
                        errors=plan.errors)
             break
         return await self._report(model, _Outcome(name, revision, effective, resource_version, patched, warnings,
-                                                  errors))
+                                                  errors, model_state))
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -256,6 +258,11 @@ class MeshSync:
             published_at=published,
             warnings=outcome.warnings,
             errors=outcome.errors,
+            # An invalid document leaves the VirtualService's weights (the last good ones) in place.
+            routing=outcome.model.routing,
+            routing_revision=outcome.model.routing_revision,
+            routing_source=("document" if outcome.model.routing is not None else
+                            "last-good" if outcome.model.routing_error is not None else "none"),
         )
         await self.control.status.write({model: status}, self.state)
         return status

@@ -2,7 +2,9 @@
 
 Every etcd flag maps 1:1 to a field of :class:`mesh.registry.settings.EtcdSettings`; what a flag leaves
 unset comes from ``SLUICE_ETCD_…`` in the environment, then the default. Errors are one line on
-stderr with exit code 1 (etcd unreachable, invalid document, lost compare-and-swap).
+stderr with exit code 1 (etcd unreachable, invalid document, lost compare-and-swap, a model that
+never registered, ``--wait`` timed out); exit code 3: ``--wait`` saw the gateway apply the change
+with differences (a weighted version without instances, a fallback), said on stderr.
 """
 
 from __future__ import annotations
@@ -23,19 +25,23 @@ from mesh.observability import logging as sluice_logging
 from mesh.observability.component import add_settings_flags, given_flags, one_line
 from mesh.registry.etcd.client import EtcdClient
 from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceState, RoutingDocument, StatusDocument
 from mesh.registry.settings import EtcdSettings
 from mesh.registry.state import (
     ModelState,
     RegistryState,
     RoutingChange,
+    RoutingDeletion,
+    delete_routing,
     get_routing,
     load_state,
     promote,
-    resolve_weights,
     set_weights,
 )
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
+EXIT_APPLIED_WITH_DIFFERENCES = 3
+"""``--wait``: the gateway rendered the change, but what it serves differs from the document."""
 ETCD_SERVICE_ONLY = ("lease_ttl",)
 ETCD_FLAGS = tuple(name for name in EtcdSettings.model_fields if name not in ETCD_SERVICE_ONLY)
 
@@ -53,57 +59,90 @@ def _output_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="table", help="output format")
 
 
+def _wait_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait until the gateway has rendered this routing revision and report what it "
+                             "serves: exit 0 if as written, 3 if with differences (said on stderr), 1 on "
+                             "timeout (default 0: do not wait)")
+
+
+def _force_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="write even if MODEL has never registered (no instances, no gateway status): "
+                             "routing prepared before its first instance starts")
+
+
 def register(subparsers: Any) -> None:
     common = etcd_flags()
 
-    models = subparsers.add_parser("models", parents=[common], help="list the models in the registry")
+    models = subparsers.add_parser(
+        "models", parents=[common], help="list the models in the registry",
+        description="Per model: the versions with registered instances, INSTANCES = distinct instance ids "
+                    "(service processes; one process serving two versions counts once), and whether a "
+                    "routing document exists.")
     _output_flag(models)
     models.set_defaults(func=lambda args: _run(args, _models))
 
     status = subparsers.add_parser(
         "status", parents=[common], help="versions, instances and weights of models",
         description="Per model and version: instances (address, state, age), the configured weight "
-                    "(routing document), the effective weight (what the gateway applied), last error.",
+                    "(routing document), the effective weight (what the gateway applied), last error; "
+                    "below the table, per model: the routing revision the gateway rendered, its "
+                    "warnings and errors, and versions that failed to load with their reasons.",
     )
-    status.add_argument("model", nargs="?", help="only this model")
+    status.add_argument("model", nargs="?", help="only this model (default: every model)")
     _output_flag(status)
     status.set_defaults(func=lambda args: _run(args, _status))
 
-    weights = subparsers.add_parser("weights", help="read or change a model's traffic split")
-    actions = weights.add_subparsers(dest="action", metavar="ACTION")
+    weights = subparsers.add_parser("weights", help="read or change a model's traffic split",
+                                    description="Read, set or delete the routing document of a model.")
+    actions = weights.add_subparsers(dest="action", metavar="ACTION", help="what to do")
     actions.required = True
 
     get = actions.add_parser("get", parents=[common], help="show the routing document of MODEL")
-    get.add_argument("model")
+    get.add_argument("model", help="model name")
     _output_flag(get)
     get.set_defaults(func=lambda args: _run(args, _weights_get))
 
     set_ = actions.add_parser(
         "set", parents=[common], help="set the weights of MODEL, e.g. 1=90 2=10",
         description="Replace the weights with one compare-and-swap transaction: if anyone changed "
-                    "the routing document meanwhile, nothing is written and the exit code is 1.",
+                    "the routing document meanwhile, nothing is written and the exit code is 1. "
+                    "A model that has never registered is refused unless --force.",
     )
-    set_.add_argument("model")
-    set_.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT")
+    set_.add_argument("model", help="model name")
+    set_.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT",
+                      help="relative weight per version (integers >= 0, summing to > 0)")
     set_.add_argument("--sticky-header", help="requests with equal values of this header stick to one "
                                               "version ('' removes it; default: keep)")
     set_.add_argument("--default-version", type=int,
                       help="version taking all traffic when no weighted one serves (0 removes; default: keep)")
     set_.add_argument("--if-revision", type=int, metavar="REV",
                       help="write only if the routing document is still at this revision (0: absent)")
-    set_.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                      help="wait until the gateway reports the new weights as applied (exit 1 on timeout)")
+    _force_flag(set_)
+    _wait_flag(set_)
     set_.set_defaults(func=lambda args: _run(args, _weights_set))
 
     promote_ = actions.add_parser("promote", parents=[common],
                                   help="send all traffic of MODEL to VERSION (weights {VERSION: 100})")
-    promote_.add_argument("model")
-    promote_.add_argument("version")
+    promote_.add_argument("model", help="model name")
+    promote_.add_argument("version", help="the version to take all traffic")
     promote_.add_argument("--if-revision", type=int, metavar="REV",
-                          help="write only if the routing document is still at this revision")
-    promote_.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                          help="wait until the gateway reports the new weights as applied (exit 1 on timeout)")
+                          help="write only if the routing document is still at this revision (0: absent)")
+    _force_flag(promote_)
+    _wait_flag(promote_)
     promote_.set_defaults(func=lambda args: _run(args, _weights_promote))
+
+    delete = actions.add_parser(
+        "delete", parents=[common], help="delete the routing document of MODEL (newest version takes all)",
+        description="Delete the routing document with one compare-and-delete transaction; the gateway "
+                    "then sends all traffic to the newest serving version. Nothing to delete is not "
+                    "an error.")
+    delete.add_argument("model", help="model name")
+    delete.add_argument("--if-revision", type=int, metavar="REV",
+                        help="delete only if the routing document is still at this revision")
+    _wait_flag(delete)
+    delete.set_defaults(func=lambda args: _run(args, _weights_delete))
 
 
 Command = Callable[[argparse.Namespace, EtcdClient, KeySchema], Awaitable[int]]
@@ -154,22 +193,29 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
+def duration(seconds: float) -> str:
+    """Seconds as every command shows them: ``0.42s`` under a minute, else ``3m``, ``2h``, ``5d``."""
+    seconds = max(0.0, seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.0f}s"
 
 
 def _weights_text(weights: dict[int, int]) -> str:
     return " ".join(f"{v}={w}" for v, w in sorted(weights.items())) or "(none)"
 
 
+def _instance_ids(model: ModelState) -> set[str]:
+    return {instance_id for records in model.instances.values() for instance_id in records}
+
+
 async def _models(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
     state = await load_state(client, schema)
+    # INSTANCES counts processes (distinct instance ids), not records: one process registers one
+    # record per version it serves.
     data: list[dict[str, Any]] = [{"model": m.name, "versions": m.versions(), "serving_versions": m.serving_versions(),
-             "instances": sum(len(r) for r in m.instances.values()), "has_routing": m.routing_revision > 0}
+             "instances": len(_instance_ids(m)), "has_routing": m.routing_revision > 0}
             for m in state.models.values()]
     if args.output != "table":
         _print({"revision": state.revision, "models": data}, args.output)
@@ -181,6 +227,16 @@ async def _models(args: argparse.Namespace, client: EtcdClient, schema: KeySchem
              "yes" if d["has_routing"] else "no"] for d in data]
     print(_table(rows, ["MODEL", "VERSIONS", "INSTANCES", "ROUTING"]))
     return 0
+
+
+def failed_versions(model: ModelState) -> dict[int, list[str]]:
+    """Version → why it failed to load, per instance that registered it as ``failed``."""
+    failed: dict[int, list[str]] = {}
+    for version, records in model.instances.items():
+        for instance_id, record in sorted(records.items()):
+            if record.state is InstanceState.FAILED:
+                failed.setdefault(version, []).append(f"{instance_id}: {record.error or 'no reason given'}")
+    return failed
 
 
 def model_report(model: ModelState, now: float) -> dict[str, Any]:
@@ -203,11 +259,12 @@ def model_report(model: ModelState, now: float) -> dict[str, Any]:
             "instances": [{
                 "instance_id": r.instance_id, "address": r.address, "state": r.state.value,
                 "started": r.started.isoformat(), "age_s": round(now - r.started.timestamp(), 1),
-                "sha256": r.sha256, "labels": r.labels,
+                "sha256": r.sha256, "labels": r.labels, **({"error": r.error} if r.error else {}),
             } for r in model.instances.get(version, {}).values()],
         } for version in versions],
         "warnings": list(model.status.warnings) if model.status else [],
         "errors": errors,
+        "failed_versions": {str(v): reasons for v, reasons in failed_versions(model).items()},
     }
 
 
@@ -224,12 +281,33 @@ def _status_rows(report: dict[str, Any], has_routing: bool) -> list[list[str]]:
             rows.append([
                 report["model"] if first and not rows else "",
                 str(version["version"]) if first else "",
-                f"{inst['address']} {inst['state']} {_age(inst['age_s'])}" if inst else "(no instances)",
+                f"{inst['address']} {inst['state']} {duration(inst['age_s'])}" if inst else "(no instances)",
                 str(weight) if first else "",
                 str(effective) if first else "",
                 last_error if not rows else "",
             ])
     return rows
+
+
+def _status_notes(model: ModelState) -> list[str]:
+    """What the table cannot show: the routing the gateway rendered, its warnings and errors, and
+    the versions that failed to load."""
+    notes: list[str] = []
+    status = model.status
+    if model.routing_error is not None:
+        notes.append(f"routing document (revision {model.routing_revision}) is invalid: {model.routing_error} "
+                     "(the gateway keeps the last good routing)")
+    elif model.routing is None:
+        notes.append("no routing document: all traffic to the newest serving version")
+    if status is not None and model.routing_revision and status.routing_revision != model.routing_revision:
+        notes.append(f"the gateway has not rendered routing revision {model.routing_revision} (its status "
+                     f"answers for revision {status.routing_revision}): is `sluice gateway` running?")
+    notes += [f"warning: {warning}" for warning in (status.warnings if status else [])]
+    notes += [f"error: {error}" for error in (status.errors if status else [])]
+    notes += [f"problem: {problem}" for problem in model.problems]
+    for version, reasons in failed_versions(model).items():
+        notes += [f"version {version} failed to load on {reason}" for reason in reasons]
+    return [f"{model.name}: {note}" for note in notes]
 
 
 async def _status(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
@@ -251,10 +329,8 @@ async def _status(args: argparse.Namespace, client: EtcdClient, schema: KeySchem
     print(_table(rows, ["MODEL", "VERSION", "INSTANCES (address state age)", "WEIGHT", "EFFECTIVE",
                         "LAST ERROR"]))
     for model in models:
-        if model.routing_error is not None:
-            print(f"{model.name}: {model.routing_error} (the gateway keeps the last good routing)")
-        elif model.routing is None:
-            print(f"{model.name}: no routing document: all traffic to the newest serving version")
+        for note in _status_notes(model):
+            print(note)
     return 0
 
 
@@ -296,6 +372,19 @@ def parse_weight_args(pairs: list[str]) -> dict[str, Any]:
     return weights
 
 
+async def unregistered_model_problem(client: EtcdClient, schema: KeySchema, model: str) -> str | None:
+    """Why routing for ``model`` would be a phantom (None when it has registered): no instance is
+    registered and no gateway wrote a status for it, so the name is probably a typo."""
+    state = await load_state(client, schema)
+    found = state.model(model)
+    if found is not None and (found.versions() or found.status is not None or found.status_error is not None):
+        return None
+    known = sorted(name for name, m in state.models.items() if m.versions() or m.status is not None)
+    return (f"model {model!r} has never registered under {schema.models_prefix} (no instances, no gateway "
+            f"status); models: {', '.join(known) or 'none'}. Check the name, or add --force to write its "
+            "routing before its first instance registers")
+
+
 async def _report_change(change: RoutingChange, client: EtcdClient, schema: KeySchema) -> int:
     before = _weights_text(change.before.weights) if change.before else (
         "(invalid document)" if change.before_error else "(no routing document)")
@@ -311,36 +400,86 @@ async def _report_change(change: RoutingChange, client: EtcdClient, schema: KeyS
     return 0
 
 
+async def _guarded(args: argparse.Namespace, client: EtcdClient, schema: KeySchema,
+                   write: Callable[[], Awaitable[RoutingChange]]) -> int:
+    """A routing write as ``set`` and ``promote`` do it: refuse a phantom model, report, wait."""
+    if not args.force:
+        problem = await unregistered_model_problem(client, schema, args.model)
+        if problem is not None:
+            return _fail(problem)
+    change = await write()
+    await _report_change(change, client, schema)
+    if args.wait <= 0:
+        return 0
+    return await _wait_applied(client, schema, change.model, change.revision, timeout=args.wait,
+                               written=change.after)
+
+
 async def _weights_set(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
     weights = parse_weight_args(args.weights)
-    change = await set_weights(client, schema, args.model, weights, sticky_header=args.sticky_header,
-                               default_version=args.default_version, expected_revision=args.if_revision)
-    code = await _report_change(change, client, schema)
-    return await _wait_applied(change, client, schema, args.wait) if args.wait > 0 and code == 0 else code
+    return await _guarded(args, client, schema, lambda: set_weights(
+        client, schema, args.model, weights, sticky_header=args.sticky_header,
+        default_version=args.default_version, expected_revision=args.if_revision))
 
 
 async def _weights_promote(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
-    change = await promote(client, schema, args.model, args.version, expected_revision=args.if_revision)
-    code = await _report_change(change, client, schema)
-    return await _wait_applied(change, client, schema, args.wait) if args.wait > 0 and code == 0 else code
+    return await _guarded(args, client, schema, lambda: promote(
+        client, schema, args.model, args.version, expected_revision=args.if_revision))
 
 
-async def _wait_applied(change: RoutingChange, client: EtcdClient, schema: KeySchema, timeout: float) -> int:
-    """Poll the gateway's status document until its effective weights are what the change asks for."""
+async def _weights_delete(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
+    deletion: RoutingDeletion = await delete_routing(client, schema, args.model, expected_revision=args.if_revision)
+    if deletion.revision == 0:
+        print(f"{args.model}: no routing document: nothing to delete")
+        return 0
+    before = _weights_text(deletion.before.weights) if deletion.before else "(invalid document)"
+    print(f"{args.model}: {before} → (no routing document: all traffic to the newest serving version) "
+          f"(revision {deletion.revision})")
+    if args.wait <= 0:
+        return 0
+    return await _wait_applied(client, schema, args.model, deletion.revision, timeout=args.wait, written=None)
+
+
+def applied_differences(status: StatusDocument, written: RoutingDocument | None) -> list[str]:
+    """Why what the gateway serves differs from the routing document ``written`` (None: deleted),
+    given a status that answers for it; empty when served as written."""
+    reasons = [*status.warnings, *status.errors]
+    if written is not None:
+        wanted = {v: w for v, w in written.weights.items() if w > 0}
+        if status.effective_weights != wanted and not reasons:
+            reasons.append(f"the weights in force are not those written ({_weights_text(wanted)})")
+    return reasons
+
+
+async def _wait_applied(client: EtcdClient, schema: KeySchema, model: str, revision: int, *, timeout: float,
+                        written: RoutingDocument | None) -> int:
+    """Poll the model's status document until the gateway answers for routing ``revision``, then
+    report what it serves: as written (0) or with differences and why (3)."""
     started = time.monotonic()
-    expected: dict[int, int] | None = None
+    status: StatusDocument | None = None
     while time.monotonic() - started < timeout:
-        state = await load_state(client, schema)
-        model = state.model(change.model)
-        if model is not None:
-            expected = resolve_weights(model, change.after).weights
-            status = model.status
-            if status is not None and status.effective_weights == expected:
-                elapsed = (time.monotonic() - started) * 1000
-                print(f"{change.model}: applied by the gateway within {elapsed:.0f} ms "
-                      f"(Envoy config {status.envoy_config_version})")
+        found = (await load_state(client, schema)).model(model)
+        status = found.status if found is not None else None
+        # A deleted document is answered for by revision 0; a newer write supersedes this one.
+        if status is not None and (status.routing_revision >= revision if written is not None
+                                   else status.routing_source == "none"):
+            elapsed = duration(time.monotonic() - started)
+            if written is not None and status.routing_revision > revision:
+                print(f"sluice: error: routing of {model!r} was changed again (revision {status.routing_revision}) "
+                      f"before the gateway reported revision {revision}", file=sys.stderr)
+                return 1
+            differences = applied_differences(status, written)
+            served = _weights_text(dict(status.effective_weights))
+            if not differences:
+                print(f"{model}: applied by the gateway within {elapsed} (Envoy config {status.envoy_config_version}; "
+                      f"effective weights {served})")
                 return 0
+            print(f"{model}: applied with differences within {elapsed}: {'; '.join(differences)}; "
+                  f"effective weights {served}", file=sys.stderr)
+            return EXIT_APPLIED_WITH_DIFFERENCES
         await asyncio.sleep(0.02)
-    print(f"sluice: error: the gateway has not applied {_weights_text(expected or change.after.weights)} to "
-          f"{change.model!r} within {timeout:g}s; is `sluice gateway` running on this etcd prefix?", file=sys.stderr)
+    seen = f" (its status answers for routing revision {status.routing_revision})" if status is not None else ""
+    problems = f"; it reports: {'; '.join(status.errors)}" if status is not None and status.errors else ""
+    print(f"sluice: error: the gateway has not applied routing revision {revision} of {model!r} within "
+          f"{duration(timeout)}{seen}{problems}; is `sluice gateway` running on this etcd prefix?", file=sys.stderr)
     return 1

@@ -32,6 +32,13 @@ class InstanceState(str, enum.Enum):
 
     SERVING = "serving"
     DRAINING = "draining"
+    FAILED = "failed"
+    """The version failed to load in this process (``error`` says why): registered so that
+    ``sluice status`` shows it; never routed to."""
+
+
+ERROR_MAX = 500
+"""Characters of a failed load's reason kept in an instance record (the service logs all of it)."""
 
 
 def _format_validation_error(exc: ValidationError) -> list[str]:
@@ -70,6 +77,8 @@ class InstanceRecord(BaseModel):
     started: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     """When the version started serving; unix seconds or ISO 8601 are accepted, ISO is written."""
     labels: dict[str, str] = Field(default_factory=dict)
+    error: str | None = Field(default=None, max_length=ERROR_MAX)
+    """Why the version failed to load (state ``failed`` only), clipped to :data:`ERROR_MAX`."""
 
     @field_validator("address")
     @classmethod
@@ -246,6 +255,16 @@ class StatusDocument(BaseModel):
     """The routing document in force: the last good one while the current one is invalid. A
     gateway that restarts while the document in etcd is invalid starts from this one instead of
     sending every request to the newest version."""
+    routing_revision: int = 0
+    """mod_revision of the routing document in etcd that this status answers for (0: none). Once
+    it is the revision a write returned, that write was rendered: ``effective_weights`` is what came
+    of it, and ``warnings``/``errors`` say why they differ from the document (``sluice weights set
+    --wait`` reads this)."""
+    routing_source: str = "none"
+    """Where ``routing`` comes from: ``document`` (the one at ``routing_revision``), ``last-good``
+    (the document at ``routing_revision`` is invalid; an earlier one stays in force) or ``none``
+    (no routing document: the gateway sends all traffic to the newest serving version, mesh-sync
+    leaves the VirtualService's weights)."""
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

@@ -247,6 +247,16 @@ class RoutingChange:
     revision: int
 
 
+@dataclass(frozen=True)
+class RoutingDeletion:
+    """The outcome of :func:`delete_routing`; ``revision`` 0: there was no document to delete."""
+
+    model: str
+    before: RoutingDocument | None
+    before_error: str | None
+    revision: int
+
+
 async def get_routing(client: EtcdClient, schema: KeySchema, model: str) -> tuple[RoutingDocument | None, int]:
     """The model's routing document (None if absent) and its mod_revision (0 if absent).
 
@@ -304,6 +314,35 @@ async def set_weights(
         raise ConflictError(f"routing of model {model!r} changed concurrently (revision {mod_revision} → "
                             f"{changed_to}): re-read it and try again")
     return RoutingChange(model, before, before_error, after, revision)
+
+
+async def delete_routing(client: EtcdClient, schema: KeySchema, model: str, *,
+                         expected_revision: int | None = None) -> RoutingDeletion:
+    """Delete the routing document of ``model`` with one compare-and-delete transaction (the
+    newest serving version then takes all traffic). ``expected_revision`` as in :func:`set_weights`;
+    a concurrent write raises :class:`ConflictError`. Deleting an absent document changes nothing."""
+    validate_model_name(model)
+    key = schema.routing(model)
+    current = await client.get(key)
+    if current is None:
+        if expected_revision:
+            raise ConflictError(f"model {model!r} has no routing document, not one at the expected "
+                                f"revision {expected_revision}")
+        return RoutingDeletion(model, None, None, 0)
+    if expected_revision is not None and expected_revision != current.mod_revision:
+        raise ConflictError(f"routing of model {model!r} is at revision {current.mod_revision}, "
+                            f"not the expected {expected_revision}: re-read it and try again")
+    before: RoutingDocument | None = None
+    before_error: str | None = None
+    try:
+        before = parse_routing_document(current.value)
+    except InvalidDocumentError as exc:
+        before_error = str(exc)
+    deleted, revision = await client.delete_if_mod_revision(key, current.mod_revision)
+    if not deleted:
+        raise ConflictError(f"routing of model {model!r} changed concurrently (revision {current.mod_revision} → "
+                            f"{revision}): re-read it and try again")
+    return RoutingDeletion(model, before, before_error, revision)
 
 
 async def promote(client: EtcdClient, schema: KeySchema, model: str, version: int | str, *,

@@ -82,8 +82,8 @@ def test_weighted_clusters_pin_routes_and_order() -> None:
         {"key": "x-model-version", "value": "1"}, {"key": "x-model-version", "value": "2"}]
     # Pins come before the split; the catch-alls for one model come after the header routes (the
     # repository control refusals come first of all).
-    assert route_names(snapshot)[:6] == [*CONTROL_ROUTES, "iris/pin/v1", "iris/pin/v2", "iris/pin/unknown",
-                                         "iris/split"]
+    assert route_names(snapshot)[:7] == [*CONTROL_ROUTES, "iris/pin/v1", "iris/pin/v2", "iris/pin/invalid",
+                                         "iris/pin/unknown", "iris/split"]
     assert [c["name"] for c in routes["iris/pin/v2"]["route"]["weighted_clusters"]["clusters"]] == ["iris.v2"]
     assert {"name": "x-model-version", "string_match": {"exact": "2"}} in routes["iris/pin/v2"]["match"]["headers"]
     assert "default/iris/split" in routes  # one model: no header needed
@@ -93,6 +93,19 @@ def test_weighted_clusters_pin_routes_and_order() -> None:
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [7001, 7002]
     health = snapshot.clusters["iris.v1"]["health_checks"][0]
     assert health["grpc_health_check"] == {"service_name": "iris"}
+
+
+def test_a_version_header_that_is_no_version_is_invalid_argument_after_the_pins() -> None:
+    routes = routes_by_name(render_snapshot(state(*IRIS), {}, OPTIONS))
+    invalid = routes["iris/pin/invalid"]
+    assert invalid["match"]["headers"] == [
+        {"name": "x-model-name", "string_match": {"exact": "iris"}},
+        {"name": "x-model-version", "present_match": True},
+        {"name": "x-model-version", "string_match": {"safe_regex": {"regex": "[1-9][0-9]{0,17}"}},
+         "invert_match": True}]
+    assert invalid["response_headers_to_add"][0]["header"] == {"key": "grpc-status", "value": "3"}
+    assert "x-model-version must be a positive integer" in invalid["direct_response"]["body"]["inline_string"]
+    assert "default/iris/pin/invalid" in routes  # one model: also without x-model-name
 
 
 def test_no_routing_document_sends_all_to_newest_serving_version() -> None:
@@ -226,6 +239,26 @@ def test_status_reports_live_weights_and_failures() -> None:
     assert status.effective_weights == {1: 80, 2: 20} and status.envoy_config_version == live.version
     assert status.applied_revision == 10 and "Envoy rejected it" in status.errors
     assert any("version 3" in w for w in status.warnings)
+
+
+def test_status_names_the_routing_revision_rendered_even_when_no_route_changes() -> None:
+    # {"9": 50} for a version without instances renders what {"2": 100} did: nothing is published,
+    # yet the status must answer for the new document (it named the old one before).
+    live = render_snapshot(state(*IRIS, kv(SCHEMA.routing("iris"), b'{"weights": {"2": 100}}', revision=7)),
+                           {}, OPTIONS)
+    wanted = render_snapshot(state(*IRIS, kv(SCHEMA.routing("iris"), b'{"weights": {"9": 50}}', revision=12),
+                                   revision=12), {}, OPTIONS)
+    assert wanted.content_hash == live.content_hash
+    status = status_documents(wanted, live, None)["iris"]
+    assert status.routing == RoutingDocument.from_weights({9: 50})
+    assert (status.routing_revision, status.routing_source, status.applied_revision) == (12, "document", 12)
+    assert status.effective_weights == {2: 100} and status.envoy_config_version == live.version
+    assert "no weighted version is serving: all traffic to version 2" in status.warnings
+    # A publish that failed leaves the live plan's document and revision in the status.
+    other = render_snapshot(state(*IRIS, kv(SCHEMA.routing("iris"), b'{"weights": {"1": 50}}', revision=13),
+                                  revision=13), {}, OPTIONS)
+    failed = status_documents(other, live, None, failure="Envoy rejected it")["iris"]
+    assert failed.routing_revision == 7 and failed.routing == RoutingDocument.from_weights({2: 100})
 
 
 def test_publish_layout_and_reload_from_disk(tmp_path: Path) -> None:

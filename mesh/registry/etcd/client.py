@@ -288,6 +288,28 @@ class EtcdClient:
             return False, 0, None
         return False, int(current.header.revision), KeyValue.from_etcd(current)
 
+    async def delete_if_mod_revision(self, key: str | bytes, mod_revision: int) -> tuple[bool, int]:
+        """Compare-and-delete: delete only if the key's mod_revision is still ``mod_revision``.
+
+        Returns (deleted, revision of the delete; else the key's mod_revision now, 0 when absent).
+        """
+        raw = _key(key)
+
+        async def txn(client: Any) -> tuple[bool, Any]:
+            tx = client.transactions
+            result: tuple[bool, Any] = await client.transaction(
+                compare=[tx.mod(raw) == mod_revision],
+                success=[tx.delete(raw)],
+                failure=[tx.get(raw)],
+            )
+            return result
+
+        succeeded, responses = await self._call(txn)
+        if succeeded:
+            return True, int(responses[0].response_delete_range.header.revision)
+        current = responses[0][0][1] if responses and responses[0] else None
+        return False, int(KeyValue.from_etcd(current).mod_revision) if current is not None else 0
+
     async def grant_lease(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds; returns its id."""
         lease = await self._call(lambda c: c.lease(ttl))

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mesh.ports import free_port
-from mesh.registry.records import InstanceRecord
+from mesh.registry.command import register
+from mesh.registry.records import InstanceRecord, InstanceState
 from tests.fixtures.etcd import EtcdServer
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -125,3 +128,82 @@ def test_environment_configures_the_connection(shared_etcd: EtcdServer, etcd_pre
     assert [m["model"] for m in json.loads(result.stdout)["models"]] == ["iris"]
     bad = sluice("models", env={"SLUICE_ETCD_ENDPOINTS": "no-port"})
     assert bad.returncode == 1 and "invalid etcd settings" in bad.stderr
+
+
+def put_record(etcd: EtcdServer, prefix: str, record: InstanceRecord) -> None:
+    etcd.etcdctl("put", f"{prefix}models/{record.model}/instances/{record.version}/{record.instance_id}",
+                 record.to_json().decode())
+
+
+def test_routing_for_a_model_that_never_registered_is_refused_unless_forced(
+        flags: list[str], shared_etcd: EtcdServer, etcd_prefix: str) -> None:
+    refused = sluice("weights", "set", "nosuchmodel", "1=100", *flags)
+    assert refused.returncode == 1
+    assert "model 'nosuchmodel' has never registered" in refused.stderr
+    assert "models: iris" in refused.stderr and "--force" in refused.stderr
+    assert shared_etcd.etcdctl("get", f"{etcd_prefix}models/nosuchmodel/routing").stdout == ""
+    assert sluice("weights", "promote", "nosuchmodel", "1", *flags).returncode == 1
+    assert "nosuchmodel" not in sluice("models", *flags).stdout
+
+    forced = sluice("weights", "set", "nosuchmodel", "1=100", "--force", *flags)
+    assert forced.returncode == 0, forced.stderr
+    # A model a gateway reported on (its instances went away) is known: no --force needed.
+    shared_etcd.etcdctl("put", f"{etcd_prefix}models/gone/status", json.dumps({"effective_weights": {}}))
+    assert sluice("weights", "set", "gone", "1=100", *flags).returncode == 0
+
+
+def test_weights_delete_is_a_compare_and_delete(flags: list[str], shared_etcd: EtcdServer, etcd_prefix: str) -> None:
+    assert sluice("weights", "set", "iris", "1=100", *flags).returncode == 0
+    revision = json.loads(sluice("weights", "get", "iris", "-o", "json", *flags).stdout)["revision"]
+    stale = sluice("weights", "delete", "iris", "--if-revision", str(revision - 1), *flags)
+    assert stale.returncode == 1 and f"at revision {revision}, not the expected {revision - 1}" in stale.stderr
+
+    deleted = sluice("weights", "delete", "iris", "--if-revision", str(revision), *flags)
+    assert deleted.returncode == 0, deleted.stderr
+    assert "iris: 1=100 → (no routing document" in deleted.stdout
+    assert shared_etcd.etcdctl("get", f"{etcd_prefix}models/iris/routing").stdout == ""
+    again = sluice("weights", "delete", "iris", *flags)
+    assert again.returncode == 0 and "nothing to delete" in again.stdout
+
+
+def test_models_counts_processes_and_status_shows_warnings_and_failed_loads(
+        flags: list[str], shared_etcd: EtcdServer, etcd_prefix: str) -> None:
+    # pod-a serves versions 1 and 2: one process, two records.
+    put_record(shared_etcd, etcd_prefix, InstanceRecord(address="127.0.0.1:8001", model="iris", version=2,
+                                                        instance_id="pod-a"))
+    put_record(shared_etcd, etcd_prefix, InstanceRecord(
+        address="127.0.0.1:8001", model="iris", version=3, instance_id="pod-a", state=InstanceState.FAILED,
+        error="iris/3/model.onnx: InvalidProtobuf: the file is truncated"))
+    assert sluice("models", *flags).stdout.split("\n")[1].split() == ["iris", "1,2,3", "1", "no"]
+
+    shared_etcd.etcdctl("put", f"{etcd_prefix}models/iris/status", json.dumps(
+        {"effective_weights": {"2": 100}, "warnings": ["version 9 has weight 50 but no serving instances"]}))
+    status = sluice("status", *flags)
+    assert status.returncode == 0, status.stderr
+    assert "127.0.0.1:8001 failed" in status.stdout
+    assert "iris: warning: version 9 has weight 50 but no serving instances" in status.stdout
+    assert ("iris: version 3 failed to load on pod-a: iris/3/model.onnx: InvalidProtobuf: the file is truncated"
+            in status.stdout)
+    report = json.loads(sluice("status", "-o", "json", *flags).stdout)["models"][0]
+    assert report["failed_versions"] == {"3": ["pod-a: iris/3/model.onnx: InvalidProtobuf: the file is truncated"]}
+
+
+def _actions(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+    """Every flag, positional and sub-command (argparse has no public walk of its actions)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield path, choice
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_registry_command_and_flag_has_help() -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    found = list(_actions(parser, "sluice"))
+    missing = [f"{path} {action.dest}" for path, action in found if not (action.help or "").strip()]
+    assert missing == []
+    assert {"sluice weights delete", "sluice weights set"} <= {path for path, _ in found}
