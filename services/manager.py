@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 ReadyHook = Callable[[ServedVersion], Awaitable[None]]
 RetireHook = Callable[[str, int], Awaitable[None]]
+FailedHook = Callable[[str, int, str], Awaitable[None]]
+"""Model, version and reason of a load that failed with no copy of the version serving."""
 LoadCheck = Callable[[OnnxModel], None]
 """Raises ModelLoadError when a loaded version must not be published (e.g. its etcd record would
 be too large); runs on the loop, so it must be cheap."""
@@ -98,6 +100,9 @@ class ModelManager:
         """Whether clients may load and unload models explicitly (an admin surface, off by default)."""
         self.on_ready: list[ReadyHook] = []
         self.on_retire: list[RetireHook] = []
+        self.on_failed: list[FailedHook] = []
+        """Called when a version fails to load and serves nothing; the on_retire hooks follow when
+        the failed version is deleted from the repository."""
         self.load_checks: list[LoadCheck] = []
         self._executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
         self._models: dict[str, _ModelSync] = {}
@@ -228,6 +233,8 @@ class ModelManager:
             for status in [s for s in self.catalog.index() if s.model == name and s.version
                            and s.version not in on_disk and s.state is not VersionState.READY]:
                 self.catalog.forget(name, status.version)  # failed versions that were deleted
+                for hook in self.on_retire:
+                    await hook(name, status.version)
             if not on_disk and not self.catalog.ready_versions(name):
                 log.warning("model_has_no_versions", model=name)
 
@@ -288,6 +295,9 @@ class ModelManager:
                 raise
         except ModelLoadError as exc:
             self._failed(name, version, exc, serving=current is not None)
+            if current is None:
+                for failed_hook in self.on_failed:
+                    await failed_hook(name, version, str(exc))
             return False
         self._cancel_retry(name, version)
         served = ServedVersion.start(model, self.metrics.for_version(name, version), self.catalog.arrivals)

@@ -7,7 +7,8 @@ import socket
 import structlog
 from pydantic import ValidationError
 
-from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.protocol import clip
+from mesh.registry.records import ERROR_MAX, InstanceRecord, InstanceState
 from mesh.registry.registrar import Registrar
 from mesh.registry.settings import EtcdSettings
 from services.errors import ModelLoadError
@@ -61,6 +62,14 @@ class Registration:
         if self._closed:
             return
         await self.registrar.register(self.record(served.model), wait=0)
+
+    async def on_failed(self, name: str, version: int, reason: str) -> None:
+        """Register the failure (state ``failed``, never routed to) so that ``sluice status`` shows it."""
+        if self._closed:
+            return
+        record = InstanceRecord(address=self.address, model=name, version=version, instance_id=self.instance_id,
+                                state=InstanceState.FAILED, error=clip(reason, ERROR_MAX - 40))
+        await self.registrar.register(record, wait=0)
 
     async def on_retire(self, name: str, version: int) -> None:
         if not self._closed:

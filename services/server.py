@@ -147,6 +147,7 @@ class ModelServer:
             # Registered versions must be reachable, so registration starts once the port is bound.
             self.registration = Registration(s, self.etcd or EtcdSettings(), self.port)
             self.manager.on_ready.append(self.registration.on_ready)
+            self.manager.on_failed.append(self.registration.on_failed)
             self.manager.load_checks.append(self.registration.check_record)
             self.manager.on_retire.insert(0, self.registration.on_retire)
             await self.registration.start()

@@ -165,7 +165,13 @@ def test_bad_models_are_refused_alone_and_the_good_one_registers(tmp_path: Path,
     models.write_model(repo, "many_labels", models.identity("FP32"), config={"labels": many})
     service = start_registered(start_service, repo, etcd, "svc-a")
     expected = {"/sluice/models/iris/instances/1/svc-a", "/sluice/models/iris/instances/2/svc-a"}
-    wait_for(lambda: set(instances(etcd)) == expected, 10, "the good model registered")
+    failed = "/sluice/models/many_labels/instances/1/svc-a"  # registered as failed, without its labels
+
+    def serving() -> set[str]:
+        return {key for key, record in instances(etcd).items() if record["state"] == "serving"}
+
+    wait_for(lambda: serving() == expected and failed in instances(etcd), 10, "the good model registered")
+    assert "cannot be registered" in str(instances(etcd)[failed]["error"])
     with triton_grpc.InferenceServerClient(service.address) as triton:
         rows = {(r["name"], r.get("version", "")): r for r in
                 triton.get_model_repository_index(as_json=True)["models"]}
@@ -177,6 +183,6 @@ def test_bad_models_are_refused_alone_and_the_good_one_registers(tmp_path: Path,
     assert "many_labels/1/model.onnx: cannot be registered: its etcd instance record would be" in reason
     assert f"more than {INSTANCE_RECORD_MAX}" in reason
     time.sleep(1.0)  # nothing else shows up late, and nothing brought the process down
-    assert set(instances(etcd)) == expected
+    assert set(instances(etcd)) == {*expected, failed}
     assert service.process.alive()
     assert "etcd_unavailable" not in service.process.log_text()

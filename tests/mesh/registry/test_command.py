@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
+from examples.build_models import build_iris
 from mesh.ports import free_port
 from mesh.registry.command import register
 from mesh.registry.records import InstanceRecord, InstanceState
 from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.processes import wait_for
+from tests.fixtures.service import ServiceHandle
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -207,3 +211,31 @@ def test_every_registry_command_and_flag_has_help() -> None:
     missing = [f"{path} {action.dest}" for path, action in found if not (action.help or "").strip()]
     assert missing == []
     assert {"sluice weights delete", "sluice weights set"} <= {path for path, _ in found}
+
+
+def test_a_real_service_registers_a_version_that_failed_to_load(
+        tmp_path: Path, shared_etcd: EtcdServer, etcd_prefix: str,
+        start_service: Callable[..., ServiceHandle]) -> None:
+    repo = tmp_path / "repo"
+    build_iris(repo)
+    (repo / "iris" / "3").mkdir()
+    whole = (repo / "iris" / "2" / "model.onnx").read_bytes()
+    (repo / "iris" / "3" / "model.onnx").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    flags = ["--etcd", shared_etcd.endpoint, "--prefix", etcd_prefix]
+    service = start_service(repo, *flags, "--instance-id", "svc-a")
+    failed_key = f"{etcd_prefix}models/iris/instances/3/svc-a"
+    wait_for(lambda: bool(shared_etcd.etcdctl("get", failed_key).stdout), 15, "the failed version registered")
+    record = InstanceRecord.from_json(shared_etcd.etcdctl("get", "--print-value-only", failed_key).stdout)
+    assert record.state is InstanceState.FAILED and record.address == service.address
+    assert record.error is not None and record.error.startswith("iris/3/model.onnx: ")
+
+    status = sluice("status", "iris", *flags)
+    assert status.returncode == 0, status.stderr
+    assert f"{service.address} failed" in status.stdout
+    assert f"iris: version 3 failed to load on svc-a: {record.error}" in status.stdout
+    models = sluice("models", *flags).stdout.split("\n")[1].split()
+    assert models == ["iris", "1,2,3", "1", "no"]  # one process
+
+    # Deleted from the repository, the failed version leaves the registry too.
+    shutil.rmtree(repo / "iris" / "3")
+    wait_for(lambda: not shared_etcd.etcdctl("get", failed_key).stdout, 15, "the failed version deregistered")
