@@ -123,8 +123,9 @@ def test_weighted_version_without_instances_is_dropped_with_a_warning() -> None:
     assert "iris.v3" not in snapshot.clusters and consistency_problems(snapshot) == []
 
 
-def test_draining_instances_get_no_traffic_but_keep_their_cluster() -> None:
-    items = (instance("iris", 1, "a", 7001), instance("iris", 2, "c", 7003, state=InstanceState.DRAINING))
+@pytest.mark.parametrize("not_ready", [InstanceState.DRAINING, InstanceState.FAILED])
+def test_draining_or_failed_instances_get_no_traffic_but_keep_their_cluster(not_ready: InstanceState) -> None:
+    items = (instance("iris", 1, "a", 7001), instance("iris", 2, "c", 7003, state=not_ready))
     snapshot = render_snapshot(state(*items), {}, OPTIONS)
     assert dict(snapshot.plans["iris"].weights) == {1: 100}
     assert "iris.v2" in snapshot.clusters
