@@ -83,8 +83,10 @@ _DIE_WITH_PARENT = (
 )
 
 
-def _die_with_parent(argv: list[str]) -> list[str]:
-    """``argv`` run through the PR_SET_PDEATHSIG trampoline (Linux only; elsewhere unchanged)."""
+def die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run through the PR_SET_PDEATHSIG trampoline (Linux only; elsewhere unchanged): the
+    process gets SIGTERM when its parent dies (strictly: when the thread that started it exits).
+    ``sluice up`` starts its children through it too."""
     if not sys.platform.startswith("linux"):
         return argv
     return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
@@ -192,7 +194,7 @@ class EnvoyProcess:
         if epoch == 0 and self.hot_restart_enabled:
             self._forget_chain()
         argv = self.argv(epoch)
-        proc = await asyncio.create_subprocess_exec(*_die_with_parent(argv), stdin=asyncio.subprocess.DEVNULL)
+        proc = await asyncio.create_subprocess_exec(*die_with_parent(argv), stdin=asyncio.subprocess.DEVNULL)
         self._older = [e for e in self._older if e.proc.returncode is None]
         if self._current is not None:
             self._older.append(self._current)

