@@ -57,9 +57,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func = cast(Callable[[argparse.Namespace], int], args.func)
     try:
-        return func(args)
+        code = func(args)
     except KeyboardInterrupt:
         return 130
+    if code != 0 and getattr(func, "__module__", "") == "mesh.registry.command":
+        _hint_local_stack(args)
+    return code
+
+
+def _hint_local_stack(args: argparse.Namespace) -> None:
+    """After a failed registry command (``status``, ``models``, ``weights``): when its etcd does not
+    answer but a local ``sluice up`` runs with another one, say how to reach that (the registry
+    commands sit below ``mesh.devstack`` and cannot know about local stacks themselves)."""
+    try:
+        # Lazy, as the command modules: an image may ship neither.
+        from mesh.devstack.runstate import hint_for_unreachable_etcd  # noqa: PLC0415
+        from mesh.registry.command import settings_from_args  # noqa: PLC0415
+
+        endpoints = settings_from_args(args).endpoints
+    except (ImportError, ValueError):  # an image without the devstack, or settings already refused
+        return
+    hint = hint_for_unreachable_etcd(endpoints)
+    if hint is not None:
+        print(f"sluice: hint: {hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":
