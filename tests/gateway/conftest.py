@@ -124,3 +124,12 @@ async def client(shared_etcd: EtcdServer, gateway_prefix: str) -> AsyncIterator[
         yield etcd_client
     finally:
         await etcd_client.close()
+
+
+@pytest.fixture(scope="module")
+def registered(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
+    """The module's gateway once the fleet is registered: iris v1 twice, v2 once."""
+    register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
+    register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
+    register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
+    return gateway

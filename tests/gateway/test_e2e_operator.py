@@ -15,22 +15,12 @@ import grpc
 import pytest
 
 from mesh.ports import free_port
-from mesh.registry.keys import KeySchema
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
-from tests.gateway.conftest import Fleet, register
 from tests.gateway.traffic import grpc_error
 from tests.mesh.registry.test_command import ROOT, sluice
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def registered(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
-    register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
-    register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
-    register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
-    return gateway
 
 
 @pytest.fixture(scope="module")

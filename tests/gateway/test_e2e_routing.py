@@ -27,14 +27,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 PROPAGATION_TIMEOUT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def registered(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
-    register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
-    register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
-    register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
-    return gateway
-
-
 async def read_status(client: EtcdClient, schema: KeySchema, model: str = "iris") -> StatusDocument | None:
     kv = await client.get(schema.status(model))
     return None if kv is None else StatusDocument.from_json(kv.value)
