@@ -144,6 +144,8 @@ async def test_routing_document_reaches_the_virtual_service(client: EtcdClient, 
     await eventually(lambda: _async(store.weights() == {1: 50, 2: 50}), 10, "weights 50/50 in the VirtualService")
     status = await _wait_status(client, schema, lambda s: s.effective_weights == {1: 50, 2: 50})
     assert status.errors == [] and status.applied_revision >= change.revision
+    assert (status.routing_revision, status.routing_source) == (change.revision, "document")
+    assert status.routing == change.after
     assert status.envoy_config_version.startswith(f"VirtualService models/{VS_NAME}@")
     annotations = store.objects[VS_NAME]["metadata"]["annotations"]
     assert annotations["sluice.io/routing-revision"] == str(change.revision)
