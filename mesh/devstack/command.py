@@ -136,9 +136,10 @@ def run_up(args: argparse.Namespace) -> int:
         try:
             return _keep_up(stack)
         finally:
+            stopping = time.monotonic()
             stack.stop()
             stack.release()
-            stack.progress("sluice up: stopped")
+            stack.progress(f"sluice up: stopped in {time.monotonic() - stopping:.1f}s")
 
     return run_component("up", main, on_force=stack.kill)
 
