@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from bench.propagation import stop as stop_process
 from mesh.ports import free_port
 from protos.inference import grpc_service_pb2 as pb
 
@@ -303,16 +302,6 @@ def start_service(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"sluice serve not ready within 60 s; see {log}")
 
 
-def stop_service(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def run(total: int, kinds: list[str], senders: int, clients: int, seed: int) -> int:
     makers = [make for kind in kinds for make in KINDS[kind]]
     with tempfile.TemporaryDirectory(prefix="sluice-fuzz-") as tmp:
@@ -366,7 +355,7 @@ def run(total: int, kinds: list[str], senders: int, clients: int, seed: int) -> 
             peak.stop.set()
             peak.join(2)
         finally:
-            stop_service(proc)
+            stop_process(proc)
     internal = sum(c["INTERNAL"] for c in table.values())
     print(f"\n{total} malformed requests in {seconds:.1f} s from {senders} threads, {clients} well-behaved clients\n")
     print(f"| {'kind':<15} | {'sent':>6} | codes received")

@@ -91,18 +91,12 @@ class InstanceRecord(BaseModel):
     @field_validator("model")
     @classmethod
     def _check_model(cls, value: str) -> str:
-        try:
-            return validate_model_name(value)
-        except InvalidNameError as exc:
-            raise ValueError(str(exc)) from exc
+        return validate_model_name(value)  # InvalidNameError is a ValueError: pydantic reports it as such
 
     @field_validator("instance_id")
     @classmethod
     def _check_instance_id(cls, value: str) -> str:
-        try:
-            return validate_instance_id(value)
-        except InvalidNameError as exc:
-            raise ValueError(str(exc)) from exc
+        return validate_instance_id(value)  # InvalidNameError is a ValueError: pydantic reports it as such
 
     @field_validator("sha256")
     @classmethod
