@@ -342,25 +342,26 @@ class OnnxModel:
 
 def signature_conflicts(old: OnnxModel, new: OnnxModel) -> list[str]:
     """Ways in which ``new`` would break a client written against ``old`` (empty: compatible)."""
+    problems = _tensor_conflicts("input", old.inputs, new.inputs, check_shape=True)
+    old_inputs = {spec.name for spec in old.inputs}
+    problems.extend(f"new required input '{spec.name}'" for spec in new.inputs if spec.name not in old_inputs)
+    problems.extend(_tensor_conflicts("output", old.outputs, new.outputs, check_shape=False))
+    return problems
+
+
+def _tensor_conflicts(kind: str, old: Sequence[TensorSpec], new: Sequence[TensorSpec], *, check_shape: bool
+                      ) -> list[str]:
+    """Removed tensors and changed datatypes (and shapes, where a client's tensor must still fit)."""
     problems: list[str] = []
-    new_inputs = {spec.name: spec for spec in new.inputs}
-    old_inputs = {spec.name: spec for spec in old.inputs}
-    for spec in old.inputs:
-        other = new_inputs.get(spec.name)
+    by_name = {spec.name: spec for spec in new}
+    for spec in old:
+        other = by_name.get(spec.name)
         if other is None:
-            problems.append(f"input '{spec.name}' was removed")
+            problems.append(f"{kind} '{spec.name}' was removed")
         elif other.datatype != spec.datatype:
-            problems.append(f"input '{spec.name}' changed datatype {spec.datatype} -> {other.datatype}")
-        elif not _shape_compatible(spec.shape, other.shape):
-            problems.append(f"input '{spec.name}' changed shape {_fmt(spec.shape)} -> {_fmt(other.shape)}")
-    problems.extend(f"new required input '{name}'" for name in new_inputs if name not in old_inputs)
-    new_outputs = {spec.name: spec for spec in new.outputs}
-    for spec in old.outputs:
-        out = new_outputs.get(spec.name)
-        if out is None:
-            problems.append(f"output '{spec.name}' was removed")
-        elif out.datatype != spec.datatype:
-            problems.append(f"output '{spec.name}' changed datatype {spec.datatype} -> {out.datatype}")
+            problems.append(f"{kind} '{spec.name}' changed datatype {spec.datatype} -> {other.datatype}")
+        elif check_shape and not _shape_compatible(spec.shape, other.shape):
+            problems.append(f"{kind} '{spec.name}' changed shape {_fmt(spec.shape)} -> {_fmt(other.shape)}")
     return problems
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -15,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from services.config import ExecutionProvider, ModelConfig, WarmupInput
 from services.errors import InvalidRequestError, ModelLoadError
-from services.model import DEFAULT_MAX_BATCH, OnnxModel
+from services.model import DEFAULT_MAX_BATCH, OnnxModel, signature_conflicts
 from services.types import InferInput, TensorSpec
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
@@ -203,3 +205,27 @@ def test_models_the_generated_warmup_cannot_feed_are_served(tmp_path: Path,
         reason = next(r.get("reason", "") for r in rows if r["name"] == "configured")
         assert "configured/1/model.onnx: warm-up failed" in reason, rows
     assert "generated_warmup_failed" in service.process.log_text()
+
+
+def _signature(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Any:
+    return SimpleNamespace(inputs=tuple(inputs), outputs=tuple(outputs))
+
+
+def test_signature_conflicts_name_every_break_for_inputs_and_outputs() -> None:
+    old = _signature([TensorSpec("x", "FP32", (-1, 4)), TensorSpec("gone", "FP32", (1,)),
+                      TensorSpec("typed", "FP32", (1,))],
+                     [TensorSpec("y", "FP32", (-1, 3)), TensorSpec("label", "INT64", (-1,)),
+                      TensorSpec("dropped", "FP32", (1,))])
+    new = _signature([TensorSpec("x", "FP32", (-1, 5)), TensorSpec("typed", "FP64", (1,)),
+                      TensorSpec("extra", "FP32", (1,))],
+                     [TensorSpec("y", "FP32", (-1, 7)), TensorSpec("label", "INT32", (-1,))])
+    assert signature_conflicts(old, new) == [
+        "input 'x' changed shape [-1, 4] -> [-1, 5]",
+        "input 'gone' was removed",
+        "input 'typed' changed datatype FP32 -> FP64",
+        "new required input 'extra'",
+        # An output's shape may change (clients read what comes back); its datatype may not.
+        "output 'label' changed datatype INT64 -> INT32",
+        "output 'dropped' was removed",
+    ]
+    assert signature_conflicts(old, old) == []
