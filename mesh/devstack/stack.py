@@ -78,6 +78,7 @@ class Child:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     record: Recorded | None = None
+    _terminated: bool = False
 
     def start(self, env: dict[str, str] | None = None) -> None:
         log = self.log_path.open("ab")
@@ -92,11 +93,19 @@ class Child:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def terminate(self) -> None:
+        """SIGTERM its process group, once: a second SIGTERM makes a sluice component skip its
+        graceful shutdown (run_component forces the exit), so the services would not drain."""
+        if self.proc is not None and not self._terminated and self.alive():
+            self._terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
     def stop(self, timeout: float) -> None:
+        """:meth:`terminate`, wait up to ``timeout`` seconds, then SIGKILL the group."""
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -329,9 +338,7 @@ class LocalStack:
         ]
         for group in groups:
             for child in group:
-                if child.proc is not None and child.alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(child.proc.pid, signal.SIGTERM)
+                child.terminate()
             for child in group:
                 self.progress(f"  stopping {child.name}")
                 try:

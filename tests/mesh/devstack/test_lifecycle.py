@@ -75,6 +75,8 @@ def test_ctrl_c_under_tee_stops_the_whole_stack(tmp_path: Path) -> None:
     told = (run_dir / "logs" / "up.log").read_text()
     assert told.index("stopping gateway") < told.index("stopping service-1") < told.index("stopping etcd")
     assert told.rstrip().splitlines()[-1].startswith("sluice up: stopped in ")
+    for log in (run_dir / "logs").glob("*.log"):  # each child stopped gracefully, not forced
+        assert "SIGTERM again" not in log.read_text(errors="replace"), log
 
     # Nothing is left to stop, nothing is reported as running, and a new stack starts.
     down = sluice("down", "--run-dir", str(run_dir))
