@@ -32,7 +32,7 @@ import onnxruntime as ort
 
 from bench import loadgen
 from bench.cpu import core_ticks
-from bench.propagation import Admin, etcd_binary, start, stop, wait
+from bench.propagation import Admin, etcd_binary, start, tear_down, wait
 from examples.build_models import build_iris
 from mesh.devstack.stack import etcd_argv
 from mesh.ports import free_port
@@ -193,12 +193,7 @@ def main() -> None:
         load_after = os.getloadavg()[0]
         print("\n" + render(direct, gateway, args, (load_before, load_after)))
     finally:
-        for proc in reversed(procs):
-            stop(proc)
-        if args.keep:
-            print(f"logs in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        tear_down(procs, workdir, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,16 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
                             start_new_session=True)
 
 
+def tear_down(procs: list[subprocess.Popen[bytes]], workdir: Path, *, keep: bool) -> None:
+    """Stop what a benchmark started (last first) and remove its files unless ``keep``."""
+    for proc in reversed(procs):
+        stop(proc)
+    if keep:
+        print(f"logs in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -184,12 +194,7 @@ def main() -> None:
         print(f"| {len(ms)} | {percentile(ms, 50):.1f} | {percentile(ms, 90):.1f} | {percentile(ms, 99):.1f} "
               f"| {max(ms):.1f} |")
     finally:
-        for proc in reversed(procs):
-            stop(proc)
-        if args.keep:
-            print(f"logs in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        tear_down(procs, workdir, keep=args.keep)
 
 
 if __name__ == "__main__":
