@@ -37,6 +37,7 @@ from services.dataplane import DataPlane
 from services.grpc.handlers import HandlerPool
 from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import RAW_REQUEST_METHODS, InferenceServicer
+from services.heap import HeapTrimmer
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
 from services.registration import Registration
@@ -83,6 +84,7 @@ class ModelServer:
         self._stop = asyncio.Event()
         self._tracer_provider: TracerProvider | None = None
         self.streams: StreamGuard | None = None
+        self.heap = HeapTrimmer(settings.heap_trim_interval)
 
     async def start(self) -> None:
         s = self.settings
@@ -156,6 +158,7 @@ class ModelServer:
         await self.manager.load_all()
         if self.watcher is not None:
             self.watcher.start()
+        self.heap.start()
         await self.refresh_health()
         self.plane.started = True
         self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -211,6 +214,7 @@ class ModelServer:
             await asyncio.to_thread(stopped.wait)
         if self.streams is not None:
             self.streams.stop()
+        await self.heap.stop()
         await self.manager.close()
         shutdown_tracing(self._tracer_provider)
         log.info("stopped")

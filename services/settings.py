@@ -46,6 +46,12 @@ class ServiceSettings(BaseSettings):
     stream_idle_timeout: float = Field(60.0, gt=0)
     """Seconds a stream may go without a request received or an answer taken before the server
     ends it (DEADLINE_EXCEEDED), freeing its handler thread."""
+    malloc_arenas: int = Field(2, ge=0, le=1024)
+    """glibc malloc arenas the process may use (0 = glibc's default, eight per core). Few arenas keep
+    memory that handler threads free reusable by the others instead of stranded in RSS."""
+    heap_trim_interval: float = Field(10.0, ge=0)
+    """Seconds between handing freed heap memory back to the system (glibc malloc_trim; 0 = never).
+    Without it, memory freed after a burst of large requests stays in the process's RSS."""
     max_calls_per_connection: int = Field(100, ge=1, le=65535)
     """Calls one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; clients
     and Envoy queue or open another connection beyond it). A call whose answer the client does not
