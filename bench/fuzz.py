@@ -302,7 +302,7 @@ def start_service(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError(f"sluice serve not ready within 60 s; see {log}")
 
 
-def run(total: int, kinds: list[str], senders: int, clients: int, seed: int) -> int:
+def run(total: int, kinds: list[str], senders: int, clients: int, seed: int, *, settle: float = 0.0) -> int:
     makers = [make for kind in kinds for make in KINDS[kind]]
     with tempfile.TemporaryDirectory(prefix="sluice-fuzz-") as tmp:
         repo = build_repo(Path(tmp) / "repo")
@@ -354,6 +354,9 @@ def run(total: int, kinds: list[str], senders: int, clients: int, seed: int) -> 
             after = rss_mb(proc.pid)
             peak.stop.set()
             peak.join(2)
+            if settle > 0:  # what a long-running service keeps once the burst is over
+                time.sleep(settle)
+            settled = rss_mb(proc.pid)
         finally:
             stop_process(proc)
     internal = sum(c["INTERNAL"] for c in table.values())
@@ -370,6 +373,9 @@ def run(total: int, kinds: list[str], senders: int, clients: int, seed: int) -> 
     if tenth[0]:
         print(f"             after the first tenth {tenth[0]:.0f} MB; over the other nine tenths "
               f"{(after - tenth[0]) / tenth[0] * 100:+.1f} %")
+    if settle > 0:
+        print(f"             {settle:.0f} s after the run {settled:.0f} MB "
+              f"({(settled - before) / before * 100:+.1f} %)")
     failures = sum(v for k, v in good.items() if k != "ok")
     print(f"well-behaved clients: {good['ok']} ok, {failures} failed"
           + (f" ({dict((k, v) for k, v in good.items() if k != 'ok')})" if failures else ""))
@@ -387,12 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=4, help="threads sending malformed requests (default 4)")
     parser.add_argument("--clients", type=int, default=3, help="well-behaved clients beside them (default 3)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="seconds to wait after the run before reading RSS once more (default 0)")
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}; choose from {', '.join(KINDS)}")
-    return run(args.requests, kinds, args.senders, args.clients, args.seed)
+    return run(args.requests, kinds, args.senders, args.clients, args.seed, settle=args.settle)
 
 
 if __name__ == "__main__":

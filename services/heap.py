@@ -8,7 +8,8 @@ first tenth of the run. Two remedies, both glibc-only (elsewhere they do nothing
 
 * :func:`limit_arenas` caps the number of arenas at process start (``mallopt(M_ARENA_MAX)``, what
   the ``MALLOC_ARENA_MAX`` environment variable does), so freed memory is reused by every thread
-  instead of being stranded in one: measured +5.8 % instead of +22 % on the same run;
+  instead of being stranded in one: measured +5.8 % instead of +22 % on the same run, but the
+  heavy model ran 7-13 % slower (ONNX Runtime's threads share the arenas), so it is opt-in;
 * :class:`HeapTrimmer` calls ``malloc_trim(0)`` every few seconds on a worker thread, handing the
   free pages of every arena back to the system after a burst.
 """

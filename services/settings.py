@@ -46,9 +46,10 @@ class ServiceSettings(BaseSettings):
     stream_idle_timeout: float = Field(60.0, gt=0)
     """Seconds a stream may go without a request received or an answer taken before the server
     ends it (DEADLINE_EXCEEDED), freeing its handler thread."""
-    malloc_arenas: int = Field(2, ge=0, le=1024)
-    """glibc malloc arenas the process may use (0 = glibc's default, eight per core). Few arenas keep
-    memory that handler threads free reusable by the others instead of stranded in RSS."""
+    malloc_arenas: int = Field(0, ge=0, le=1024)
+    """Cap on glibc malloc arenas (0 = glibc's default, eight per core). With 2, memory handler
+    threads free after bursts of large requests is reused instead of kept in RSS, at a cost in
+    throughput where ONNX Runtime's threads allocate (docs/errors.md, Limits)."""
     heap_trim_interval: float = Field(10.0, ge=0)
     """Seconds between handing freed heap memory back to the system (glibc malloc_trim; 0 = never).
     Without it, memory freed after a burst of large requests stays in the process's RSS."""
