@@ -175,6 +175,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         raise ModelLoadError(f"{shown}: cannot read: not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise ModelLoadError(f"{shown}: cannot read: {_yaml_problem(exc)}") from exc
+    except RecursionError:  # PyYAML builds nested nodes recursively: `a: [[[[…` a few thousand deep
+        raise ModelLoadError(f"{shown}: cannot read: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{shown}: expected a mapping at the top level, got {type(raw).__name__}")
     try:

@@ -133,7 +133,15 @@ class ModelManager:
             self.catalog.set_model_error(protocol.clip(folder), reason)
         if not found.models:
             log.warning("repository_empty", repo=str(self.repo))
-        await asyncio.gather(*(self.sync_model(name) for name in found.models))
+        await asyncio.gather(*(self._sync_guarded(name) for name in found.models))
+
+    async def _sync_guarded(self, name: str) -> None:
+        """:meth:`sync_model`, with whatever escapes it kept to this model (logged, shown as its error)."""
+        try:
+            await self.sync_model(name)
+        except Exception as exc:
+            log.exception("model_sync_failed", model=name)
+            self.catalog.set_model_error(name, f"internal error while reading the model: {type(exc).__name__}")
 
     def request_sync(self, name: str) -> None:
         """Schedule a sync of ``name`` (watcher, retries); bursts coalesce into one more run."""
@@ -148,10 +156,7 @@ class ModelManager:
         async def run() -> None:
             while True:
                 model.dirty = False
-                try:
-                    await self.sync_model(name)
-                except Exception:  # never let one model's failure stop the watcher
-                    log.exception("model_sync_failed", model=name)
+                await self._sync_guarded(name)  # never lets one model's failure stop the watcher
                 if not model.dirty or self._closed:
                     return
 
@@ -198,11 +203,11 @@ class ModelManager:
             return
         model = self._model(name)
         async with model.lock:
-            on_disk = await self._off_loop(scan_versions, self.repo, name)
             try:
                 if await self._off_loop(outside_repository, self.repo, self.repo / name):
                     raise ModelLoadError(f"{name}: the model folder resolves outside the model repository "
                                          "(a symbolic link?); sluice reads only files inside it")
+                on_disk = await self._off_loop(scan_versions, self.repo, name)  # listed once known inside
                 config = await self._off_loop(load_model_config, self.repo / name)
             except ModelLoadError as exc:
                 # Keep serving what is loaded with the config it was loaded with.
@@ -276,7 +281,7 @@ class ModelManager:
             except ModelLoadError:
                 raise
             except Exception as exc:  # whatever goes wrong in a load must only fail this load
-                detail = without_paths(str(exc).strip()[:500], where.model_file, where.shown_file)
+                detail = without_paths(str(exc).strip(), where.model_file, where.shown_file)[:500]
                 raise ModelLoadError(f"{where.shown_file}: {type(exc).__name__}: {detail}") from exc
             return model
 

@@ -55,7 +55,10 @@ class Stream:
         try:
             call.cancel(code.value[0], details)
         except Exception:  # not the grpcio internals this was written against
-            self._context.cancel()
+            try:
+                self._context.cancel()
+            except Exception:
+                log.exception("stream_cancel_failed")
 
 
 class StreamGuard:
@@ -105,7 +108,14 @@ class StreamGuard:
             with self._lock:
                 idle = [s for s in self._open if not s.expired and s.idle_for(now) >= self.idle_timeout]
             for stream in idle:
-                log.info("stream_idle_ended", idle_timeout=self.idle_timeout)
-                stream.end(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"stream idle for {self.idle_timeout:g} s (no request received and no answer taken): "
-                           "ended by the server (setting stream_idle_timeout, --stream-idle-timeout)")
+                if stream.idle_for(time.monotonic()) < self.idle_timeout:
+                    continue  # a message arrived since the look under the lock
+                # The watchdog must outlive any one stream's failure: a dead watchdog would leave
+                # idle streams holding handler threads for good.
+                try:
+                    log.info("stream_idle_ended", idle_timeout=self.idle_timeout)
+                    stream.end(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"stream idle for {self.idle_timeout:g} s (no request received and no answer "
+                               "taken): ended by the server (setting stream_idle_timeout, --stream-idle-timeout)")
+                except Exception:
+                    log.exception("stream_idle_end_failed")

@@ -28,15 +28,17 @@ DEFAULT_RUN_DIR = Path(".sluice")
 _STOP_ORDER = ("gateway", "service", "etcd")
 
 
-def start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot), or None: no such process, a zombie, no /proc."""
+def start_time(pid: int, *, zombie: bool = False) -> int | None:
+    """When ``pid`` started (clock ticks since boot), or None: no such process, no /proc, or a
+    zombie (an exited process that is not running any more) unless ``zombie`` asks for its start
+    time too (recording a child that exited at once still names it, not a later owner of the pid)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (OSError, ValueError):
         return None
     # The command name (field 2) may hold spaces and parentheses: count fields after its last ')'.
     fields = stat.rpartition(")")[2].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
+    if len(fields) < 20 or fields[0] == "X" or (fields[0] == "Z" and not zombie):
         return None
     return int(fields[19])
 
@@ -51,22 +53,23 @@ class Recorded:
 
     @classmethod
     def of(cls, name: str, pid: int) -> Recorded:
-        return cls(name, pid, start_time(pid))
+        return cls(name, pid, start_time(pid, zombie=True))
 
     def as_json(self) -> dict[str, object]:
         return {"name": self.name, "pid": self.pid, "start_time": self.started}
 
     def alive(self) -> bool:
         """Whether the process still runs, and is the one recorded (not a reused pid)."""
-        if self.started is None or not Path("/proc").is_dir():
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
+        if Path("/proc").is_dir():
+            # Without a recorded start time the pid cannot be told from a reused one: never ours.
+            return self.started is not None and start_time(self.pid) == self.started
+        try:  # no /proc: a pid that exists counts as ours
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
             return True
-        return start_time(self.pid) == self.started
+        return True
 
     def __str__(self) -> str:
         return f"{self.name} pid {self.pid}"

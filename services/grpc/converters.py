@@ -148,7 +148,8 @@ def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[i
         )
     if datatype == "BYTES":
         array = np.empty(count, dtype=np.object_)
-        array[:] = [datatypes.utf8(value, name, index) for index, value in enumerate(values)]
+        for index, value in enumerate(values):  # filled in place: no second list as large as the array
+            array[index] = datatypes.utf8(value, name, index)
         return array.reshape(shape)
     dtype = datatypes.to_numpy(datatype)
     try:

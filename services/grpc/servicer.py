@@ -13,6 +13,7 @@ message's error instead of the end of the stream.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import time
 import uuid
@@ -25,7 +26,7 @@ import structlog
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from services.dataplane import DataPlane
-from services.errors import ModelLoadError, ServiceError, UnsupportedError
+from services.errors import DeadlineExceededError, ModelLoadError, ServiceError, UnsupportedError
 from services.grpc import converters
 from services.manager import ModelManager
 from services.model import PLATFORM
@@ -60,13 +61,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.max_elements = max_elements
         """Largest element count of one input: a request cannot carry more than its bytes."""
 
-    def _control(self, operation: Coroutine[Any, Any, None]) -> None:
+    def _control(self, operation: Coroutine[Any, Any, None], context: Context) -> None:
         """Run a model-manager operation on the loop and wait for it from this handler thread.
 
         Scheduled from an empty context: the loop task would otherwise inherit this RPC's log
         fields and hand them on to every task it starts (repository syncs, retries)."""
         future = contextvars.Context().run(asyncio.run_coroutine_threadsafe, operation, self.loop)
-        future.result(_CONTROL_TIMEOUT)
+        remaining = context.time_remaining()
+        timeout = _CONTROL_TIMEOUT if remaining is None else min(_CONTROL_TIMEOUT, remaining)
+        try:
+            future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceededError(
+                f"the model operation did not finish within {timeout:.1f} s (the call's deadline, at most "
+                f"{_CONTROL_TIMEOUT:.0f} s); it was cancelled") from None
 
     def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self.plane.live())
@@ -182,7 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.parameters:
             raise _unsupported("RepositoryModelLoad with parameters",
                                "place the model files in the repository and load it by name")
-        self._control(self.manager.load_model(request.model_name))
+        self._control(self.manager.load_model(request.model_name), context)
         if not self.plane.model_ready(request.model_name, None):
             index = [r for r in self.plane.repository_index() if r.model == request.model_name]
             reasons = "; ".join(f"version {r.version}: {r.state} {r.reason}".strip() for r in index)
@@ -193,7 +202,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context
                                     ) -> pb.RepositoryModelUnloadResponse:
-        self._control(self.manager.unload_model(request.model_name))
+        self._control(self.manager.unload_model(request.model_name), context)
         return pb.RepositoryModelUnloadResponse()
 
     def SystemSharedMemoryStatus(self, request: Any, context: Context) -> Any:

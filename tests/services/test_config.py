@@ -134,3 +134,13 @@ def test_config_symlink_out_of_the_repository_is_refused(tmp_path: Path) -> None
 ])
 def test_version_policy_selects(policy: VersionPolicy, expected: list[int]) -> None:
     assert policy.select([5, 1, 2]) == expected
+
+
+def test_config_nested_too_deeply_is_a_load_error_of_its_model(tmp_path: Path) -> None:
+    """PyYAML builds nested nodes recursively: a small file of brackets raised RecursionError, which
+    escaped every handler (and stopped the service's start)."""
+    model_dir = tmp_path / "deep"
+    model_dir.mkdir()
+    (model_dir / "config.yaml").write_text("labels: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ModelLoadError, match=r"deep/config.yaml: cannot read: nested too deeply"):
+        load_model_config(model_dir)
