@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -55,6 +55,18 @@ def _load_json(raw: bytes | str, what: str) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidDocumentError(what, [f"not valid JSON: {exc}"]) from exc
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _parse(cls: type[_Model], raw: bytes | str, what: str) -> _Model:
+    """``raw`` JSON as a ``cls``, or InvalidDocumentError listing every problem."""
+    data = _load_json(raw, what)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidDocumentError(what, _format_validation_error(exc)) from exc
 
 
 class InstanceRecord(BaseModel):
@@ -123,11 +135,7 @@ class InstanceRecord(BaseModel):
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> InstanceRecord:
-        data = _load_json(raw, "instance record")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidDocumentError("instance record", _format_validation_error(exc)) from exc
+        return _parse(cls, raw, "instance record")
 
 
 class RoutingDocument(BaseModel):
@@ -265,8 +273,4 @@ class StatusDocument(BaseModel):
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> StatusDocument:
-        data = _load_json(raw, "status document")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidDocumentError("status document", _format_validation_error(exc)) from exc
+        return _parse(cls, raw, "status document")
