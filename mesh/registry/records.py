@@ -80,6 +80,8 @@ class InstanceRecord(BaseModel):
 
     address: str
     """``host:port`` of the gRPC endpoint that serves this version."""
+    rest_address: str | None = None
+    """``host:port`` of the KServe v2 REST (HTTP/1.1) endpoint of the same process; None: no REST."""
     model: str
     version: int = Field(ge=1)
     instance_id: str
@@ -92,9 +94,11 @@ class InstanceRecord(BaseModel):
     error: str | None = Field(default=None, max_length=ERROR_MAX)
     """Why the version failed to load (state ``failed`` only), clipped to :data:`ERROR_MAX`."""
 
-    @field_validator("address")
+    @field_validator("address", "rest_address")
     @classmethod
-    def _check_address(cls, value: str) -> str:
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not host:port")
