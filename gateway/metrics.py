@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from mesh.observability.admin import AdminServer
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -41,8 +43,10 @@ class GatewayMetrics:
         self.etcd_connected = Gauge("sluice_gateway_etcd_connected", "1 while the registry watch is connected.",
                                     registry=r)
         self.models = Gauge("sluice_gateway_models", "Models in the live snapshot.", registry=r)
+        self.admin: AdminServer | None = None
 
     def serve(self, host: str, port: int) -> int:
-        """Expose ``/metrics``; returns the bound port (``port`` 0 picks a free one)."""
-        server, _thread = start_http_server(port, host, registry=self.prometheus_registry)
-        return int(server.server_address[1])
+        """Expose ``/metrics`` and ``/debug/...`` (mesh/observability/admin.py, loopback clients only);
+        returns the bound port (``port`` 0 picks a free one)."""
+        self.admin = AdminServer(self.prometheus_registry, component="sluice-gateway")
+        return self.admin.start(host, port)

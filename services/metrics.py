@@ -1,4 +1,5 @@
-"""Prometheus metrics of the model service, on their own Prometheus registry and HTTP port.
+"""Prometheus metrics of the model service, on their own Prometheus registry and the admin port
+(mesh/observability/admin.py: ``/metrics`` and ``/debug/...``).
 
 The per-request series are plain counters and bucket counts, added to in bulk from each
 version's log of answered requests (services/stats.py) and turned into Prometheus families when
@@ -7,15 +8,16 @@ scraped: the request path appends a few floats instead of updating a dozen serie
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from mesh.observability.admin import AdminServer, DebugAccess
 from services.arrivals import Arrivals
 from services.stats import Samples
 
@@ -154,6 +156,7 @@ class ServiceMetrics:
                                       "Time from load start to ready (session, checks, warm-up)",
                                       ["model"], registry=r)
         self.unloads = Counter("sluice_model_unloads", "Model versions unloaded", ["model"], registry=r)
+        self.admin: AdminServer | None = None
 
     def for_version(self, model: str, version: int) -> VersionMetrics:
         key = (model, version)
@@ -162,7 +165,15 @@ class ServiceMetrics:
             metrics = self._versions[key] = VersionMetrics(model, version)
         return metrics
 
-    def serve(self, port: int, host: str) -> int:
-        """Expose /metrics over HTTP; returns the bound port (useful with port 0)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.prometheus_registry)
-        return int(server.server_address[1])
+    def serve(self, port: int, host: str, debug: DebugAccess = "auto",
+              memory_extras: Callable[[], dict[str, Any]] | None = None) -> int:
+        """Expose /metrics (and /debug/..., see mesh.observability.admin) over HTTP; returns the bound
+        port (useful with port 0). :meth:`close` stops it."""
+        self.admin = AdminServer(self.prometheus_registry, debug=debug, component="sluice-service",
+                                 memory_extras=memory_extras)
+        return self.admin.start(host, port)
+
+    def close(self) -> None:
+        if self.admin is not None:
+            self.admin.close()
+            self.admin = None

@@ -28,11 +28,22 @@ def advertise_address(settings: ServiceSettings, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def admin_address(settings: ServiceSettings, advertised: str, admin_port: int) -> str:
+    """The admin (metrics) port at the metrics host, or at the advertised gRPC host when the
+    metrics host is a wildcard (the pod or host address others reach)."""
+    host = settings.metrics_host
+    if host in ("0.0.0.0", "::", ""):
+        return f"{advertised.rpartition(':')[0]}:{admin_port}"
+    return f"[{host}]:{admin_port}" if ":" in host else f"{host}:{admin_port}"
+
+
 class Registration:
     """Keeps etcd's view of this process equal to what it serves. Never blocks serving on etcd."""
 
-    def __init__(self, settings: ServiceSettings, etcd: EtcdSettings, port: int) -> None:
+    def __init__(self, settings: ServiceSettings, etcd: EtcdSettings, port: int, admin_port: int | None = None
+                 ) -> None:
         self.address = advertise_address(settings, port)
+        self.admin_address = None if admin_port is None else admin_address(settings, self.address, admin_port)
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{port}"
         self.registrar = Registrar(etcd)
         self._closed = False
@@ -44,8 +55,9 @@ class Registration:
 
     def record(self, model: OnnxModel) -> InstanceRecord:
         return InstanceRecord(
-            address=self.address, model=model.name, version=model.version, instance_id=self.instance_id,
-            state=InstanceState.SERVING, sha256=model.sha256, labels=dict(model.config.labels),
+            address=self.address, admin_address=self.admin_address, model=model.name, version=model.version,
+            instance_id=self.instance_id, state=InstanceState.SERVING, sha256=model.sha256,
+            labels=dict(model.config.labels),
         )
 
     def check_record(self, model: OnnxModel) -> None:
@@ -67,8 +79,9 @@ class Registration:
         """Register the failure (state ``failed``, never routed to) so that ``sluice status`` shows it."""
         if self._closed:
             return
-        record = InstanceRecord(address=self.address, model=name, version=version, instance_id=self.instance_id,
-                                state=InstanceState.FAILED, error=clip(reason, ERROR_MAX - 40))
+        record = InstanceRecord(address=self.address, admin_address=self.admin_address, model=name,
+                                version=version, instance_id=self.instance_id, state=InstanceState.FAILED,
+                                error=clip(reason, ERROR_MAX - 40))
         await self.registrar.register(record, wait=0)
 
     async def on_retire(self, name: str, version: int) -> None:

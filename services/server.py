@@ -34,6 +34,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
 from services.catalog import ModelCatalog
 from services.dataplane import DataPlane
+from services.debug import version_memory
 from services.grpc.handlers import HandlerPool
 from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import RAW_REQUEST_METHODS, InferenceServicer
@@ -92,7 +93,8 @@ class ModelServer:
         self.check_ports()
         if s.metrics_port >= 0:
             try:
-                self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
+                self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host, s.debug_endpoints,
+                                                       memory_extras=lambda: version_memory(self.catalog))
             except OSError as exc:  # taken between the check and now
                 raise bind_problem("metrics", s.metrics_host, s.metrics_port, METRICS_PORT_FLAG,
                                    exc.strerror or str(exc)) from exc
@@ -147,7 +149,7 @@ class ModelServer:
         server.start()
         if self.settings.register_in_etcd:
             # Registered versions must be reachable, so registration starts once the port is bound.
-            self.registration = Registration(s, self.etcd or EtcdSettings(), self.port)
+            self.registration = Registration(s, self.etcd or EtcdSettings(), self.port, admin_port=self.metrics_port)
             self.manager.on_ready.append(self.registration.on_ready)
             self.manager.on_failed.append(self.registration.on_failed)
             self.manager.load_checks.append(self.registration.check_record)
@@ -216,5 +218,6 @@ class ModelServer:
             self.streams.stop()
         await self.heap.stop()
         await self.manager.close()
+        self.metrics.close()
         shutdown_tracing(self._tracer_provider)
         log.info("stopped")

@@ -36,6 +36,10 @@ class ServiceSettings(BaseSettings):
     metrics_port: int = Field(8002, ge=-1, le=65535)
     """Prometheus /metrics port (0 picks a free one; -1 disables it). By default port + 1 (0 when
     port is 0 or 65535), so services that differ only in ``port`` do not collide on it."""
+    debug_endpoints: Literal["auto", "on", "off"] = "auto"
+    """/debug/ on the metrics (admin) port: CPU profiles, memory snapshots, thread stacks. auto: for
+    loopback clients only (kubectl port-forward arrives there), even when the port listens beyond;
+    on: for anyone who reaches the port; off: none (docs/observability.md)."""
     max_message_mb: int = Field(64, ge=1, le=2047)
     """Largest gRPC message accepted or sent, in MiB."""
     max_concurrency: int = Field(128, ge=1, le=4096)

@@ -82,6 +82,9 @@ class InstanceRecord(BaseModel):
     """``host:port`` of the gRPC endpoint that serves this version."""
     rest_address: str | None = None
     """``host:port`` of the KServe v2 REST (HTTP/1.1) endpoint of the same process; None: no REST."""
+    admin_address: str | None = None
+    """``host:port`` of the same process's admin port (``/metrics``, ``/debug/...``: ``sluice debug``);
+    None: none, or an older service."""
     model: str
     version: int = Field(ge=1)
     instance_id: str
@@ -94,7 +97,7 @@ class InstanceRecord(BaseModel):
     error: str | None = Field(default=None, max_length=ERROR_MAX)
     """Why the version failed to load (state ``failed`` only), clipped to :data:`ERROR_MAX`."""
 
-    @field_validator("address", "rest_address")
+    @field_validator("address", "rest_address", "admin_address")
     @classmethod
     def _check_address(cls, value: str | None) -> str | None:
         if value is None:

@@ -1,0 +1,36 @@
+"""The model service's part of a memory snapshot (``/debug/memory`` on the admin port): per loaded
+version what is known of its memory.
+
+ONNX Runtime's Python API exposes no counters of its CPU arena (how much it reserved, how much is
+in use), so per version a snapshot carries what decides it: whether the arena is on, the model
+file's size (initializers are held in memory once loaded), the thread pools, the execution
+providers and the requests in flight. What ONNX Runtime holds shows in RSS: diff two snapshots
+around a load or unload (docs/observability.md).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from services.catalog import ModelCatalog
+
+
+def version_memory(catalog: ModelCatalog) -> dict[str, Any]:
+    """``{"versions": [...]}``, one entry per version served now (draining copies are left out)."""
+    versions: list[dict[str, Any]] = []
+    for name, served_versions in sorted(catalog.served().items()):
+        for version, served in sorted(served_versions.items()):
+            model = served.model
+            session = model.config.session
+            try:
+                file_bytes: int | None = os.stat(model.path).st_size
+            except OSError:
+                file_bytes = None  # the file went away; the session still holds what it loaded
+            versions.append({
+                "model": name, "version": version, "sha256": model.sha256, "model_file_bytes": file_bytes,
+                "cpu_memory_arena": session.memory_arena, "intra_op_threads": session.intra_op_threads,
+                "inter_op_threads": session.inter_op_threads, "providers": list(model.providers),
+                "inflight": served.inflight,
+            })
+    return {"versions": versions, "loaded": len(versions)}
