@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
     "mesh.observability": 1,
     "mesh.registry": 2,
     "mesh.control": 3,
-    "services": 4, "gateway": 4, "mesh.istio": 4,
+    "services": 4, "gateway": 4, "mesh.istio": 4, "mesh.debug": 4,
     "mesh.devstack": 5,
     "mesh.cli": 6,
 }

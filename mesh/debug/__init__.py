@@ -1,0 +1,1 @@
+"""``sluice debug``: profiles, memory snapshots and thread stacks of running processes."""

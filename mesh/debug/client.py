@@ -1,0 +1,122 @@
+"""Reaching a process's admin port: an instance id (its address from etcd) or host:port, and the
+HTTP calls to its ``/debug/`` endpoints (mesh/observability/admin.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from mesh.errors import MeshError
+from mesh.registry.etcd.client import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.settings import EtcdSettings
+from mesh.registry.state import load_state
+
+MAX_ANSWER = 256 * 1024 * 1024
+"""Largest answer read from an admin port (a profile of many threads and deep stacks stays far below)."""
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+
+
+class DebugError(MeshError):
+    """The admin port could not be found, reached, or refused the request (the message says which)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    """What the user typed."""
+    address: str
+    """host:port of the admin port."""
+
+    @property
+    def shown(self) -> str:
+        return self.address if self.name == self.address else f"{self.name} ({self.address})"
+
+
+def parse_address(text: str) -> str | None:
+    """``text`` if it is host:port with a port 1-65535, else None."""
+    match = _ADDRESS.fullmatch(text)
+    if match is None or not 0 < int(match.group(2)) < 65536:
+        return None
+    return text
+
+
+async def _admin_address_from_etcd(instance: str, settings: EtcdSettings) -> str:
+    client = EtcdClient(settings)
+    try:
+        await client.connect()
+        state = await load_state(client, KeySchema(settings.prefix))
+    finally:
+        await client.close()
+    records = [record for model in state.models.values() for by_id in model.instances.values()
+               for instance_id, record in by_id.items() if instance_id == instance]
+    if not records:
+        raise DebugError(f"no instance {instance!r} is registered in etcd at {','.join(settings.endpoints)} "
+                         "(sluice status lists them), and it is not host:port")
+    addresses = sorted({r.admin_address for r in records if r.admin_address})
+    if not addresses:
+        raise DebugError(f"instance {instance!r} registers no admin address (metrics port off with "
+                         "--metrics-port -1, or a service older than sluice debug); give its host:port")
+    return addresses[0]
+
+
+def resolve(instance: str, settings: EtcdSettings) -> Target:
+    """The admin port of ``instance``: host:port as given, else the instance id's record in etcd."""
+    address = parse_address(instance)
+    if address is not None:
+        return Target(instance, address)
+    return Target(instance, asyncio.run(_admin_address_from_etcd(instance, settings)))
+
+
+def call(target: Target, path: str, params: dict[str, Any] | None = None, *, method: str = "GET",
+         timeout: float = 30.0) -> tuple[str, bytes]:
+    """(content type, body) of ``path`` on the target's admin port; DebugError on any failure."""
+    query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+    url = f"http://{target.address}{path}" + (f"?{query}" if query else "")
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            body = answer.read(MAX_ANSWER + 1)
+            kind = answer.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        raise DebugError(f"{target.shown} answered {exc.code}: {_server_error(exc)}") from exc
+    except urllib.error.URLError as exc:
+        reason = exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
+        raise DebugError(f"cannot reach the admin port of {target.shown}: {reason} (is the process running, "
+                         "with its metrics port on?)") from exc
+    except TimeoutError as exc:
+        raise DebugError(f"{target.shown} did not answer within {timeout:g}s") from exc
+    except OSError as exc:
+        raise DebugError(f"connection to the admin port of {target.shown} failed: {exc}") from exc
+    if len(body) > MAX_ANSWER:
+        raise DebugError(f"{target.shown} answered more than {MAX_ANSWER} bytes; refused")
+    return kind, body
+
+
+def call_json(target: Target, path: str, params: dict[str, Any] | None = None, *, method: str = "GET",
+              timeout: float = 30.0) -> dict[str, Any]:
+    _kind, body = call(target, path, params, method=method, timeout=timeout)
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise DebugError(f"{target.shown} answered something that is not JSON (not a sluice admin port?)") from exc
+    if not isinstance(document, dict):
+        raise DebugError(f"{target.shown} answered JSON that is not an object (not a sluice admin port?)")
+    return document
+
+
+def _server_error(exc: urllib.error.HTTPError) -> str:
+    try:
+        raw = exc.read(64 * 1024)
+        message = json.loads(raw).get("error")
+    except (ValueError, AttributeError, OSError):
+        message = None
+    if exc.code == 404 and message is None:
+        return "no such endpoint (an admin port without /debug/: an older version?)"
+    return " ".join(str(message or exc.reason).split())[:500]
