@@ -4,7 +4,7 @@ downwards (or sideways inside one package), never up.
     mesh.protocol, mesh.errors, mesh.ports   (the contract and shared basics)
       ← mesh.observability                   (logging, tracing, traces, running a component)
       ← mesh.registry                        (etcd: client, keys, records, state, registrar)
-      ← mesh.control                         (the controller loop)
+      ← mesh.control | mesh.rollout          (the controller loop; rollouts, read by services too)
       ← services | gateway | mesh.istio      (components: never import each other)
       ← mesh.devstack                        (`sluice up` starts the components)
       ← mesh.cli                             (the entry point dispatches to their commands)
@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "mesh.protocol": 0, "mesh.errors": 0, "mesh.ports": 0,
     "mesh.observability": 1,
     "mesh.registry": 2,
-    "mesh.control": 3,
+    "mesh.control": 3, "mesh.rollout": 3,
     "services": 4, "gateway": 4, "mesh.istio": 4, "mesh.debug": 4,
     "mesh.devstack": 5,
     "mesh.cli": 6,

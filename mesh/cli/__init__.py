@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "gateway.command",
     "mesh.devstack.command",
     "mesh.istio.command",
+    "mesh.rollout.command",
     "mesh.debug.command",
 )
 

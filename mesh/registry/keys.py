@@ -5,6 +5,8 @@
     <prefix>models/<model>/instances/<version>/<instance-id>   InstanceRecord, under a lease
     <prefix>models/<model>/routing                             RoutingDocument, by operators
     <prefix>models/<model>/status                              StatusDocument, by the gateway
+    <prefix>models/<model>/rollout                             rollout document (mesh.rollout)
+    <prefix>rollout-controller/leader                          the leading rollout controller, under its lease
 
 Keys are ``str`` here; :mod:`mesh.registry.etcd` encodes them to the bytes etcd stores.
 """
@@ -29,6 +31,7 @@ class KeyKind(str, enum.Enum):
     INSTANCE = "instance"
     ROUTING = "routing"
     STATUS = "status"
+    ROLLOUT = "rollout"
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,14 @@ class KeySchema:
     def status(self, model: str) -> str:
         return f"{self.model_prefix(model)}status"
 
+    def rollout(self, model: str) -> str:
+        return f"{self.model_prefix(model)}rollout"
+
+    @property
+    def rollout_leader(self) -> str:
+        """Held by the rollout controller that drives every rollout (an election under a lease)."""
+        return f"{self.prefix}rollout-controller/leader"
+
     def parse(self, key: str | bytes) -> ParsedKey:
         """Split a key into (model, kind, version, instance id); InvalidKeyError if it does not fit."""
         text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
@@ -127,12 +138,14 @@ class KeySchema:
                 return ParsedKey(model, KeyKind.ROUTING)
             if len(parts) == 2 and parts[1] == KeyKind.STATUS.value:
                 return ParsedKey(model, KeyKind.STATUS)
+            if len(parts) == 2 and parts[1] == KeyKind.ROLLOUT.value:
+                return ParsedKey(model, KeyKind.ROLLOUT)
             if len(parts) == 4 and parts[1] == "instances":
                 return ParsedKey(model, KeyKind.INSTANCE, validate_version(parts[2]),
                                  validate_instance_id(parts[3]))
         except InvalidNameError as exc:
             raise InvalidKeyError(f"key {text!r}: {exc}") from exc
         raise InvalidKeyError(
-            f"key {text!r} does not match models/<model>/routing, models/<model>/status or "
+            f"key {text!r} does not match models/<model>/routing, models/<model>/status, models/<model>/rollout or "
             "models/<model>/instances/<version>/<instance-id>"
         )

@@ -206,6 +206,8 @@ def build_model(schema: KeySchema, name: str, entries: Mapping[bytes, KeyValue])
                 status = StatusDocument.from_json(kv.value)
             except InvalidDocumentError as exc:
                 status_error = str(exc)
+        elif parsed.kind is KeyKind.ROLLOUT:
+            continue  # read by the rollout controller (mesh.rollout), not by routing
         else:
             assert parsed.version is not None and parsed.instance_id is not None
             try:

@@ -263,9 +263,10 @@ class EtcdClient:
         result = await self._call(lambda c: c.delete_prefix(_key(prefix)))
         return int(result.deleted) if result is not None else 0
 
-    async def put_if_mod_revision(self, key: str | bytes, value: bytes,
-                                  mod_revision: int) -> tuple[bool, int, KeyValue | None]:
+    async def put_if_mod_revision(self, key: str | bytes, value: bytes, mod_revision: int, *,
+                                  lease: int | None = None) -> tuple[bool, int, KeyValue | None]:
         """Compare-and-swap: write only if the key's mod_revision is still ``mod_revision`` (0: absent).
+        ``lease``: the key lives as long as that lease (an election: create the key if absent).
 
         Returns (written, revision, current key-value when not written).
         """
@@ -275,7 +276,7 @@ class EtcdClient:
             tx = client.transactions
             result: tuple[bool, Any] = await client.transaction(
                 compare=[tx.mod(raw) == mod_revision],
-                success=[tx.put(raw, value)],
+                success=[tx.put(raw, value, lease=lease)],
                 failure=[tx.get(raw)],
             )
             return result

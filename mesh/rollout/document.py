@@ -1,0 +1,217 @@
+"""The rollout document at ``models/<model>/rollout``: what to roll out (spec) and where it stands
+(state), validated like the other registry documents (every problem named by its field).
+
+The CLI writes the spec and operator requests; the rollout controller writes the state. Both
+write with compare-and-swap on the key's mod_revision, so neither overwrites the other unseen.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mesh.errors import InvalidDocumentError
+from mesh.registry.keys import validate_model_name
+
+ROLLOUT_DOCUMENT_MAX = 256 * 1024
+"""Largest rollout document (JSON bytes) read or written: decisions and counter snapshots are
+bounded, so a larger one is a mistake (or an attack)."""
+DECISIONS_KEPT = 30
+"""Decisions kept in the document (oldest dropped first); the controller logs every one."""
+SHADOW = "shadow"
+Step = Literal["shadow"] | int
+
+
+class Phase(str, enum.Enum):
+    """Where a rollout is; ``promoted``, ``rolled_back`` and ``aborted`` are final."""
+
+    PENDING = "pending"
+    """Written by ``sluice rollout start``; the controller has not taken it up yet."""
+    RUNNING = "running"
+    PAUSED = "paused"
+    """Held by an operator (``pause``) or by the controller (manual weights change, webhook)."""
+    PROMOTING = "promoting"
+    """The last gate passed; the before-promotion webhook is being asked."""
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.PROMOTED, Phase.ROLLED_BACK, Phase.ABORTED)
+
+
+class Verdict(str, enum.Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+    """Too few requests to judge: the step holds (and says so) instead of passing or failing."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gates(_Strict):
+    """Limits judged per step on the candidate, against the baseline in the same window."""
+
+    max_error_rate: float = Field(0.005, ge=0.0, le=1.0)
+    """Share of the candidate's requests answered with a gRPC error (any code but OK and CANCELLED)."""
+    max_p99_ratio: float = Field(1.5, gt=0.0, le=1000.0)
+    """Candidate p99 latency / baseline p99 latency (traffic steps; both need min_requests)."""
+    min_agreement: float = Field(0.99, ge=0.0, le=1.0)
+    """Share of shadow comparisons whose outputs agreed (where any were compared)."""
+    min_requests: int = Field(200, ge=1, le=10**9)
+    """Candidate requests (shadow comparisons in the shadow step) a step needs before it is judged."""
+
+
+class ShadowSpec(_Strict):
+    """What the services do while the rollout is in force (see ``services/shadow.py``)."""
+
+    fraction: float = Field(1.0, ge=0.0, le=1.0)
+    """Share of the baseline's answered requests also run on the candidate."""
+    rtol: float = Field(1e-5, ge=0.0, le=1.0)
+    atol: float = Field(1e-6, ge=0.0, le=1e6)
+    compare: Literal["auto", "allclose", "argmax", "exact"] = "auto"
+    """``auto``: exact for integers, booleans and BYTES, allclose for floats."""
+
+
+class Webhook(_Strict):
+    url: str = Field(min_length=8, max_length=2048)
+    timeout_s: float = Field(5.0, gt=0.0, le=60.0)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value[:80]!r} is not an http:// or https:// URL")
+        return value
+
+
+class Webhooks(_Strict):
+    before_promotion: Webhook | None = None
+    """Asked before the last step; any answer but 2xx (or none in time) pauses the rollout."""
+    on_rollback: Webhook | None = None
+    """Told after a rollback (best effort: a failure is logged and recorded, nothing else)."""
+
+
+class Decision(_Strict):
+    at: datetime
+    step: int
+    verdict: Verdict
+    reason: str = Field(max_length=1000)
+    figures: dict[str, Any] = Field(default_factory=dict)
+
+
+class RolloutState(_Strict):
+    """Written by the controller (operator requests aside)."""
+
+    phase: Phase = Phase.PENDING
+    step: int = Field(0, ge=0)
+    """Index into ``steps``."""
+    step_started: datetime | None = None
+    """When the current step's window began (wall clock: survives a controller restart)."""
+    weights_applied: bool = False
+    """The current step's weights were written (else the controller writes them first)."""
+    reason: str = Field("", max_length=1000)
+    """Why the rollout is paused, rolled back, aborted or promoted."""
+    request: Literal["pause", "resume", "promote", "abort"] | None = None
+    """An operator request the controller has not carried out yet."""
+    request_reason: str = Field("", max_length=500)
+    decisions: tuple[Decision, ...] = ()
+    window_start: dict[str, Any] = Field(default_factory=dict)
+    """Counters per instance when the step's window began (so a restarted controller judges the
+    same window); see ``mesh.rollout.figures``."""
+    leader: str = Field("", max_length=200)
+    updated: datetime | None = None
+
+
+class RolloutDocument(_Strict):
+    model: str
+    candidate: int = Field(ge=1)
+    baseline: int = Field(ge=1)
+    steps: tuple[Step, ...] = ("shadow", 5, 25, 50, 100)
+    interval_s: float = Field(60.0, ge=0.1, le=7 * 86400)
+    gates: Gates = Gates()
+    shadow: ShadowSpec = ShadowSpec()
+    webhooks: Webhooks = Webhooks()
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    state: RolloutState = RolloutState()
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        return validate_model_name(value)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError("must be a non-empty list such as [\"shadow\", 5, 25, 50, 100]")
+        if len(value) > 20:
+            raise ValueError(f"at most 20 steps, got {len(value)}")
+        for i, step in enumerate(value):
+            if step == SHADOW:
+                if i != 0:
+                    raise ValueError("'shadow' can only be the first step")
+                continue
+            if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= 100:
+                raise ValueError(f"step {i}: {step!r} is neither 'shadow' nor a percentage 1..100")
+            previous = value[i - 1] if i else None
+            if isinstance(previous, int) and not isinstance(previous, bool) and step <= previous:
+                raise ValueError(f"step {i}: {step} does not grow from {previous}")
+        if value[-1] != 100:
+            raise ValueError(f"the last step must be 100 (promotion), got {value[-1]!r}")
+        return tuple(value)
+
+    @model_validator(mode="after")
+    def _versions(self) -> RolloutDocument:
+        if self.candidate == self.baseline:
+            raise ValueError(f"candidate and baseline are both version {self.candidate}")
+        if self.state.step >= len(self.steps):
+            raise ValueError(f"state.step {self.state.step} is past the last of {len(self.steps)} steps")
+        return self
+
+    @property
+    def current_step(self) -> Step:
+        return self.steps[self.state.step]
+
+    def weights_for(self, step: Step) -> dict[int, int]:
+        """The routing weights of a step: shadow sends every caller to the baseline."""
+        share = 0 if step == SHADOW else int(step)
+        return {self.baseline: 100 - share, self.candidate: share}
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    out = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "document"
+        out.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return out
+
+
+def parse_rollout_document(raw: bytes | str | dict[str, Any]) -> RolloutDocument:
+    """Validate a rollout document; :class:`InvalidDocumentError` lists every problem by field."""
+    what = "rollout document"
+    if isinstance(raw, (bytes, str)):
+        if len(raw) > ROLLOUT_DOCUMENT_MAX:
+            raise InvalidDocumentError(what, [f"{len(raw)} bytes, more than {ROLLOUT_DOCUMENT_MAX}"])
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidDocumentError(what, [f"not valid JSON: {exc}"]) from exc
+    else:
+        data = raw
+    if not isinstance(data, dict):
+        raise InvalidDocumentError(what, [f"must be a JSON object, got {type(data).__name__}"])
+    try:
+        return RolloutDocument.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidDocumentError(what, _problems(exc)) from exc

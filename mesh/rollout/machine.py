@@ -1,0 +1,280 @@
+"""The rollout state machine: pure functions from (document, observation, time) to (document,
+actions). The controller does the I/O: it scrapes, calls :func:`step`, carries out the actions
+(weights through the routing compare-and-swap, webhooks), then stores the document.
+
+::
+
+    pending ─▶ running(step 0) ─pass─▶ running(step 1) … ─pass─▶ [promoting] ─▶ promoted
+                 │  ▲ inconclusive: holds    │ fail                 │ webhook refused
+                 │  └────────────            ▼                      ▼
+                 ├─ manual weights ─▶ paused ◀─ pause / resume ─▶ running
+                 └─ fail ─▶ rolled_back        abort ─▶ aborted
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from mesh.rollout.document import (
+    DECISIONS_KEPT,
+    SHADOW,
+    Decision,
+    Phase,
+    RolloutDocument,
+    Verdict,
+)
+from mesh.rollout.figures import Counters, Figures
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the controller saw this round."""
+
+    counters: dict[str, Counters]
+    """Per instance: cumulative counters now (a new step's window starts from these)."""
+    figures: Figures | None
+    """The current step's window (None: no instance could be scraped)."""
+    routing: dict[int, int] | None
+    """The weights in etcd now (None: no or an invalid routing document)."""
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SetWeights:
+    weights: dict[int, int]
+
+
+@dataclass(frozen=True)
+class CallWebhook:
+    kind: Literal["before_promotion", "on_rollback"]
+    payload: dict[str, Any]
+
+
+Action = SetWeights | CallWebhook
+
+
+def _shares(weights: dict[int, int] | None) -> dict[int, float]:
+    """Weights as percentages of the versions that get traffic (so 90/10 equals 9/1)."""
+    if not weights:
+        return {}
+    total = sum(weights.values())
+    return {v: round(100.0 * w / total, 6) for v, w in sorted(weights.items()) if w > 0} if total else {}
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    reason: str
+    figures: dict[str, Any]
+
+
+def judge(doc: RolloutDocument, figures: Figures, *, shadow_step: bool) -> Judgement:
+    """Every gate on one window. A gate fails as soon as its limit is broken even if every request
+    still to come up to ``min_requests`` went well; it passes only with ``min_requests`` behind it."""
+    gates = doc.gates
+    need = gates.min_requests
+    cand, base = figures.candidate, figures.baseline
+    compared, agreed, shadow_errors = figures.shadow_compared, figures.shadow_agreed, figures.shadow_errors
+    if shadow_step:
+        n, errors, codes = compared + shadow_errors, shadow_errors, {"shadow_error": shadow_errors}
+    else:
+        n, errors, codes = cand.requests, cand.errors, {c: k for c, k in cand.codes.items() if c != "OK"}
+    verdicts: dict[str, dict[str, Any]] = {}
+    failures: list[str] = []
+
+    error_rate = _rate(errors, n)
+    limit = gates.max_error_rate
+    if errors > limit * max(n, need):
+        verdicts["error_rate"] = {"figure": error_rate, "limit": limit, "verdict": "fail"}
+        failures.append(f"error rate {100 * (error_rate or 0):.2f}% over {n} requests "
+                        f"({', '.join(f'{c}: {k}' for c, k in sorted(codes.items()) if k)}) > {100 * limit:g}%")
+    else:
+        verdicts["error_rate"] = {"figure": error_rate, "limit": limit, "verdict": "pass" if n >= need else
+                                  "inconclusive"}
+
+    disagreed = compared - agreed
+    agreement = _rate(agreed, compared)
+    if compared or shadow_step:
+        allowed = (1.0 - gates.min_agreement) * max(compared, need)
+        if disagreed > allowed + 1e-9:
+            verdicts["agreement"] = {"figure": agreement, "limit": gates.min_agreement, "verdict": "fail"}
+            failures.append(f"shadow agreement {100 * (agreement or 0):.2f}% over {compared} comparisons "
+                            f"< {100 * gates.min_agreement:g}%")
+        else:
+            verdicts["agreement"] = {"figure": agreement, "limit": gates.min_agreement,
+                                     "verdict": "pass" if compared >= need or not shadow_step else "inconclusive"}
+
+    p99_c, p99_b = cand.quantile(0.99), base.quantile(0.99)
+    ratio = p99_c / p99_b if p99_c is not None and p99_b else None
+    if not shadow_step:
+        if cand.requests >= need and base.requests >= need and ratio is not None:
+            ok = ratio <= gates.max_p99_ratio
+            verdicts["p99_ratio"] = {"figure": ratio, "limit": gates.max_p99_ratio, "verdict": "pass" if ok else "fail"}
+            if not ok:
+                failures.append(f"p99 latency {1000 * (p99_c or 0):.2f} ms is {ratio:.2f}x the baseline's "
+                                f"{1000 * (p99_b or 0):.2f} ms > {gates.max_p99_ratio:g}x")
+        else:
+            # The baseline may get too little traffic near the end: the ratio is then not judged.
+            verdicts["p99_ratio"] = {"figure": ratio, "limit": gates.max_p99_ratio,
+                                     "verdict": "inconclusive" if cand.requests < need else "n/a"}
+
+    shown = {
+        "requests": n, "needed": need,
+        "candidate_requests": cand.requests, "baseline_requests": base.requests,
+        "candidate_error_rate": cand.error_rate, "baseline_error_rate": base.error_rate,
+        "candidate_errors_by_code": {c: k for c, k in cand.codes.items() if c != "OK"},
+        "p99_candidate_ms": None if p99_c is None else round(1000 * p99_c, 3),
+        "p99_baseline_ms": None if p99_b is None else round(1000 * p99_b, 3),
+        "shadow_compared": compared, "shadow_agreed": agreed, "shadow_candidate_errors": shadow_errors,
+        "shadow_mean_abs_diff": figures.shadow.get("diff_sum", 0.0) / compared if compared else None,
+        "shadow_max_abs_diff": figures.shadow.get("diff_max"),
+        "instances": figures.instances, "gates": verdicts,
+    }
+    if failures:
+        return Judgement(Verdict.FAIL, "; ".join(failures), shown)
+    if n < need:
+        what = "shadow comparisons" if shadow_step else "candidate requests"
+        return Judgement(Verdict.INCONCLUSIVE, f"only {n} {what} in the window, {need} needed: holding", shown)
+    return Judgement(Verdict.PASS, "every gate passed", shown)
+
+
+def _with(doc: RolloutDocument, **state: Any) -> RolloutDocument:
+    return doc.model_copy(update={"state": doc.state.model_copy(update=state)})
+
+
+def _decide(doc: RolloutDocument, now: datetime, verdict: Verdict, reason: str, figures: dict[str, Any]
+            ) -> tuple[Decision, ...]:
+    decision = Decision(at=now, step=doc.state.step, verdict=verdict, reason=reason[:1000], figures=figures)
+    return (*doc.state.decisions, decision)[-DECISIONS_KEPT:]
+
+
+def _payload(doc: RolloutDocument, event: str, reason: str) -> dict[str, Any]:
+    last = doc.state.decisions[-1].model_dump(mode="json") if doc.state.decisions else None
+    return {"event": event, "model": doc.model, "candidate": doc.candidate, "baseline": doc.baseline,
+            "step": doc.state.step, "step_value": doc.current_step, "reason": reason, "decision": last}
+
+
+def _enter(doc: RolloutDocument, index: int, obs: Observation, now: datetime) -> tuple[RolloutDocument, list[Action]]:
+    moved = _with(doc, phase=Phase.RUNNING, step=index, step_started=now, window_start=obs.counters,
+                  weights_applied=True, reason="")
+    return moved, [SetWeights(moved.weights_for(moved.steps[index]))]
+
+
+def _roll_back(doc: RolloutDocument, now: datetime, phase: Phase, reason: str) -> tuple[RolloutDocument, list[Action]]:
+    done = _with(doc, phase=phase, reason=reason, weights_applied=True)
+    actions: list[Action] = [SetWeights({doc.baseline: 100, doc.candidate: 0})]
+    if doc.webhooks.on_rollback is not None:
+        actions.append(CallWebhook("on_rollback", _payload(done, phase.value, reason)))
+    return done, actions
+
+
+def _promote(doc: RolloutDocument, now: datetime, obs: Observation) -> tuple[RolloutDocument, list[Action]]:
+    if doc.webhooks.before_promotion is not None:
+        asking = _with(doc, phase=Phase.PROMOTING, reason="asking the before-promotion webhook")
+        return asking, [CallWebhook("before_promotion", _payload(asking, "before_promotion", "gates passed"))]
+    return promoted(doc, now, obs)
+
+
+def promoted(doc: RolloutDocument, now: datetime, obs: Observation) -> tuple[RolloutDocument, list[Action]]:
+    last = len(doc.steps) - 1
+    moved, actions = _enter(doc, last, obs, now)
+    return _with(moved, phase=Phase.PROMOTED, reason=f"version {doc.candidate} takes all traffic"), actions
+
+
+def after_webhook(doc: RolloutDocument, ok: bool, detail: str, now: datetime, obs: Observation
+                  ) -> tuple[RolloutDocument, list[Action]]:
+    """The before-promotion webhook answered (``ok``: 2xx in time): promote, or pause saying why."""
+    if doc.state.phase is not Phase.PROMOTING:
+        return doc, []
+    if ok:
+        return promoted(doc, now, obs)
+    return _with(doc, phase=Phase.PAUSED, reason=f"before-promotion webhook refused: {detail}"[:1000]), []
+
+
+def _request(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[RolloutDocument, list[Action]]:
+    state = doc.state
+    request, why = state.request, state.request_reason
+    doc = _with(doc, request=None, request_reason="")
+    by = f" ({why})" if why else ""
+    if request == "abort":
+        return _roll_back(doc, now, Phase.ABORTED, f"aborted by an operator{by}")
+    if request == "pause":
+        if doc.state.phase in (Phase.RUNNING, Phase.PENDING):
+            return _with(doc, phase=Phase.PAUSED, reason=f"paused by an operator{by}"), []
+        return doc, []
+    if request == "resume":
+        if doc.state.phase is Phase.PAUSED:
+            # The window restarts: what happened while paused (maybe under hand-set weights) is not
+            # this step's evidence; the step's weights are written again.
+            resumed = _with(doc, phase=Phase.RUNNING, step_started=now, window_start=obs.counters,
+                            weights_applied=False, reason=f"resumed by an operator{by}")
+            return step(resumed, obs, now)
+        return doc, []
+    if request == "promote":
+        return _promote(doc, now, obs)
+    return doc, []
+
+
+def step(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[RolloutDocument, list[Action]]:
+    """One round: the document after it and what to do (in order) before storing it."""
+    state = doc.state
+    if state.phase.final:
+        return (_with(doc, request=None) if state.request else doc), []
+    if state.request is not None:
+        return _request(doc, obs, now)
+    if state.phase is Phase.PENDING:
+        return _enter(doc, 0, obs, now)
+    if state.phase is Phase.PROMOTING:
+        return doc, [CallWebhook("before_promotion", _payload(doc, "before_promotion", "gates passed"))]
+    if state.phase is not Phase.RUNNING:
+        return doc, []
+    wanted = doc.weights_for(doc.current_step)
+    if not state.weights_applied:
+        return _with(doc, weights_applied=True), [SetWeights(wanted)]
+    if _shares(obs.routing) != _shares(wanted):
+        seen = "no routing document" if obs.routing is None else f"weights {_weights_text(obs.routing)}"
+        return _with(doc, phase=Phase.PAUSED, reason=(
+            f"the routing of {doc.model!r} was changed by hand ({seen}; the rollout wrote "
+            f"{_weights_text(wanted)}): paused instead of overwriting it. `sluice rollout resume "
+            f"{doc.model}` writes the step's weights again, `sluice rollout abort {doc.model}` rolls back")), []
+    started = state.step_started or now
+    elapsed = (now - started).total_seconds()
+    if obs.figures is None:
+        if elapsed < doc.interval_s:
+            return doc, []
+        reason = "no figures: " + ("; ".join(obs.problems) or "no instance of either version to scrape")
+        return _hold(doc, now, reason[:1000], {"problems": list(obs.problems)})
+    judged = judge(doc, obs.figures, shadow_step=doc.current_step == SHADOW)
+    if judged.verdict is Verdict.FAIL:
+        failed = _with(doc, decisions=_decide(doc, now, Verdict.FAIL, judged.reason, judged.figures))
+        return _roll_back(failed, now, Phase.ROLLED_BACK,
+                          f"step {state.step} ({doc.current_step}): {judged.reason}")
+    if elapsed < doc.interval_s:
+        return doc, []
+    if judged.verdict is Verdict.INCONCLUSIVE:
+        return _hold(doc, now, judged.reason, judged.figures)
+    passed = _with(doc, decisions=_decide(doc, now, Verdict.PASS, judged.reason, judged.figures))
+    if state.step + 1 >= len(doc.steps) - 1:
+        return _promote(passed, now, obs)
+    return _enter(passed, state.step + 1, obs, now)
+
+
+def _hold(doc: RolloutDocument, now: datetime, reason: str, figures: dict[str, Any]
+          ) -> tuple[RolloutDocument, list[Action]]:
+    """Inconclusive: the step holds; recorded once per interval (not every round)."""
+    last = doc.state.decisions[-1] if doc.state.decisions else None
+    if (last is not None and last.step == doc.state.step and last.verdict is Verdict.INCONCLUSIVE
+            and (now - last.at).total_seconds() < doc.interval_s):
+        return doc, []
+    return _with(doc, decisions=_decide(doc, now, Verdict.INCONCLUSIVE, reason, figures),
+                 reason=f"step {doc.state.step} inconclusive: {reason}"[:1000]), []
+
+
+def _weights_text(weights: dict[int, int]) -> str:
+    return " ".join(f"{v}={w}" for v, w in sorted(weights.items()))
