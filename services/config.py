@@ -98,6 +98,21 @@ class WarmupInput(_Strict):
     fill: float = 0.0
 
 
+class ShadowConfig(_Strict):
+    """Shadow comparison without a rollout (a rollout document of the model takes precedence)."""
+
+    candidate: int = Field(ge=1)
+    """The version that re-runs requests after the callers have their answers."""
+    baseline: int | None = Field(None, ge=1)
+    """Only requests answered by this version (default: by any other version)."""
+    fraction: float = Field(0.1, ge=0.0, le=1.0)
+    """Share of those requests shadowed."""
+    rtol: float = Field(1e-5, ge=0.0, le=1.0)
+    atol: float = Field(1e-6, ge=0.0, le=1e6)
+    compare: Literal["auto", "allclose", "argmax", "exact"] = "auto"
+    """auto: exact for integers, booleans and BYTES, allclose for floats; argmax for classifiers."""
+
+
 class ModelConfig(_Strict):
     """Everything ``config.yaml`` may set for one model (all its versions)."""
 
@@ -119,6 +134,8 @@ class ModelConfig(_Strict):
     """Warm-up inputs; when empty, one is generated from the model's signature."""
     warmup_runs: int = Field(1, ge=0, le=100)
     labels: dict[str, str] = Field(default_factory=dict)
+    shadow: ShadowConfig | None = None
+    """Shadow comparison of a candidate version (docs/rollouts.md)."""
 
     @field_validator("labels", mode="before")
     @classmethod

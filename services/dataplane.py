@@ -21,6 +21,7 @@ from services.errors import ServiceError, VersionRetiredError
 from services.manager import ModelManager
 from services.model import VersionInfo
 from services.served import ServedVersion
+from services.shadow import Shadow
 from services.types import InferOutput, InferRequest, InferResponse
 
 log = structlog.get_logger(__name__)
@@ -47,6 +48,8 @@ class DataPlane:
         """Set when tracing is on: queue and inference spans per request."""
         self.started = False
         self.stopping = False
+        self.shadow: Shadow | None = None
+        """Set by the server: some answered requests are re-run on a candidate version."""
 
     # -- health -------------------------------------------------------------------------------
     def live(self) -> bool:
@@ -129,10 +132,14 @@ class DataPlane:
         if _stdlib_log.isEnabledFor(logging.DEBUG):  # the cheap check keeps the hot path free of it
             log.debug("inference_done", rows=rows, batch_rows=result.batch_rows,
                       ms=round((time.monotonic() - started) * 1000, 3))
-        return InferResponse(model.name, model.version, request.id, [
+        response = InferResponse(model.name, model.version, request.id, [
             InferOutput(name, datatypes[name], array.shape, array)
             for name, array in zip(names, result.outputs, strict=True)
         ])
+        if self.shadow is not None:
+            # The answer is built: only a reference goes into the shadow queue (never blocks or raises).
+            self.shadow.offer(model, clip(request.id), feeds=feeds, names=names, answers=result.outputs)
+        return response
 
     def _spans(self, submitted_ns: int, result: BatchResult, model: str, version: int, rows: int) -> None:
         """Queue wait and ONNX Runtime call as children of the RPC's span, timed after the fact

@@ -13,6 +13,7 @@ within the grace period, then drains and unloads every model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -44,6 +45,7 @@ from services.metrics import ServiceMetrics
 from services.registration import Registration
 from services.served import ServedVersion
 from services.settings import ServiceSettings
+from services.shadow import Shadow, follow_rollouts
 from services.streams import StreamGuard
 from services.watcher import RepositoryWatcher
 
@@ -78,6 +80,10 @@ class ModelServer:
         self.watcher = (RepositoryWatcher(settings.repo, self.manager, settings.reload_quiet_ms,
                                           settings.watch_polling) if settings.watch else None)
         self.plane = DataPlane(self.catalog, self.manager)
+        self.shadow = Shadow(self.catalog, queue_size=settings.shadow_queue, cpu_share=settings.shadow_cpu_share)
+        self.metrics.prometheus_registry.register(self.shadow.collector())
+        self.plane.shadow = self.shadow
+        self._shadow_follow: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self.port = settings.port
         self.metrics_port: int | None = None
@@ -155,12 +161,15 @@ class ModelServer:
             self.manager.load_checks.append(self.registration.check_record)
             self.manager.on_retire.insert(0, self.registration.on_retire)
             await self.registration.start()
+            self._shadow_follow = asyncio.create_task(
+                follow_rollouts(self.shadow, self.catalog, self.etcd or EtcdSettings(), self._stop))
         log.info("listening", address=f"{s.host}:{self.port}", metrics_port=self.metrics_port,
                  repo=str(s.repo))
         await self.manager.load_all()
         if self.watcher is not None:
             self.watcher.start()
         self.heap.start()
+        self.shadow.start()
         await self.refresh_health()
         self.plane.started = True
         self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -217,6 +226,11 @@ class ModelServer:
         if self.streams is not None:
             self.streams.stop()
         await self.heap.stop()
+        self.shadow.stop()
+        if self._shadow_follow is not None:
+            self._shadow_follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shadow_follow
         await self.manager.close()
         self.metrics.close()
         shutdown_tracing(self._tracer_provider)

@@ -57,6 +57,10 @@ class ServiceSettings(BaseSettings):
     heap_trim_interval: float = Field(10.0, ge=0)
     """Seconds between handing freed heap memory back to the system (glibc malloc_trim; 0 = never).
     Without it, memory freed after a burst of large requests stays in the process's RSS."""
+    shadow_queue: int = Field(64, ge=1, le=65536)
+    """Shadow comparisons waiting for the shadow worker; more are dropped (docs/rollouts.md)."""
+    shadow_cpu_share: float = Field(0.25, gt=0.0, le=1.0)
+    """Share of one core the shadow worker may use (it idles after each comparison to keep to it)."""
     max_calls_per_connection: int = Field(100, ge=1, le=65535)
     """Calls one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; clients
     and Envoy queue or open another connection beyond it). A call whose answer the client does not

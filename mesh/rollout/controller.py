@@ -151,7 +151,7 @@ class RolloutController:
             for version in (doc.baseline, doc.candidate):
                 for instance_id, record in model.instances.get(version, {}).items():
                     if record.state is InstanceState.SERVING:
-                        targets[instance_id] = metrics_address(record.address, getattr(record, "admin_address", None))
+                        targets[instance_id] = metrics_address(record.address, record.admin_address)
         counters, problems = await scrape(targets, doc.model, doc.baseline, doc.candidate,
                                           timeout=self.scrape_timeout)
         figures = window(doc.state.window_start, counters, doc.baseline, doc.candidate) if counters else None

@@ -123,3 +123,38 @@ def write_model(repo: Path, name: str, model: onnx.ModelProto | bytes, version: 
     if config is not None:
         (repo / name / "config.yaml").write_text(yaml.safe_dump(config))
     return path
+
+
+# -- rollout variants: x FP32 [batch, 1] -> y FP32 [batch, 1] -----------------------------------------
+ROLLOUT_TABLE_SIZE: Final = 64
+"""The failing variant answers inputs 0 .. ROLLOUT_TABLE_SIZE - 1 (integers) and fails above."""
+
+
+def doubler() -> onnx.ModelProto:
+    """y = 2x: the baseline of the rollout tests."""
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    return _model([helper.make_node("Mul", ["x", "two"], ["y"])],
+                  [_value("x", "FP32", ["batch", 1])], [_value("y", "FP32", ["batch", 1])], [two])
+
+
+def doubler_by_adding() -> onnx.ModelProto:
+    """y = x + x: another graph with the same answers as :func:`doubler` (a good candidate)."""
+    return _model([helper.make_node("Add", ["x", "x"], ["y"])],
+                  [_value("x", "FP32", ["batch", 1])], [_value("y", "FP32", ["batch", 1])])
+
+
+def doubler_off_by(offset: float) -> onnx.ModelProto:
+    """y = 2x + offset: answers, but disagrees with :func:`doubler`."""
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    off = numpy_helper.from_array(np.array(offset, dtype=np.float32), "off")
+    return _model([helper.make_node("Mul", ["x", "two"], ["d"]), helper.make_node("Add", ["d", "off"], ["y"])],
+                  [_value("x", "FP32", ["batch", 1])], [_value("y", "FP32", ["batch", 1])], [two, off])
+
+
+def doubler_failing_above_table() -> onnx.ModelProto:
+    """y = table[int(x)] with table[i] = 2i: as :func:`doubler` for x in 0 .. ROLLOUT_TABLE_SIZE - 1,
+    an ONNX Runtime error (index out of bounds) for larger x."""
+    table = numpy_helper.from_array(2.0 * np.arange(ROLLOUT_TABLE_SIZE, dtype=np.float32), "table")
+    return _model([helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT64),
+                   helper.make_node("Gather", ["table", "i"], ["y"], axis=0)],
+                  [_value("x", "FP32", ["batch", 1])], [_value("y", "FP32", ["batch", 1])], [table])

@@ -1,0 +1,303 @@
+"""Shadow comparison: some requests the baseline answered are run again on the candidate version,
+after the caller has its answer, and the outputs compared.
+
+Never on the caller's time or at its expense: :meth:`Shadow.offer` (on the request thread, after
+the answer is built) only draws a random number and puts a reference into a bounded queue — a
+full queue drops the job. One low-priority worker thread (nice 19) runs the candidate through
+ONNX Runtime directly (not its batcher, so the candidate's own request figures stay those of real
+callers) and sleeps after each job so that it uses at most ``cpu_share`` of one core.
+
+What to compare comes from the model's rollout document (:mod:`mesh.rollout.document`, followed
+in etcd by :func:`follow_rollouts`) or, without one, from the ``shadow`` block of the model's
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mesh.errors import InvalidDocumentError, MeshError
+from mesh.registry.etcd.client import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.settings import EtcdSettings
+from mesh.rollout.document import RolloutDocument, parse_rollout_document
+from services.catalog import ModelCatalog
+from services.errors import ServiceError
+from services.model import OnnxModel
+
+log = structlog.get_logger(__name__)
+
+SAMPLE_IDS = 10
+"""Disagreeing request ids kept (and logged) per (model, baseline, candidate)."""
+_FLOAT_KINDS = "fc"
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowPlan:
+    """Shadow ``candidate`` on requests answered by ``baseline`` (None: by any other version)."""
+
+    candidate: int
+    baseline: int | None = None
+    fraction: float = 1.0
+    rtol: float = 1e-5
+    atol: float = 1e-6
+    compare: str = "auto"
+
+    @classmethod
+    def from_rollout(cls, doc: RolloutDocument) -> ShadowPlan:
+        s = doc.shadow
+        return cls(doc.candidate, doc.baseline, s.fraction, s.rtol, s.atol, s.compare)
+
+
+@dataclass(slots=True)
+class _Job:
+    model: str
+    baseline: int
+    plan: ShadowPlan
+    request_id: str
+    feeds: dict[str, npt.NDArray[Any]]
+    names: tuple[str, ...]
+    answers: tuple[npt.NDArray[Any], ...]
+
+
+class PairFigures:
+    """Counters of one (model, baseline, candidate), written by the worker thread only."""
+
+    __slots__ = ("agreed", "compared", "diff_max", "diff_sum", "disagreeing", "dropped", "errors")
+
+    def __init__(self) -> None:
+        self.compared = 0
+        self.agreed = 0
+        self.errors = 0
+        self.dropped = 0
+        self.diff_sum = 0.0
+        self.diff_max = 0.0
+        self.disagreeing: deque[str] = deque(maxlen=SAMPLE_IDS)
+
+
+def compare_outputs(baseline: npt.NDArray[Any], candidate: npt.NDArray[Any], plan: ShadowPlan
+                    ) -> tuple[bool, float]:
+    """(agreed, mean absolute difference) of one output; BYTES, integers and booleans exactly."""
+    if baseline.shape != candidate.shape:
+        return False, float("inf")
+    numeric = baseline.dtype.kind in "biufc" and candidate.dtype.kind in "biufc"
+    diff = 0.0
+    if numeric and baseline.size:
+        diff = float(np.mean(np.abs(baseline.astype(np.float64) - candidate.astype(np.float64))))
+    how = plan.compare
+    if how == "auto":
+        how = "allclose" if baseline.dtype.kind in _FLOAT_KINDS else "exact"
+    if how == "exact" or not numeric:
+        return bool(np.array_equal(baseline, candidate)), diff
+    if how == "argmax":
+        if baseline.ndim == 0 or not baseline.size:
+            return bool(np.array_equal(baseline, candidate)), diff
+        return bool(np.array_equal(np.argmax(baseline, axis=-1), np.argmax(candidate, axis=-1))), diff
+    return bool(np.allclose(baseline, candidate, rtol=plan.rtol, atol=plan.atol, equal_nan=True)), diff
+
+
+class Shadow:
+    def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, cpu_share: float = 0.25) -> None:
+        self.catalog = catalog
+        self.cpu_share = cpu_share
+        self.rollout_plans: dict[str, ShadowPlan] = {}
+        """Model → plan from its rollout document (replaced whole by :func:`follow_rollouts`)."""
+        self.pairs: dict[tuple[str, int, int], PairFigures] = {}
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+        self._random = random.Random()
+
+    # -- the request thread ---------------------------------------------------------------------
+    def offer(self, served: OnnxModel, request_id: str, *, feeds: dict[str, npt.NDArray[Any]],
+              names: Sequence[str], answers: Sequence[npt.NDArray[Any]]) -> None:
+        """Called after ``served`` answered; cheap, never blocks, never raises into the request."""
+        model, version = served.name, served.version
+        plan = self.rollout_plans.get(model)
+        if plan is None and served.config.shadow is not None:
+            c = served.config.shadow
+            plan = ShadowPlan(c.candidate, c.baseline, c.fraction, c.rtol, c.atol, c.compare)
+        if plan is None or self._thread is None or version == plan.candidate:
+            return
+        if plan.baseline is not None and version != plan.baseline:
+            return
+        if plan.fraction < 1.0 and self._random.random() >= plan.fraction:
+            return
+        try:
+            self._queue.put_nowait(_Job(model, version, plan, request_id, feeds, tuple(names), tuple(answers)))
+        except queue.Full:
+            self._pair(model, version, plan.candidate).dropped += 1
+
+    # -- the worker -----------------------------------------------------------------------------
+    def _pair(self, model: str, baseline: int, candidate: int) -> PairFigures:
+        key = (model, baseline, candidate)
+        pair = self.pairs.get(key)
+        if pair is None:
+            pair = self.pairs[key] = PairFigures()
+        return pair
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="shadow", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        with contextlib.suppress(queue.Full):
+            # Make room for the sentinel: queued comparisons are not worth a slow shutdown.
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put_nowait(None)
+        thread.join(timeout)
+
+    def _work(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # lowest priority for this thread only (Linux)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            started = time.monotonic()
+            try:
+                self._run(job)
+            except Exception:  # a comparison must never end the worker
+                log.exception("shadow_failed", model=job.model, candidate=job.plan.candidate)
+            busy = time.monotonic() - started
+            if self.cpu_share < 1.0:
+                # Duty cycle: after busy seconds, idle long enough that busy is at most cpu_share.
+                time.sleep(busy * (1.0 - self.cpu_share) / self.cpu_share)
+
+    def _run(self, job: _Job) -> None:
+        plan = job.plan
+        pair = self._pair(job.model, job.baseline, plan.candidate)
+        try:
+            served = self.catalog.resolve(job.model, plan.candidate)
+        except ServiceError:
+            pair.dropped += 1  # the candidate is not (or no longer) loaded here
+            return
+        try:
+            outputs = served.model.run(job.feeds, job.names)
+        except ServiceError as exc:
+            pair.errors += 1
+            self._remember(pair, job, "candidate_error", error=str(exc)[:300])
+            return
+        agreed, diffs = True, []
+        for name, answer, got in zip(job.names, job.answers, outputs, strict=True):
+            ok, diff = compare_outputs(answer, got, plan)
+            agreed = agreed and ok
+            diffs.append(diff)
+            if not ok:
+                log.debug("shadow_output_differs", model=job.model, output=name, mean_abs_diff=diff)
+        diff = max(diffs, default=0.0)
+        pair.compared += 1
+        if np.isfinite(diff):
+            pair.diff_sum += diff
+            pair.diff_max = max(pair.diff_max, diff)
+        if agreed:
+            pair.agreed += 1
+        else:
+            self._remember(pair, job, "disagreed", mean_abs_diff=diff)
+
+    def _remember(self, pair: PairFigures, job: _Job, what: str, **fields: Any) -> None:
+        """A bounded sample: the first SAMPLE_IDS cases one by one, then one line per 100 more."""
+        pair.disagreeing.append(job.request_id)
+        count = pair.errors + pair.compared - pair.agreed
+        if count <= SAMPLE_IDS or count % 100 == 0:
+            log.warning("shadow_" + what, model=job.model, baseline=job.baseline, candidate=job.plan.candidate,
+                        request_id=job.request_id, recent_request_ids=list(pair.disagreeing), count=count,
+                        **fields)
+
+    def collector(self) -> Collector:
+        return _ShadowCollector(self)
+
+
+class _ShadowCollector(Collector):
+    def __init__(self, shadow: Shadow) -> None:
+        self._shadow = shadow
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        labels = ["model", "baseline", "candidate"]
+        families = {
+            "compared": CounterMetricFamily("sluice_shadow_compared", "Shadow comparisons made", labels=labels),
+            "agreed": CounterMetricFamily("sluice_shadow_agreed", "Shadow comparisons whose outputs agreed",
+                                          labels=labels),
+            "errors": CounterMetricFamily("sluice_shadow_errors", "Shadow runs the candidate failed", labels=labels),
+            "dropped": CounterMetricFamily("sluice_shadow_dropped",
+                                           "Shadow jobs dropped (queue full, candidate not loaded)", labels=labels),
+            "diff_sum": CounterMetricFamily("sluice_shadow_diff_sum",
+                                            "Sum over comparisons of the mean absolute output difference",
+                                            labels=labels),
+        }
+        diff_max = GaugeMetricFamily("sluice_shadow_diff_max", "Largest mean absolute output difference seen",
+                                     labels=labels)
+        for (model, baseline, candidate), pair in list(self._shadow.pairs.items()):
+            values = [model, str(baseline), str(candidate)]
+            for name, family in families.items():
+                family.add_metric(values, float(getattr(pair, name)))
+            diff_max.add_metric(values, pair.diff_max)
+        yield from families.values()
+        yield diff_max
+
+
+async def follow_rollouts(shadow: Shadow, catalog: ModelCatalog, etcd: EtcdSettings, stop: asyncio.Event, *,
+                          interval: float = 2.0) -> None:
+    """Every ``interval``: read the rollout document of each model served here and keep
+    ``shadow.rollout_plans`` to those in force (not final). etcd trouble keeps the plans as they
+    are and retries: shadowing is never worth failing a service for."""
+    client = EtcdClient(etcd)
+    schema = KeySchema(etcd.prefix)
+    seen: dict[str, int] = {}
+    try:
+        while not stop.is_set():
+            try:
+                await client.connect()
+                break
+            except MeshError as exc:
+                log.warning("shadow_etcd_unreachable", error=str(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval)
+        while not stop.is_set():
+            plans: dict[str, ShadowPlan] = {}
+            try:
+                for model in catalog.model_names():
+                    kv = await client.get(schema.rollout(model))
+                    if kv is None:
+                        continue
+                    try:
+                        doc = parse_rollout_document(kv.value)
+                    except InvalidDocumentError as exc:
+                        if seen.get(model) != kv.mod_revision:
+                            log.warning("shadow_rollout_invalid", model=model, error=str(exc))
+                        seen[model] = kv.mod_revision
+                        continue
+                    if not doc.state.phase.final and doc.shadow.fraction > 0:
+                        plans[model] = ShadowPlan.from_rollout(doc)
+                if plans != shadow.rollout_plans:
+                    log.info("shadow_plans", plans={m: (p.baseline, p.candidate, p.fraction) for m, p in plans.items()})
+                shadow.rollout_plans = plans
+            except MeshError as exc:
+                log.warning("shadow_rollout_read_failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+    finally:
+        await client.close()

@@ -1,0 +1,129 @@
+"""Shadow comparison in the real service: requests answered by the baseline re-run on the candidate
+after the callers have their answers, compared, counted per (model, baseline, candidate)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.shadow import ShadowPlan, compare_outputs
+from tests.fixtures.processes import wait_for
+from tests.fixtures.service import ServiceHandle
+from tests.services import models
+from tests.services.clients import RPC_TIMEOUT_S, decode_outputs, raw_request, stub_for
+
+SHADOW_ALL = {"shadow": {"candidate": 3, "baseline": 2, "fraction": 1.0}}
+
+
+def shadow_counts(service: ServiceHandle) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(service.metrics_text()):
+        for sample in family.samples:
+            if sample.name.startswith("sluice_shadow_") and sample.labels.get("model") == "dbl":
+                assert (sample.labels["baseline"], sample.labels["candidate"]) == ("2", "3")
+                counts[sample.name.removeprefix("sluice_shadow_").removesuffix("_total")] = sample.value
+    return counts
+
+
+def live_requests(service: ServiceHandle, version: str) -> float:
+    return sum(s.value for f in text_string_to_metric_families(service.metrics_text()) for s in f.samples
+               if s.name == "sluice_requests_total" and s.labels.get("model") == "dbl"
+               and s.labels.get("version") == version)
+
+
+def repo_with(tmp_path: Path, candidate: object, config: dict[str, object]) -> Path:
+    repo = tmp_path / "repo"
+    models.write_model(repo, "dbl", models.doubler(), version=2, config=config)
+    models.write_model(repo, "dbl", candidate, version=3)  # type: ignore[arg-type]
+    return repo
+
+
+def send(service: ServiceHandle, values: list[float], version: str = "2") -> list[float]:
+    answers = []
+    with stub_for(service) as stub:
+        for i, value in enumerate(values):
+            x = np.array([[value]], dtype=np.float32)
+            reply = stub.ModelInfer(raw_request("dbl", {"x": ("FP32", x)}, version=version, request_id=f"req-{i}"),
+                                    timeout=RPC_TIMEOUT_S)
+            answers.append(float(decode_outputs(reply)["y"][0, 0]))
+    return answers
+
+
+def test_compare_outputs_by_kind() -> None:
+    plan = ShadowPlan(candidate=3)
+    a = np.array([[1.0, 2.0]], dtype=np.float32)
+    assert compare_outputs(a, a + 1e-7, plan) == (True, pytest.approx(1e-7, rel=0.5))
+    agreed, diff = compare_outputs(a, a + 0.5, plan)
+    assert not agreed and diff == pytest.approx(0.5)
+    assert not compare_outputs(a, a.reshape(2, 1), plan)[0]
+    ints = np.array([1, 2, 3], dtype=np.int64)
+    assert compare_outputs(ints, ints, plan)[0] and not compare_outputs(ints, ints + 1, plan)[0]
+    words = np.array([b"a", b"b"], dtype=np.object_)
+    assert compare_outputs(words, words.copy(), plan)[0]
+    assert not compare_outputs(words, np.array([b"a", b"c"], dtype=np.object_), plan)[0]
+    classes = ShadowPlan(candidate=3, compare="argmax")
+    scores = np.array([[0.1, 0.9], [0.8, 0.2]], dtype=np.float32)
+    assert compare_outputs(scores, scores * 0.5, classes)[0]
+    assert not compare_outputs(scores, scores[:, ::-1], classes)[0]
+
+
+@pytest.mark.timeout(120)
+def test_agreeing_candidate_is_compared_without_touching_its_live_figures(
+        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+    service = start_service(repo_with(tmp_path, models.doubler_by_adding(), SHADOW_ALL))
+    assert send(service, [float(i) for i in range(40)]) == [2.0 * i for i in range(40)]
+    wait_for(lambda: shadow_counts(service).get("compared", 0) >= 40, 30, "40 comparisons")
+    counts = shadow_counts(service)
+    assert counts["agreed"] == counts["compared"] == 40 and counts["errors"] == 0
+    assert counts["diff_max"] == 0.0
+    assert live_requests(service, "3") == 0  # shadow runs are not the candidate's callers
+
+
+@pytest.mark.timeout(120)
+def test_disagreement_and_candidate_errors_are_counted_and_sampled_in_the_log(
+        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+    service = start_service(repo_with(tmp_path, models.doubler_off_by(0.5), SHADOW_ALL))
+    assert send(service, [1.0] * 20) == [2.0] * 20  # callers get the baseline's answers
+    wait_for(lambda: shadow_counts(service).get("compared", 0) >= 20, 30, "20 comparisons")
+    counts = shadow_counts(service)
+    assert counts["agreed"] == 0 and counts["diff_sum"] == pytest.approx(20 * 0.5)
+    lines = [json.loads(line) for line in service.process.log_text().splitlines() if '"shadow_disagreed"' in line]
+    assert 1 <= len(lines) <= 10  # a bounded sample, not one line per request
+    assert lines[0]["request_id"] == "req-0" and lines[0]["candidate"] == 3
+
+    failing = start_service(repo_with(tmp_path / "f", models.doubler_failing_above_table(), SHADOW_ALL))
+    big = float(models.ROLLOUT_TABLE_SIZE + 10)
+    assert send(failing, [1.0, big, 2.0, big]) == [2.0, 2 * big, 4.0, 2 * big]
+    wait_for(lambda: shadow_counts(failing).get("errors", 0) >= 2, 30, "2 candidate errors")
+    counts = shadow_counts(failing)
+    assert counts["compared"] == 2 and counts["agreed"] == 2
+    assert "shadow_candidate_error" in failing.process.log_text()
+
+
+@pytest.mark.timeout(120)
+def test_a_full_queue_drops_shadow_jobs_and_never_the_callers(
+        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+    service = start_service(repo_with(tmp_path, models.slow(matmuls=8, size=256), {
+        "shadow": {"candidate": 3, "baseline": 2, "fraction": 1.0, "rtol": 1.0, "atol": 1e6}}),
+        "--shadow-queue", "1", "--shadow-cpu-share", "0.05")
+    assert send(service, [1.0] * 60) == [2.0] * 60
+    counts = shadow_counts(service)
+    assert counts["dropped"] > 0
+    assert counts["compared"] + counts["dropped"] <= 60
+
+
+@pytest.mark.timeout(60)
+def test_config_shadow_block_is_validated(tmp_path: Path) -> None:
+    from services.config import load_model_config
+    from services.errors import ModelLoadError
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.yaml").write_text("shadow: {candidate: 0, fraction: 2}\n")
+    with pytest.raises(ModelLoadError) as caught:
+        load_model_config(tmp_path / "m")
+    assert "shadow.candidate" in str(caught.value) and "shadow.fraction" in str(caught.value)
