@@ -100,6 +100,8 @@ def register(subparsers: Any) -> None:
     start.add_argument("--interval", type=parse_duration, default=60.0, help="time per step (default 60s)")
     start.add_argument("--max-error-rate", type=parse_share, default=0.005, help="default 0.5%%")
     start.add_argument("--max-p99-ratio", type=float, default=1.5, help="default 1.5")
+    start.add_argument("--p99-slack", type=parse_duration, default=0.001,
+                       help="a p99 this close to the baseline's passes whatever the ratio (default 1ms)")
     start.add_argument("--min-agreement", type=parse_share, default=0.99, help="default 99%%")
     start.add_argument("--min-requests", type=int, default=200, help="per step (default 200)")
     start.add_argument("--shadow-fraction", type=parse_share, default=1.0,
@@ -199,6 +201,7 @@ async def _start(args: argparse.Namespace, client: EtcdClient, schema: KeySchema
         "model": args.model, "candidate": candidate, "baseline": baseline, "steps": args.steps,
         "interval_s": args.interval,
         "gates": {"max_error_rate": args.max_error_rate, "max_p99_ratio": args.max_p99_ratio,
+                  "p99_slack_ms": 1000 * args.p99_slack,
                   "min_agreement": args.min_agreement, "min_requests": args.min_requests},
         "shadow": {"fraction": args.shadow_fraction, "rtol": args.rtol, "atol": args.atol, "compare": args.compare},
         "webhooks": webhooks,

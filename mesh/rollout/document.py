@@ -63,6 +63,9 @@ class Gates(_Strict):
     """Share of the candidate's requests answered with a gRPC error (any code but OK and CANCELLED)."""
     max_p99_ratio: float = Field(1.5, gt=0.0, le=1000.0)
     """Candidate p99 latency / baseline p99 latency (traffic steps; both need min_requests)."""
+    p99_slack_ms: float = Field(1.0, ge=0.0, le=60_000.0)
+    """A p99 within this many milliseconds of the baseline's passes whatever the ratio: at
+    sub-millisecond latencies a ratio measures scheduling noise, not the model."""
     min_agreement: float = Field(0.99, ge=0.0, le=1.0)
     """Share of shadow comparisons whose outputs agreed (where any were compared)."""
     min_requests: int = Field(200, ge=1, le=10**9)

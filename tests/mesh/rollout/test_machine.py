@@ -180,3 +180,10 @@ def test_judge_reports_every_gate_figure() -> None:
     assert judged.verdict is Verdict.PASS
     assert set(judged.figures["gates"]) == {"error_rate", "agreement", "p99_ratio"}
     assert judged.figures["gates"]["p99_ratio"]["figure"] == pytest.approx(1.0)
+
+
+def test_p99_within_the_slack_passes_whatever_the_ratio() -> None:
+    d, _ = step(doc(gates={"min_requests": 100, "p99_slack_ms": 100}), observe(None, {2: 100}), T0)
+    d = d.model_copy(update={"state": d.state.model_copy(update={"step": 2})})
+    d, _ = run(d, figures(version(500, p99_bucket="0.05"), version(500, p99_bucket="0.005")), 11.0)
+    assert d.state.phase is Phase.RUNNING and d.state.step == 3

@@ -1,0 +1,112 @@
+"""Rollouts end to end: real etcd, a registered service with versions 2 and 3, the real
+``sluice rollout-controller`` process, load from real gRPC clients; steps of about a second."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import onnx
+import pytest
+
+from tests.fixtures.processes import wait_for
+from tests.mesh.rollout.conftest import MODEL, Stack, load_on, wait_phase
+from tests.services import models
+
+# Four test sessions share two cores here: a 20 ms scheduling hiccup is not the model's latency.
+FAST = ("--interval", "1s", "--min-requests", "20", "--p99-slack", "20ms")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_good_candidate_goes_from_shadow_to_all_traffic_with_no_failed_request(
+        make_stack: Callable[[onnx.ModelProto], Stack]) -> None:
+    stack = make_stack(models.doubler_by_adding())
+    stack.start_controller("ctl-a")
+    with load_on(stack) as load:
+        stack.cli("rollout", "start", MODEL, "3", *FAST)
+        doc = wait_phase(stack, "promoted", 150)
+    assert load.failures == {}
+    assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1, 2, 3]
+    assert doc["state"]["decisions"][0]["figures"]["shadow_compared"] >= 20
+    assert stack.weights() == {"2": 0, "3": 100}
+    assert load.sent["3"] > 0
+    shown = stack.cli("rollout", "status", MODEL).stdout
+    assert "promoted" in shown and "version 3 takes all traffic" in shown
+
+
+def test_candidate_failing_on_some_inputs_is_rolled_back_in_its_first_step(
+        make_stack: Callable[[onnx.ModelProto], Stack]) -> None:
+    stack = make_stack(models.doubler_failing_above_table())
+    stack.start_controller("ctl-a")
+    big = float(models.ROLLOUT_TABLE_SIZE + 5)
+    with load_on(stack, values=lambda rng: big if rng.random() < 0.2 else 3.0) as load:
+        stack.cli("rollout", "start", MODEL, "3", *FAST)
+        doc = wait_phase(stack, "rolled_back", 60)
+    assert doc["state"]["step"] == 0 and "error rate" in doc["state"]["reason"]
+    assert doc["state"]["decisions"][-1]["verdict"] == "fail"
+    assert doc["state"]["decisions"][-1]["figures"]["shadow_candidate_errors"] > 0
+    assert stack.weights() == {"2": 100, "3": 0}
+    assert load.failures == {} and load.sent["3"] == 0  # no caller ever reached the candidate
+
+
+def test_disagreeing_candidate_is_stopped_in_shadow_before_any_caller_sees_it(
+        make_stack: Callable[[onnx.ModelProto], Stack]) -> None:
+    stack = make_stack(models.doubler_off_by(0.5))
+    stack.start_controller("ctl-a")
+    with load_on(stack) as load:
+        stack.cli("rollout", "start", MODEL, "3", *FAST)
+        doc = wait_phase(stack, "rolled_back", 60)
+    assert doc["state"]["step"] == 0 and "agreement" in doc["state"]["reason"]
+    assert doc["state"]["decisions"][-1]["figures"]["shadow_mean_abs_diff"] == pytest.approx(0.5)
+    assert load.sent["3"] == 0 and load.failures == {}
+
+
+def test_too_little_traffic_holds_the_step_as_inconclusive(make_stack: Callable[[onnx.ModelProto], Stack]) -> None:
+    stack = make_stack(models.doubler_by_adding())
+    stack.start_controller("ctl-a")
+    stack.cli("rollout", "start", MODEL, "3", "--interval", "0.5s", "--min-requests", "20")
+    doc = stack.wait_rollout(lambda d: any(x["verdict"] == "inconclusive" for x in d["state"]["decisions"]),
+                             30, "an inconclusive decision")
+    assert doc["state"]["phase"] == "running" and doc["state"]["step"] == 0
+    assert "only 0 shadow comparisons in the window, 20 needed" in doc["state"]["decisions"][-1]["reason"]
+    assert stack.weights() == {"2": 100, "3": 0}
+    assert "inconclusive" in stack.cli("rollout", "status", MODEL).stdout
+
+
+def test_controller_killed_mid_step_is_replaced_and_resumes_the_same_step(
+        make_stack: Callable[[onnx.ModelProto], Stack]) -> None:
+    stack = make_stack(models.doubler_by_adding())
+    first = stack.start_controller("ctl-a")
+    standby = stack.start_controller("ctl-b")
+    with load_on(stack) as load:
+        stack.cli("rollout", "start", MODEL, "3", "--steps", "shadow,50,100", "--interval", "4s",
+                  "--min-requests", "20", "--p99-slack", "20ms")
+        doc = stack.wait_rollout(lambda d: d["state"]["step"] == 1, 60, "step 1 (50 %)")
+        leader = doc["state"]["leader"]
+        started = doc["state"]["step_started"]
+        (first if leader == "ctl-a" else standby).signal(signal.SIGKILL)
+        other = "ctl-b" if leader == "ctl-a" else "ctl-a"
+        resumed = stack.wait_rollout(lambda d: d["state"]["leader"] == other, 30, f"{other} leading")
+        assert resumed["state"]["step"] == 1 and resumed["state"]["step_started"] == started
+        doc = wait_phase(stack, "promoted", 60)
+    assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1]
+    assert load.failures == {}
+
+
+def test_hand_written_weights_pause_the_rollout_until_resumed(
+        make_stack: Callable[[onnx.ModelProto], Stack]) -> None:
+    stack = make_stack(models.doubler_by_adding())
+    stack.start_controller("ctl-a")
+    stack.cli("rollout", "start", MODEL, "3", "--interval", "60s")
+    wait_phase(stack, "running", 30)
+    stack.cli("weights", "set", MODEL, "2=50", "3=50")
+    doc = wait_phase(stack, "paused", 30)
+    assert "changed by hand" in doc["state"]["reason"]
+    wait_for(lambda: stack.weights() == {"2": 50, "3": 50}, 2, "the operator's weights kept")
+    stack.cli("rollout", "resume", MODEL)
+    wait_phase(stack, "running", 30)
+    wait_for(lambda: stack.weights() == {"2": 100, "3": 0}, 10, "the step's weights written again")
+    stack.cli("rollout", "abort", MODEL, "--reason", "test over")
+    doc = wait_phase(stack, "aborted", 30)
+    assert "test over" in doc["state"]["reason"] and stack.weights() == {"2": 100, "3": 0}
