@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gateway.body_routing import body_routing_filters
 from gateway.snapshot import (
     LISTENER_NAME,
     RDS_FILE,
@@ -228,7 +229,8 @@ def _listener(options: RenderOptions) -> Resource:
             }]}},
         },
     }
-    http_filters: list[Resource] = [buffer]
+    # Body routing after the buffer: the extraction alone refuses bodies over 16 MiB.
+    http_filters: list[Resource] = [buffer, *body_routing_filters()]
     if options.rate_limits:
         # Off at the filter level; each rate-limited model's routes carry their own token bucket.
         http_filters.append({"name": _RATE_LIMIT_FILTER, "typed_config": {

@@ -6,7 +6,9 @@ Usage (from the repository root)::
     python -m protos.generate --check   # exit 1 if the committed files are stale
 
 For each ``protos/**/NAME.proto`` this produces, next to it, ``NAME_pb2.py`` and
-``NAME_pb2.pyi``, plus ``NAME_pb2_grpc.py`` when the file declares a service. The
+``NAME_pb2.pyi``, plus ``NAME_pb2_grpc.py`` when the file declares a service; and one
+descriptor set of the gRPC service with every import (:data:`DESCRIPTOR_SET`, what Envoy's
+``grpc_field_extraction`` reads to route on ``model_name`` in the request body). The
 include root (``-I``) is the repository root, so generated imports read
 ``from protos.inference import model_config_pb2``.
 
@@ -36,6 +38,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTOS_DIR = REPO_ROOT / "protos"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 POOL_MODULE = "_pool"
+SERVICE_PROTO = Path("protos/inference/grpc_service.proto")
+DESCRIPTOR_SET = Path("protos/inference/grpc_service.descriptor.pb")
+"""``protoc --include_imports --descriptor_set_out`` of :data:`SERVICE_PROTO` (repo-relative)."""
 
 # The line protoc emits to register a file in the default pool, and its replacement.
 _DEFAULT_POOL_CALL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
@@ -107,6 +112,10 @@ def generate_into(out_dir: Path) -> dict[Path, bytes]:
             if suffix == "_pb2.py":
                 content = use_private_pool(content.decode("utf-8"), proto).encode("utf-8")
             outputs[rel] = content
+    descriptor = out_dir / DESCRIPTOR_SET
+    descriptor.parent.mkdir(parents=True, exist_ok=True)
+    _protoc(["--include_imports", f"--descriptor_set_out={descriptor}", str(SERVICE_PROTO)])
+    outputs[DESCRIPTOR_SET] = descriptor.read_bytes()
     return outputs
 
 
@@ -115,6 +124,8 @@ def committed_files() -> set[Path]:
     found: set[Path] = set()
     for suffix in GENERATED_SUFFIXES:
         found.update(p.relative_to(REPO_ROOT) for p in PROTOS_DIR.rglob(f"*{suffix}"))
+    if (REPO_ROOT / DESCRIPTOR_SET).exists():
+        found.add(DESCRIPTOR_SET)
     return found
 
 

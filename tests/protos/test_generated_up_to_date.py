@@ -49,3 +49,17 @@ def test_check_reports_drift_and_generate_fixes_it(tmp_path: Path) -> None:
     for generated in sorted((REPO_ROOT / "protos" / "inference").glob("*_pb2*")):
         assert (inference / generated.name).read_bytes() == generated.read_bytes(), generated.name
     assert not (inference / "model_config_pb2_grpc.py").exists()
+
+
+def test_check_reports_a_stale_descriptor_set(tmp_path: Path) -> None:
+    shutil.copytree(REPO_ROOT / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("__pycache__"))
+    descriptor = tmp_path / "protos" / "inference" / "grpc_service.descriptor.pb"
+    descriptor.write_bytes(descriptor.read_bytes()[:-10])
+    result = _generate(tmp_path, "--check")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "out of date: protos/inference/grpc_service.descriptor.pb" in result.stderr
+    descriptor.unlink()
+    result = _generate(tmp_path, "--check")
+    assert "missing: protos/inference/grpc_service.descriptor.pb" in result.stderr
+    assert _generate(tmp_path).returncode == 0
+    assert descriptor.read_bytes() == (REPO_ROOT / "protos" / "inference" / "grpc_service.descriptor.pb").read_bytes()
