@@ -321,6 +321,15 @@ class LocalStack:
         self._save(gateway=self.gateway_address, etcd=self.etcd_endpoint, prefix=self.config.prefix,
                    services=self.service_addresses, repo=str(self.repo), envoy_admin=f"http://127.0.0.1:{admin}",
                    metrics=self.metrics_urls)
+        self.start_rollout_controller()
+
+    def start_rollout_controller(self) -> None:
+        """Drives `sluice rollout start` rollouts (docs/rollouts.md); it needs no readiness wait."""
+        self._child("rollout-controller", [
+            *sluice_command(), "rollout-controller", "--etcd", self.etcd_endpoint, "--prefix", self.config.prefix,
+            "--log-format", "json",
+        ])
+        self.progress("  rollout-controller started")
 
     def check(self) -> Child | None:
         """The first child that died, if any."""
@@ -332,7 +341,7 @@ class LocalStack:
         Each group is signalled at once and then awaited, so the services drain in parallel.
         """
         groups = [
-            [c for c in self.children if c.name == "gateway"],
+            [c for c in self.children if c.name in ("gateway", "rollout-controller")],
             [c for c in self.children if c.name.startswith("service-")],
             [c for c in self.children if c.name == "etcd"],
         ]

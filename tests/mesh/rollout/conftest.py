@@ -65,7 +65,8 @@ class Stack:
         while not predicate(doc):
             if time.monotonic() > deadline:
                 doc["state"].pop("window_start", None)
-                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; the rollout: {json.dumps(doc)[-3000:]}")
+                shown = json.dumps(doc)[-3000:]
+                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; the rollout: {shown}")
             time.sleep(0.2)
             doc = self.rollout()
         return doc
