@@ -104,7 +104,7 @@ def test_sigkill_of_sluice_up_takes_its_children_along(tmp_path: Path) -> None:
         pid, stack = stack_pids(run_dir)
         assert pid == up.pid and len(stack) >= 4, stack  # etcd, service, gateway, Envoy
         recorded = json.loads((run_dir / "state.json").read_text())["children"]
-        assert {child["name"] for child in recorded} == {"etcd", "service-1", "gateway"}
+        assert {child["name"] for child in recorded} == {"etcd", "service-1", "gateway", "rollout-controller"}
         assert all(start_time(child["pid"]) == child["start_time"] for child in recorded)
         assert {child["pid"] for child in recorded} <= stack
         # Next steps name the run directory, so they work as printed.
