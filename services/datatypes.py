@@ -209,3 +209,34 @@ def to_raw(array: npt.NDArray[Any]) -> bytes:
     if dtype.byteorder == ">":
         array = array.astype(dtype.newbyteorder("<"))
     return array.tobytes()  # row-major whatever the array's layout
+
+
+def from_raw(name: str, datatype: str, shape: tuple[int, ...], count: int, raw: bytes | memoryview
+             ) -> npt.NDArray[Any]:
+    """The array of one input sent as raw bytes (gRPC's raw_input_contents, REST's binary
+    extension): ``count`` elements of ``datatype`` (from :func:`check_shape`), zero-copy where the
+    datatype allows. The byte length is checked before anything is made from ``shape``."""
+    if datatype == "BYTES":
+        return decode_bytes(raw, count, name).reshape(shape)
+    dtype = to_numpy(datatype)
+    expected = count * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidRequestError(
+            f"input '{clip(name)}': raw data is {len(raw)} bytes, expected {expected} "
+            f"({count} x {datatype} for shape {list(shape)})"
+        )
+    if datatype == "BOOL":
+        check_bool(name, raw)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def check_bool(name: str, raw: bytes | memoryview) -> None:
+    """A numpy bool is one byte read as-is: any byte but 0 and 1 would reach the model (and come back
+    in an Identity's answer) as neither true nor false."""
+    values = np.frombuffer(raw, dtype=np.uint8)
+    bad = np.flatnonzero(values > 1)
+    if bad.size:
+        index = int(bad[0])
+        raise InvalidRequestError(
+            f"input '{clip(name)}': BOOL element {index} is byte {values[index]}; "
+            "BOOL raw data holds 0 or 1 per element")

@@ -8,20 +8,13 @@ from typing import Any, Final
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from mesh.protocol import (
-    MODEL_HEADER,
-    MODEL_NAME_RULE,
-    VERSION_HEADER,
-    VERSION_RULE,
-    clip,
-    is_model_name,
-    parse_version_text,
-)
+from mesh.protocol import MODEL_HEADER, VERSION_HEADER, clip
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import model_config_pb2 as mc
 from services import datatypes
 from services.errors import InvalidRequestError
 from services.model import PLATFORM
+from services.routing import routed_version
 from services.served import ServedVersion
 from services.stats import Duration
 from services.types import InferInput, InferRequest, InferResponse, ParameterValue, TensorSpec
@@ -46,28 +39,6 @@ _CONTENTS_FIELD: Final[dict[str, str]] = {
 # The element limit when the caller does not pass the service's own (64 MiB, the default
 # max_message_mb): see datatypes.check_shape.
 DEFAULT_MAX_ELEMENTS: Final = 64 * 1024 * 1024
-
-
-def parse_version(text: str) -> int | None:
-    """Empty means "let the server choose"; otherwise the one version rule of mesh.protocol, so
-    that "01", "+1" or " 1" are refused here as they are by the gateway and in etcd keys."""
-    if not text:
-        return None
-    version = parse_version_text(text)
-    if version is None:
-        raise InvalidRequestError(f"model_version '{clip(text)}' is not {VERSION_RULE}")
-    return version
-
-
-def model_name(text: str, field: str = "model_name") -> str:
-    """A model name from a client, refused unless it follows the one model-name rule: no model can
-    have another name, and a refused name is echoed clipped (a 1 MiB name once made the answer's
-    metadata too large for the client to read)."""
-    if not text:
-        raise InvalidRequestError(f"{field} is empty")
-    if not is_model_name(text):
-        raise InvalidRequestError(f"{field} '{clip(text)}' is not a model name: {MODEL_NAME_RULE}")
-    return text
 
 
 def parse_request(data: bytes | pb.ModelInferRequest) -> pb.ModelInferRequest:
@@ -103,31 +74,6 @@ def parameters_to(params: Mapping[str, ParameterValue], target: Any) -> None:
             slot.double_param = value
         else:
             slot.string_param = str(value)
-
-
-def _from_raw(name: str, datatype: str, shape: tuple[int, ...], count: int, raw: bytes) -> np.ndarray[Any, Any]:
-    if datatype == "BYTES":
-        return datatypes.decode_bytes(raw, count, name).reshape(shape)
-    dtype = datatypes.to_numpy(datatype)
-    expected = count * dtype.itemsize
-    if len(raw) != expected:
-        raise InvalidRequestError(
-            f"input '{clip(name)}': raw data is {len(raw)} bytes, expected {expected} "
-            f"({count} x {datatype} for shape {list(shape)})"
-        )
-    if datatype == "BOOL":
-        _check_bool(name, raw)
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
-def _check_bool(name: str, raw: bytes) -> None:
-    """A numpy bool is one byte read as-is: any byte but 0 and 1 would reach the model (and come back
-    in an Identity's answer) as neither true nor false."""
-    bad = np.flatnonzero(np.frombuffer(raw, dtype=np.uint8) > 1)
-    if bad.size:
-        index = int(bad[0])
-        raise InvalidRequestError(
-            f"input '{clip(name)}': BOOL element {index} is byte {raw[index]}; BOOL raw data holds 0 or 1 per element")
 
 
 def _from_contents(tensor: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], count: int
@@ -174,21 +120,7 @@ def request_from(msg: pb.ModelInferRequest, deadline: float | None, headers: tup
     """``headers`` are the routing headers: through the gateway, ``x-model-version`` says which
     version the route chose; the body must agree with them. ``max_elements`` bounds every input's
     element count (the service passes its max message size, see datatypes.check_shape)."""
-    model_name(msg.model_name)
-    header_name, header_version = headers
-    if header_name and header_name != msg.model_name:
-        raise InvalidRequestError(
-            f"model_name '{clip(msg.model_name)}' in the request disagrees with header {MODEL_HEADER} "
-            f"'{clip(header_name)}'")
-    version_text = msg.model_version
-    if header_version:
-        if version_text and version_text != header_version:
-            raise InvalidRequestError(
-                f"model_version '{clip(version_text)}' in the request disagrees with header {VERSION_HEADER} "
-                f"'{clip(header_version)}' (chosen by the gateway's route); to pin a version through the "
-                f"gateway, send the header {VERSION_HEADER}: {clip(version_text)}")
-        version_text = header_version
-    version = parse_version(version_text) if version_text else None
+    version = routed_version(msg.model_name, msg.model_version, headers)
     raw = msg.raw_input_contents[:]
     tensors = msg.inputs[:]
     if raw:
@@ -209,7 +141,7 @@ def request_from(msg: pb.ModelInferRequest, deadline: float | None, headers: tup
         name, datatype = tensor.name, tensor.datatype
         shape = tuple(tensor.shape[:])  # a slice of a repeated field first: 4x faster than iterating it
         count = datatypes.check_shape(name, shape, max_elements)  # before anything is sized by it
-        data = (_from_raw(name, datatype, shape, count, raw[index]) if raw
+        data = (datatypes.from_raw(name, datatype, shape, count, raw[index]) if raw
                 else _from_contents(tensor, shape, count))
         inputs.append(InferInput(name, datatype, shape, data))
     requested = msg.outputs[:]

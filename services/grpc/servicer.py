@@ -25,6 +25,7 @@ import structlog
 
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from services import routing
 from services.dataplane import DataPlane
 from services.errors import DeadlineExceededError, ModelLoadError, ServiceError, UnsupportedError
 from services.grpc import converters
@@ -84,7 +85,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.plane.ready())
 
     def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        version = converters.parse_version(request.version)
+        version = routing.parse_version(request.version)
         return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, version))
 
     def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context
@@ -94,8 +95,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context
                             ) -> pb.ModelMetadataResponse:
-        meta = self.plane.model_metadata(converters.model_name(request.name, "name"),
-                                         converters.parse_version(request.version))
+        meta = self.plane.model_metadata(routing.model_name(request.name, "name"),
+                                         routing.parse_version(request.version))
         return pb.ModelMetadataResponse(
             name=meta.name,
             versions=[str(v) for v in meta.versions],
@@ -162,14 +163,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                      model_version=message.model_version, id=message.id))
 
     def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
-        served = self.plane.resolve(converters.model_name(request.name, "name"),
-                                    converters.parse_version(request.version))
+        served = self.plane.resolve(routing.model_name(request.name, "name"),
+                                    routing.parse_version(request.version))
         return pb.ModelConfigResponse(config=converters.model_config(served))
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context
                               ) -> pb.ModelStatisticsResponse:
-        name = converters.model_name(request.name, "name") if request.name else ""  # "" means every model
-        served = self.plane.statistics(name, converters.parse_version(request.version))
+        name = routing.model_name(request.name, "name") if request.name else ""  # "" means every model
+        served = self.plane.statistics(name, routing.parse_version(request.version))
         return pb.ModelStatisticsResponse(model_stats=[converters.model_statistics(s) for s in served])
 
     def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context
