@@ -3,7 +3,8 @@
 Starts a throwaway etcd, one ``sluice serve`` (iris version 1) and ``sluice gateway`` (which runs
 Envoy 1.40), registers the instance, checks both paths answer exactly what onnxruntime computes,
 then measures with the same load generator (h2load, one HTTP/2 connection, a pre-encoded
-ModelInfer body, header ``x-model-name: iris`` on both paths) p50/p99 at concurrency 1 and
+ModelInfer body, header ``x-model-name: iris``; and through the gateway once more without the
+header, routed on the body's ``model_name``) p50/p99 at concurrency 1 and
 throughput at concurrency 32. Rounds alternate direct / gateway so that drift in the machine's
 load hits both alike; each number is the median over the rounds. Prints a Markdown table with
 gateway / direct ratios and the machine's load during the runs.
@@ -54,12 +55,16 @@ class Sample:
     p50_ms: float
     p99_ms: float
     machine_busy: float
+    cpu_us: float
+    """CPU time of the whole machine per request (µs): every process on the path, and the noise."""
 
 
 @dataclass
 class Target:
     name: str
     port: int
+    headers: tuple[str, ...] = HEADERS
+    """``x-model-name`` for header routing; () makes the gateway route on the body's model_name."""
     response_bytes: int = 0
     samples: dict[int, list[Sample]] = field(default_factory=dict)
 
@@ -79,7 +84,7 @@ def measure(target: Target, body_path: Path, concurrency: int, *, duration: floa
             index: int) -> Sample:
     cores = os.cpu_count() or 1
     before = [core_ticks(core) for core in range(cores)]
-    result = loadgen.run_h2load(target.port, body_path, concurrency, duration, cpu=None, headers=HEADERS,
+    result = loadgen.run_h2load(target.port, body_path, concurrency, duration, cpu=None, headers=target.headers,
                                 log_path=log_dir / f"h2load-{target.name}-c{concurrency}-{index}.tsv")
     busy = machine_busy_since(before)
     if not result.ok or result.failed:
@@ -87,7 +92,7 @@ def measure(target: Target, body_path: Path, concurrency: int, *, duration: floa
     if abs(result.avg_response_bytes - target.response_bytes) > SIZE_TOLERANCE * target.response_bytes:
         raise SystemExit(f"{target.name} c={concurrency}: average response {result.avg_response_bytes:.0f} B, "
                          f"a correct one is {target.response_bytes} B: errors counted as successes?")
-    return Sample(result.rps, result.p50_ms, result.p99_ms, busy)
+    return Sample(result.rps, result.p50_ms, result.p99_ms, busy, busy * cores / max(result.rps, 1e-9) * 1e6)
 
 
 async def register(settings: EtcdSettings, address: str) -> None:
@@ -97,12 +102,13 @@ async def register(settings: EtcdSettings, address: str) -> None:
         await client.put(schema.instance("iris", 1, record.instance_id), record.to_json())
 
 
-def render(direct: Target, gateway: Target, args: argparse.Namespace, load: tuple[float, ...]) -> str:
+def render(direct: Target, gateway: Target, body: Target, args: argparse.Namespace, load: tuple[float, ...]) -> str:
     def row(target: Target) -> str:
         return (f"| {target.name} | {target.median(1, 'p50_ms'):.3f} | {target.median(1, 'p99_ms'):.3f} "
                 f"| {target.median(1, 'rps'):,.0f} | {target.median(32, 'rps'):,.0f} "
                 f"| {target.median(32, 'p50_ms'):.2f} "
-                f"| {100 * target.median(1, 'machine_busy'):.0f} / {100 * target.median(32, 'machine_busy'):.0f} |")
+                f"| {100 * target.median(1, 'machine_busy'):.0f} / {100 * target.median(32, 'machine_busy'):.0f} "
+                f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} |")
 
     p50_ratio = gateway.median(1, "p50_ms") / direct.median(1, "p50_ms")
     p50_added = gateway.median(1, "p50_ms") - direct.median(1, "p50_ms")
@@ -112,14 +118,20 @@ def render(direct: Target, gateway: Target, args: argparse.Namespace, load: tupl
         f"Envoy --concurrency {args.envoy_concurrency}, {os.cpu_count()} cores, "
         f"load average before {load[0]:.2f}, after {load[1]:.2f}",
         "",
-        "| path | c=1 p50 ms | c=1 p99 ms | c=1 req/s | c=32 req/s | c=32 p50 ms | machine busy % (c=1 / c=32) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | c=1 p50 ms | c=1 p99 ms | c=1 req/s | c=32 req/s | c=32 p50 ms | machine busy % (c=1 / c=32) "
+        "| CPU µs/req (c=1 / c=32) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         row(direct),
         row(gateway),
+        row(body),
         f"| gateway / direct | {p50_ratio:.2f}x (+{p50_added:.3f} ms) | "
         f"{gateway.median(1, 'p99_ms') / direct.median(1, 'p99_ms'):.2f}x "
         f"| {gateway.median(1, 'rps') / direct.median(1, 'rps'):.2f}x | {rps_ratio:.2f}x "
-        f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}x | |",
+        f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}x | | |",
+        f"| body / header routing | +{body.median(1, 'p50_ms') - gateway.median(1, 'p50_ms'):.3f} ms "
+        f"| | | {body.median(32, 'rps') / gateway.median(32, 'rps'):.2f}x | | "
+        f"| +{body.median(1, 'cpu_us') - gateway.median(1, 'cpu_us'):.0f} / "
+        f"+{body.median(32, 'cpu_us') - gateway.median(32, 'cpu_us'):.0f} |",
     ]
     return "\n".join(lines)
 
@@ -169,8 +181,10 @@ def main() -> None:
         body_path = workdir / "iris.body.bin"
         body_path.write_bytes(loadgen.grpc_frame(body))
 
-        direct, gateway = Target("direct", service_port), Target("gateway (Envoy)", listen_port)
-        for target in (direct, gateway):
+        direct, gateway = Target("direct", service_port), Target("gateway, header routing", listen_port)
+        body_routed = Target("gateway, body routing (no header)", listen_port, headers=())
+        targets = (direct, gateway, body_routed)
+        for target in targets:
             error = loadgen.wait_until_serving(target.port, body, 60.0)
             if error:
                 raise SystemExit(f"{target.name}: {error}")
@@ -184,14 +198,14 @@ def main() -> None:
         log_dir.mkdir()
         for index in range(args.rounds):
             for concurrency in (1, 32):
-                for target in (direct, gateway) if index % 2 == 0 else (gateway, direct):
+                for target in targets if index % 2 == 0 else targets[::-1]:
                     sample = measure(target, body_path, concurrency, duration=args.duration, log_dir=log_dir,
                                      index=index)
                     target.samples.setdefault(concurrency, []).append(sample)
                     print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
                           f"p50 {sample.p50_ms:.3f} ms, machine {100 * sample.machine_busy:.0f} % busy", flush=True)
         load_after = os.getloadavg()[0]
-        print("\n" + render(direct, gateway, args, (load_before, load_after)))
+        print("\n" + render(direct, gateway, body_routed, args, (load_before, load_after)))
     finally:
         tear_down(procs, workdir, keep=args.keep)
 

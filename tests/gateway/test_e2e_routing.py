@@ -17,6 +17,8 @@ from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import StatusDocument
 from mesh.registry.state import set_weights
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.gateway.conftest import Fleet, register
@@ -157,7 +159,14 @@ async def test_model_header_required_once_two_models_exist(
     key = register(shared_etcd, schema, fleet.v1[0], 1, "other-a", model="other")
     try:
         await wait_status(client, schema, lambda s: bool(s.envoy_config_version), "model other live", "other")
-        error = await grpc_error(registered.address, [])
+        # The body names iris: routed on it without the header (tests/gateway/test_e2e_body_routing.py).
+        assert await count_versions(registered.address, 20) == {"1": 20}
+        # No name in the header or the body: the gateway says how to name one.
+        async with grpc.aio.insecure_channel(registered.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=10)
+        error = raised.value
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "set header x-model-name" in (error.details() or "")
         assert "iris" in (error.details() or "") and "other" in (error.details() or "")
