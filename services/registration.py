@@ -40,9 +40,11 @@ def admin_address(settings: ServiceSettings, advertised: str, admin_port: int) -
 class Registration:
     """Keeps etcd's view of this process equal to what it serves. Never blocks serving on etcd."""
 
-    def __init__(self, settings: ServiceSettings, etcd: EtcdSettings, port: int, admin_port: int | None = None
-                 ) -> None:
+    def __init__(self, settings: ServiceSettings, etcd: EtcdSettings, port: int, admin_port: int | None = None,
+                 rest_port: int | None = None) -> None:
         self.address = advertise_address(settings, port)
+        # REST is served by the same process: the gateway reaches it at the advertised gRPC host.
+        self.rest_address = None if rest_port is None else f"{self.address.rpartition(':')[0]}:{rest_port}"
         self.admin_address = None if admin_port is None else admin_address(settings, self.address, admin_port)
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{port}"
         self.registrar = Registrar(etcd)
@@ -55,7 +57,8 @@ class Registration:
 
     def record(self, model: OnnxModel) -> InstanceRecord:
         return InstanceRecord(
-            address=self.address, admin_address=self.admin_address, model=model.name, version=model.version,
+            address=self.address, admin_address=self.admin_address, rest_address=self.rest_address,
+            model=model.name, version=model.version,
             instance_id=self.instance_id, state=InstanceState.SERVING, sha256=model.sha256,
             labels=dict(model.config.labels),
         )
@@ -79,7 +82,8 @@ class Registration:
         """Register the failure (state ``failed``, never routed to) so that ``sluice status`` shows it."""
         if self._closed:
             return
-        record = InstanceRecord(address=self.address, admin_address=self.admin_address, model=name,
+        record = InstanceRecord(address=self.address, admin_address=self.admin_address,
+                                rest_address=self.rest_address, model=name,
                                 version=version, instance_id=self.instance_id, state=InstanceState.FAILED,
                                 error=clip(reason, ERROR_MAX - 40))
         await self.registrar.register(record, wait=0)

@@ -43,6 +43,7 @@ from services.heap import HeapTrimmer
 from services.manager import ModelManager
 from services.metrics import ServiceMetrics
 from services.registration import Registration
+from services.rest.server import REST_PORT_FLAG, RestServer
 from services.served import ServedVersion
 from services.settings import ServiceSettings
 from services.shadow import Shadow, follow_rollouts
@@ -87,6 +88,8 @@ class ModelServer:
         self.health = HealthServicer()
         self.port = settings.port
         self.metrics_port: int | None = None
+        self.rest: RestServer | None = None
+        self.rest_port: int | None = None
         self._server: grpc.Server | None = None
         self._stop = asyncio.Event()
         self._tracer_provider: TracerProvider | None = None
@@ -153,9 +156,13 @@ class ModelServer:
         # Liveness first (the port answers while models load), readiness once loaded.
         self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
+        if s.rest_port >= 0:  # the same data plane and batchers as gRPC, on this process's loop
+            self.rest = RestServer(self.plane, self.manager, max_bytes=max_bytes, threads=s.max_concurrency)
+            self.rest_port = await self.rest.start(s.rest_host or s.host, s.rest_port)
         if self.settings.register_in_etcd:
             # Registered versions must be reachable, so registration starts once the port is bound.
-            self.registration = Registration(s, self.etcd or EtcdSettings(), self.port, admin_port=self.metrics_port)
+            self.registration = Registration(s, self.etcd or EtcdSettings(), self.port, admin_port=self.metrics_port,
+                                             rest_port=self.rest_port)
             self.manager.on_ready.append(self.registration.on_ready)
             self.manager.on_failed.append(self.registration.on_failed)
             self.manager.load_checks.append(self.registration.check_record)
@@ -164,7 +171,7 @@ class ModelServer:
             self._shadow_follow = asyncio.create_task(
                 follow_rollouts(self.shadow, self.catalog, self.etcd or EtcdSettings(), self._stop))
         log.info("listening", address=f"{s.host}:{self.port}", metrics_port=self.metrics_port,
-                 repo=str(s.repo))
+                 rest_port=self.rest_port, repo=str(s.repo))
         await self.manager.load_all()
         if self.watcher is not None:
             self.watcher.start()
@@ -181,6 +188,8 @@ class ModelServer:
         check_bindable(s.host, s.port, "gRPC", "--port")
         if s.metrics_port >= 0:
             check_bindable(s.metrics_host, s.metrics_port, "metrics", METRICS_PORT_FLAG)
+        if s.rest_port >= 0:
+            check_bindable(s.rest_host or s.host, s.rest_port, "REST", REST_PORT_FLAG)
 
     async def refresh_health(self) -> None:
         """One health service name per model: SERVING while it has a version ready."""
@@ -223,6 +232,8 @@ class ModelServer:
             # Stops accepting at once; running RPCs get the grace period to finish.
             stopped = self._server.stop(self.settings.grace_period)
             await asyncio.to_thread(stopped.wait)
+        if self.rest is not None:
+            await self.rest.stop()
         if self.streams is not None:
             self.streams.stop()
         await self.heap.stop()

@@ -40,6 +40,11 @@ class ServiceSettings(BaseSettings):
     """/debug/ on the metrics (admin) port: CPU profiles, memory snapshots, thread stacks. auto: for
     loopback clients only (kubectl port-forward arrives there), even when the port listens beyond;
     on: for anyone who reaches the port; off: none (docs/observability.md)."""
+    rest_host: str | None = None
+    """KServe v2 REST (HTTP/1.1) listen address; default: host."""
+    rest_port: int = Field(8003, ge=-1, le=65535)
+    """KServe v2 REST port (0 picks a free one; -1 turns REST off). By default port + 2 (0 when port
+    is 0 or above 65533), beside the metrics port's port + 1."""
     max_message_mb: int = Field(64, ge=1, le=2047)
     """Largest gRPC message accepted or sent, in MiB."""
     max_concurrency: int = Field(128, ge=1, le=4096)
@@ -133,6 +138,17 @@ class ServiceSettings(BaseSettings):
             except (TypeError, ValueError):
                 return data  # the port field reports its own error
             data = {**data, "metrics_port": port + 1 if 0 < port < 65535 else 0}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rest_port_follows_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("rest_port") is None:
+            try:
+                port = int(data.get("port", 8001))
+            except (TypeError, ValueError):
+                return data
+            data = {**data, "rest_port": port + 2 if 0 < port < 65534 else 0}
         return data
 
     @model_validator(mode="after")
