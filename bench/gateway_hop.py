@@ -128,10 +128,10 @@ def render(direct: Target, gateway: Target, body: Target, args: argparse.Namespa
         f"{gateway.median(1, 'p99_ms') / direct.median(1, 'p99_ms'):.2f}x "
         f"| {gateway.median(1, 'rps') / direct.median(1, 'rps'):.2f}x | {rps_ratio:.2f}x "
         f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}x | | |",
-        f"| body / header routing | +{body.median(1, 'p50_ms') - gateway.median(1, 'p50_ms'):.3f} ms "
+        f"| body / header routing | {body.median(1, 'p50_ms') - gateway.median(1, 'p50_ms'):+.3f} ms "
         f"| | | {body.median(32, 'rps') / gateway.median(32, 'rps'):.2f}x | | "
-        f"| +{body.median(1, 'cpu_us') - gateway.median(1, 'cpu_us'):.0f} / "
-        f"+{body.median(32, 'cpu_us') - gateway.median(32, 'cpu_us'):.0f} |",
+        f"| {body.median(1, 'cpu_us') - gateway.median(1, 'cpu_us'):+.0f} / "
+        f"{body.median(32, 'cpu_us') - gateway.median(32, 'cpu_us'):+.0f} |",
     ]
     return "\n".join(lines)
 
