@@ -69,7 +69,8 @@ def _start(repo: Path, fraction: float, log: Path) -> tuple[subprocess.Popen[byt
     while time.monotonic() < deadline:
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                channel.unary_unary(MODEL_INFER)(body, timeout=1)
+                probe: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
+                probe(body, timeout=1)
             return proc, port, metrics
         except grpc.RpcError:
             time.sleep(0.2)
@@ -85,7 +86,7 @@ def _load(port: int, clients: int, seconds: float) -> tuple[float, float]:
 
     def caller(mine: list[float]) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(MODEL_INFER)
+            call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
             while time.monotonic() < stop:
                 started = time.perf_counter()
                 call(body, timeout=10)
