@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from mesh.observability.component import fail, given_flags, one_line, run_component
     from mesh.ports import PortBindError
     from mesh.registry.command import settings_from_args
-    from services.heap import limit_arenas
+    from services.heap import fix_mmap_threshold, limit_arenas
     from services.server import ModelServer
     from services.settings import ServiceSettings, load_settings
 
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         return fail("serve", f"invalid settings: {one_line(exc)}", 2)
     limit_arenas(settings.malloc_arenas)  # before any thread allocates
+    fix_mmap_threshold(settings.malloc_mmap_threshold)
 
     async def serve(stop: asyncio.Event) -> None:
         server = ModelServer(settings, etcd)

@@ -59,6 +59,10 @@ class ServiceSettings(BaseSettings):
     """Cap on glibc malloc arenas (0 = glibc's default, eight per core). With 2, memory handler
     threads free after bursts of large requests is reused instead of kept in RSS, at a cost in
     throughput where ONNX Runtime's threads allocate (docs/errors.md, Limits)."""
+    malloc_mmap_threshold: int = Field(128 * 1024, ge=0, le=32 * 1024 * 1024)
+    """Bytes from which glibc serves an allocation with its own mmap, fixed (0 = glibc's sliding
+    default, which climbs to the largest block freed): large request buffers then go back to the
+    system when freed instead of staying in RSS (docs/errors.md, Limits)."""
     heap_trim_interval: float = Field(10.0, ge=0)
     """Seconds between handing freed heap memory back to the system (glibc malloc_trim; 0 = never).
     Without it, memory freed after a burst of large requests stays in the process's RSS."""
