@@ -288,10 +288,11 @@ class LocalStack:
     def start_services(self) -> None:
         children: list[tuple[Child, str]] = []
         for index in range(self.config.services):
-            port, metrics = free_port(), free_port()
+            port, metrics, rest = free_port(), free_port(), free_port()
             child = self._child(f"service-{index + 1}", [
                 *sluice_command(), "serve", "--repo", str(self.repo), "--port", str(port),
-                "--metrics-port", str(metrics), "--etcd", self.etcd_endpoint, "--prefix", self.config.prefix,
+                "--metrics-port", str(metrics), "--rest-port", str(rest), "--etcd", self.etcd_endpoint,
+                "--prefix", self.config.prefix,
                 "--instance-id", f"up-service-{index + 1}", "--log-format", "json", *self._otlp("http://"),
             ])
             children.append((child, f"127.0.0.1:{port}"))
