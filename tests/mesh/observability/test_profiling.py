@@ -80,7 +80,7 @@ def test_collapsed_and_speedscope_output(workers: threading.Event) -> None:
 
 @pytest.mark.parametrize(("seconds", "hz"), [(0, 100), (61, 100), (1, 0), (1, 251)])
 def test_out_of_range_profiles_are_refused(seconds: float, hz: int) -> None:
-    with pytest.raises(ValueError, match="seconds|hz"):
+    with pytest.raises(ValueError, match=r"seconds|hz"):
         profiling.sample(seconds, hz)
 
 
