@@ -3,8 +3,10 @@ bound here so that a taken port is one clear line (mesh.ports.bind_problem), as 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import uvicorn
 
@@ -14,6 +16,33 @@ from services.manager import ModelManager
 from services.rest.app import RestApp
 
 REST_PORT_FLAG = "--rest-port (default --port + 2; -1 turns REST off)"
+
+
+def _quick_ack(base: Any) -> Any:
+    """The HTTP protocol with TCP_NODELAY on each connection and delayed ACKs off after every read.
+    Without TCP_NODELAY (the socket is bound here, not by asyncio) each answer's body waited for the
+    client's delayed ACK of its headers: measured 44 ms p50 per request instead of 0.78 ms. The quick
+    ACK is for clients that write headers and body separately (http.client, tritonclient.http); it
+    was not measured on its own."""
+    quick_ack = getattr(socket, "TCP_QUICKACK", None)
+    if quick_ack is None:
+        return base
+
+    class QuickAckProtocol(base):  # type: ignore[misc]
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._ack_socket = transport.get_extra_info("socket")
+            if self._ack_socket is not None:
+                with contextlib.suppress(OSError):
+                    self._ack_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._ack_socket is not None:
+                with contextlib.suppress(OSError):
+                    self._ack_socket.setsockopt(socket.IPPROTO_TCP, quick_ack, 1)
+
+    return QuickAckProtocol
 
 
 class RestServer:
@@ -35,6 +64,7 @@ class RestServer:
         config = uvicorn.Config(self.app, http="httptools", lifespan="off", log_config=None, access_log=False,
                                 server_header=False, date_header=False, timeout_keep_alive=75)
         config.load()
+        config.http_protocol_class = _quick_ack(config.http_protocol_class)
         self._server = uvicorn.Server(config)
         # What Server.serve sets up besides the signal handlers, which stay the service's own.
         self._server.lifespan = config.lifespan_class(config)
