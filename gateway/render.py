@@ -7,11 +7,12 @@ give the same snapshot, byte for byte, so it is tested without Envoy or etcd.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.body_routing import body_routing_filters
+from gateway.rest_routes import gateway_rest_routes, model_rest_routes, rest_cluster, rest_cluster_name
 from gateway.snapshot import (
     LISTENER_NAME,
     RDS_FILE,
@@ -115,6 +116,20 @@ def render_snapshot(state: RegistryState, last_good: Mapping[str, RoutingDocumen
                 continue
             cluster = cluster_name(name, version)
             clusters[cluster] = _cluster(cluster, name, options)
+            if any(record.rest_address for record in records.values()):
+                rest = rest_cluster_name(name, version)
+                clusters[rest] = rest_cluster(clusters[cluster], rest, name, version)
+                rest_addresses = []
+                for instance_id, record in sorted(records.items()):
+                    if record.state is not InstanceState.SERVING or not record.rest_address:
+                        continue
+                    address = _socket_address(record.rest_address)
+                    if address is None:
+                        skipped.append(f"instance {instance_id!r} of version {version}: REST address "
+                                       f"{record.rest_address!r} is not IP:port, left out")
+                        continue
+                    rest_addresses.append((instance_id, address))
+                endpoints[rest] = _load_assignment(rest, rest_addresses)
             addresses = []
             for instance_id, record in sorted(records.items()):
                 if record.state is not InstanceState.SERVING:
@@ -131,8 +146,10 @@ def render_snapshot(state: RegistryState, last_good: Mapping[str, RoutingDocumen
         plans[name] = plan
     serving = {name: [v for v in m.serving_versions() if _has_endpoints(endpoints, cluster_name(name, v))]
                for name, m in models.items()}
+    rest_serving = {name: [v for v in m.serving_versions() if _has_endpoints(endpoints, rest_cluster_name(name, v))]
+                    for name, m in models.items()}
     return Snapshot.build(state.revision, listener=_listener(options), clusters=clusters, endpoints=endpoints,
-                          routes=_routes(plans, serving, options), plans=plans)
+                          routes=_routes(plans, serving, rest_serving, options), plans=plans)
 
 
 def _has_endpoints(endpoints: Mapping[str, Resource], cluster: str) -> bool:
@@ -354,7 +371,7 @@ def _match(name: str | None = None, version: int | None = None, version_present:
 
 
 def _route_action(model: str, weights: Mapping[int, int], sticky_header: str | None,
-                  options: RenderOptions) -> Resource:
+                  options: RenderOptions, cluster: Callable[[str, int], str] = cluster_name) -> Resource:
     """Weighted clusters over (version → weight); each adds ``x-model-version`` for its version.
 
     The header tells the service which version to run: a service holds several versions and
@@ -376,7 +393,7 @@ def _route_action(model: str, weights: Mapping[int, int], sticky_header: str | N
         },
     }
     weighted: Resource = {"clusters": [
-        {"name": cluster_name(model, version), "weight": weight,
+        {"name": cluster(model, version), "weight": weight,
          "request_headers_to_add": [{"header": {"key": VERSION_HEADER, "value": str(version)},
                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
         for version, weight in weights.items()
@@ -455,8 +472,34 @@ def _repository_control_routes(options: RenderOptions) -> list[Resource]:
     return routes
 
 
-def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]], options: RenderOptions) -> Resource:
-    routes: list[Resource] = _repository_control_routes(options)
+def _rest_routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
+                 rest_serving: Mapping[str, list[int]], options: RenderOptions) -> list[Resource]:
+    """The REST routes (gateway/rest_routes.py), each model's with its rate limit."""
+    before, after = gateway_rest_routes(
+        list(plans), [(name, v) for name in plans for v in serving[name]],
+        routable=any(plan.weights and serving[name] for name, plan in plans.items()),
+        control_setting=REPOSITORY_CONTROL_SETTING, allow_repository_control=options.allow_repository_control)
+    routes = before
+
+    def action(model: str, weights: Mapping[int, int], sticky_header: str | None) -> Resource:
+        return _route_action(model, weights, sticky_header, options, rest_cluster_name)
+
+    for name, plan in plans.items():
+        rate_limit = _rate_limit(name, options)
+        for route in model_rest_routes(name, plan.weights, plan.sticky_header, rest_serving[name], action,
+                                       allow_repository_control=options.allow_repository_control):
+            if rate_limit is not None and "route" in route:
+                route["typed_per_filter_config"] = rate_limit
+            routes.append(route)
+    return routes + after
+
+
+def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
+            rest_serving: Mapping[str, list[int]], options: RenderOptions) -> Resource:
+    # REST first: they match /v2/... paths only, which no gRPC method has, while the gRPC routes
+    # match on headers alone and would take a REST request carrying x-model-name.
+    routes: list[Resource] = _rest_routes(plans, serving, rest_serving, options)
+    routes += _repository_control_routes(options)
     for name, plan in plans.items():
         routes += _model_routes(name, plan, serving[name], options, by_header=True)
     names = ", ".join(plans) or "none"
