@@ -1,0 +1,210 @@
+"""KServe v2 REST routes and clusters in the rendered snapshot (pure), checked by the real Envoy."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from gateway.envoy import find_envoy, validate_snapshot
+from gateway.render import RenderOptions, render_snapshot
+from gateway.rest_routes import SERVER_NAME
+from gateway.snapshot import Snapshot, consistency_problems
+from gateway.status import status_documents
+from mesh.registry.etcd.client import KeyValue
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.registry.state import RegistryState, build_state
+
+SCHEMA = KeySchema()
+OPTIONS = RenderOptions(xds_dir="/tmp/sluice-xds", listen_host="127.0.0.1", listen_port=8080)
+
+
+def kv(key: str, value: bytes) -> KeyValue:
+    return KeyValue(key.encode(), value, 1, 1, 1, 0)
+
+
+def instance(model: str, version: int, instance_id: str, port: int, *, rest: bool = True,
+             state: InstanceState = InstanceState.SERVING) -> KeyValue:
+    record = InstanceRecord(address=f"127.0.0.1:{port}", model=model, version=version, instance_id=instance_id,
+                            state=state, rest_address=f"127.0.0.1:{port + 2}" if rest else None)
+    return kv(SCHEMA.instance(model, version, instance_id), record.to_json())
+
+
+def routing(model: str, weights: dict[str, int], sticky: str | None = None) -> KeyValue:
+    doc: dict[str, Any] = {"weights": weights}
+    if sticky is not None:
+        doc["sticky_header"] = sticky
+    return kv(SCHEMA.routing(model), json.dumps(doc).encode())
+
+
+def state(*items: KeyValue) -> RegistryState:
+    return build_state(SCHEMA, 10, list(items))
+
+
+def routes(snapshot: Snapshot) -> list[dict[str, Any]]:
+    return list(snapshot.routes["virtual_hosts"][0]["routes"])
+
+
+def route_for(snapshot: Snapshot, path: str, method: str = "POST") -> dict[str, Any]:
+    """The first route Envoy would pick for a request without headers of its own (anchored regex)."""
+    for route in routes(snapshot):
+        match = route["match"]
+        if "safe_regex" in match:
+            if re.fullmatch(match["safe_regex"]["regex"], path) is None:
+                continue
+        elif "prefix" in match:
+            if not path.startswith(match["prefix"]):
+                continue
+        else:
+            if match.get("path") != path:
+                continue
+        needs = match.get("headers", [])
+        if any(h["name"] != ":method" for h in needs):
+            continue  # a header route: REST requests carry none of ours
+        if any(re.fullmatch(h["string_match"]["safe_regex"]["regex"], method) is None for h in needs):
+            continue
+        return route
+    raise AssertionError(f"no route for {method} {path}")
+
+
+def body(route: dict[str, Any]) -> tuple[int, Any]:
+    reply = route["direct_response"]
+    assert {"key": "content-type", "value": "application/json"} in [h["header"] for h in
+                                                                   route["response_headers_to_add"]]
+    return reply["status"], json.loads(reply["body"]["inline_string"])
+
+
+def clusters_of(route: dict[str, Any]) -> list[tuple[str, int, str]]:
+    return [(c["name"], c["weight"], c["request_headers_to_add"][0]["header"]["value"])
+            for c in route["route"]["weighted_clusters"]["clusters"]]
+
+
+IRIS = (instance("iris", 1, "a", 7001), instance("iris", 1, "b", 7011), instance("iris", 2, "c", 7021))
+
+
+def test_each_version_with_rest_gets_an_http1_cluster_checked_on_its_ready_path() -> None:
+    snapshot = render_snapshot(state(*IRIS, instance("mlp", 1, "m", 7031, rest=False)), {}, OPTIONS)
+    assert set(snapshot.clusters) == {"iris.v1", "iris.v2", "iris.v1.rest", "iris.v2.rest", "mlp.v1"}
+    rest, grpc = snapshot.clusters["iris.v2.rest"], snapshot.clusters["iris.v2"]
+    assert "typed_extension_protocol_options" not in rest  # HTTP/1.1 upstream
+    assert rest["health_checks"][0]["http_health_check"] == {"path": "/v2/models/iris/versions/2/ready"}
+    assert rest["circuit_breakers"] == grpc["circuit_breakers"]
+    assert rest["outlier_detection"] == grpc["outlier_detection"]
+    assert rest["alt_stat_name"] == "iris_v2_rest"
+    assert rest["eds_cluster_config"]["eds_config"]["path_config_source"]["path"] == "/tmp/sluice-xds/eds-iris.v2.rest.yaml"
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in snapshot.endpoints["iris.v1.rest"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [7003, 7013]
+    assert consistency_problems(snapshot) == []
+    assert "eds-iris.v1.rest.yaml" in snapshot.files()
+
+
+def test_unversioned_paths_split_like_grpc_and_tell_the_service_the_version() -> None:
+    snapshot = render_snapshot(state(*IRIS, routing("iris", {"1": 80, "2": 20}, sticky="x-user")), {}, OPTIONS)
+    for path in ("/v2/models/iris/infer", "/v2/models/iris", "/v2/models/iris/ready", "/v2/models/iris/config",
+                 "/v2/models/iris/stats"):
+        route = route_for(snapshot, path)
+        assert route["name"] == "rest/iris/split"
+        assert clusters_of(route) == [("iris.v1.rest", 80, "1"), ("iris.v2.rest", 20, "2")]
+        assert route["route"]["hash_policy"] == [{"header": {"header_name": "x-user"}}]
+    grpc = {r["name"]: r for r in routes(snapshot)}["iris/split"]["route"]
+    rest = route_for(snapshot, "/v2/models/iris/infer")["route"]
+    assert rest["retry_policy"] == grpc["retry_policy"] and rest["timeout"] == grpc["timeout"]
+
+
+def test_versioned_paths_pin_and_unknown_or_invalid_versions_are_refused() -> None:
+    snapshot = render_snapshot(state(*IRIS), {}, OPTIONS)
+    assert clusters_of(route_for(snapshot, "/v2/models/iris/versions/2/infer")) == [("iris.v2.rest", 1, "2")]
+    assert clusters_of(route_for(snapshot, "/v2/models/iris/versions/1", "GET")) == [("iris.v1.rest", 1, "1")]
+    status, doc = body(route_for(snapshot, "/v2/models/iris/versions/7/infer"))
+    assert status == 404 and "serving versions: 1, 2" in doc["error"]
+    status, doc = body(route_for(snapshot, "/v2/models/iris/versions/01/infer"))
+    assert status == 400 and "positive integer" in doc["error"]
+    # A model name with a dot is matched literally.
+    dotted = render_snapshot(state(instance("a.b", 1, "x", 7041)), {}, OPTIONS)
+    assert route_for(dotted, "/v2/models/a.b/infer")["name"] == "rest/a.b/split"
+    assert route_for(dotted, "/v2/models/aXb/infer")["name"] == "rest/unknown-model"
+
+
+def test_unknown_models_and_models_without_instances() -> None:
+    snapshot = render_snapshot(state(*IRIS, instance("mlp", 1, "m", 7031, state=InstanceState.DRAINING)), {},
+                               OPTIONS)
+    status, doc = body(route_for(snapshot, "/v2/models/resnet/infer"))
+    assert status == 404 and "served models: iris, mlp" in doc["error"]
+    status, doc = body(route_for(snapshot, "/v2/models/mlp/infer"))
+    assert status == 503 and "'mlp' has no serving instances" in doc["error"]
+    status, doc = body(route_for(snapshot, "/v2/nothing/here", "GET"))
+    assert status == 404
+
+
+def test_a_version_without_rest_is_left_out_of_the_rest_split() -> None:
+    snapshot = render_snapshot(state(instance("iris", 1, "a", 7001), instance("iris", 2, "c", 7021, rest=False),
+                                     routing("iris", {"1": 50, "2": 50})), {}, OPTIONS)
+    assert clusters_of(route_for(snapshot, "/v2/models/iris/infer")) == [("iris.v1.rest", 50, "1")]
+    assert body(route_for(snapshot, "/v2/models/iris/versions/2/infer"))[0] == 404
+
+
+def test_health_metadata_and_index_are_answered_by_the_gateway() -> None:
+    snapshot = render_snapshot(state(*IRIS, instance("mlp", 1, "m", 7031)), {}, OPTIONS)
+    assert body(route_for(snapshot, "/v2/health/live", "GET"))[0] == 200
+    assert body(route_for(snapshot, "/v2/health/ready", "GET"))[0] == 200
+    status, doc = body(route_for(snapshot, "/v2", "GET"))
+    assert status == 200 and doc["name"] == SERVER_NAME
+    status, doc = body(route_for(snapshot, "/v2/repository/index"))
+    assert status == 200
+    assert [(m["name"], m["version"], m["state"]) for m in doc] == [
+        ("iris", "1", "READY"), ("iris", "2", "READY"), ("mlp", "1", "READY")]
+    draining = render_snapshot(state(instance("iris", 1, "a", 7001, state=InstanceState.DRAINING)), {}, OPTIONS)
+    assert body(route_for(draining, "/v2/health/ready", "GET"))[0] == 503
+    assert body(route_for(draining, "/v2/repository/index"))[1] == []
+    assert body(route_for(render_snapshot(state(), {}, OPTIONS), "/v2/health/ready", "GET"))[0] == 503
+
+
+def test_repository_control_over_rest_is_refused_unless_allowed() -> None:
+    snapshot = render_snapshot(state(*IRIS), {}, OPTIONS)
+    for operation in ("load", "unload"):
+        status, doc = body(route_for(snapshot, f"/v2/repository/models/iris/{operation}"))
+        assert status == 403 and "--allow-repository-control" in doc["error"]
+    allowed = render_snapshot(state(*IRIS), {}, RenderOptions(xds_dir="/tmp/x", allow_repository_control=True))
+    assert route_for(allowed, "/v2/repository/models/iris/unload")["name"] == "rest/iris/repository"
+    assert body(route_for(allowed, "/v2/repository/models/resnet/load"))[0] == 404
+
+
+def test_grpc_paths_never_match_a_rest_route() -> None:
+    snapshot = render_snapshot(state(*IRIS), {}, OPTIONS)
+    for route in routes(snapshot):
+        if route["name"].startswith("rest/"):
+            match = route["match"]
+            assert "safe_regex" in match or match.get("prefix") == "/v2/"
+            if "safe_regex" in match:
+                assert not re.fullmatch(match["safe_regex"]["regex"], "/inference.GRPCInferenceService/ModelInfer")
+    names = [r["name"] for r in routes(snapshot)]
+    assert all(name.startswith("rest/") for name in names[:names.index("repository-control/RepositoryModelLoad")])
+
+
+def test_rate_limits_apply_to_rest_routes() -> None:
+    options = RenderOptions(xds_dir="/tmp/x", rate_limits={"iris": 5})
+    snapshot = render_snapshot(state(*IRIS), {}, options)
+    limited = route_for(snapshot, "/v2/models/iris/infer")["typed_per_filter_config"]
+    assert limited["envoy.filters.http.local_ratelimit"]["token_bucket"]["max_tokens"] == 5
+
+
+def test_status_documents_do_not_change_with_rest() -> None:
+    with_rest = render_snapshot(state(*IRIS), {}, OPTIONS)
+    without = render_snapshot(state(*(instance("iris", v, i, p, rest=False)
+                                      for v, i, p in ((1, "a", 7001), (1, "b", 7011), (2, "c", 7021)))), {}, OPTIONS)
+    docs = {name: doc.model_dump(exclude={"envoy_config_version", "published_at"})
+            for name, doc in status_documents(with_rest, with_rest, None).items()}
+    plain = {name: doc.model_dump(exclude={"envoy_config_version", "published_at"})
+             for name, doc in status_documents(without, without, None).items()}
+    assert docs == plain and docs["iris"]["effective_weights"] == {2: 100}
+
+
+async def test_envoy_accepts_the_rest_snapshot(tmp_path: Path) -> None:
+    options = RenderOptions(xds_dir=str(tmp_path), listen_host="127.0.0.1", rate_limits={"iris": 5},
+                            allow_repository_control=True)
+    snapshot = render_snapshot(state(*IRIS, routing("iris", {"1": 80, "2": 20}, sticky="x-user")), {}, options)
+    await validate_snapshot(find_envoy(), snapshot)
+    await validate_snapshot(find_envoy(), render_snapshot(state(*IRIS), {}, OPTIONS))
