@@ -55,7 +55,7 @@ def load(service: ServiceHandle, stop: threading.Event) -> None:
                 stub.ModelInfer(typed_request("slow", "x", "FP32", x), timeout=30)
                 stub.ModelInfer(typed_request("identity", "x", "FP32", big), timeout=30)
             except grpc.RpcError as exc:
-                LOAD_ERRORS.append(str(exc.details()))  # type: ignore[attr-defined]
+                LOAD_ERRORS.append(str(exc.details()))
                 return
 
 
