@@ -57,9 +57,8 @@ def route_for(snapshot: Snapshot, path: str, method: str = "POST") -> dict[str, 
         elif "prefix" in match:
             if not path.startswith(match["prefix"]):
                 continue
-        else:
-            if match.get("path") != path:
-                continue
+        elif match.get("path") != path:
+            continue
         needs = match.get("headers", [])
         if any(h["name"] != ":method" for h in needs):
             continue  # a header route: REST requests carry none of ours
@@ -93,7 +92,8 @@ def test_each_version_with_rest_gets_an_http1_cluster_checked_on_its_ready_path(
     assert rest["circuit_breakers"] == grpc["circuit_breakers"]
     assert rest["outlier_detection"] == grpc["outlier_detection"]
     assert rest["alt_stat_name"] == "iris_v2_rest"
-    assert rest["eds_cluster_config"]["eds_config"]["path_config_source"]["path"] == "/tmp/sluice-xds/eds-iris.v2.rest.yaml"
+    eds = rest["eds_cluster_config"]["eds_config"]["path_config_source"]["path"]
+    assert eds == "/tmp/sluice-xds/eds-iris.v2.rest.yaml"
     ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
              for e in snapshot.endpoints["iris.v1.rest"]["endpoints"][0]["lb_endpoints"]]
     assert ports == [7003, 7013]

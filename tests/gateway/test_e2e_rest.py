@@ -1,0 +1,197 @@
+"""KServe v2 REST through the real gateway, with no routing header: the path names the model.
+
+Real etcd, the real ``sluice gateway`` running the real Envoy, real ``sluice serve`` processes
+(the shared fleet: iris v1 twice, v2 once) with REST on (its default port, gRPC port + 2),
+registered with their ``rest_address`` as their registrars write it. The expected outputs come
+from ONNX Runtime in this process on the same model files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import http.client
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton_http
+
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.registry.state import set_weights
+from tests.fixtures.envoy import GatewayHandle
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.service import ServiceHandle
+from tests.gateway.conftest import Fleet
+from tests.gateway.traffic import assert_binomial, eventually
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROPAGATION_TIMEOUT_S = 20.0
+HTTP_TIMEOUT_S = 10.0
+ROW = [[5.1, 3.5, 1.4, 0.2]]
+INFER_BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]}).encode()
+
+
+def rest_port(service: ServiceHandle) -> int:
+    return service.port + 2  # sluice serve's default --rest-port
+
+
+def register_rest(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, version: int, instance_id: str) -> None:
+    doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{rest_port(service)}", model="iris",
+                         version=version, instance_id=instance_id, state=InstanceState.SERVING)
+    etcd.etcdctl("put", schema.instance("iris", version, instance_id), doc.to_json().decode())
+
+
+@pytest.fixture(scope="module")
+def rest_gateway(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
+    register_rest(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
+    register_rest(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
+    register_rest(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
+    return gateway
+
+
+def call(address: str, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, str, Any]:
+    """(status, content-type, JSON body or None) of one HTTP/1.1 request."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)
+    try:
+        connection.request(method, path, body=body, headers={"content-type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, response.getheader("content-type", ""), json.loads(raw) if raw else None
+    finally:
+        connection.close()
+
+
+async def acall(address: str, method: str, path: str, body: bytes | None = None) -> tuple[int, str, Any]:
+    return await asyncio.to_thread(call, address, method, path, body)
+
+
+async def wait_rest_routed(address: str) -> None:
+    async def routed() -> bool:
+        status, _, index = await acall(address, "POST", "/v2/repository/index", b"{}")
+        if status != 200 or [(m["name"], m["version"]) for m in index] != [("iris", "1"), ("iris", "2")]:
+            return False
+        pinned = [await acall(address, "POST", f"/v2/models/iris/versions/{v}/infer", INFER_BODY) for v in (1, 2)]
+        return all(status == 200 for status, _, _ in pinned)
+
+    await eventually(routed, PROPAGATION_TIMEOUT_S, "iris v1 and v2 answering REST through the gateway")
+
+
+def expected(repos: dict[int, Path], version: int) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(repos[version] / "iris" / str(version) / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"input": np.array(ROW, dtype=np.float32)}), strict=True))
+
+
+@pytest.fixture
+def http_client(rest_gateway: GatewayHandle) -> Iterator[triton_http.InferenceServerClient]:
+    client = triton_http.InferenceServerClient(rest_gateway.address, network_timeout=HTTP_TIMEOUT_S)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+async def test_curl_style_json_infer_without_header_matches_onnx_runtime(
+        rest_gateway: GatewayHandle, client: EtcdClient, schema: KeySchema, iris_repos: dict[int, Path]) -> None:
+    await set_weights(client, schema, "iris", {1: 100})
+    await wait_rest_routed(rest_gateway.address)
+
+    async def on_v1() -> bool:
+        doc = (await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", INFER_BODY))[2]
+        return bool(doc["model_version"] == "1")
+
+    await eventually(on_v1, PROPAGATION_TIMEOUT_S, "all REST traffic on version 1")
+    status, content_type, doc = await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", INFER_BODY)
+    assert status == 200 and content_type.startswith("application/json")
+    want = expected(iris_repos, 1)
+    outputs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in doc["outputs"]}
+    assert set(outputs) == set(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(outputs[name], value, rtol=1e-6)
+
+
+async def test_tritonclient_http_pins_with_its_own_model_version(
+        rest_gateway: GatewayHandle, http_client: triton_http.InferenceServerClient,
+        iris_repos: dict[int, Path]) -> None:
+    await wait_rest_routed(rest_gateway.address)
+    # Called on this thread: the client runs on gevent, which refuses to switch between threads.
+    for version in (1, 2):
+        tensor = triton_http.InferInput("input", [1, 4], "FP32")
+        tensor.set_data_from_numpy(np.array(ROW, dtype=np.float32), binary_data=True)
+        result = http_client.infer("iris", [tensor], model_version=str(version))
+        assert result.get_response()["model_version"] == str(version)
+        for name, value in expected(iris_repos, version).items():
+            np.testing.assert_allclose(result.as_numpy(name), value, rtol=1e-6)
+        assert http_client.is_model_ready("iris", str(version))
+    assert http_client.is_server_live()
+    assert http_client.is_server_ready()
+    metadata = http_client.get_model_metadata("iris")
+    assert metadata["name"] == "iris"
+
+
+async def test_split_over_rest_follows_the_weights(rest_gateway: GatewayHandle, client: EtcdClient,
+                                                   schema: KeySchema) -> None:
+    await wait_rest_routed(rest_gateway.address)
+    await set_weights(client, schema, "iris", {1: 80, 2: 20})
+
+    async def split_live() -> bool:
+        seen = {(await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", INFER_BODY))[2]["model_version"]
+                for _ in range(40)}
+        return seen == {"1", "2"}
+
+    await eventually(split_live, PROPAGATION_TIMEOUT_S, "the 80/20 REST split live")
+    host, _, port = rest_gateway.address.rpartition(":")
+
+    def worker(count: int) -> collections.Counter[str]:
+        seen: collections.Counter[str] = collections.Counter()
+        connection = http.client.HTTPConnection(host, int(port), timeout=HTTP_TIMEOUT_S)  # kept alive
+        try:
+            for _ in range(count):
+                connection.request("POST", "/v2/models/iris/infer", body=INFER_BODY,
+                                   headers={"content-type": "application/json"})
+                response = connection.getresponse()
+                raw = response.read()
+                assert response.status == 200, raw
+                seen[json.loads(raw)["model_version"]] += 1
+        finally:
+            connection.close()
+        return seen
+
+    with ThreadPoolExecutor(8) as pool:
+        parts = await asyncio.gather(*(asyncio.wrap_future(pool.submit(worker, 250)) for _ in range(8)))
+    counts = sum(parts, collections.Counter[str]())
+    assert sum(counts.values()) == 2000 and set(counts) == {"1", "2"}
+    assert_binomial(counts["2"], 2000, 0.2)
+
+
+async def test_refusals_and_gateway_answers(rest_gateway: GatewayHandle) -> None:
+    address = rest_gateway.address
+    await wait_rest_routed(address)
+    status, content_type, doc = await acall(address, "POST", "/v2/models/resnet/infer", INFER_BODY)
+    assert status == 404 and content_type == "application/json" and "served models: iris" in doc["error"]
+    status, _, doc = await acall(address, "POST", "/v2/models/iris/versions/9/infer", INFER_BODY)
+    assert status == 404 and "serving versions: 1, 2" in doc["error"]
+    status, _, doc = await acall(address, "POST", "/v2/repository/models/iris/unload", b"{}")
+    assert status == 403 and "repository control is off" in doc["error"]
+    assert (await acall(address, "GET", "/v2/health/live"))[0] == 200
+    assert (await acall(address, "GET", "/v2/health/ready"))[0] == 200
+    status, _, doc = await acall(address, "GET", "/v2")
+    assert status == 200 and doc["name"] == "sluice-gateway"
+    status, _, doc = await acall(address, "POST", "/v2/repository/index", b"{}")
+    assert status == 200 and [(m["name"], m["version"]) for m in doc] == [("iris", "1"), ("iris", "2")]
+    # Malformed JSON reaches the service and comes back as its 400, the gateway staying up.
+    status, _, doc = await acall(address, "POST", "/v2/models/iris/infer", b"{not json")
+    assert status == 400 and doc["error"]
+    assert (await acall(address, "GET", "/v2/health/live"))[0] == 200
