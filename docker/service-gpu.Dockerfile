@@ -14,11 +14,14 @@ RUN apt-get update \
 RUN python3 -m venv /opt/sluice
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The hash-checked versions the tests ran on (requirements/runtime-gpu.txt), then sluice itself.
+COPY requirements/runtime-gpu.txt ./requirements/
 COPY protos ./protos
 COPY services ./services
 COPY mesh ./mesh
 COPY gateway ./gateway
-RUN /opt/sluice/bin/pip install ".[gpu]"
+RUN /opt/sluice/bin/pip install --require-hashes -r requirements/runtime-gpu.txt \
+ && /opt/sluice/bin/pip install --no-deps .
 
 FROM ${CUDA_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive
@@ -33,6 +36,7 @@ COPY --from=build /opt/sluice /opt/sluice
 ENV PATH=/opt/sluice/bin:$PATH HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     SLUICE_REPO=/models SLUICE_HOST=0.0.0.0 SLUICE_METRICS_HOST=0.0.0.0 SLUICE_LOG_FORMAT=json
 USER 10001:10001
-EXPOSE 8001 8002
+# gRPC, admin (metrics and /debug on loopback unless configured), KServe v2 REST
+EXPOSE 8001 8002 8003
 ENTRYPOINT ["sluice"]
 CMD ["serve"]

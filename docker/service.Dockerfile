@@ -9,11 +9,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/sluice
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The hash-checked versions the tests ran on (requirements/runtime.txt), then sluice itself.
+COPY requirements/runtime.txt ./requirements/
 COPY protos ./protos
 COPY services ./services
 COPY mesh ./mesh
 COPY gateway ./gateway
-RUN /opt/sluice/bin/pip install ".[cpu]"
+RUN /opt/sluice/bin/pip install --require-hashes -r requirements/runtime.txt \
+ && /opt/sluice/bin/pip install --no-deps .
 
 FROM ${PYTHON_IMAGE}
 COPY --from=build /opt/sluice /opt/sluice
@@ -25,6 +28,7 @@ RUN groupadd --system --gid 10001 sluice \
 ENV PATH=/opt/sluice/bin:$PATH HOME=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     SLUICE_REPO=/models SLUICE_HOST=0.0.0.0 SLUICE_METRICS_HOST=0.0.0.0 SLUICE_LOG_FORMAT=json
 USER 10001:10001
-EXPOSE 8001 8002
+# gRPC, admin (metrics and /debug on loopback unless configured), KServe v2 REST
+EXPOSE 8001 8002 8003
 ENTRYPOINT ["sluice"]
 CMD ["serve"]

@@ -63,8 +63,17 @@ def test_multi_stage_non_root_and_copies_only_what_exists(path: Path) -> None:
 def test_ports_match_the_chart() -> None:
     exposed = {path.stem: {v for cmd, value, _ in instructions(path) if cmd == "EXPOSE" for v in value}
                for path in DOCKERFILES}
-    assert exposed["service"] == exposed["service-gpu"] == {"8001", "8002"}
+    assert exposed["service"] == exposed["service-gpu"] == {"8001", "8002", "8003"}
     assert exposed["gateway"] == {"8080", "9102"}
     gateway = instructions(DOCKER / "gateway.Dockerfile")
     assert any(cmd == "RUN" and "/opt/sluice/bin/envoy" in value[0] for cmd, value, _ in gateway), \
         "the chart's Envoy container runs `envoy` from PATH"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.stem)
+def test_images_install_the_hash_locked_versions(path: Path) -> None:
+    runs = " ".join(value[0] for cmd, value, _ in instructions(path) if cmd == "RUN")
+    assert "--require-hashes -r requirements/" in runs and "pip install --no-deps ." in runs
+    copied = [v for cmd, value, _ in instructions(path) if cmd == "COPY" for v in value[:-1]]
+    locks = [c for c in copied if c.startswith("requirements/")]
+    assert len(locks) == 1 and f"-r {locks[0]}" in runs, "the lock copied is the lock installed"

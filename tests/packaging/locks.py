@@ -29,6 +29,7 @@ REFRESH = "bash .ci/lock"
 LOCK_SETS: dict[str, tuple[str, ...]] = {
     "runtime": ("cpu",),
     "runtime-gpu": ("gpu",),
+    "gateway": ("gateway",),
     "local": ("cpu", "local"),
     "dev": ("cpu", "dev"),
 }
