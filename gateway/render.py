@@ -371,7 +371,8 @@ def _match(name: str | None = None, version: int | None = None, version_present:
 
 
 def _route_action(model: str, weights: Mapping[int, int], sticky_header: str | None,
-                  options: RenderOptions, cluster: Callable[[str, int], str] = cluster_name) -> Resource:
+                  options: RenderOptions, *, cluster: Callable[[str, int], str] = cluster_name,
+                  version_header: str = "OVERWRITE_IF_EXISTS_OR_ADD") -> Resource:
     """Weighted clusters over (version → weight); each adds ``x-model-version`` for its version.
 
     The header tells the service which version to run: a service holds several versions and
@@ -395,7 +396,7 @@ def _route_action(model: str, weights: Mapping[int, int], sticky_header: str | N
     weighted: Resource = {"clusters": [
         {"name": cluster(model, version), "weight": weight,
          "request_headers_to_add": [{"header": {"key": VERSION_HEADER, "value": str(version)},
-                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+                                     "append_action": version_header}]}
         for version, weight in weights.items()
     ]}
     if sticky_header is not None:
@@ -481,8 +482,10 @@ def _rest_routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]
         control_setting=REPOSITORY_CONTROL_SETTING, allow_repository_control=options.allow_repository_control)
     routes = before
 
-    def action(model: str, weights: Mapping[int, int], sticky_header: str | None) -> Resource:
-        return _route_action(model, weights, sticky_header, options, rest_cluster_name)
+    def action(model: str, weights: Mapping[int, int], sticky_header: str | None, pinned: bool) -> Resource:
+        # A pin keeps the client's own x-model-version: the service compares it with the path.
+        return _route_action(model, weights, sticky_header, options, cluster=rest_cluster_name,
+                             version_header="ADD_IF_ABSENT" if pinned else "OVERWRITE_IF_EXISTS_OR_ADD")
 
     for name, plan in plans.items():
         rate_limit = _rate_limit(name, options)

@@ -19,11 +19,12 @@ from importlib import metadata
 from typing import Any
 
 from gateway.snapshot import eds_file
-from mesh.protocol import VERSION_PATTERN, VERSION_RULE
+from mesh.protocol import VERSION_HEADER, VERSION_PATTERN, VERSION_RULE
 
 Resource = dict[str, Any]
-RouteAction = Callable[[str, Mapping[int, int], "str | None"], Resource]
-"""(model, version → weight, sticky header) → the route action over REST clusters."""
+RouteAction = Callable[[str, Mapping[int, int], "str | None", bool], Resource]
+"""(model, version → weight, sticky header, pinned) → the route action over REST clusters; a pinned
+action keeps a client's ``x-model-version`` (the service refuses one that disagrees with the path)."""
 
 REST_SUFFIX = ".rest"
 SERVER_NAME = "sluice-gateway"
@@ -51,12 +52,26 @@ def _literal(text: str) -> str:
     return text.replace(".", r"\.")
 
 
-def _path(regex: str, methods: str | None = None) -> Resource:
+def _path(regex: str, methods: str | None = None, headers: list[Resource] | None = None) -> Resource:
     """A match on the whole path (Envoy's safe_regex is anchored at both ends; no query string)."""
     match: Resource = {"safe_regex": {"regex": regex}}
+    needs = list(headers or [])
     if methods is not None:
-        match["headers"] = [{"name": ":method", "string_match": {"safe_regex": {"regex": methods}}}]
+        needs.append({"name": ":method", "string_match": {"safe_regex": {"regex": methods}}})
+    if needs:
+        match["headers"] = needs
     return match
+
+
+def _version_header(version: int | None = None, *, invalid: bool = False) -> list[Resource]:
+    """``x-model-version`` equal to ``version``; present (None); present and not a version (invalid)."""
+    if version is not None:
+        return [{"name": VERSION_HEADER, "string_match": {"exact": str(version)}}]
+    needs: list[Resource] = [{"name": VERSION_HEADER, "present_match": True}]
+    if invalid:
+        needs.append({"name": VERSION_HEADER, "string_match": {"safe_regex": {"regex": VERSION_PATTERN}},
+                      "invert_match": True})
+    return needs
 
 
 def json_reply(status: int, doc: Any) -> Resource:
@@ -86,11 +101,24 @@ def model_rest_routes(name: str, weights: Mapping[int, int], sticky_header: str 
     """
     model = _literal(name)
     routes: list[Resource] = []
+    unversioned = f"/v2/models/{model}{_ACTIONS}"
+    listed = ", ".join(str(v) for v in rest_versions) or "none"
     for version in rest_versions:
         routes.append({"name": f"rest/{name}/pin/v{version}",
                        "match": _path(f"/v2/models/{model}/versions/{version}{_ACTIONS}"),
-                       "route": action(name, {version: 1}, None)})
-    listed = ", ".join(str(v) for v in rest_versions) or "none"
+                       "route": action(name, {version: 1}, None, True)})
+    # A client's x-model-version on an unversioned path pins, as it does for gRPC.
+    for version in rest_versions:
+        routes.append({"name": f"rest/{name}/header-pin/v{version}",
+                       "match": _path(unversioned, headers=_version_header(version)),
+                       "route": action(name, {version: 1}, None, True)})
+    routes.append({"name": f"rest/{name}/header-pin/invalid",
+                   "match": _path(unversioned, headers=_version_header(invalid=True)),
+                   **_error(400, f"{VERSION_HEADER} must be {VERSION_RULE}")})
+    routes.append({"name": f"rest/{name}/header-pin/unknown",
+                   "match": _path(unversioned, headers=_version_header()),
+                   **_error(404, f"model '{name}' has no serving instances of the version in {VERSION_HEADER}; "
+                                 f"serving versions: {listed}")})
     routes.append({"name": f"rest/{name}/pin/unknown",
                    "match": _path(f"/v2/models/{model}/versions/{VERSION_PATTERN}(/.*)?"),
                    **_error(404, f"model '{name}' has no serving instances of this version; "
@@ -101,10 +129,10 @@ def model_rest_routes(name: str, weights: Mapping[int, int], sticky_header: str 
     control = "/v2/repository/models/" + model + "/(" + "|".join(REPOSITORY_OPERATIONS) + ")/?"
     if split:
         routes.append({"name": f"rest/{name}/split", "match": _path(f"/v2/models/{model}{_ACTIONS}"),
-                       "route": action(name, split, sticky_header)})
+                       "route": action(name, split, sticky_header, False)})
         if allow_repository_control:
             routes.append({"name": f"rest/{name}/repository", "match": _path(control, "POST"),
-                           "route": action(name, split, None)})
+                           "route": action(name, split, None, False)})
     else:
         routes.append({"name": f"rest/{name}/unavailable", "match": _path(f"/v2/models/{model}(/.*)?"),
                        **_error(503, f"model '{name}' has no serving instances")})

@@ -72,8 +72,9 @@ def call(address: str, method: str, path: str, body: bytes | None = None,
         connection.close()
 
 
-async def acall(address: str, method: str, path: str, body: bytes | None = None) -> tuple[int, str, Any]:
-    return await asyncio.to_thread(call, address, method, path, body)
+async def acall(address: str, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, str, Any]:
+    return await asyncio.to_thread(call, address, method, path, body, headers)
 
 
 async def wait_rest_routed(address: str) -> None:
@@ -191,6 +192,16 @@ async def test_refusals_and_gateway_answers(rest_gateway: GatewayHandle) -> None
     assert status == 200 and doc["name"] == "sluice-gateway"
     status, _, doc = await acall(address, "POST", "/v2/repository/index", b"{}")
     assert status == 200 and [(m["name"], m["version"]) for m in doc] == [("iris", "1"), ("iris", "2")]
+    # x-model-version pins an unversioned path as it pins gRPC; a header disagreeing with the path
+    # is refused by the service, naming both.
+    for version in ("1", "2"):
+        status, _, doc = await acall(address, "POST", "/v2/models/iris/infer", INFER_BODY, {"x-model-version": version})
+        assert status == 200 and doc["model_version"] == version
+    status, _, doc = await acall(address, "POST", "/v2/models/iris/versions/2/infer", INFER_BODY,
+                                 {"x-model-version": "1"})
+    assert status == 400 and "'2'" in doc["error"] and "'1'" in doc["error"], doc
+    status, _, doc = await acall(address, "POST", "/v2/models/iris/infer", INFER_BODY, {"x-model-name": "mlp"})
+    assert status == 400 and "disagrees with header x-model-name" in doc["error"], doc
     # Malformed JSON reaches the service and comes back as its 400, the gateway staying up.
     status, _, doc = await acall(address, "POST", "/v2/models/iris/infer", b"{not json")
     assert status == 400 and doc["error"]

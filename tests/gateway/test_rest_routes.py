@@ -47,8 +47,22 @@ def routes(snapshot: Snapshot) -> list[dict[str, Any]]:
     return list(snapshot.routes["virtual_hosts"][0]["routes"])
 
 
-def route_for(snapshot: Snapshot, path: str, method: str = "POST") -> dict[str, Any]:
-    """The first route Envoy would pick for a request without headers of its own (anchored regex)."""
+def header_matches(rule: dict[str, Any], headers: dict[str, str]) -> bool:
+    value = headers.get(rule["name"])
+    if value is None:
+        return False  # Envoy: an absent header never matches, inverted or not
+    if rule.get("present_match"):
+        return True
+    string_match = rule["string_match"]
+    hit = value == string_match["exact"] if "exact" in string_match else \
+        re.fullmatch(string_match["safe_regex"]["regex"], value) is not None
+    return hit != bool(rule.get("invert_match"))
+
+
+def route_for(snapshot: Snapshot, path: str, method: str = "POST",
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The first route Envoy would pick (anchored regexes, header rules as Envoy reads them)."""
+    request = {":method": method, **(headers or {})}
     for route in routes(snapshot):
         match = route["match"]
         if "safe_regex" in match:
@@ -59,12 +73,8 @@ def route_for(snapshot: Snapshot, path: str, method: str = "POST") -> dict[str, 
                 continue
         elif match.get("path") != path:
             continue
-        needs = match.get("headers", [])
-        if any(h["name"] != ":method" for h in needs):
-            continue  # a header route: REST requests carry none of ours
-        if any(re.fullmatch(h["string_match"]["safe_regex"]["regex"], method) is None for h in needs):
-            continue
-        return route
+        if all(header_matches(rule, request) for rule in match.get("headers", [])):
+            return route
     raise AssertionError(f"no route for {method} {path}")
 
 
@@ -122,6 +132,22 @@ def test_versioned_paths_pin_and_unknown_or_invalid_versions_are_refused() -> No
     assert status == 404 and "serving versions: 1, 2" in doc["error"]
     status, doc = body(route_for(snapshot, "/v2/models/iris/versions/01/infer"))
     assert status == 400 and "positive integer" in doc["error"]
+    # A pin keeps the client's own x-model-version, so the service can refuse one that disagrees.
+    pinned = route_for(snapshot, "/v2/models/iris/versions/2/infer")["route"]["weighted_clusters"]["clusters"]
+    assert pinned[0]["request_headers_to_add"][0]["append_action"] == "ADD_IF_ABSENT"
+
+
+def test_x_model_version_on_an_unversioned_path_pins_as_for_grpc() -> None:
+    snapshot = render_snapshot(state(*IRIS, routing("iris", {"1": 80, "2": 20})), {}, OPTIONS)
+    route = route_for(snapshot, "/v2/models/iris/infer", headers={"x-model-version": "2"})
+    assert route["name"] == "rest/iris/header-pin/v2" and clusters_of(route) == [("iris.v2.rest", 1, "2")]
+    status, doc = body(route_for(snapshot, "/v2/models/iris/infer", headers={"x-model-version": "5"}))
+    assert status == 404 and "serving versions: 1, 2" in doc["error"]
+    status, doc = body(route_for(snapshot, "/v2/models/iris/ready", "GET", headers={"x-model-version": "x"}))
+    assert status == 400 and "x-model-version must be" in doc["error"]
+    # The split overwrites nothing a client sent: without the header it adds its own choice.
+    split = route_for(snapshot, "/v2/models/iris/infer")["route"]["weighted_clusters"]["clusters"]
+    assert {c["request_headers_to_add"][0]["append_action"] for c in split} == {"OVERWRITE_IF_EXISTS_OR_ADD"}
     # A model name with a dot is matched literally.
     dotted = render_snapshot(state(instance("a.b", 1, "x", 7041)), {}, OPTIONS)
     assert route_for(dotted, "/v2/models/a.b/infer")["name"] == "rest/a.b/split"
