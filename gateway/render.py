@@ -12,7 +12,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.body_routing import body_routing_filters
-from gateway.rest_routes import gateway_rest_routes, model_rest_routes, rest_cluster, rest_cluster_name
+from gateway.rest_routes import (
+    gateway_rest_routes,
+    model_rest_routes,
+    rest_cluster,
+    rest_cluster_name,
+    rest_local_reply_mappers,
+)
 from gateway.snapshot import (
     LISTENER_NAME,
     RDS_FILE,
@@ -258,6 +264,7 @@ def _listener(options: RenderOptions) -> Resource:
         "stats_for_all_methods": True, "enable_upstream_stats": True}})
     http_filters.append({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
+    too_large = f"request larger than {options.max_request_bytes} bytes (the gateway's max_request_bytes)"
     hcm = {
         "@type": _HCM,
         "stat_prefix": "sluice",
@@ -274,12 +281,11 @@ def _listener(options: RenderOptions) -> Resource:
         "http_filters": http_filters,
         "access_log": [access_log],
         **_tracing(options),
-        "local_reply_config": {"mappers": [{
+        "local_reply_config": {"mappers": [*rest_local_reply_mappers(too_large), {
             # The buffer filter's "413 Payload Too Large" as a gRPC error a client understands.
             "filter": {"status_code_filter": {"comparison": {
                 "op": "EQ", "value": {"default_value": 413, "runtime_key": "sluice.too_large"}}}},
-            "body": {"inline_string": f"request larger than {options.max_request_bytes} bytes "
-                                      "(the gateway's max_request_bytes)"},
+            "body": {"inline_string": too_large},
         }]},
     }
     return {

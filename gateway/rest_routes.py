@@ -199,3 +199,22 @@ def rest_cluster(grpc_cluster: Resource, name: str, model: str, version: int) ->
         checks.append(check)
     cluster["health_checks"] = checks
     return cluster
+
+
+def rest_local_reply_mappers(too_large: str) -> list[Resource]:
+    """Envoy's own replies to REST requests (413 from the buffer filter, 503 "no healthy upstream"
+    and the like) as KServe's JSON error body, which REST clients parse; gRPC's stay as they are.
+
+    The upstream failures are picked by their response flags: the gateway's direct responses carry
+    none, so their JSON is not wrapped twice.
+    """
+    rest = {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": "/v2/"}}}}
+    as_json = {"json_format": {"error": "%LOCAL_REPLY_BODY%"}}
+    status_413 = {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 413, "runtime_key": "sluice.too_large"}}}}
+    return [
+        {"filter": {"and_filter": {"filters": [rest, status_413]}}, "body": {"inline_string": too_large},
+         "body_format_override": as_json},
+        {"filter": {"and_filter": {"filters": [rest, {"response_flag_filter": {}}]}},
+         "body_format_override": as_json},
+    ]

@@ -22,6 +22,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.http as triton_http
 
+from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import InstanceRecord, InstanceState
@@ -206,3 +207,24 @@ async def test_refusals_and_gateway_answers(rest_gateway: GatewayHandle) -> None
     status, _, doc = await acall(address, "POST", "/v2/models/iris/infer", b"{not json")
     assert status == 400 and doc["error"]
     assert (await acall(address, "GET", "/v2/health/live"))[0] == 200
+
+
+async def test_envoy_own_failures_reach_rest_clients_as_json(rest_gateway: GatewayHandle, shared_etcd: EtcdServer,
+                                                             schema: KeySchema) -> None:
+    # Last in the module: a second model whose only instance listens nowhere.
+    dead = free_port()
+    doc = InstanceRecord(address=f"127.0.0.1:{free_port()}", rest_address=f"127.0.0.1:{dead}", model="ghost",
+                         version=1, instance_id="ghost-a", state=InstanceState.SERVING)
+    shared_etcd.etcdctl("put", schema.instance("ghost", 1, "ghost-a"), doc.to_json().decode())
+
+    async def routed() -> bool:
+        status, _, index = await acall(rest_gateway.address, "POST", "/v2/repository/index", b"{}")
+        return status == 200 and ("ghost", "1") in [(m["name"], m["version"]) for m in index]
+
+    await eventually(routed, PROPAGATION_TIMEOUT_S, "ghost routed by the gateway")
+    status, content_type, body = await acall(rest_gateway.address, "POST", "/v2/models/ghost/infer", INFER_BODY)
+    assert status == 503 and content_type == "application/json", (status, content_type, body)
+    assert body["error"]  # Envoy's own words ("upstream connect error ..."), as KServe's error body
+    # The gateway's own JSON answers are not wrapped again.
+    status, _, body = await acall(rest_gateway.address, "POST", "/v2/models/resnet/infer", INFER_BODY)
+    assert status == 404 and "served models: ghost, iris" in body["error"]
