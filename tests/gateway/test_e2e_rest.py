@@ -209,6 +209,15 @@ async def test_refusals_and_gateway_answers(rest_gateway: GatewayHandle) -> None
     assert (await acall(address, "GET", "/v2/health/live"))[0] == 200
 
 
+async def test_an_oversized_body_is_refused_as_json(rest_gateway: GatewayHandle) -> None:
+    await wait_rest_routed(rest_gateway.address)
+    oversized = b" " * (65 * 1024 * 1024)  # over the gateway's 64 MiB max_request_bytes
+    status, content_type, body = await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", oversized)
+    assert status == 413 and content_type == "application/json", (status, content_type)
+    assert "larger than" in body["error"]
+    assert (await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", INFER_BODY))[0] == 200
+
+
 async def test_envoy_own_failures_reach_rest_clients_as_json(rest_gateway: GatewayHandle, shared_etcd: EtcdServer,
                                                              schema: KeySchema) -> None:
     # Last in the module: a second model whose only instance listens nowhere.
