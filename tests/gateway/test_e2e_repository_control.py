@@ -8,6 +8,9 @@ file order: the refusal first (the model must still serve after it), then the al
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,13 +19,14 @@ import pytest
 
 from mesh.ports import free_port
 from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess
 from tests.fixtures.service import ServiceHandle, sluice_argv
-from tests.gateway.conftest import SERVICE_START_TIMEOUT_S, register
+from tests.gateway.conftest import SERVICE_START_TIMEOUT_S
 from tests.gateway.traffic import count_versions, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -51,7 +55,11 @@ def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandl
              ) -> Iterator[GatewayHandle]:
     handle = start_gateway(etcd, prefix, workdir, *extra)
     try:
-        register(etcd, KeySchema(prefix), service, 1, "v1")
+        # With its REST address (sluice serve's default --rest-port, --port + 2), as its registrar writes it.
+        schema = KeySchema(prefix)
+        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.port + 2}", model="iris",
+                             version=1, instance_id="v1", state=InstanceState.SERVING)
+        etcd.etcdctl("put", schema.instance("iris", 1, "v1"), doc.to_json().decode())
         yield handle
     finally:
         handle.stop()
@@ -105,6 +113,19 @@ async def _load(address: str) -> None:
                                        timeout=30)
 
 
+def _rest(address: str, path: str) -> tuple[int, str]:
+    """(status, error text or "") of a POST with an empty JSON body."""
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request("POST", path, body=b"{}", headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        raw = response.read()
+        return response.status, json.loads(raw)["error"] if raw else ""
+    finally:
+        connection.close()
+
+
 async def test_repository_control_through_the_gateway_is_refused_and_the_model_keeps_serving(
         closed_gateway: GatewayHandle, service: ServiceHandle) -> None:
     await _wait_routable(closed_gateway)
@@ -123,6 +144,11 @@ async def test_repository_control_through_the_gateway_is_refused_and_the_model_k
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await unload(pb.RepositoryModelUnloadRequest(model_name="iris"), metadata=HEADER, timeout=10)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, path
+    # And over REST, spelled any way.
+    for path in ("/v2/repository/models/iris/unload", "/v2/repository/models/iris/load",
+                 "/v2//repository/models/iris/unload", "/v2/repository/models/iris/%75nload"):
+        status, error = await asyncio.to_thread(_rest, closed_gateway.address, path)
+        assert status == 403 and "--allow-repository-control" in error, (path, status, error)
     assert _model_ready(service.address)
     counts = await count_versions(closed_gateway.address, 20, HEADER, concurrency=4)
     assert counts == {"1": 20}
@@ -136,3 +162,14 @@ async def test_with_the_setting_on_repository_control_reaches_the_service(
     assert not _model_ready(service.address)
     await _load(open_gateway.address)
     assert _model_ready(service.address)
+
+
+async def test_with_the_setting_on_rest_repository_control_reaches_the_service(
+        open_gateway: GatewayHandle, service: ServiceHandle) -> None:
+    await _wait_routable(open_gateway)
+    assert (await asyncio.to_thread(_rest, open_gateway.address, "/v2/repository/models/iris/unload"))[0] == 200
+    assert not _model_ready(service.address)
+    assert (await asyncio.to_thread(_rest, open_gateway.address, "/v2/repository/models/iris/load"))[0] == 200
+    assert _model_ready(service.address)
+    status, error = await asyncio.to_thread(_rest, open_gateway.address, "/v2/repository/models/resnet/load")
+    assert status == 404 and "served models: iris" in error
