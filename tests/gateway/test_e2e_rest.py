@@ -178,6 +178,27 @@ async def test_split_over_rest_follows_the_weights(rest_gateway: GatewayHandle, 
     assert_binomial(counts["2"], 2000, 0.2)
 
 
+async def test_sticky_header_keeps_each_rest_key_on_one_version(rest_gateway: GatewayHandle, client: EtcdClient,
+                                                                 schema: KeySchema) -> None:
+    await wait_rest_routed(rest_gateway.address)
+    await set_weights(client, schema, "iris", {1: 50, 2: 50}, sticky_header="x-user")
+    address = rest_gateway.address
+
+    async def versions(user: str, count: int) -> set[str]:
+        answers = [await acall(address, "POST", "/v2/models/iris/infer", INFER_BODY, {"x-user": user})
+                   for _ in range(count)]
+        return {doc["model_version"] for _, _, doc in answers}
+
+    async def sticky_live() -> bool:  # some keys on each version, each key on one
+        seen = [await versions(f"user-{i}", 3) for i in range(12)]
+        return all(len(v) == 1 for v in seen) and set().union(*seen) == {"1", "2"}
+
+    await eventually(sticky_live, PROPAGATION_TIMEOUT_S, "the sticky 50/50 REST split live")
+    for i in range(20):
+        assert len(await versions(f"key-{i}", 5)) == 1, f"key-{i} reached both versions"
+    await set_weights(client, schema, "iris", {1: 80, 2: 20}, sticky_header="")
+
+
 async def test_refusals_and_gateway_answers(rest_gateway: GatewayHandle) -> None:
     address = rest_gateway.address
     await wait_rest_routed(address)
