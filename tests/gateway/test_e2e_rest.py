@@ -25,7 +25,7 @@ import tritonclient.http as triton_http
 from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
-from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.registry.records import InstanceRecord, InstanceState, StatusDocument
 from mesh.registry.state import set_weights
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
@@ -89,6 +89,11 @@ async def wait_rest_routed(address: str) -> None:
     await eventually(routed, PROPAGATION_TIMEOUT_S, "iris v1 and v2 answering REST through the gateway")
 
 
+async def read_status(client: EtcdClient, schema: KeySchema, model: str) -> StatusDocument | None:
+    kv = await client.get(schema.status(model))
+    return None if kv is None else StatusDocument.from_json(kv.value)
+
+
 def expected(repos: dict[int, Path], version: int) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(repos[version] / "iris" / str(version) / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
@@ -115,6 +120,15 @@ async def test_curl_style_json_infer_without_header_matches_onnx_runtime(
         return bool(doc["model_version"] == "1")
 
     await eventually(on_v1, PROPAGATION_TIMEOUT_S, "all REST traffic on version 1")
+
+    async def confirmed() -> bool:  # the gateway confirmed the snapshot with its REST clusters live in Envoy
+        document = await read_status(client, schema, "iris")
+        return document is not None and document.effective_weights == {1: 100} \
+            and bool(document.envoy_config_version)
+
+    await eventually(confirmed, PROPAGATION_TIMEOUT_S, "the status document with weights 1=100")
+    document = await read_status(client, schema, "iris")
+    assert document is not None and document.errors == [] and document.warnings == []
     status, content_type, doc = await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", INFER_BODY)
     assert status == 200 and content_type.startswith("application/json")
     want = expected(iris_repos, 1)
