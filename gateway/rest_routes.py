@@ -89,6 +89,7 @@ def _error(status: int, text: str) -> Resource:
 
 
 _ACTIONS = "(/(" + "|".join(MODEL_ACTIONS) + "))?/?"
+_NO_ENDPOINT = _error(404, "no KServe v2 endpoint at this path and method")
 
 
 def model_rest_routes(name: str, weights: Mapping[int, int], sticky_header: str | None,
@@ -107,6 +108,10 @@ def model_rest_routes(name: str, weights: Mapping[int, int], sticky_header: str 
         routes.append({"name": f"rest/{name}/pin/v{version}",
                        "match": _path(f"/v2/models/{model}/versions/{version}{_ACTIONS}"),
                        "route": action(name, {version: 1}, None, True)})
+    if rest_versions:
+        served = "|".join(str(v) for v in rest_versions)
+        routes.append({"name": f"rest/{name}/pin/other", "match": _path(f"/v2/models/{model}/versions/({served})/.*"),
+                       **_NO_ENDPOINT})
     # A client's x-model-version on an unversioned path pins, as it does for gRPC.
     for version in rest_versions:
         routes.append({"name": f"rest/{name}/header-pin/v{version}",
@@ -133,6 +138,7 @@ def model_rest_routes(name: str, weights: Mapping[int, int], sticky_header: str 
         if allow_repository_control:
             routes.append({"name": f"rest/{name}/repository", "match": _path(control, "POST"),
                            "route": action(name, split, None, False)})
+        routes.append({"name": f"rest/{name}/other", "match": _path(f"/v2/models/{model}/.*"), **_NO_ENDPOINT})
     else:
         routes.append({"name": f"rest/{name}/unavailable", "match": _path(f"/v2/models/{model}(/.*)?"),
                        **_error(503, f"model '{name}' has no serving instances")})
@@ -171,8 +177,7 @@ def gateway_rest_routes(models: list[str], index: list[tuple[str, int]], *, rout
     after: list[Resource] = [
         {"name": "rest/unknown-model", "match": _path("/v2/(models|repository/models)/[^/]+(/.*)?"),
          **_error(404, f"the model named in the path is not served here; served models: {served}")},
-        {"name": "rest/unknown-endpoint", "match": {"prefix": "/v2/"},
-         **_error(404, "no KServe v2 endpoint at this path and method")},
+        {"name": "rest/unknown-endpoint", "match": {"prefix": "/v2/"}, **_NO_ENDPOINT},
     ]
     return before, after
 

@@ -162,7 +162,13 @@ def test_unknown_models_and_models_without_instances() -> None:
     status, doc = body(route_for(snapshot, "/v2/models/mlp/infer"))
     assert status == 503 and "'mlp' has no serving instances" in doc["error"]
     status, doc = body(route_for(snapshot, "/v2/nothing/here", "GET"))
-    assert status == 404
+    assert status == 404 and "no KServe v2 endpoint" in doc["error"]
+    # A served model (and a served version) with an unknown endpoint: not "not served here".
+    for path in ("/v2/models/iris/frobnicate", "/v2/models/iris/versions/2/frobnicate"):
+        status, doc = body(route_for(snapshot, path))
+        assert status == 404 and "no KServe v2 endpoint" in doc["error"], path
+    status, doc = body(route_for(snapshot, "/v2/models/iris/versions/3/frobnicate"))
+    assert status == 404 and "serving versions: 1, 2" in doc["error"]
 
 
 def test_a_version_without_rest_is_left_out_of_the_rest_split() -> None:
