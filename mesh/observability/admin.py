@@ -231,14 +231,25 @@ class _Handler(MetricsHandler):
         path = urlsplit(self.path).path
         return path if path == "/debug" or path.startswith("/debug/") else None
 
+    def _loopback_both_ends(self) -> bool:
+        """Whether the peer AND this connection's local address are loopback. The peer alone is not
+        enough: Istio's sidecar delivers every inbound mesh call from 127.0.0.6 to the pod's IP, so
+        only the local address tells a mesh caller (pod IP) from ``kubectl port-forward`` (127.0.0.1)."""
+        try:
+            local = self.connection.getsockname()
+        except OSError:
+            return False
+        return is_loopback(str(self.client_address[0])) and is_loopback(str(local[0]))
+
     def _answer_debug(self, method: str) -> None:
         parts = urlsplit(self.path)
         admin = self.admin
         if admin.debug == "off":
             status, kind, body = _json(404, {"error": "debug endpoints are off here (--debug-endpoints off)"})
-        elif admin.debug == "auto" and not is_loopback(str(self.client_address[0])):
-            status, kind, body = _json(403, {"error": "debug endpoints answer loopback clients only "
-                                                      "(--debug-endpoints auto); use kubectl port-forward or ssh"})
+        elif admin.debug == "auto" and not self._loopback_both_ends():
+            status, kind, body = _json(403, {"error": "debug endpoints answer connections from and to a loopback "
+                                                      "address only (--debug-endpoints auto); use kubectl "
+                                                      "port-forward or ssh"})
         else:
             try:
                 status, kind, body = admin.handle(method, parts.path, parts.query)

@@ -197,6 +197,22 @@ def test_debug_off_and_auto_beyond_loopback(tmp_path: Path, start_service: Calla
         except urllib.error.HTTPError as exc:
             code = exc.code
         assert code == expected, host
+    # As Istio's sidecar delivers inbound mesh calls: from 127.0.0.6 to the pod's own address.
+    assert _status_from("127.0.0.6", address, wide.metrics_port, "/debug/threads") == 403
+    assert _status_from("127.0.0.6", "127.0.0.1", wide.metrics_port, "/debug/threads") == 200
     with urllib.request.urlopen(f"http://{address}:{wide.metrics_port}/metrics", timeout=10) as answer:
         assert b"sluice_loaded_versions" in answer.read()
+
+
+def _status_from(source: str, host: str, port: int, path: str) -> int:
+    """The HTTP status of one GET sent from the local address ``source``."""
+    with socket.create_connection((host, port), timeout=10, source_address=(source, 0)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return int(head.split(b" ", 2)[1])
 
