@@ -205,6 +205,8 @@ async def _start(args: argparse.Namespace, client: EtcdClient, schema: KeySchema
                   "min_agreement": args.min_agreement, "min_requests": args.min_requests},
         "shadow": {"fraction": args.shadow_fraction, "rtol": args.rtol, "atol": args.atol, "compare": args.compare},
         "webhooks": webhooks,
+        # What a rollback or abort restores (the candidate at 0).
+        "start_weights": {str(v): w for v, w in (state.routing.weights if state.routing else {}).items()},
     })
     key = schema.rollout(args.model)
     current = await client.get(key)

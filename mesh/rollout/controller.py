@@ -27,7 +27,7 @@ from mesh.registry.records import InstanceState
 from mesh.registry.state import ModelState, build_state, set_weights
 from mesh.rollout import machine
 from mesh.rollout.document import RolloutDocument, Webhook, parse_rollout_document
-from mesh.rollout.figures import metrics_address, scrape, window
+from mesh.rollout.figures import joined, metrics_address, scrape, window
 
 log = structlog.get_logger("mesh.rollout.controller")
 
@@ -154,9 +154,13 @@ class RolloutController:
                         targets[instance_id] = metrics_address(record.address, record.admin_address)
         counters, problems = await scrape(targets, doc.model, doc.baseline, doc.candidate,
                                           timeout=self.scrape_timeout)
-        figures = window(doc.state.window_start, counters, doc.baseline, doc.candidate) if counters else None
+        started = {i: r.started for v in (doc.baseline, doc.candidate)
+                   for i, r in (model.instances.get(v, {}) if model is not None else {}).items()}
+        new = joined(doc.state.window_start, counters, started, doc.state.step_started)
+        start = {**doc.state.window_start, **new}
+        figures = window(start, counters, doc.baseline, doc.candidate) if counters else None
         routing = dict(model.routing.weights) if model is not None and model.routing is not None else None
-        return machine.Observation(counters, figures, routing, tuple(problems.values()))
+        return machine.Observation(counters, figures, routing, tuple(problems.values()), joined=new)
 
     async def _drive(self, doc: RolloutDocument, kv: KeyValue, model: ModelState | None) -> None:
         obs = await self.observe(doc, model)
@@ -181,8 +185,13 @@ class RolloutController:
                                                expected_revision=expected)
                     log.info("rollout_weights", model=doc.model, weights=action.weights, revision=change.revision)
                 except ConflictError as exc:
-                    # Someone wrote the routing meanwhile: the next round sees it and pauses.
-                    log.warning("rollout_weights_conflict", model=doc.model, error=str(exc))
+                    # Someone wrote the routing meanwhile. A step's weights: the next round sees the
+                    # change and pauses. A final phase's: not entered; the next round writes again.
+                    log.warning("rollout_weights_conflict", model=doc.model, error=str(exc),
+                                then=action.then.value if action.then else None)
+                    doc = machine.not_written(doc, str(exc)[:300]) if action.then is not None else doc
+                else:
+                    doc = machine.written(doc) if action.then is not None else doc
             elif action.kind == "before_promotion":
                 ok, detail = await call_webhook(doc.webhooks.before_promotion, action.payload)
                 log.info("rollout_webhook", model=doc.model, kind=action.kind, ok=ok, detail=detail)

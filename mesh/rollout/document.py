@@ -16,10 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mesh.errors import InvalidDocumentError
 from mesh.registry.keys import validate_model_name
+from mesh.registry.records import MAX_WEIGHT
 
 ROLLOUT_DOCUMENT_MAX = 256 * 1024
 """Largest rollout document (JSON bytes) read or written: decisions and counter snapshots are
 bounded, so a larger one is a mistake (or an attack)."""
+ROUTING_VERSIONS_MAX = 100
+"""Versions kept from the routing weights at the start (restored on rollback)."""
 DECISIONS_KEPT = 30
 """Decisions kept in the document (oldest dropped first); the controller logs every one."""
 SHADOW = "shadow"
@@ -129,8 +132,20 @@ class RolloutState(_Strict):
     window_start: dict[str, Any] = Field(default_factory=dict)
     """Counters per instance when the step's window began (so a restarted controller judges the
     same window); see ``mesh.rollout.figures``."""
+    finishing: Phase | None = None
+    """A final phase waiting for its weights: the rollout enters it once the routing write
+    succeeded (a conflicting write is retried on the next round, against the routing then)."""
+    finishing_weights: dict[int, int] | None = None
+    """The weights that ``finishing`` writes."""
     leader: str = Field("", max_length=200)
     updated: datetime | None = None
+
+    @field_validator("finishing")
+    @classmethod
+    def _final(cls, value: Phase | None) -> Phase | None:
+        if value is not None and not value.final:
+            raise ValueError(f"{value.value!r} is not a final phase")
+        return value
 
 
 class RolloutDocument(_Strict):
@@ -143,7 +158,18 @@ class RolloutDocument(_Strict):
     shadow: ShadowSpec = ShadowSpec()
     webhooks: Webhooks = Webhooks()
     created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    start_weights: dict[int, int] = Field(default_factory=dict, max_length=ROUTING_VERSIONS_MAX)
+    """The model's routing weights when ``sluice rollout start`` ran: a rollback or abort restores
+    them, with the candidate at 0 (empty, or nothing left but the candidate: the baseline at 100)."""
     state: RolloutState = RolloutState()
+
+    @field_validator("start_weights")
+    @classmethod
+    def _start_weights(cls, value: dict[int, int]) -> dict[int, int]:
+        for version, weight in value.items():
+            if version < 1 or not 0 <= weight <= MAX_WEIGHT:
+                raise ValueError(f"version {version} weight {weight}: versions are >= 1, weights 0..{MAX_WEIGHT}")
+        return value
 
     @field_validator("model")
     @classmethod
@@ -187,6 +213,13 @@ class RolloutDocument(_Strict):
         """The routing weights of a step: shadow sends every caller to the baseline."""
         share = 0 if step == SHADOW else int(step)
         return {self.baseline: 100 - share, self.candidate: share}
+
+    def restored_weights(self) -> dict[int, int]:
+        """What a rollback writes: the weights at the start, the candidate at 0."""
+        weights = {v: w for v, w in self.start_weights.items() if v != self.candidate}
+        if not any(weights.values()):
+            weights = {self.baseline: 100}
+        return {**dict(sorted(weights.items())), self.candidate: 0}
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

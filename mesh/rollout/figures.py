@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -159,6 +160,22 @@ def window(start: Mapping[str, Counters], now: Mapping[str, Counters], baseline:
             restarted.append(instance)
     return Figures(_version(per_version[str(candidate)]), _version(per_version[str(baseline)]), shadow,
                    len(now), tuple(restarted))
+
+
+def joined(start: Mapping[str, Counters], now: Mapping[str, Counters], started: Mapping[str, datetime],
+           step_started: datetime | None) -> dict[str, Counters]:
+    """The window start of every instance in ``now`` missing from ``start``: an instance that
+    started serving after the step began counts from zero (everything it did is in the window);
+    one that was serving before (not scraped at the step's start) counts from its counters now, so
+    it is judged from the next round on, not on its whole history."""
+    out: dict[str, Counters] = {}
+    for instance, counters in now.items():
+        if instance in start:
+            continue
+        began = started.get(instance)
+        fresh = step_started is not None and began is not None and began >= step_started
+        out[instance] = {"versions": {}, "shadow": {}} if fresh else counters
+    return out
 
 
 def metrics_address(address: str, admin_address: str | None) -> str:

@@ -13,7 +13,7 @@ actions). The controller does the I/O: it scrapes, calls :func:`step`, carries o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -42,11 +42,16 @@ class Observation:
     routing: dict[int, int] | None
     """The weights in etcd now (None: no or an invalid routing document)."""
     problems: tuple[str, ...] = ()
+    joined: dict[str, Counters] = field(default_factory=dict)
+    """Instances missing from the window start, with the counters their window starts from
+    (:func:`mesh.rollout.figures.joined`); the step's window start takes them in."""
 
 
 @dataclass(frozen=True)
 class SetWeights:
     weights: dict[int, int]
+    then: Phase | None = None
+    """The final phase the rollout enters once these weights are written (see :func:`written`)."""
 
 
 @dataclass(frozen=True)
@@ -175,9 +180,39 @@ def _enter(doc: RolloutDocument, index: int, obs: Observation, now: datetime) ->
     return moved, [SetWeights(moved.weights_for(moved.steps[index]))]
 
 
+def _finish(doc: RolloutDocument, phase: Phase, weights: dict[int, int], reason: str
+            ) -> tuple[RolloutDocument, list[Action]]:
+    """Head for a final phase: entered only once ``weights`` are written (:func:`written`)."""
+    going = _with(doc, finishing=phase, finishing_weights=weights, reason=reason[:1000])
+    return going, [SetWeights(weights, then=phase)]
+
+
+_NOT_YET = " [not yet "
+
+
+def written(doc: RolloutDocument) -> RolloutDocument:
+    """The weights of ``finishing`` were written: the rollout enters its final phase."""
+    phase = doc.state.finishing
+    if phase is None:
+        return doc
+    return _with(doc, phase=phase, finishing=None, finishing_weights=None, weights_applied=True,
+                 reason=doc.state.reason.split(_NOT_YET, 1)[0])
+
+
+def not_written(doc: RolloutDocument, error: str) -> RolloutDocument:
+    """Writing the weights of ``finishing`` failed (the routing changed meanwhile): the next round
+    writes them again, against the routing it reads then; the reason says so."""
+    phase = doc.state.finishing
+    if phase is None:
+        return doc
+    head = doc.state.reason.split(_NOT_YET, 1)[0]
+    note = (f"{_NOT_YET}{phase.value} yet: writing weights {_weights_text(doc.state.finishing_weights or {})} "
+            f"failed ({error}); retrying next round]")
+    return _with(doc, reason=(head[:max(0, 1000 - len(note[:600]))] + note[:600]))
+
+
 def _roll_back(doc: RolloutDocument, now: datetime, phase: Phase, reason: str) -> tuple[RolloutDocument, list[Action]]:
-    done = _with(doc, phase=phase, reason=reason, weights_applied=True)
-    actions: list[Action] = [SetWeights({doc.baseline: 100, doc.candidate: 0})]
+    done, actions = _finish(doc, phase, doc.restored_weights(), reason)
     if doc.webhooks.on_rollback is not None:
         actions.append(CallWebhook("on_rollback", _payload(done, phase.value, reason)))
     return done, actions
@@ -192,8 +227,9 @@ def _promote(doc: RolloutDocument, now: datetime, obs: Observation) -> tuple[Rol
 
 def promoted(doc: RolloutDocument, now: datetime, obs: Observation) -> tuple[RolloutDocument, list[Action]]:
     last = len(doc.steps) - 1
-    moved, actions = _enter(doc, last, obs, now)
-    return _with(moved, phase=Phase.PROMOTED, reason=f"version {doc.candidate} takes all traffic"), actions
+    moved, _ = _enter(doc, last, obs, now)
+    return _finish(moved, Phase.PROMOTED, moved.weights_for(moved.steps[last]),
+                   f"version {doc.candidate} takes all traffic")
 
 
 def after_webhook(doc: RolloutDocument, ok: bool, detail: str, now: datetime, obs: Observation
@@ -235,6 +271,12 @@ def step(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[Rollout
     state = doc.state
     if state.phase.final:
         return (_with(doc, request=None) if state.request else doc), []
+    if state.finishing is not None:
+        # A final phase whose weights are not written yet: write them again (an abort request
+        # turns a pending promotion into an abort; other requests wait for the final phase).
+        if state.request == "abort" and state.finishing is Phase.PROMOTED:
+            return _request(_with(doc, finishing=None, finishing_weights=None), obs, now)
+        return doc, [SetWeights(state.finishing_weights or doc.restored_weights(), then=state.finishing)]
     if state.request is not None:
         return _request(doc, obs, now)
     if state.phase is Phase.PENDING:
@@ -252,6 +294,8 @@ def step(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[Rollout
             f"the routing of {doc.model!r} was changed by hand ({seen}; the rollout wrote "
             f"{_weights_text(wanted)}): paused instead of overwriting it. `sluice rollout resume "
             f"{doc.model}` writes the step's weights again, `sluice rollout abort {doc.model}` rolls back")), []
+    if obs.joined:
+        doc = _with(doc, window_start={**state.window_start, **obs.joined})
     started = state.step_started or now
     elapsed = (now - started).total_seconds()
     if obs.figures is None:

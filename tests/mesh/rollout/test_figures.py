@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
 
-from mesh.rollout.figures import bucket_quantile, metrics_address, parse_metrics, window
+from mesh.rollout.figures import bucket_quantile, joined, metrics_address, parse_metrics, window
 
 TEXT = """
 # TYPE sluice_requests counter
@@ -55,3 +57,19 @@ def test_quantile_interpolates_like_prometheus() -> None:
 def test_metrics_address_prefers_the_record() -> None:
     assert metrics_address("10.0.0.1:8001", None) == "10.0.0.1:8002"
     assert metrics_address("10.0.0.1:8001", "10.0.0.1:9000") == "10.0.0.1:9000"
+
+
+def test_an_instance_first_seen_in_a_window_counts_from_now_unless_it_started_in_the_step() -> None:
+    step_started = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
+    history = parse_metrics(TEXT, "iris", 2, 3)
+    start = {"a": history}
+    now = {"a": history, "old": history, "new": history}
+    started = {"old": step_started - timedelta(hours=5), "new": step_started + timedelta(seconds=3)}
+    new = joined(start, now, started, step_started)
+    assert set(new) == {"old", "new"} and new["old"] == history
+    fig = window({**start, **new}, now, 2, 3)
+    # The old instance's 10 candidate requests before the window are not in it; the new one's are.
+    assert fig.candidate.requests == 10 and fig.candidate.errors == 2
+    assert fig.shadow_compared == 40
+    # Unknown start time: counted from now (judged from the next round).
+    assert joined({}, {"x": history}, {}, step_started) == {"x": history}
