@@ -10,7 +10,15 @@ from datetime import datetime
 import onnx
 import pytest
 
+from mesh.registry.etcd import EtcdClient
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import parse_routing_document
+from mesh.registry.state import build_state, set_weights
+from mesh.rollout.controller import RolloutController
+from mesh.rollout.document import Phase, parse_rollout_document
+from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import wait_for
+from tests.mesh.conftest import settings_for
 from tests.mesh.rollout.conftest import MODEL, Stack, load_on, wait_phase
 from tests.services import models
 
@@ -115,3 +123,38 @@ def test_hand_written_weights_pause_the_rollout_until_resumed(
     stack.cli("rollout", "abort", MODEL, "--reason", "test over")
     doc = wait_phase(stack, "aborted", 30)
     assert "test over" in doc["state"]["reason"] and stack.weights() == {"2": 100, "3": 0}
+
+
+async def test_an_abort_whose_weights_conflict_is_not_final_until_a_later_round_writes_them(
+        shared_etcd: EtcdServer, etcd_prefix: str) -> None:
+    settings = settings_for(shared_etcd, etcd_prefix)
+    schema = KeySchema(settings.prefix)
+    async with EtcdClient(settings) as client:
+        await set_weights(client, schema, MODEL, {1: 10, 2: 90})
+        doc = parse_rollout_document({"model": MODEL, "candidate": 3, "baseline": 2,
+                                      "start_weights": {"1": 10, "2": 90},
+                                      "state": {"phase": "running", "request": "abort"}})
+        await client.put(schema.rollout(MODEL), doc.to_json())
+        snapshot = await client.get_prefix(schema.models_prefix)
+        stale = build_state(schema, snapshot.revision, snapshot.items).model(MODEL)
+        kv = await client.get(schema.rollout(MODEL))
+        assert kv is not None
+        # An operator writes the routing after the controller read it: the abort's write conflicts.
+        await set_weights(client, schema, MODEL, {1: 10, 2: 45, 3: 45})
+        controller = RolloutController(client, schema, identity="ctl-test")
+        await controller._drive(doc, kv, stale)
+        stored = await client.get(schema.rollout(MODEL))
+        assert stored is not None
+        state = parse_rollout_document(stored.value).state
+        assert state.phase is Phase.RUNNING and state.finishing is Phase.ABORTED
+        assert "retrying next round" in state.reason
+        routing = await client.get(schema.routing(MODEL))
+        assert routing is not None and parse_routing_document(routing.value).weights == {1: 10, 2: 45, 3: 45}
+        # The next round reads the routing again and writes the weights at the start, candidate at 0.
+        await controller.round()
+        stored = await client.get(schema.rollout(MODEL))
+        routing = await client.get(schema.routing(MODEL))
+        assert stored is not None and routing is not None
+        state = parse_rollout_document(stored.value).state
+        assert state.phase is Phase.ABORTED and state.finishing is None and "retrying" not in state.reason
+        assert parse_routing_document(routing.value).weights == {1: 10, 2: 90, 3: 0}
