@@ -22,7 +22,14 @@ from mesh.observability.logging import RequestFields, bind_request
 from mesh.protocol import MODEL_HEADER, VERSION_HEADER, clip
 from services import routing
 from services.dataplane import DataPlane
-from services.errors import InvalidRequestError, ModelNotFoundError, QueueFullError, ServiceError, status_name
+from services.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    QueueFullError,
+    ServiceError,
+    status_name,
+)
 from services.grpc import converters
 from services.manager import ModelManager
 from services.model import PLATFORM
@@ -41,6 +48,8 @@ HTTP_STATUS: Final[dict[str, int]] = {
 }
 """gRPC status (services/errors.py's table) -> HTTP status, as KServe and Triton answer them."""
 _CONTROL_TIMEOUT: Final = 600.0
+_INLINE_COMPRESS: Final = 64 * 1024
+"""Answers up to this size (metadata, health) compress on the event loop; larger ones on a thread."""
 
 
 class PayloadTooLargeError(InvalidRequestError):
@@ -48,10 +57,21 @@ class PayloadTooLargeError(InvalidRequestError):
 
 
 class _Answer:
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "encoded", "headers", "status")
 
     def __init__(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.status, self.body, self.headers = status, body, headers or [(b"content-type", b"application/json")]
+        self.encoded = False
+        """Whether ``body`` is final, Content-Encoding header included (compressed on an executor thread)."""
+
+    def compressed(self, accept: str) -> _Answer:
+        """This answer with its body compressed as ``accept`` asks; called on an executor thread."""
+        if self.body:
+            self.body, encoding = _compress(self.body, accept)
+            if encoding is not None:
+                self.headers = [*self.headers, (b"content-encoding", encoding)]
+        self.encoded = True
+        return self
 
 
 def _json(doc: Any, status: int = 200) -> _Answer:
@@ -104,6 +124,9 @@ class RestApp:
         self.max_bytes = max_bytes
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.control_timeout = _CONTROL_TIMEOUT
+        """Seconds a repository load or unload request waits before answering 504 (the work goes on)."""
+        self._control_tasks: set[asyncio.Future[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -126,7 +149,14 @@ class RestApp:
             reference = uuid.uuid4().hex[:12]
             log.exception("rest_internal_error", path=clip(scope.get("path", "")), reference=reference)
             answer = _error(500, f"internal server error (reference {reference}); the server log has the details")
-        body, encoding = _compress(answer.body, headers.get("accept-encoding", "")) if answer.body else (b"", None)
+        accept = headers.get("accept-encoding", "")
+        if answer.encoded or not answer.body:
+            body, encoding = answer.body, None
+        elif len(answer.body) <= _INLINE_COMPRESS:
+            body, encoding = _compress(answer.body, accept)
+        else:  # a large answer (statistics, a repository index) compresses off the event loop
+            body, encoding = await asyncio.get_running_loop().run_in_executor(
+                self.executor, _compress, answer.body, accept)
         out = list(answer.headers)
         if encoding is not None:
             out.append((b"content-encoding", encoding))
@@ -135,6 +165,16 @@ class RestApp:
         await send({"type": "http.response.body", "body": body})
 
     async def _body(self, receive: Receive, headers: dict[str, str]) -> bytes:
+        """A control or index body, decompressed on an executor thread."""
+        raw = await self._raw_body(receive, headers)
+        encoding = headers.get("content-encoding", "")
+        if encoding.strip().lower() in ("", "identity"):
+            return raw
+        return await asyncio.get_running_loop().run_in_executor(self.executor, decompress, raw, encoding,
+                                                                self.max_bytes)
+
+    async def _raw_body(self, receive: Receive, headers: dict[str, str]) -> bytes:
+        """The body as sent (still compressed), at most the max message size."""
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             raise PayloadTooLargeError(
@@ -153,8 +193,7 @@ class RestApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body = b"".join(chunks)
-        return decompress(body, headers.get("content-encoding", ""), self.max_bytes)
+        return b"".join(chunks)
 
     async def _dispatch(self, scope: Scope, receive: Receive, headers: dict[str, str]) -> _Answer:
         method, path = scope["method"], scope["path"]
@@ -187,8 +226,7 @@ class RestApp:
             action = tail[0] if len(tail) == 1 else ("" if not tail else None)
             model_headers = (headers.get(MODEL_HEADER, ""), headers.get(VERSION_HEADER, ""))
             if action == "infer" and post:
-                return await self._infer(name, version_text, model_headers, await self._body(receive, headers),
-                                         headers)
+                return await self._infer(name, version_text, model_headers, receive, headers)
             if action is not None and get:
                 pinned = routing.routed_version(name, version_text, model_headers)
                 return self._model_get(name, pinned, action, method, path)
@@ -219,51 +257,61 @@ class RestApp:
                                       "files in the repository and load it by name")
         work = self.manager.load_model(name) if operation == "load" else self.manager.unload_model(name)
         task = contextvars.Context().run(asyncio.ensure_future, work)  # no request fields for the loop's tasks
-        await asyncio.wait_for(task, _CONTROL_TIMEOUT)
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
+        try:
+            # Shielded: a timeout (or this request's end) must not cancel a load halfway through.
+            await asyncio.wait_for(asyncio.shield(task), self.control_timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"{rpc} of model '{name}' did not finish within {self.control_timeout:g} s; it goes on in the "
+                "service: POST /v2/repository/index shows its state") from None
         if operation == "load" and not self.plane.model_ready(name, None):
             reasons = "; ".join(f"version {r.version}: {r.state} {r.reason}".strip()
                                 for r in self.plane.repository_index() if r.model == name)
             raise InvalidRequestError(f"model '{name}' did not load: {reasons or 'no versions found'}")
         return _Answer(200, b"")
 
-    async def _infer(self, name: str, version_text: str, model_headers: tuple[str, str], body: bytes,
+    async def _infer(self, name: str, version_text: str, model_headers: tuple[str, str], receive: Receive,
                      headers: dict[str, str]) -> _Answer:
+        # The slot is taken before the body is read: over the bound, a request costs no body in memory.
         if self.in_flight >= self.max_in_flight:
             raise QueueFullError(f"the service has {self.in_flight} REST requests in flight, its bound; retry later")
-        arrivals = self.plane.catalog.arrivals
         self.in_flight += 1
-        arrivals.enter()
-        loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self.executor, self._infer_here, name, version_text, model_headers, body,
-                                          headers.get(codec.HEADER_LENGTH))
-        except BaseException:
-            arrivals.cancel()
-            self.in_flight -= 1
-            raise
-        try:
+            body = await self._raw_body(receive, headers)
+            arrivals = self.plane.catalog.arrivals
+            arrivals.enter()
+            try:
+                future = asyncio.get_running_loop().run_in_executor(
+                    self.executor, self._infer_here, name, version_text, model_headers, body, headers)
+            except BaseException:
+                arrivals.cancel()
+                raise
             return await future
         finally:
             self.in_flight -= 1
 
     def _infer_here(self, name: str, version_text: str, model_headers: tuple[str, str], body: bytes,
-                    header_length: str | None) -> _Answer:
-        """On a REST executor thread: decode, run through the batcher, encode."""
+                    headers: dict[str, str]) -> _Answer:
+        """On a REST executor thread: decompress, decode, run through the batcher, encode, compress."""
         arrivals = self.plane.catalog.arrivals
         arrivals.begin()
         bind_request(RequestFields("REST ModelInfer"))
         try:
-            head, binary = codec.split_body(body, header_length)
+            body = decompress(body, headers.get("content-encoding", ""), self.max_bytes)
+            head, binary = codec.split_body(body, headers.get(codec.HEADER_LENGTH))
             request, answer = codec.request_from(codec.parse_json(head), binary, name, version_text, model_headers,
                                                  max_elements=self.max_bytes)
             response = self.plane.infer(request)
         finally:
             arrivals.arrived()
         out, json_length = codec.response_body(response, answer)
+        accept = headers.get("accept-encoding", "")
         if json_length is None:
-            return _Answer(200, out)
+            return _Answer(200, out).compressed(accept)
         return _Answer(200, out, [(b"content-type", b"application/octet-stream"),
-                                  (codec.HEADER_LENGTH.encode(), str(json_length).encode())])
+                                  (codec.HEADER_LENGTH.encode(), str(json_length).encode())]).compressed(accept)
 
 
 def _spec(spec: Any) -> dict[str, Any]:

@@ -61,8 +61,11 @@ class RestServer:
         except OSError as exc:
             sock.close()
             raise bind_problem("REST", host, port, REST_PORT_FLAG, exc.strerror or str(exc)) from exc
+        # limit_concurrency: past this many open connections or running requests uvicorn answers 503.
+        # Twice the in-flight bound, so that the app's own 429 comes first and idle keep-alives fit.
         config = uvicorn.Config(self.app, http="httptools", lifespan="off", log_config=None, access_log=False,
-                                server_header=False, date_header=False, timeout_keep_alive=75)
+                                server_header=False, date_header=False, timeout_keep_alive=75,
+                                limit_concurrency=self.app.max_in_flight * 2)
         config.load()
         config.http_protocol_class = _quick_ack(config.http_protocol_class)
         self._server = uvicorn.Server(config)

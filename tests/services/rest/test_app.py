@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import socket
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,3 +163,57 @@ def test_tritonclient_error_message(rest: tuple[ServiceHandle, str]) -> None:
     tensor.set_data_from_numpy(np.zeros((1, 3), dtype=np.float32))
     with pytest.raises(InferenceServerException, match=r"expected shape \[-1, 4\], got \[1, 3\]"):
         client.infer("iris", [tensor])
+
+
+def test_over_the_in_flight_bound_is_429_before_the_body_is_read(zoo_repo: Path, tmp_path: Path) -> None:
+    """With --max-concurrency 1 the bound is 4 inferences in flight. Four requests whose bodies are
+    still on the way hold the four slots; a fifth that declares a body and sends none is refused at
+    once instead of waiting for its body."""
+    port = free_port()
+    handle = start_handle(zoo_repo, tmp_path, "--rest-port", str(port), "--max-concurrency", "1")
+    holders: list[socket.socket] = []
+    try:
+        head = (b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n")
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            holders.append(sock)
+            sock.sendall(head + b'{"inputs": [')  # the rest never comes while the test runs
+        # The holders' headers may reach the service after the first late request: then that one
+        # holds a slot itself (its body never comes) and the next is refused. Before the fix no
+        # request held a slot while its body was on the way, and every late one timed out.
+        answers = []
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as late:
+                late.sendall(head)
+                try:
+                    answers.append(_read_answer(late))
+                except TimeoutError:
+                    answers.append(b"(no answer within 5 s)")
+                    continue
+            break
+        assert answers[-1].startswith(b"HTTP/1.1 429 "), answers
+        assert b"in flight" in answers[-1]
+    finally:
+        for sock in holders:
+            sock.close()
+        handle.process.stop()
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """One HTTP answer (head and Content-Length body) from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
