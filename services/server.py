@@ -81,7 +81,8 @@ class ModelServer:
         self.watcher = (RepositoryWatcher(settings.repo, self.manager, settings.reload_quiet_ms,
                                           settings.watch_polling) if settings.watch else None)
         self.plane = DataPlane(self.catalog, self.manager)
-        self.shadow = Shadow(self.catalog, queue_size=settings.shadow_queue, cpu_share=settings.shadow_cpu_share)
+        self.shadow = Shadow(self.catalog, queue_size=settings.shadow_queue,
+                             queue_bytes=settings.shadow_queue_mb * 1024 * 1024, cpu_share=settings.shadow_cpu_share)
         self.metrics.prometheus_registry.register(self.shadow.collector())
         self.plane.shadow = self.shadow
         self._shadow_follow: asyncio.Task[None] | None = None

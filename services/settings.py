@@ -68,6 +68,8 @@ class ServiceSettings(BaseSettings):
     Without it, memory freed after a burst of large requests stays in the process's RSS."""
     shadow_queue: int = Field(64, ge=1, le=65536)
     """Shadow comparisons waiting for the shadow worker; more are dropped (docs/rollouts.md)."""
+    shadow_queue_mb: int = Field(256, ge=1, le=65536)
+    """MiB of inputs and outputs the queued shadow comparisons may hold; more are dropped."""
     shadow_cpu_share: float = Field(0.25, gt=0.0, le=1.0)
     """Share of one core the shadow worker may use (it idles after each comparison to keep to it)."""
     max_calls_per_connection: int = Field(100, ge=1, le=65535)

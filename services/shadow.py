@@ -2,8 +2,8 @@
 after the caller has its answer, and the outputs compared.
 
 Never on the caller's time or at its expense: :meth:`Shadow.offer` (on the request thread, after
-the answer is built) only draws a random number and puts a reference into a bounded queue — a
-full queue drops the job. One low-priority worker thread (nice 19) runs the candidate through
+the answer is built) only draws a random number and puts a reference into a queue bounded in jobs
+and in bytes held — a full queue drops the job. One low-priority worker thread (nice 19) runs the candidate through
 ONNX Runtime directly (not its batcher, so the candidate's own request figures stay those of real
 callers) and sleeps after each job so that it uses at most ``cpu_share`` of one core.
 
@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,9 @@ from services.model import OnnxModel
 
 log = structlog.get_logger(__name__)
 
+QUEUE_BYTES = 256 * 1024 * 1024
+"""Default bound on the bytes queued for the shadow worker (``--shadow-queue-mb``): with 64 MiB
+requests, 64 queued jobs could otherwise hold 8 GiB of inputs and outputs."""
 SAMPLE_IDS = 10
 """Disagreeing request ids kept (and logged) per (model, baseline, candidate)."""
 _FLOAT_KINDS = "fc"
@@ -74,6 +77,19 @@ class _Job:
     feeds: dict[str, npt.NDArray[Any]]
     names: tuple[str, ...]
     answers: tuple[npt.NDArray[Any], ...]
+    size: int
+    """Bytes held (:func:`job_bytes`), counted in :attr:`Shadow.queued_bytes` while queued."""
+
+
+def job_bytes(*groups: Iterable[npt.NDArray[Any]]) -> int:
+    """The bytes a job's arrays hold: their buffers, plus the payloads of BYTES (object) arrays."""
+    total = 0
+    for arrays in groups:
+        for array in arrays:
+            total += array.nbytes
+            if array.dtype.kind == "O":
+                total += sum(len(x) for x in array.flat if isinstance(x, (bytes, str)))
+    return total
 
 
 class PairFigures:
@@ -113,9 +129,14 @@ def compare_outputs(baseline: npt.NDArray[Any], candidate: npt.NDArray[Any], pla
 
 
 class Shadow:
-    def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, cpu_share: float = 0.25) -> None:
+    def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, queue_bytes: int = QUEUE_BYTES,
+                 cpu_share: float = 0.25) -> None:
         self.catalog = catalog
         self.cpu_share = cpu_share
+        self.queue_bytes = queue_bytes
+        """Bytes of inputs and outputs the queued jobs may hold together; a job beyond is dropped."""
+        self.queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self.rollout_plans: dict[str, ShadowPlan] = {}
         """Model → plan from its rollout document (replaced whole by :func:`follow_rollouts`)."""
         self.pairs: dict[tuple[str, int, int], PairFigures] = {}
@@ -138,10 +159,22 @@ class Shadow:
             return
         if plan.fraction < 1.0 and self._random.random() >= plan.fraction:
             return
+        size = job_bytes(feeds.values(), answers)
+        with self._bytes_lock:
+            if self.queued_bytes + size > self.queue_bytes:
+                self._pair(model, version, plan.candidate).dropped += 1
+                return
+            self.queued_bytes += size
         try:
-            self._queue.put_nowait(_Job(model, version, plan, request_id, feeds, tuple(names), tuple(answers)))
+            self._queue.put_nowait(_Job(model, version, plan, request_id, feeds, tuple(names), tuple(answers),
+                                        size))
         except queue.Full:
+            self._release(size)
             self._pair(model, version, plan.candidate).dropped += 1
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self.queued_bytes -= size
 
     # -- the worker -----------------------------------------------------------------------------
     def _pair(self, model: str, baseline: int, candidate: int) -> PairFigures:
@@ -164,9 +197,11 @@ class Shadow:
             # Make room for the sentinel: queued comparisons are not worth a slow shutdown.
             while True:
                 try:
-                    self._queue.get_nowait()
+                    dropped = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if dropped is not None:
+                    self._release(dropped.size)
             self._queue.put_nowait(None)
         thread.join(timeout)
 
@@ -177,6 +212,7 @@ class Shadow:
             job = self._queue.get()
             if job is None:
                 return
+            self._release(job.size)
             started = time.monotonic()
             try:
                 self._run(job)
@@ -243,7 +279,8 @@ class _ShadowCollector(Collector):
                                           labels=labels),
             "errors": CounterMetricFamily("sluice_shadow_errors", "Shadow runs the candidate failed", labels=labels),
             "dropped": CounterMetricFamily("sluice_shadow_dropped",
-                                           "Shadow jobs dropped (queue full, candidate not loaded)", labels=labels),
+                                           "Shadow jobs dropped (queue full in jobs or bytes, candidate not loaded)",
+                                           labels=labels),
             "diff_sum": CounterMetricFamily("sluice_shadow_diff_sum",
                                             "Sum over comparisons of the mean absolute output difference",
                                             labels=labels),

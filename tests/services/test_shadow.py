@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.shadow import ShadowPlan, compare_outputs
+from services.shadow import ShadowPlan, compare_outputs, job_bytes
 from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
@@ -115,6 +115,31 @@ def test_a_full_queue_drops_shadow_jobs_and_never_the_callers(
     counts = shadow_counts(service)
     assert counts["dropped"] > 0
     assert counts["compared"] + counts["dropped"] <= 60
+
+
+@pytest.mark.timeout(120)
+def test_the_queue_is_bounded_in_bytes_not_only_in_jobs(
+        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+    # Each job holds 2 x 400 kB (input and answer): a 1 MiB bound queues one, whatever the 64 jobs allow.
+    service = start_service(repo_with(tmp_path, models.slow(matmuls=8, size=256), {
+        "max_batch_size": 0, "shadow": {"candidate": 3, "baseline": 2, "fraction": 1.0, "rtol": 1.0, "atol": 1e6}}),
+        "--shadow-queue", "64", "--shadow-queue-mb", "1", "--shadow-cpu-share", "0.05")
+    rows = 100_000
+    assert job_bytes([np.zeros((rows, 1), np.float32)], [np.zeros((rows, 1), np.float32)]) == 800_000
+    with stub_for(service) as stub:
+        for i in range(20):
+            x = np.full((rows, 1), float(i), dtype=np.float32)
+            reply = stub.ModelInfer(raw_request("dbl", {"x": ("FP32", x)}, version="2", request_id=f"big-{i}"),
+                                    timeout=RPC_TIMEOUT_S)
+            assert float(decode_outputs(reply)["y"][-1, 0]) == 2.0 * i
+    counts = shadow_counts(service)
+    assert counts["dropped"] > 0
+    assert counts.get("compared", 0) + counts["dropped"] <= 20
+
+
+def test_job_bytes_counts_the_payloads_of_bytes_tensors() -> None:
+    words = np.array([b"abc", b"defgh"], dtype=object)
+    assert job_bytes([words], []) == words.nbytes + 8
 
 
 @pytest.mark.timeout(60)
