@@ -273,11 +273,21 @@ def _gate_text(doc: RolloutDocument) -> list[str]:
     return lines
 
 
+def shown_weights(doc: RolloutDocument) -> dict[int, int]:
+    """The weights the rollout wants now: those of a final phase being entered (or entered), else
+    the current step's."""
+    if doc.state.finishing_weights is not None:
+        return doc.state.finishing_weights
+    if doc.state.phase in (Phase.ROLLED_BACK, Phase.ABORTED):
+        return doc.restored_weights()
+    return doc.weights_for(doc.current_step)
+
+
 def status_report(doc: RolloutDocument, now: datetime) -> dict[str, Any]:
     data: dict[str, Any] = doc.model_dump(mode="json")
     data["state"].pop("window_start", None)
     data["current_step"] = doc.current_step
-    data["weights"] = {str(v): w for v, w in doc.weights_for(doc.current_step).items()}
+    data["weights"] = {str(v): w for v, w in shown_weights(doc).items()}
     data["time_left"] = _left(doc, now)
     return data
 
@@ -308,12 +318,14 @@ async def _status(args: argparse.Namespace, client: EtcdClient, schema: KeySchem
             if not docs:
                 print("no rollouts" + (f" of {args.model!r}" if args.model else ""))
             for doc in docs:
-                weights = " ".join(f"{v}={w}" for v, w in sorted(doc.weights_for(doc.current_step).items()))
+                weights = " ".join(f"{v}={w}" for v, w in sorted(shown_weights(doc).items()))
                 steps = " ".join(f"[{s}]" if i == doc.state.step else str(s) for i, s in enumerate(doc.steps))
                 print(f"{doc.model}: version {doc.candidate} over {doc.baseline}: {doc.state.phase.value}, "
                       f"step {steps}, weights {weights}, time left {_left(doc, now)}")
                 if doc.state.reason:
                     print(f"  {doc.state.reason}")
+                if doc.state.finishing is not None:
+                    print(f"  {doc.state.finishing.value} once these weights are written (retried every round)")
                 if doc.state.request:
                     print(f"  requested: {doc.state.request} (waiting for the rollout controller)")
                 for line in _gate_text(doc):
