@@ -37,7 +37,9 @@ def test_good_candidate_goes_from_shadow_to_all_traffic_with_no_failed_request(
         doc = wait_phase(stack, "promoted", 150)
     assert load.failures == {}
     assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1, 2, 3]
-    assert doc["state"]["decisions"][0]["figures"]["shadow_compared"] >= 20
+    # The first interval may pass before the service read the rollout (inconclusive): the pass counts.
+    shadow_pass = next(d for d in doc["state"]["decisions"] if d["step"] == 0 and d["verdict"] == "pass")
+    assert shadow_pass["figures"]["shadow_compared"] >= 20
     assert stack.weights() == {"2": 0, "3": 100}
     assert load.sent["3"] > 0
     shown = stack.cli("rollout", "status", MODEL).stdout
