@@ -45,11 +45,11 @@ def iris_repos(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 
 
 def _start_service(repo: Path, workdir: Path, name: str) -> ServiceHandle:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, rest_port = free_port(), free_port(), free_port()
     argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port", str(metrics_port),
-                       "--log-format", "json", "--grace-period", "2")
+                       "--rest-port", str(rest_port), "--log-format", "json", "--grace-period", "2")
     process = ManagedProcess(name, argv, workdir / f"{name}.log")
-    return ServiceHandle(process, port, metrics_port, repo)
+    return ServiceHandle(process, port, metrics_port, repo, rest_port)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from examples.build_models import build_iris
@@ -68,16 +69,28 @@ class Load:
     phase: str = "start"
     ok: collections.Counter[str] = field(default_factory=collections.Counter)
     versions: collections.Counter[str] = field(default_factory=collections.Counter)
+    protocols: collections.Counter[str] = field(default_factory=collections.Counter)
     failures: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self, clients: int) -> None:
+        # Every other client speaks REST (tritonclient.http, no header: the path names the model).
         for index in range(clients):
-            thread = threading.Thread(target=self._run, name=f"chaos-client-{index}", daemon=True)
+            target = self._run_rest if index % 2 else self._run
+            thread = threading.Thread(target=target, name=f"chaos-client-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def _record(self, phase: str, version: str | None, failure: str | None, protocol: str = "gRPC") -> None:
+        with self._lock:
+            if failure is not None:
+                self.failures.append(f"[{phase}] {failure}")
+            else:
+                self.ok[phase] += 1
+                self.versions[str(version)] += 1
+                self.protocols[protocol] += 1
 
     def _run(self) -> None:
         data = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
@@ -89,13 +102,29 @@ class Load:
                 try:
                     result = client.infer("iris", [tensor], headers={"x-model-name": "iris"}, client_timeout=20.0)
                 except InferenceServerException as exc:
-                    with self._lock:
-                        self.failures.append(f"[{phase}] {exc.status()}: {exc.message()}")
+                    self._record(phase, None, f"gRPC {exc.status()}: {exc.message()}")
                     continue
-                version = result.get_response().model_version
-                with self._lock:
-                    self.ok[phase] += 1
-                    self.versions[version] += 1
+                self._record(phase, result.get_response().model_version, None)
+
+    def _run_rest(self) -> None:
+        data = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
+        tensor = httpclient.InferInput("input", [1, 4], "FP32")
+        tensor.set_data_from_numpy(data)
+        client = httpclient.InferenceServerClient(self.address, network_timeout=20.0, connection_timeout=20.0)
+        try:
+            while not self._stop.is_set():
+                phase = self.phase
+                try:
+                    result = client.infer("iris", [tensor])
+                except InferenceServerException as exc:
+                    self._record(phase, None, f"REST {exc.status()}: {exc.message()}")
+                    continue
+                except OSError as exc:  # a connection the gateway closed (tritonclient's socket layer)
+                    self._record(phase, None, f"REST connection: {exc}")
+                    continue
+                self._record(phase, result.get_response()["model_version"], None, "REST")
+        finally:
+            client.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -122,12 +151,13 @@ def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _start_service(etcd: EtcdServer, repo: Path, workdir: Path, name: str) -> ServiceHandle:
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, rest_port = free_port(), free_port(), free_port()
     argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port", str(metrics_port),
-                       "--etcd", etcd.endpoint, "--prefix", PREFIX, "--instance-id", name,
+                       "--rest-port", str(rest_port), "--etcd", etcd.endpoint, "--prefix", PREFIX,
+                       "--instance-id", name,
                        "--lease-ttl", str(LEASE_TTL_S), "--deregister-grace", "2", "--grace-period", "2",
                        "--reload-quiet-ms", "100", "--log-format", "json")
-    return ServiceHandle(ManagedProcess(name, argv, workdir / f"{name}.log"), port, metrics_port, repo)
+    return ServiceHandle(ManagedProcess(name, argv, workdir / f"{name}.log"), port, metrics_port, repo, rest_port)
 
 
 @pytest.fixture
@@ -332,6 +362,7 @@ async def test_chaos_under_load_costs_no_request(
         load.stop()
 
     assert load.failures == [], f"{len(load.failures)} failed requests: {load.failures[:10]}"
+    assert load.protocols["REST"] > 0 and load.protocols["gRPC"] > 0, load.protocols
     phases = ["start", "weights", "sigkill-instance", "new-version", "drain-version", "controller-restart",
               "envoy-restart", "invalid-routing"]
     assert all(load.ok[phase] > 0 for phase in phases), load.ok

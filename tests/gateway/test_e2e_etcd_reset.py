@@ -35,7 +35,8 @@ GRACE_S = 3.0
 def _service(process_factory: Callable[..., ManagedProcess], etcd: EtcdServer, repo: Path) -> ServiceHandle:
     port, metrics_port = free_port(), free_port()
     argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port", str(metrics_port),
-                       "--log-format", "json", "--etcd", etcd.endpoint, "--prefix", PREFIX, "--lease-ttl", "4",
+                       "--rest-port", "-1", "--log-format", "json", "--etcd", etcd.endpoint, "--prefix", PREFIX,
+                       "--lease-ttl", "4",
                        "--grace-period", "1", "--deregister-grace", "0.2")
     return ServiceHandle(process_factory("sluice-serve", argv), port, metrics_port, repo)
 

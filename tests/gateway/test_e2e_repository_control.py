@@ -39,11 +39,12 @@ HEADER = (("x-model-name", "iris"),)
 def service(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
     # The service's own switch is on, so that what the gateway does is all that is tested here.
     workdir = tmp_path_factory.mktemp("repository-control")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, rest_port = free_port(), free_port(), free_port()
     argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
-                       str(metrics_port), "--log-format", "json", "--grace-period", "2", "--repository-control")
+                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json", "--grace-period",
+                       "2", "--repository-control")
     handle = ServiceHandle(ManagedProcess("iris-v1", argv, workdir / "iris-v1.log"), port, metrics_port,
-                           iris_repos[1])
+                           iris_repos[1], rest_port)
     try:
         handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
         yield handle
@@ -55,9 +56,9 @@ def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandl
              ) -> Iterator[GatewayHandle]:
     handle = start_gateway(etcd, prefix, workdir, *extra)
     try:
-        # With its REST address (sluice serve's default --rest-port, --port + 2), as its registrar writes it.
+        # With its REST address, as its registrar writes it.
         schema = KeySchema(prefix)
-        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.port + 2}", model="iris",
+        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
                              version=1, instance_id="v1", state=InstanceState.SERVING)
         etcd.etcdctl("put", schema.instance("iris", 1, "v1"), doc.to_json().decode())
         yield handle

@@ -1,9 +1,9 @@
 """KServe v2 REST through the real gateway, with no routing header: the path names the model.
 
 Real etcd, the real ``sluice gateway`` running the real Envoy, real ``sluice serve`` processes
-(the shared fleet: iris v1 twice, v2 once) with REST on (its default port, gRPC port + 2),
-registered with their ``rest_address`` as their registrars write it. The expected outputs come
-from ONNX Runtime in this process on the same model files.
+(the shared fleet: iris v1 twice, v2 once) with REST on, their records written by the test (as
+everywhere in tests/gateway) with the ``rest_address`` a registrar writes. The expected outputs
+come from ONNX Runtime in this process on the same model files.
 """
 
 from __future__ import annotations
@@ -41,12 +41,8 @@ ROW = [[5.1, 3.5, 1.4, 0.2]]
 INFER_BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]}).encode()
 
 
-def rest_port(service: ServiceHandle) -> int:
-    return service.port + 2  # sluice serve's default --rest-port
-
-
 def register_rest(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, version: int, instance_id: str) -> None:
-    doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{rest_port(service)}", model="iris",
+    doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
                          version=version, instance_id=instance_id, state=InstanceState.SERVING)
     etcd.etcdctl("put", schema.instance("iris", version, instance_id), doc.to_json().decode())
 
@@ -196,21 +192,23 @@ async def test_sticky_header_keeps_each_rest_key_on_one_version(rest_gateway: Ga
                                                                  schema: KeySchema) -> None:
     await wait_rest_routed(rest_gateway.address)
     await set_weights(client, schema, "iris", {1: 50, 2: 50}, sticky_header="x-user")
-    address = rest_gateway.address
+    try:
+        address = rest_gateway.address
 
-    async def versions(user: str, count: int) -> set[str]:
-        answers = [await acall(address, "POST", "/v2/models/iris/infer", INFER_BODY, {"x-user": user})
-                   for _ in range(count)]
-        return {doc["model_version"] for _, _, doc in answers}
+        async def versions(user: str, count: int) -> set[str]:
+            answers = [await acall(address, "POST", "/v2/models/iris/infer", INFER_BODY, {"x-user": user})
+                       for _ in range(count)]
+            return {doc["model_version"] for _, _, doc in answers}
 
-    async def sticky_live() -> bool:  # some keys on each version, each key on one
-        seen = [await versions(f"user-{i}", 3) for i in range(12)]
-        return all(len(v) == 1 for v in seen) and set().union(*seen) == {"1", "2"}
+        async def sticky_live() -> bool:  # some keys on each version, each key on one
+            seen = [await versions(f"user-{i}", 3) for i in range(12)]
+            return all(len(v) == 1 for v in seen) and set().union(*seen) == {"1", "2"}
 
-    await eventually(sticky_live, PROPAGATION_TIMEOUT_S, "the sticky 50/50 REST split live")
-    for i in range(20):
-        assert len(await versions(f"key-{i}", 5)) == 1, f"key-{i} reached both versions"
-    await set_weights(client, schema, "iris", {1: 80, 2: 20}, sticky_header="")
+        await eventually(sticky_live, PROPAGATION_TIMEOUT_S, "the sticky 50/50 REST split live")
+        for i in range(20):
+            assert len(await versions(f"key-{i}", 5)) == 1, f"key-{i} reached both versions"
+    finally:  # later tests of the module expect the plain 80/20 split
+        await set_weights(client, schema, "iris", {1: 80, 2: 20}, sticky_header="")
 
 
 async def test_refusals_and_gateway_answers(rest_gateway: GatewayHandle) -> None:
