@@ -126,7 +126,8 @@ class RestApp:
         self.in_flight = 0
         self.control_timeout = _CONTROL_TIMEOUT
         """Seconds a repository load or unload request waits before answering 504 (the work goes on)."""
-        self._control_tasks: set[asyncio.Future[None]] = set()
+        self.control_tasks: set[asyncio.Future[None]] = set()
+        """Loads and unloads still running (one answered 504 goes on here); held so none is collected."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -257,8 +258,8 @@ class RestApp:
                                       "files in the repository and load it by name")
         work = self.manager.load_model(name) if operation == "load" else self.manager.unload_model(name)
         task = contextvars.Context().run(asyncio.ensure_future, work)  # no request fields for the loop's tasks
-        self._control_tasks.add(task)
-        task.add_done_callback(self._control_tasks.discard)
+        self.control_tasks.add(task)
+        task.add_done_callback(self.control_tasks.discard)
         try:
             # Shielded: a timeout (or this request's end) must not cancel a load halfway through.
             await asyncio.wait_for(asyncio.shield(task), self.control_timeout)

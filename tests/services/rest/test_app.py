@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
 import json
 import socket
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,11 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from mesh.ports import free_port
+from services.catalog import ModelCatalog
+from services.dataplane import DataPlane
+from services.manager import ModelManager
+from services.metrics import ServiceMetrics
+from services.rest.app import RestApp
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
 from tests.services.clients import NUMPY_DTYPE, sample
@@ -217,3 +224,35 @@ def _read_answer(sock: socket.socket) -> bytes:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+async def test_load_past_its_timeout_is_504_and_goes_on(tmp_path: Path) -> None:
+    """The app in this process over a real manager and catalog: a load that outlasts the wait is a
+    504 that says so, and the load is not cancelled halfway: the model becomes ready afterwards."""
+    repo = tmp_path / "repo"
+    models.write_model(repo, "late", models.identity("FP32", ["batch", 1]))
+    catalog = ModelCatalog()
+    manager = ModelManager(repo, catalog, ServiceMetrics(), repository_control=True)
+    plane = DataPlane(catalog, manager)
+    with ThreadPoolExecutor(2) as executor:
+        app = RestApp(plane, manager, executor, max_bytes=1 << 20, max_in_flight=4)
+        app.control_timeout = 0.0  # any load outlasts it: its first step runs on a thread
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        try:
+            scope = {"type": "http", "method": "POST", "path": "/v2/repository/models/late/load", "headers": []}
+            await app(scope, receive, send)
+            assert sent[0]["status"] == 504
+            message = json.loads(sent[1]["body"])["error"]
+            assert "did not finish within 0 s" in message and "goes on" in message, message
+            assert len(app.control_tasks) == 1
+            await asyncio.wait_for(asyncio.gather(*app.control_tasks), 60)
+            assert plane.model_ready("late", None)
+        finally:
+            await manager.close()
