@@ -17,7 +17,7 @@ import tritonclient.grpc as triton_grpc
 from examples.build_models import build_iris, build_mlp
 from mesh.ports import free_port
 from tests.fixtures.processes import ManagedProcess
-from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.fixtures.service import ServiceHandle, rest_port_of, sluice_argv
 from tests.services import models
 
 START_TIMEOUT_S = 60.0
@@ -64,10 +64,14 @@ def start_handle(repo: Path, log_dir: Path, *extra: str, env: dict[str, str] | N
                  ) -> ServiceHandle:
     """Start ``sluice serve`` outside the function-scoped fixtures; the caller must stop it."""
     port, metrics_port = free_port(), free_port()
+    rest_port = rest_port_of(extra)
+    if rest_port is None:  # the default (--port + 2) would be a port nobody reserved
+        rest_port = free_port()
+        extra = ("--rest-port", str(rest_port), *extra)
     argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port",
                        str(metrics_port), "--log-format", "json", *extra)
     process = ManagedProcess("sluice-serve", argv, log_dir / f"sluice-{next(_counter)}.log", env=env)
-    handle = ServiceHandle(process, port, metrics_port, repo)
+    handle = ServiceHandle(process, port, metrics_port, repo, rest_port)
     try:
         process.wait_until(handle.ready, START_TIMEOUT_S, "ServerReady")
     except BaseException:

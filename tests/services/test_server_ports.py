@@ -23,7 +23,9 @@ EXIT_TIMEOUT_S = 60.0
 
 
 def _second(repo: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(sluice_argv("serve", "--repo", str(repo), "--log-format", "json", *flags),
+    # REST off: its default port (--port + 2) is reserved by nobody here, and not under test.
+    return subprocess.run(sluice_argv("serve", "--repo", str(repo), "--log-format", "json", "--rest-port", "-1",
+                                      *flags),
                           capture_output=True, text=True, timeout=EXIT_TIMEOUT_S, check=False)
 
 
@@ -60,16 +62,21 @@ def test_taken_grpc_port_is_one_line_naming_port(start_service: Callable[..., Se
 
 
 def _port_pair() -> int:
-    """A free port whose successor is free too (the derived metrics port)."""
+    """A free port whose two successors are free too (the derived metrics and REST ports)."""
     for _ in range(100):
         port = free_port()
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    pytest.fail("no two consecutive free ports")
+        if all(_bindable(port + step) for step in (1, 2)):
+            return port
+    pytest.fail("no three consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def test_services_that_differ_only_in_port_both_start(process_factory: Callable[..., ManagedProcess],

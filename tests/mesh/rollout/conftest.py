@@ -128,7 +128,8 @@ def make_stack(tmp_path: Path, shared_etcd: EtcdServer, etcd_prefix: str,
         models.write_model(repo, MODEL, candidate, version=3)
         port, metrics_port = free_port(), free_port()
         argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port", str(metrics_port),
-                           "--log-format", "json", "--etcd", shared_etcd.endpoint, "--prefix", etcd_prefix,
+                           "--rest-port", "-1", "--log-format", "json", "--etcd", shared_etcd.endpoint,
+                           "--prefix", etcd_prefix,
                            "--lease-ttl", "3", "--instance-id", "svc-a", "--deregister-grace", "0.2")
         service = ServiceHandle(process_factory("sluice-serve", argv), port, metrics_port, repo)
         service.process.wait_until(service.ready, 60, "ServerReady")
