@@ -4,7 +4,7 @@ after the callers have their answers, compared, counted per (model, baseline, ca
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +36,9 @@ def live_requests(service: ServiceHandle, version: str) -> float:
                and s.labels.get("version") == version)
 
 
-def repo_with(tmp_path: Path, candidate: object, config: dict[str, object]) -> Path:
+def repo_with(tmp_path: Path, candidate: object, config: Mapping[str, object]) -> Path:
     repo = tmp_path / "repo"
-    models.write_model(repo, "dbl", models.doubler(), version=2, config=config)
+    models.write_model(repo, "dbl", models.doubler(), version=2, config=dict(config))
     models.write_model(repo, "dbl", candidate, version=3)  # type: ignore[arg-type]
     return repo
 
@@ -57,7 +57,8 @@ def send(service: ServiceHandle, values: list[float], version: str = "2") -> lis
 def test_compare_outputs_by_kind() -> None:
     plan = ShadowPlan(candidate=3)
     a = np.array([[1.0, 2.0]], dtype=np.float32)
-    assert compare_outputs(a, a + 1e-7, plan) == (True, pytest.approx(1e-7, rel=0.5))
+    close, tiny = compare_outputs(a, a + 1e-7, plan)
+    assert close and tiny == pytest.approx(1e-7, rel=0.5)
     agreed, diff = compare_outputs(a, a + 0.5, plan)
     assert not agreed and diff == pytest.approx(0.5)
     assert not compare_outputs(a, a.reshape(2, 1), plan)[0]
