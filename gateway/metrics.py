@@ -46,7 +46,7 @@ class GatewayMetrics:
         self.admin: AdminServer | None = None
 
     def serve(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` and ``/debug/...`` (mesh/observability/admin.py, loopback clients only);
+        """Expose ``/metrics`` and ``/debug/...`` (mesh/observability/admin.py; /debug/ only from and to loopback);
         returns the bound port (``port`` 0 picks a free one)."""
         self.admin = AdminServer(self.prometheus_registry, component="sluice-gateway")
         return self.admin.start(host, port)

@@ -37,8 +37,9 @@ class ServiceSettings(BaseSettings):
     """Prometheus /metrics port (0 picks a free one; -1 disables it). By default port + 1 (0 when
     port is 0 or 65535), so services that differ only in ``port`` do not collide on it."""
     debug_endpoints: Literal["auto", "on", "off"] = "auto"
-    """/debug/ on the metrics (admin) port: CPU profiles, memory snapshots, thread stacks. auto: for
-    loopback clients only (kubectl port-forward arrives there), even when the port listens beyond;
+    """/debug/ on the metrics (admin) port: CPU profiles, memory snapshots, thread stacks. auto: only on
+    connections from and to loopback (kubectl port-forward arrives there; Istio's sidecar delivers
+    mesh traffic from 127.0.0.6 to the pod address, refused), even when the port listens beyond;
     on: for anyone who reaches the port; off: none (docs/observability.md)."""
     rest_host: str | None = None
     """KServe v2 REST (HTTP/1.1) listen address; default: host."""
