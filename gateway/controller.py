@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TypeVar
 import structlog
 
 from gateway.admin import EnvoyAdmin, mismatches
+from gateway.answers import AnswersServer, view_of
 from gateway.bootstrap import bootstrap
 from gateway.envoy import EnvoyProcess, find_envoy, validate_snapshot
 from gateway.errors import (
@@ -34,6 +36,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from gateway.publish import Publisher, load_published
 from gateway.render import RenderOptions, render_snapshot
+from gateway.rest_routes import SERVER_VERSION
 from gateway.settings import GatewaySettings
 from gateway.snapshot import Snapshot, dump_yaml, shape_key, snapshot_from_files, transition
 from gateway.status import status_documents
@@ -98,6 +101,8 @@ class GatewayController:
         self.envoy_binary = find_envoy(settings.envoy_binary)
         self.envoy: EnvoyProcess | None = None
         self.metrics_port: int | None = None
+        self.answers = AnswersServer(lambda: view_of(self._live), SERVER_VERSION)
+        """ServerLive/Ready/Metadata and RepositoryIndex without a model header (gateway/answers.py)."""
         self._client = EtcdClient(etcd_settings)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-publish")
         self.control = ControlLoop(self._client, self.schema, controller="gateway",
@@ -137,6 +142,7 @@ class GatewayController:
             except OSError as exc:  # taken between the check and now
                 raise bind_problem("the gateway's metrics", self.settings.metrics_host, self.settings.metrics_port,
                                    "--metrics-port (-1 turns metrics off)", exc.strerror or str(exc)) from exc
+        self.options = replace(self.options, answers_address=await self.answers.start())
         await self._prepare_files()
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -165,6 +171,7 @@ class GatewayController:
                     await task
             if self.envoy is not None:
                 await self.envoy.stop()
+            await self.answers.stop()
             await self._client.close()
             self.admin.close()
             self._io.shutdown(wait=True)

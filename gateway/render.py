@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gateway.answers import ANSWERED_PATHS, ANSWERS_CLUSTER
 from gateway.body_routing import body_routing_filters
 from gateway.rest_routes import (
     gateway_rest_routes,
@@ -79,6 +80,9 @@ class RenderOptions:
     service_name: str = "sluice-gateway"
     allow_repository_control: bool = False
     """Route RepositoryModelLoad/Unload to the services; off: the gateway refuses them itself."""
+    answers_address: str | None = None
+    """``host:port`` of the controller's own gRPC answers (gateway/answers.py) for the RPCs that name
+    no model, sent there when they carry no model header; None: no such routes."""
 
 
 def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPlan:
@@ -152,6 +156,10 @@ def render_snapshot(state: RegistryState, last_good: Mapping[str, RoutingDocumen
         plans[name] = plan
     serving = {name: [v for v in m.serving_versions() if _has_endpoints(endpoints, cluster_name(name, v))]
                for name, m in models.items()}
+    answers = _socket_address(options.answers_address) if options.answers_address else None
+    if answers is not None:
+        clusters[ANSWERS_CLUSTER] = _answers_cluster(options)
+        endpoints[ANSWERS_CLUSTER] = _load_assignment(ANSWERS_CLUSTER, [("gateway-controller", answers)])
     rest_serving = {name: [v for v in m.serving_versions() if _has_endpoints(endpoints, rest_cluster_name(name, v))]
                     for name, m in models.items()}
     return Snapshot.build(state.revision, listener=_listener(options), clusters=clusters, endpoints=endpoints,
@@ -340,6 +348,31 @@ def _cluster(name: str, model: str, options: RenderOptions) -> Resource:
     }
 
 
+def _answers_cluster(options: RenderOptions) -> Resource:
+    """The controller's own gRPC server (gateway/answers.py): one loopback endpoint, HTTP/2."""
+    directory = options.xds_dir
+    return {
+        "name": ANSWERS_CLUSTER,
+        "type": "EDS",
+        "eds_cluster_config": {"service_name": ANSWERS_CLUSTER, "eds_config": _config_source(
+            f"{directory}/{eds_file(ANSWERS_CLUSTER)}", directory)},
+        "connect_timeout": _seconds(options.connect_timeout_ms / 1000),
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}},
+    }
+
+
+def _answers_routes(options: RenderOptions) -> list[Resource]:
+    """ServerLive/Ready/Metadata and RepositoryIndex without a model header: the gateway answers."""
+    if not options.answers_address:
+        return []
+    return [{"name": f"gateway/{path.rpartition('/')[2]}", "match": {"path": path},
+             "route": {"cluster": ANSWERS_CLUSTER, "timeout": "5s",
+                       "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable", "num_retries": 2}}}
+            for path in ANSWERED_PATHS]
+
+
 def _load_assignment(cluster: str, addresses: list[tuple[str, dict[str, Any]]]) -> Resource:
     return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
         {"endpoint": {"address": address, "hostname": instance_id}} for instance_id, address in addresses
@@ -515,6 +548,8 @@ def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
     routes.append({"name": "unknown-model", "match": _match(name_present=True),
                    **_grpc_error(GRPC_NOT_FOUND, f"the model named in {MODEL_HEADER} is not served here; "
                                                  f"served models: {names}")})
+    # No header (and none from the body): the RPCs about the whole server are the gateway's own.
+    routes += _answers_routes(options)
     if len(plans) == 1:
         # One model: requests without the header are for it (single-model clients work unchanged).
         name, plan = next(iter(plans.items()))

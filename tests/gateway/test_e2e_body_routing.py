@@ -108,6 +108,20 @@ async def test_every_model_rpc_routes_on_the_body(two_models: GatewayHandle,
     assert [s.name for s in stats.model_stats] == ["mlp"]
 
 
+async def test_server_rpcs_without_header_are_answered_by_the_gateway(
+        two_models: GatewayHandle, triton_client: triton.InferenceServerClient) -> None:
+    await wait_routed(two_models.address)
+    assert triton_client.is_server_live()
+    assert triton_client.is_server_ready()
+    assert triton_client.get_server_metadata().name == "sluice-gateway"
+    # The index of the whole gateway, not of one instance: every model and version it routes.
+    index = triton_client.get_model_repository_index()
+    assert sorted((m.name, m.version, m.state) for m in index.models) == [
+        ("iris", "1", "READY"), ("iris", "2", "READY"), ("mlp", "1", "READY")]
+    # With a model header they still reach that model's service, as before.
+    assert triton_client.get_server_metadata(headers={"x-model-name": "mlp"}).name == "sluice"
+
+
 async def test_infer_pinned_by_model_version_reaches_that_version(
         two_models: GatewayHandle, triton_client: triton.InferenceServerClient) -> None:
     await wait_routed(two_models.address)
