@@ -48,6 +48,7 @@ from services.served import ServedVersion
 from services.settings import ServiceSettings
 from services.shadow import Shadow, follow_rollouts
 from services.streams import StreamGuard
+from services.tls import grpc_credentials, load_server_tls, uvicorn_options
 from services.watcher import RepositoryWatcher
 
 log = structlog.get_logger(__name__)
@@ -137,6 +138,7 @@ class ModelServer:
         )
         self.streams = StreamGuard(s.stream_limit, s.stream_idle_timeout)
         # Every element costs at least a byte of the message (see datatypes.check_shape).
+        tls = load_server_tls(s.tls_cert, s.tls_key, s.tls_client_ca)
         servicer = InferenceServicer(self.plane, self.manager, asyncio.get_running_loop(),
                                      streams=self.streams, max_elements=max_bytes)
         registering: Any = errors.installing(server)  # every handler below goes through it
@@ -148,7 +150,10 @@ class ModelServer:
              reflection.SERVICE_NAME),
             registering, pool=POOL)
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            if tls is None:
+                self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            else:
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", grpc_credentials(tls))
         except RuntimeError:  # grpcio's "Failed to bind to address"
             self.port = 0
         if self.port == 0:
@@ -158,7 +163,8 @@ class ModelServer:
         self.health.set(protocol.SERVER_HEALTH_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         server.start()
         if s.rest_port >= 0:  # the same data plane and batchers as gRPC, on this process's loop
-            self.rest = RestServer(self.plane, self.manager, max_bytes=max_bytes, threads=s.max_concurrency)
+            self.rest = RestServer(self.plane, self.manager, max_bytes=max_bytes, threads=s.max_concurrency,
+                                   tls=uvicorn_options(tls))
             self.rest_port = await self.rest.start(s.rest_host or s.host, s.rest_port)
         if self.settings.register_in_etcd:
             # Registered versions must be reachable, so registration starts once the port is bound.

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from mesh.observability.component import cli
+from services.tls import load_server_tls
 
 OLD_REGISTER_ENV = "SLUICE_REGISTRY"
 """The old environment name of ``register_in_etcd``, still read by :func:`load_settings`."""
@@ -41,6 +42,12 @@ class ServiceSettings(BaseSettings):
     connections from and to loopback (kubectl port-forward arrives there; Istio's sidecar delivers
     mesh traffic from 127.0.0.6 to the pod address, refused), even when the port listens beyond;
     on: for anyone who reaches the port; off: none (docs/observability.md)."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the gRPC and REST ports; with --tls-key they speak TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of --tls-cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: callers of the gRPC and REST ports must present a certificate it signed (mTLS)."""
     rest_host: str | None = None
     """KServe v2 REST (HTTP/1.1) listen address; default: host."""
     rest_port: int = Field(8003, ge=-1, le=65535)
@@ -157,6 +164,11 @@ class ServiceSettings(BaseSettings):
                 return data
             data = {**data, "rest_port": port + 2 if 0 < port < 65534 else 0}
         return data
+
+    @model_validator(mode="after")
+    def _tls_files_usable(self) -> ServiceSettings:
+        load_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)  # TlsSettingsError is a ValueError
+        return self
 
     @model_validator(mode="after")
     def _streams_below_concurrency(self) -> ServiceSettings:

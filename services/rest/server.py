@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,7 +47,10 @@ def _quick_ack(base: Any) -> Any:
 
 
 class RestServer:
-    def __init__(self, plane: DataPlane, manager: ModelManager, *, max_bytes: int, threads: int) -> None:
+    def __init__(self, plane: DataPlane, manager: ModelManager, *, max_bytes: int, threads: int,
+                 tls: Mapping[str, Any] | None = None) -> None:
+        self.tls = dict(tls or {})
+        """uvicorn's ssl_* arguments (services/tls.py); empty: plaintext."""
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rest-handler")
         self.app = RestApp(plane, manager, self.executor, max_bytes=max_bytes, max_in_flight=threads * 4)
         self._server: uvicorn.Server | None = None
@@ -65,7 +69,7 @@ class RestServer:
         # Twice the in-flight bound, so that the app's own 429 comes first and idle keep-alives fit.
         config = uvicorn.Config(self.app, http="httptools", lifespan="off", log_config=None, access_log=False,
                                 server_header=False, date_header=False, timeout_keep_alive=75,
-                                limit_concurrency=self.app.max_in_flight * 2)
+                                limit_concurrency=self.app.max_in_flight * 2, **self.tls)
         config.load()
         config.http_protocol_class = _quick_ack(config.http_protocol_class)
         self._server = uvicorn.Server(config)
