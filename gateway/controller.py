@@ -75,6 +75,10 @@ def render_options(settings: GatewaySettings) -> RenderOptions:
         otlp_endpoint=settings.otlp_endpoint,
         trace_sampling=settings.trace_sampling,
         allow_repository_control=settings.allow_repository_control,
+        upstream_tls_ca=str(settings.upstream_tls_ca.absolute()) if settings.upstream_tls_ca else None,
+        upstream_tls_cert=str(settings.upstream_tls_cert.absolute()) if settings.upstream_tls_cert else None,
+        upstream_tls_key=str(settings.upstream_tls_key.absolute()) if settings.upstream_tls_key else None,
+        upstream_tls_san=settings.upstream_tls_san,
     )
 
 

@@ -80,6 +80,13 @@ class RenderOptions:
     service_name: str = "sluice-gateway"
     allow_repository_control: bool = False
     """Route RepositoryModelLoad/Unload to the services; off: the gateway refuses them itself."""
+    upstream_tls_ca: str | None = None
+    """PEM CA file of the services' certificates: model clusters speak TLS (None: plaintext)."""
+    upstream_tls_cert: str | None = None
+    upstream_tls_key: str | None = None
+    """Envoy's client certificate and key towards services that require one (mTLS)."""
+    upstream_tls_san: str | None = None
+    """Subject alternative name the services' certificates must carry (None: any the CA signed)."""
     answers_address: str | None = None
     """``host:port`` of the controller's own gRPC answers (gateway/answers.py) for the RPCs that name
     no model, sent there when they carry no model header; None: no such routes."""
@@ -128,7 +135,8 @@ def render_snapshot(state: RegistryState, last_good: Mapping[str, RoutingDocumen
             clusters[cluster] = _cluster(cluster, name, options)
             if any(record.rest_address for record in records.values()):
                 rest = rest_cluster_name(name, version)
-                clusters[rest] = rest_cluster(clusters[cluster], rest, name, version)
+                clusters[rest] = {**rest_cluster(clusters[cluster], rest, name, version),
+                                  **_upstream_tls(options, "http/1.1")}
                 rest_addresses = []
                 for instance_id, record in sorted(records.items()):
                     if record.state is not InstanceState.SERVING or not record.rest_address:
@@ -345,7 +353,34 @@ def _cluster(name: str, model: str, options: RenderOptions) -> Resource:
         }],
         # A host taken out of the registry leaves at once, even while it still passes health checks.
         "ignore_health_on_host_removal": True,
+        **_upstream_tls(options, "h2"),
     }
+
+
+def upstream_tls_socket(options: RenderOptions, alpn: str) -> Resource | None:
+    """The transport socket of a model cluster when the services speak TLS (None: plaintext)."""
+    if options.upstream_tls_ca is None:
+        return None
+    common: Resource = {"alpn_protocols": [alpn],
+                        "validation_context": {"trusted_ca": {"filename": options.upstream_tls_ca}}}
+    if options.upstream_tls_cert and options.upstream_tls_key:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": options.upstream_tls_cert},
+                                       "private_key": {"filename": options.upstream_tls_key}}]
+    context: Resource = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                         "common_tls_context": common}
+    san = options.upstream_tls_san
+    if san:
+        uri = "://" in san
+        common["validation_context"]["match_typed_subject_alt_names"] = [
+            {"san_type": "URI" if uri else "DNS", "matcher": {"exact": san}}]
+        if not uri:
+            context["sni"] = san
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
+def _upstream_tls(options: RenderOptions, alpn: str) -> Resource:
+    socket = upstream_tls_socket(options, alpn)
+    return {} if socket is None else {"transport_socket": socket}
 
 
 def _answers_cluster(options: RenderOptions) -> Resource:

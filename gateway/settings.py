@@ -86,6 +86,16 @@ class GatewaySettings(BaseSettings):
     """Seconds after etcd came back without its data (wiped, restored) during which instances and
     routing documents missing from it stay routed, so services get time to register again (one
     lease TTL). New records are routed at once."""
+    upstream_tls_ca: Path | None = None
+    """PEM CA that signed the services' certificates: Envoy speaks TLS to them (health checks too)
+    and checks their certificate against it. Needed by the other upstream TLS settings."""
+    upstream_tls_cert: Path | None = None
+    """PEM client certificate Envoy presents to services that require one (mTLS)."""
+    upstream_tls_key: Path | None = None
+    """PEM private key of --upstream-tls-cert."""
+    upstream_tls_san: str | None = None
+    """Name the services' certificates must carry (a DNS name, or a URI such as a SPIFFE id);
+    default: any certificate the CA signed. A DNS name is also sent as SNI."""
     allow_repository_control: bool = False
     """Route RepositoryModelLoad/Unload to the model services. Off: the gateway answers them
     PERMISSION_DENIED itself (anyone reaching the gateway could otherwise unload a model everywhere)."""
@@ -112,6 +122,19 @@ class GatewaySettings(BaseSettings):
             if rate < 1:
                 raise ValueError(f"rate limit of {model!r} must be at least 1 request per second")
         return value
+
+    @model_validator(mode="after")
+    def _check_upstream_tls(self) -> GatewaySettings:
+        if (self.upstream_tls_cert is None) != (self.upstream_tls_key is None):
+            raise ValueError("--upstream-tls-cert and --upstream-tls-key go together: give both or neither")
+        if self.upstream_tls_ca is None and (self.upstream_tls_cert is not None or self.upstream_tls_san):
+            raise ValueError("--upstream-tls-cert/--upstream-tls-san need --upstream-tls-ca: Envoy must check "
+                             "the services' certificates")
+        for flag, path in (("--upstream-tls-ca", self.upstream_tls_ca), ("--upstream-tls-cert", self.upstream_tls_cert),
+                           ("--upstream-tls-key", self.upstream_tls_key)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        return self
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> GatewaySettings:

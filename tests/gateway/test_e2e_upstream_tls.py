@@ -1,0 +1,143 @@
+"""mTLS from the gateway's Envoy to the model services: real etcd, a real ``sluice serve`` that
+requires a client certificate, and two real gateways: one with the gateway's client certificate
+(calls over gRPC and REST succeed, health checks pass over TLS) and one without (the service
+refuses Envoy's connections: no healthy upstream, nothing served)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.ports import free_port
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.processes import ManagedProcess, wait_for
+from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.gateway.traffic import eventually
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
+
+ROUTABLE_TIMEOUT_S = 20.0
+ROW = [[5.1, 3.5, 1.4, 0.2]]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
+
+
+@pytest.fixture(scope="module")
+def secure_service(iris_repos: dict[int, Path], pki: DevPki,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
+    workdir = tmp_path_factory.mktemp("secure-service")
+    port, metrics_port, rest_port = free_port(), free_port(), free_port()
+    argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
+                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json",
+                       "--tls-cert", str(pki.service.cert), "--tls-key", str(pki.service.key),
+                       "--tls-client-ca", str(pki.ca.cert))
+    handle = ServiceHandle(ManagedProcess("iris-tls", argv, workdir / "iris-tls.log"), port, metrics_port,
+                           iris_repos[1], rest_port)
+    try:
+        wait_for(lambda: "listening" in handle.process.log_text(), 60, "the TLS service listening")
+        yield handle
+    finally:
+        handle.process.stop()
+
+
+def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandle, *extra: str
+             ) -> Iterator[GatewayHandle]:
+    handle = start_gateway(etcd, prefix, workdir, *extra)
+    try:
+        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
+                             version=1, instance_id="tls-1", state=InstanceState.SERVING)
+        etcd.etcdctl("put", KeySchema(prefix).instance("iris", 1, "tls-1"), doc.to_json().decode())
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def mtls_gateway(shared_etcd: EtcdServer, pki: DevPki, secure_service: ServiceHandle,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    yield from _gateway(shared_etcd, "/sluice-gw-upstream-mtls/", tmp_path_factory.mktemp("mtls"), secure_service,
+                        "--upstream-tls-ca", str(pki.ca.cert), "--upstream-tls-cert", str(pki.gateway_client.cert),
+                        "--upstream-tls-key", str(pki.gateway_client.key), "--upstream-tls-san", "localhost")
+
+
+@pytest.fixture(scope="module")
+def certless_gateway(shared_etcd: EtcdServer, pki: DevPki, secure_service: ServiceHandle,
+                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    yield from _gateway(shared_etcd, "/sluice-gw-upstream-nocert/", tmp_path_factory.mktemp("nocert"),
+                        secure_service, "--upstream-tls-ca", str(pki.ca.cert))
+
+
+def _infer(address: str) -> pb.ModelInferResponse:
+    request = pb.ModelInferRequest(model_name="iris")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    tensor.contents.fp32_contents.extend(ROW[0])
+    with grpc.insecure_channel(address) as channel:
+        response: pb.ModelInferResponse = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
+        return response
+
+
+def _rest_infer(address: str) -> tuple[int, dict[str, object]]:
+    host, _, port = address.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]})
+        connection.request("POST", "/v2/models/iris/infer", body=body, headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+async def test_the_gateway_with_its_client_certificate_reaches_the_mtls_service(mtls_gateway: GatewayHandle) -> None:
+    async def answered() -> bool:
+        try:
+            return _infer(mtls_gateway.address).model_name == "iris"
+        except grpc.RpcError:
+            return False
+
+    await eventually(answered, ROUTABLE_TIMEOUT_S, "iris answering through the gateway over mTLS")
+    status, doc = _rest_infer(mtls_gateway.address)
+    assert status == 200 and doc["model_name"] == "iris", doc
+
+
+async def test_a_gateway_without_a_client_certificate_is_refused_by_the_service(
+        certless_gateway: GatewayHandle, mtls_gateway: GatewayHandle) -> None:
+    # Once the gateway with the certificate answers, the service is up: the other one must not.
+    async def answered() -> bool:
+        try:
+            return _infer(mtls_gateway.address).model_name == "iris"
+        except grpc.RpcError:
+            return False
+
+    await eventually(answered, ROUTABLE_TIMEOUT_S, "iris answering through the mTLS gateway")
+
+    async def routed() -> bool:  # the certless gateway routes iris (its hosts merely never get healthy)
+        host, _, port = certless_gateway.address.rpartition(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
+        try:
+            connection.request("POST", "/v2/repository/index", body=b"{}")
+            return b'"iris"' in connection.getresponse().read()
+        finally:
+            connection.close()
+
+    await eventually(routed, ROUTABLE_TIMEOUT_S, "iris routed by the gateway without a client certificate")
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError) as caught:
+            _infer(certless_gateway.address)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+    status, _ = _rest_infer(certless_gateway.address)
+    assert status == 503
