@@ -102,14 +102,18 @@ def _rest_infer(address: str) -> tuple[int, dict[str, object]]:
         connection.close()
 
 
-async def test_the_gateway_with_its_client_certificate_reaches_the_mtls_service(mtls_gateway: GatewayHandle) -> None:
+async def _wait_answering(gateway: GatewayHandle) -> None:
     async def answered() -> bool:
         try:
-            return _infer(mtls_gateway.address).model_name == "iris"
+            return _infer(gateway.address).model_name == "iris"
         except grpc.RpcError:
             return False
 
     await eventually(answered, ROUTABLE_TIMEOUT_S, "iris answering through the gateway over mTLS")
+
+
+async def test_the_gateway_with_its_client_certificate_reaches_the_mtls_service(mtls_gateway: GatewayHandle) -> None:
+    await _wait_answering(mtls_gateway)
     status, doc = _rest_infer(mtls_gateway.address)
     assert status == 200 and doc["model_name"] == "iris", doc
 
@@ -117,13 +121,7 @@ async def test_the_gateway_with_its_client_certificate_reaches_the_mtls_service(
 async def test_a_gateway_without_a_client_certificate_is_refused_by_the_service(
         certless_gateway: GatewayHandle, mtls_gateway: GatewayHandle) -> None:
     # Once the gateway with the certificate answers, the service is up: the other one must not.
-    async def answered() -> bool:
-        try:
-            return _infer(mtls_gateway.address).model_name == "iris"
-        except grpc.RpcError:
-            return False
-
-    await eventually(answered, ROUTABLE_TIMEOUT_S, "iris answering through the mTLS gateway")
+    await _wait_answering(mtls_gateway)
 
     async def routed() -> bool:  # the certless gateway routes iris (its hosts merely never get healthy)
         host, _, port = certless_gateway.address.rpartition(":")
