@@ -5,6 +5,11 @@ sluice speaks the KServe v2 / Triton gRPC protocol, so any Triton client works::
     python examples/client.py --url 127.0.0.1:8001                  # iris, latest version
     python examples/client.py --url 127.0.0.1:8001 --version 1      # iris version 1 (LogisticRegression)
     python examples/client.py --url 127.0.0.1:8001 --model mlp      # 3 random rows through the tiny MLP
+    python examples/client.py --url $SLUICE_GATEWAY --ca $SLUICE_CA --token $SLUICE_TOKEN   # TLS + JWT
+
+``--ca`` and ``--token`` default to ``$SLUICE_CA`` and ``$SLUICE_TOKEN`` (what ``sluice env`` and
+``sluice token`` give for a ``sluice up --secure``): with a CA the call goes over TLS, checked
+against it; a token is sent as ``authorization: Bearer <token>``.
 
 Exit status: 0 on success, 2 if the server cannot be reached or is not ready, 3 if the model or
 version is unknown or not ready (gRPC NOT_FOUND or INVALID_ARGUMENT, from any call: through the
@@ -14,6 +19,7 @@ gateway even the server checks carry the model's headers), 4 if the inference ca
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -113,17 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=3, help="rows to send for non-iris models")
     parser.add_argument("--seed", type=int, default=0, help="RNG seed for non-iris inputs")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    parser.add_argument("--ca", default=os.environ.get("SLUICE_CA") or None,
+                        help="PEM CA certificate: call over TLS and check the server against it (default $SLUICE_CA)")
+    parser.add_argument("--token", default=os.environ.get("SLUICE_TOKEN") or None,
+                        help="bearer token sent with every call (default $SLUICE_TOKEN)")
     args = parser.parse_args(argv)
 
     try:
-        client = grpcclient.InferenceServerClient(url=args.url)
-    except InferenceServerException as exc:
+        if args.ca:
+            client = grpcclient.InferenceServerClient(url=args.url, ssl=True, root_certificates=args.ca)
+        else:
+            client = grpcclient.InferenceServerClient(url=args.url)
+    except (InferenceServerException, OSError) as exc:
         return _fail(EXIT_UNREACHABLE, f"cannot create a client for {args.url}: {exc}")
 
     # Through the sluice gateway (Envoy) these headers pick the route; a service ignores them.
     headers = {"x-model-name": args.model}
     if args.version:
         headers["x-model-version"] = args.version
+    if args.token:
+        headers["authorization"] = f"Bearer {args.token}"
     with client:
         what = f"server at {args.url}"
         try:

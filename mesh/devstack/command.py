@@ -19,25 +19,30 @@ _RUN_DIR_HELP = "Run directory of the `sluice up` (default .sluice)."
 
 
 def register(subparsers: Any) -> None:
-    """Add ``sluice up``, ``env``, ``traces`` and ``down`` to the ``sluice`` parser."""
+    """Add ``sluice up``, ``env``, ``token``, ``traces`` and ``down`` to the ``sluice`` parser."""
     from mesh.devstack.stack import StackConfig
     from mesh.observability.component import add_settings_flags
 
     up = subparsers.add_parser(
         "up", help="run etcd, model services, the gateway controller and Envoy on this machine",
         description="Start the whole stack on 127.0.0.1 and keep it running until Ctrl-C or SIGTERM. "
-                    "Free ports are chosen for anything not given. Logs go to <run-dir>/logs/.")
+                    "Free ports are chosen for anything not given. Logs go to <run-dir>/logs/. With --secure "
+                    "the gateway speaks TLS and wants a token (`sluice token`), and Envoy reaches the "
+                    "services over mTLS, all with a throwaway CA in <run-dir>/pki/.")
     add_settings_flags(up, StackConfig)
     up.set_defaults(func=run_up)
 
     env = subparsers.add_parser(
         "env", help="print shell exports for a running `sluice up` (eval \"$(sluice env)\")",
         description="Prints exports of the stack that `sluice up` runs from --run-dir, so later commands "
-                    f"find it without flags: {', '.join(ENV_EXPORTS)}, and PATH with etcdctl's "
-                    "directory first when etcdctl is not on PATH. Exit 1 (and a message) when no stack runs.")
+                    f"find it without flags: {', '.join(ENV_EXPORTS)}; for a `sluice up --secure` also "
+                    f"{', '.join(SECURE_EXPORTS)} (the CA certificate that signed the gateway's certificate); "
+                    "and PATH with etcdctl's directory first when etcdctl is not on PATH. Exit 1 (and a "
+                    "message) when no stack runs.")
     env.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help=_RUN_DIR_HELP)
     env.set_defaults(func=run_env)
 
+    register_token(subparsers)
     register_traces(subparsers)
 
     down = subparsers.add_parser(
@@ -54,6 +59,8 @@ def register(subparsers: Any) -> None:
 # What `sluice env` exports, in this order (README.md lists the same).
 ENV_EXPORTS = ("SLUICE_GATEWAY", "SLUICE_ETCD_ENDPOINTS", "SLUICE_ETCD_PREFIX", "SLUICE_REPO", "SLUICE_ENVOY_ADMIN",
                "SLUICE_METRICS", "ETCDCTL_ENDPOINTS", "ETCDCTL_API")
+# ... and after them, for a `sluice up --secure`.
+SECURE_EXPORTS = ("SLUICE_CA",)
 
 
 class _Unbroken:
@@ -153,6 +160,7 @@ def _keep_up(stack: Any) -> int:
         stack.progress(f"sluice up: starting in {config.run_dir.resolve()} (logs in {config.run_dir / 'logs'})")
         started = time.monotonic()
         stack.prepare_repo()
+        stack.prepare_pki()
         stack.start_traces()
         stack.start_etcd()
         stack.start_services()
@@ -190,11 +198,13 @@ def _next_steps(stack: Any) -> str:
     run_dir = run_dir_flag(stack.config.run_dir)
     env = f'eval "$(.venv/bin/sluice env{run_dir})"'
     traces = f".venv/bin/sluice traces --last 1{run_dir}"
+    token = f"export SLUICE_TOKEN=$(.venv/bin/sluice token --model iris{run_dir})"
+    secure = (f"\n  {token:<53} # a token for iris (TLS to $SLUICE_CA)" if stack.config.secure else "")
     return f"""Metrics (Prometheus):
 {metrics}
 
 Next, in another terminal (README.md has the whole tour):
-  {env:<53} # this stack's addresses for the commands below
+  {env:<53} # this stack's addresses for the commands below{secure}
   .venv/bin/python examples/client.py --url $SLUICE_GATEWAY --model iris
   .venv/bin/sluice weights set iris 1=90 2=10           # canary: 10 % of iris traffic to version 2
   .venv/bin/sluice status iris                          # configured vs effective weights
@@ -243,6 +253,8 @@ def run_env(args: argparse.Namespace) -> int:
         "ETCDCTL_ENDPOINTS": state["etcd"],
         "ETCDCTL_API": "3",
     }
+    if state.get("secure") and state.get("ca"):
+        exports["SLUICE_CA"] = state["ca"]
     for name, value in exports.items():
         print(f"export {name}={shlex.quote(str(value))}")
     etcdctl = find_etcd("etcdctl")
@@ -289,6 +301,58 @@ def run_down(args: argparse.Namespace) -> int:
         return 0
     remove_state(args.run_dir)
     print("sluice down: stopped")
+    return 0
+
+
+def register_token(subparsers: Any) -> None:
+    token = subparsers.add_parser(
+        "token", help="print a token for a `sluice up --secure` stack (signed with its development key)",
+        description="Prints a JWT signed with the key that `sluice up --secure` made in <run-dir>/pki/, "
+                    "which that stack's gateway accepts: it may call the models named by --model and, with "
+                    "--admin, the repository load/unload RPCs (when the gateway allows those at all). A "
+                    "development convenience: production brings its own issuer. Exit 1 when the run "
+                    "directory has no secure stack, 2 on a bad flag.")
+    token.add_argument("--model", action="append", default=[], metavar="NAME",
+                       help="A model the token may call (repeatable; none: a token that may call no model).")
+    token.add_argument("--ttl", default="1h", help="How long the token is valid: 90s, 15m, 1h, 2d (at most 30 days).")
+    token.add_argument("--admin", action="store_true", help="Also allow the repository load/unload RPCs.")
+    token.add_argument("--subject", default="developer", help="The token's subject (`sub` claim).")
+    token.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help=_RUN_DIR_HELP)
+    token.set_defaults(func=run_token)
+
+
+def run_token(args: argparse.Namespace) -> int:
+    """Print a token for the secure stack of ``--run-dir`` (stdout: the token alone, for $(...))."""
+    from mesh.devstack import tokens
+    from mesh.devstack.pki import load_signing_key
+    from mesh.devstack.runstate import read_state, run_dir_flag, running_owner
+
+    try:
+        ttl = tokens.parse_ttl(args.ttl)
+    except tokens.TokenError as exc:
+        print(f"sluice token: --ttl: {exc}", file=sys.stderr)
+        return 2
+    state = read_state(args.run_dir)
+    if state and running_owner(state) is not None and not state.get("secure"):
+        print(f"sluice token: the stack running from {args.run_dir} is not secure (it takes no tokens); "
+              "stop it and start it again with `sluice up --secure`", file=sys.stderr)
+        return 1
+    key_path = args.run_dir / "pki" / "jwt.key"
+    if not key_path.is_file():
+        print(f"sluice token: no secure stack in {args.run_dir} ({key_path} does not exist); "
+              f"start one with `sluice up --secure{run_dir_flag(args.run_dir)}`", file=sys.stderr)
+        return 1
+    try:
+        key = load_signing_key(key_path)
+    except (OSError, ValueError) as exc:
+        print(f"sluice token: cannot read the signing key {key_path}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        token = tokens.mint(key, subject=args.subject, models=args.model, admin=args.admin, ttl=ttl)
+    except tokens.TokenError as exc:
+        print(f"sluice token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 

@@ -6,6 +6,12 @@ services, which deregister and drain, then etcd) and leaves nothing behind. Shou
 die without stopping them (SIGKILL, a crash), each child gets SIGTERM from the kernel
 (PR_SET_PDEATHSIG, Linux only); the run directory's state file names every child by pid and
 start time, so ``sluice down`` stops what is left on any platform (:mod:`mesh.devstack.runstate`).
+
+``--secure`` adds TLS and JWT wherever model traffic flows (docs/security.md, "Local secure mode"):
+a throwaway CA under ``<run-dir>/pki/`` (:mod:`mesh.devstack.pki`), TLS on the gateway listener, JWT
+verification at the gateway with that PKI's JWKS, mTLS from Envoy to the services, and the stack's
+own readiness calls made as a client of each. The admin ports (metrics and debug, Envoy admin,
+etcd, the trace receiver) stay plain HTTP on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ import grpc
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.envoy import die_with_parent
+from mesh.devstack import tokens
+from mesh.devstack.pki import DevPki, ensure_dev_pki, load_signing_key
 from mesh.devstack.runstate import (
     Recorded,
     leftovers,
@@ -146,6 +154,10 @@ class StackConfig(BaseModel):
     """Seconds each piece gets to become ready."""
     traces: bool = True
     """Record traces of every request in <run-dir>/traces.jsonl (`sluice traces` shows them)."""
+    secure: bool = False
+    """TLS on the gateway port, JWT authentication and per-model authorization there, mTLS from
+    Envoy to the services; a throwaway CA and signing key in <run-dir>/pki (`sluice token` signs
+    tokens with it, `sluice env` exports SLUICE_CA)."""
 
 
 @dataclass
@@ -158,6 +170,8 @@ class LocalStack:
     service_addresses: list[str] = field(default_factory=list)
     metrics_urls: list[str] = field(default_factory=list)
     repo: Path = Path()
+    pki: DevPki | None = None
+    """The run directory's throwaway PKI when the stack is secure."""
     state: dict[str, object] = field(default_factory=dict)
     """What ``state.json`` holds: this process, every child (pid, start time), the addresses."""
     _lock: int | None = None
@@ -260,6 +274,50 @@ class LocalStack:
         module.build_all(self.repo)
         self.progress(f"  models      {self.repo}")
 
+    def prepare_pki(self) -> None:
+        """``--secure``: the CA, certificates and signing key (kept from an earlier run while valid)."""
+        if not self.config.secure:
+            return
+        self.pki = ensure_dev_pki((self.config.run_dir / "pki").resolve())
+        self._save(secure=True, ca=str(self.pki.ca.cert), pki=str(self.pki.directory))
+        self.progress(f"  pki         {self.pki.directory} (CA {self.pki.ca.cert.name}, JWKS {self.pki.jwks.name})")
+
+    def _service_tls(self) -> list[str]:
+        if self.pki is None:
+            return []
+        return ["--tls-cert", str(self.pki.service.cert), "--tls-key", str(self.pki.service.key),
+                "--tls-client-ca", str(self.pki.ca.cert)]
+
+    def _gateway_security(self) -> list[str]:
+        if self.pki is None:
+            return []
+        return ["--tls-cert", str(self.pki.gateway.cert), "--tls-key", str(self.pki.gateway.key),
+                "--jwt-issuer", tokens.ISSUER, "--jwt-audience", tokens.AUDIENCE, "--jwt-jwks", str(self.pki.jwks),
+                "--access-claim", tokens.MODELS_CLAIM, "--admin-claim", tokens.ADMIN_CLAIM,
+                "--upstream-tls-ca", str(self.pki.ca.cert), "--upstream-tls-cert", str(self.pki.gateway_client.cert),
+                "--upstream-tls-key", str(self.pki.gateway_client.key), "--upstream-tls-san", "localhost"]
+
+    def service_credentials(self) -> grpc.ChannelCredentials | None:
+        """How the stack itself calls a service: with the CA's client certificate (mTLS), or plaintext."""
+        if self.pki is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.pki.ca.cert.read_bytes(),
+                                            private_key=self.pki.client.key.read_bytes(),
+                                            certificate_chain=self.pki.client.cert.read_bytes())
+
+    def gateway_credentials(self) -> grpc.ChannelCredentials | None:
+        """How a client calls the gateway: TLS checked against the CA, or plaintext."""
+        if self.pki is None:
+            return None
+        return grpc.ssl_channel_credentials(root_certificates=self.pki.ca.cert.read_bytes())
+
+    def probe_token(self, model: str) -> str | None:
+        """A short-lived token for the stack's own readiness calls through the gateway."""
+        if self.pki is None:
+            return None
+        return tokens.mint(load_signing_key(self.pki.jwt_key), subject="sluice-up", models=[model] if model else [],
+                           ttl=int(self.config.start_timeout) + 60)
+
     def start_etcd(self) -> None:
         if self.config.etcd:
             self.etcd_endpoint = self.config.etcd
@@ -294,11 +352,14 @@ class LocalStack:
                 "--metrics-port", str(metrics), "--rest-port", str(rest), "--etcd", self.etcd_endpoint,
                 "--prefix", self.config.prefix,
                 "--instance-id", f"up-service-{index + 1}", "--log-format", "json", *self._otlp("http://"),
+                *self._service_tls(),
             ])
             children.append((child, f"127.0.0.1:{port}"))
             self.metrics_urls.append(f"http://127.0.0.1:{metrics}/metrics")
+        credentials = self.service_credentials()
         for child, address in children:
-            self._wait(child, functools.partial(_server_ready, address), "ServerReady")
+            self._wait(child, functools.partial(_server_ready, address, credentials),
+                       "ServerReady over mTLS" if credentials is not None else "ServerReady")
             self.service_addresses.append(address)
             self.progress(f"  {child.name:<11} {address} ready")
 
@@ -311,13 +372,16 @@ class LocalStack:
             "--listen-host", "127.0.0.1", "--listen-port", str(port), "--admin-port", str(admin),
             "--xds-dir", str((self.config.run_dir / "xds").resolve()), "--metrics-port", str(gateway_metrics),
             "--access-log", str((self.config.run_dir / "logs" / "envoy-access.log").resolve()),
-            "--log-format", "json", *self._otlp(),
+            "--log-format", "json", *self._otlp(), *self._gateway_security(),
         ])
         self.gateway_address = f"127.0.0.1:{port}"
         models = sorted(p.name for p in self.repo.iterdir() if p.is_dir() and not p.name.startswith("."))
         probe = models[0] if models else ""
-        self._wait(child, lambda: _model_ready(self.gateway_address, probe), f"model {probe!r} through Envoy")
-        self.progress(f"  gateway     {self.gateway_address} (Envoy admin 127.0.0.1:{admin})")
+        credentials, token = self.gateway_credentials(), self.probe_token(probe)
+        secured = " (TLS, JWT)" if credentials is not None else ""
+        self._wait(child, lambda: _model_ready(self.gateway_address, probe, credentials, token),
+                   f"model {probe!r} through Envoy{secured}")
+        self.progress(f"  gateway     {self.gateway_address} (Envoy admin 127.0.0.1:{admin}){secured}")
         self.metrics_urls.append(f"http://127.0.0.1:{gateway_metrics}/metrics")
         self._save(gateway=self.gateway_address, etcd=self.etcd_endpoint, prefix=self.config.prefix,
                    services=self.service_addresses, repo=str(self.repo), envoy_admin=f"http://127.0.0.1:{admin}",
@@ -373,20 +437,29 @@ def sluice_command() -> list[str]:
     return [sys.executable, "-m", "mesh.cli"]
 
 
-def _server_ready(address: str) -> bool:
+def _channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
+def _server_ready(address: str, credentials: grpc.ChannelCredentials | None = None) -> bool:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with _channel(address, credentials) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             return bool(stub.ServerReady(pb.ServerReadyRequest(), timeout=0.5).ready)
     except grpc.RpcError:
         return False
 
 
-def _model_ready(address: str, model: str) -> bool:
+def _model_ready(address: str, model: str, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None) -> bool:
+    metadata = [("x-model-name", model)]
+    if token is not None:
+        metadata.append(("authorization", f"Bearer {token}"))
     try:
-        with grpc.insecure_channel(address) as channel:
+        with _channel(address, credentials) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            return bool(stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=0.5,
-                                        metadata=(("x-model-name", model),)).ready)
+            return bool(stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=0.5, metadata=metadata).ready)
     except grpc.RpcError:
         return False
