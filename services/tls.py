@@ -17,12 +17,10 @@ from typing import Any
 
 import grpc
 
-MAX_PEM_BYTES = 1024 * 1024
-"""Largest certificate, key or CA bundle read (a chain of a few certificates is a few KiB)."""
+from mesh.tls_files import MAX_PEM_BYTES, read_server_files
+from mesh.tls_files import TlsFileError as TlsSettingsError
 
-
-class TlsSettingsError(ValueError):
-    """The TLS files cannot be used; the message names the flag and what is wrong."""
+__all__ = ["MAX_PEM_BYTES", "ServerTls", "TlsSettingsError", "grpc_credentials", "load_server_tls", "uvicorn_options"]
 
 
 @dataclass(frozen=True)
@@ -42,42 +40,13 @@ class ServerTls:
         return self.client_ca is not None
 
 
-def _read_pem(path: Path, flag: str, marker: bytes) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_PEM_BYTES:
-            raise TlsSettingsError(f"{flag} {path}: {size} bytes, more than a PEM file of {MAX_PEM_BYTES} bytes")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TlsSettingsError(f"{flag} {path}: {exc.strerror or exc}") from exc
-    if marker not in data:
-        raise TlsSettingsError(f"{flag} {path}: not PEM (no '{marker.decode()}' line)")
-    return data
-
-
 def load_server_tls(cert: Path | None, key: Path | None, client_ca: Path | None) -> ServerTls | None:
-    """The TLS files as given (None: plaintext), checked: both of cert and key, a key that matches
-    the certificate, a client CA only with a certificate."""
-    if cert is None and key is None:
-        if client_ca is not None:
-            raise TlsSettingsError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS first)")
+    """The TLS files as given (None: plaintext), checked (:func:`mesh.tls_files.read_server_files`):
+    both of cert and key, a key that matches the certificate, a client CA only with a certificate."""
+    files = read_server_files(cert, key, client_ca)
+    if files is None or cert is None or key is None:  # None: neither was given
         return None
-    if cert is None or key is None:
-        raise TlsSettingsError("--tls-cert and --tls-key go together: give both or neither")
-    cert_pem = _read_pem(cert, "--tls-cert", b"-----BEGIN CERTIFICATE-----")
-    key_pem = _read_pem(key, "--tls-key", b"PRIVATE KEY-----")
-    ca_pem = _read_pem(client_ca, "--tls-client-ca", b"-----BEGIN CERTIFICATE-----") if client_ca else None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        raise TlsSettingsError(f"--tls-key {key} does not belong to --tls-cert {cert} "
-                               f"(or one of them is unreadable): {exc.reason or exc}") from exc
-    if client_ca is not None:
-        try:
-            context.load_verify_locations(client_ca)
-        except ssl.SSLError as exc:
-            raise TlsSettingsError(f"--tls-client-ca {client_ca}: {exc.reason or exc}") from exc
+    cert_pem, key_pem, ca_pem = files
     return ServerTls(cert, key, client_ca, cert_pem, key_pem, ca_pem)
 
 
