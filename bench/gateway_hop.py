@@ -9,7 +9,12 @@ throughput at concurrency 32. Rounds alternate direct / gateway so that drift in
 load hits both alike; each number is the median over the rounds. Prints a Markdown table with
 gateway / direct ratios and the machine's load during the runs.
 
-    python -m bench.gateway_hop [--duration 10] [--rounds 3] [--envoy-concurrency 1]
+With ``--steps`` it also runs one static Envoy per step of ``bench/envoy_steps.py`` (a bare Envoy,
+then one feature of the rendered gateway config added at a time, up to the whole config with
+tracing) in the same rounds, and prints what each step adds: the median over the rounds of the
+step's p50 minus the previous step's p50 in the same round.
+
+    python -m bench.gateway_hop [--duration 10] [--rounds 3] [--envoy-concurrency 1] [--steps]
 """
 
 from __future__ import annotations
@@ -33,9 +38,13 @@ import onnxruntime as ort
 
 from bench import loadgen
 from bench.cpu import core_ticks
+from bench.envoy_steps import STEPS, full_config, step_config, with_ports
 from bench.propagation import Admin, etcd_binary, start, tear_down, wait
 from examples.build_models import build_iris
+from gateway.envoy import find_envoy
+from gateway.snapshot import dump_yaml
 from mesh.devstack.stack import etcd_argv
+from mesh.observability.traces import TraceReceiver
 from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
@@ -70,6 +79,12 @@ class Target:
 
     def median(self, concurrency: int, attribute: str) -> float:
         return statistics.median(float(getattr(s, attribute)) for s in self.samples[concurrency])
+
+    def paired(self, other: Target, concurrency: int, attribute: str) -> float:
+        """Median over the rounds of this target's value minus ``other``'s in the same round."""
+        return statistics.median(float(getattr(mine, attribute)) - float(getattr(theirs, attribute))
+                                 for mine, theirs in zip(self.samples[concurrency], other.samples[concurrency],
+                                                         strict=True))
 
 
 def machine_busy_since(before: list[tuple[int, int]]) -> float:
@@ -136,12 +151,50 @@ def render(direct: Target, gateway: Target, body: Target, args: argparse.Namespa
     return "\n".join(lines)
 
 
+def render_steps(direct: Target, steps: list[Target]) -> str:
+    """What each step adds to the one before (paired by round), and the whole hop over direct."""
+    lines = [
+        "| step | c=1 p50 ms | added to the step before, c=1 p50 ms | over direct, c=1 p50 ms "
+        "| c=32 req/s | c=32 / step before | CPU µs/req (c=1 / c=32) | CPU added (c=1 / c=32) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    previous = direct
+    for target in steps:
+        lines.append(
+            f"| {target.name} | {target.median(1, 'p50_ms'):.3f} "
+            f"| {target.paired(previous, 1, 'p50_ms'):+.3f} | {target.paired(direct, 1, 'p50_ms'):+.3f} "
+            f"| {target.median(32, 'rps'):,.0f} | {target.median(32, 'rps') / previous.median(32, 'rps'):.2f}x "
+            f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} "
+            f"| {target.paired(previous, 1, 'cpu_us'):+.0f} / {target.paired(previous, 32, 'cpu_us'):+.0f} |")
+        previous = target
+    return "\n".join(lines)
+
+
+def start_steps(service_address: str, workdir: Path, concurrency: int, receiver: TraceReceiver,
+                procs: list[subprocess.Popen[bytes]]) -> list[tuple[Target, Admin]]:
+    """One static Envoy per step of bench/envoy_steps.py, each on its own ports."""
+    full = full_config(service_address, listen_port=0, admin_port=0, access_log=str(workdir / "steps-access.log"),
+                       otlp_endpoint=receiver.endpoint)
+    started = []
+    for step in STEPS:
+        listen_port, admin_port = free_port(), free_port()
+        path = workdir / f"envoy-{step.name}.yaml"
+        path.write_bytes(dump_yaml(with_ports(step_config(full, step.name), listen_port=listen_port,
+                                              admin_port=admin_port)))
+        procs.append(start([find_envoy(), "-c", str(path), "-l", "warning", "--disable-hot-restart",
+                            "--concurrency", str(concurrency)], workdir / f"envoy-{step.name}.log"))
+        started.append((Target(step.label, listen_port), Admin(admin_port)))
+    return started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per h2load run (default 10)")
     parser.add_argument("--rounds", type=int, default=3, help="direct/gateway rounds; medians reported (default 3)")
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, h2load logs)")
+    parser.add_argument("--steps", action="store_true",
+                        help="also time the gateway config built up one feature at a time (bench/envoy_steps.py)")
     args = parser.parse_args()
     if loadgen.h2load_path() is None:
         raise SystemExit("h2load not found (apt-get install nghttp2-client)")
@@ -149,6 +202,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sluice-gateway-hop-"))
     procs: list[subprocess.Popen[bytes]] = []
     python = [sys.executable, "-m", "mesh.cli"]
+    receiver = TraceReceiver(workdir / "traces.jsonl")
+    receiver.start()
     try:
         etcd_port, peer_port = free_port(), free_port()
         procs.append(start(etcd_argv(etcd_binary(), workdir / "etcd", etcd_port, peer_port, durable=False),
@@ -183,7 +238,11 @@ def main() -> None:
 
         direct, gateway = Target("direct", service_port), Target("gateway, header routing", listen_port)
         body_routed = Target("gateway, body routing (no header)", listen_port, headers=())
-        targets = (direct, gateway, body_routed)
+        steps = start_steps(f"127.0.0.1:{service_port}", workdir, args.envoy_concurrency, receiver, procs) \
+            if args.steps else []
+        for _, step_admin in steps:
+            wait(lambda a=step_admin: a.get("/ready").strip() == b"LIVE", 60, "a step's Envoy ready")
+        targets = (direct, gateway, body_routed, *(target for target, _ in steps))
         for target in targets:
             error = loadgen.wait_until_serving(target.port, body, 60.0)
             if error:
@@ -206,8 +265,11 @@ def main() -> None:
                           f"p50 {sample.p50_ms:.3f} ms, machine {100 * sample.machine_busy:.0f} % busy", flush=True)
         load_after = os.getloadavg()[0]
         print("\n" + render(direct, gateway, body_routed, args, (load_before, load_after)))
+        if steps:
+            print("\n" + render_steps(direct, [target for target, _ in steps]))
     finally:
         tear_down(procs, workdir, keep=args.keep)
+        receiver.stop()
 
 
 if __name__ == "__main__":
