@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mesh.errors import InvalidDocumentError, InvalidNameError
+from mesh.protocol import clip
 from mesh.registry.keys import validate_instance_id, validate_model_name, validate_version
 
 MAX_WEIGHT = 1_000_000
@@ -145,6 +146,62 @@ class InstanceRecord(BaseModel):
         return _parse(cls, raw, "instance record")
 
 
+ACCESS_CLAIM_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}")
+"""A JWT claim name the gateway may authorize on: what the access rule's ``claim`` must match."""
+ACCESS_ALLOW_MAX = 64
+"""Most values in an access rule's ``allow`` list (each is one matcher in Envoy's RBAC policy)."""
+ACCESS_VALUE_MAX = 128
+"""Longest value in an access rule's ``allow`` list."""
+ACCESS_FIELDS = ("claim", "allow")
+
+
+class AccessRule(BaseModel):
+    """Who may call a model through the gateway: callers whose JWT claim ``claim`` holds (or is)
+    one of ``allow``; ``"*"`` in ``allow`` means any caller with a valid token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    claim: str
+    allow: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"claim": self.claim, "allow": list(self.allow)}
+
+
+def parse_access_rule(data: Any, problems: list[str]) -> AccessRule | None:
+    """The ``access`` field of a routing document, or None with what is wrong added to ``problems``."""
+    if not isinstance(data, Mapping):
+        problems.append(f"access: must be an object {{\"claim\": …, \"allow\": […]}}, got {type(data).__name__}")
+        return None
+    found = len(problems)
+    for field in data:
+        if field not in ACCESS_FIELDS:
+            problems.append(f"access: unknown field {clip(str(field))!r} (allowed: {', '.join(ACCESS_FIELDS)})")
+    claim = data.get("claim")
+    if not isinstance(claim, str) or not ACCESS_CLAIM_RE.fullmatch(claim):
+        shown = repr(clip(claim)) if isinstance(claim, str) else repr(claim)[:ACCESS_VALUE_MAX]
+        problems.append(f"access.claim: {shown} is not a claim name (1 to 64 of A-Z a-z 0-9 _ . : -, "
+                        "not starting with . : -)")
+    allow = data.get("allow")
+    values: list[str] = []
+    if not isinstance(allow, list) or not allow:
+        problems.append("access.allow: must be a non-empty list of strings")
+    elif len(allow) > ACCESS_ALLOW_MAX:
+        problems.append(f"access.allow: at most {ACCESS_ALLOW_MAX} values, got {len(allow)}")
+    else:
+        for value in allow:
+            if not isinstance(value, str) or not value or len(value) > ACCESS_VALUE_MAX \
+                    or not value.isprintable():
+                shown = repr(clip(value)) if isinstance(value, str) else repr(value)[:ACCESS_VALUE_MAX]
+                problems.append(f"access.allow: {shown} is not a value: 1 to {ACCESS_VALUE_MAX} printable "
+                                "characters")
+            elif value not in values:
+                values.append(value)
+    if len(problems) > found or not isinstance(claim, str):
+        return None
+    return AccessRule.model_construct(claim=claim, allow=tuple(values))
+
+
 class RoutingDocument(BaseModel):
     """How traffic of one model splits over its versions, at ``models/<model>/routing``.
 
@@ -159,15 +216,20 @@ class RoutingDocument(BaseModel):
     """Requests with the same value of this header go to the same version."""
     default_version: int | None = None
     """Takes all traffic when no weighted version has serving instances."""
+    access: AccessRule | None = None
+    """Who may call the model when the gateway authenticates callers (JWT); None: the gateway's
+    default rule (the caller's access claim lists the model)."""
 
     @classmethod
     def from_weights(cls, weights: Mapping[Any, Any], sticky_header: str | None = None,
-                     default_version: int | None = None) -> RoutingDocument:
+                     default_version: int | None = None, access: AccessRule | None = None) -> RoutingDocument:
         document: dict[str, Any] = {"weights": {str(k): v for k, v in weights.items()}}
         if sticky_header is not None:
             document["sticky_header"] = sticky_header
         if default_version is not None:
             document["default_version"] = default_version
+        if access is not None:
+            document["access"] = access.to_dict()
         return parse_routing_document(document)
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +238,8 @@ class RoutingDocument(BaseModel):
             document["sticky_header"] = self.sticky_header
         if self.default_version is not None:
             document["default_version"] = self.default_version
+        if self.access is not None:
+            document["access"] = self.access.to_dict()
         return document
 
     def to_json(self) -> bytes:
@@ -186,7 +250,7 @@ class RoutingDocument(BaseModel):
         return {version: 100.0 * weight / total for version, weight in sorted(self.weights.items())}
 
 
-ROUTING_FIELDS = ("weights", "sticky_header", "default_version")
+ROUTING_FIELDS = ("weights", "sticky_header", "default_version", "access")
 
 
 def parse_routing_document(raw: bytes | str | Mapping[str, Any]) -> RoutingDocument:
@@ -200,7 +264,7 @@ def parse_routing_document(raw: bytes | str | Mapping[str, Any]) -> RoutingDocum
     problems: list[str] = []
     for field in data:
         if field not in ROUTING_FIELDS:
-            problems.append(f"unknown field {field!r} (allowed: {', '.join(ROUTING_FIELDS)})")
+            problems.append(f"unknown field {clip(str(field))!r} (allowed: {', '.join(ROUTING_FIELDS)})")
 
     weights: dict[int, int] = {}
     raw_weights = data.get("weights")
@@ -240,10 +304,14 @@ def parse_routing_document(raw: bytes | str | Mapping[str, Any]) -> RoutingDocum
                                         or not isinstance(default_version, int) or default_version < 1):
         problems.append(f"default_version: {default_version!r} is not a positive integer")
 
+    access = None
+    if data.get("access") is not None:
+        access = parse_access_rule(data["access"], problems)
+
     if problems:
         raise InvalidDocumentError("routing document", problems)
     return RoutingDocument.model_construct(weights=weights, sticky_header=sticky_header,
-                                           default_version=default_version)
+                                           default_version=default_version, access=access)
 
 
 class StatusDocument(BaseModel):
@@ -274,6 +342,11 @@ class StatusDocument(BaseModel):
     (the document at ``routing_revision`` is invalid; an earlier one stays in force) or ``none``
     (no routing document: the gateway sends all traffic to the newest serving version, mesh-sync
     leaves the VirtualService's weights)."""
+    failed_routing_revision: int | None = None
+    """Set while the newest snapshot failed to publish (its reason is in ``errors``, the routing
+    above stays in force): the mod_revision of the routing document that snapshot carried for this
+    model, 0 when it carried none (a deletion). None: the last publish did not fail. ``--wait``
+    ends at once when this is the revision it waits for."""
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

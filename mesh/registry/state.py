@@ -309,7 +309,8 @@ async def set_weights(
     if default_version is None:
         default_version = before.default_version if before else None
     after = RoutingDocument.from_weights(weights, sticky_header=sticky_header or None,
-                                         default_version=default_version or None)
+                                         default_version=default_version or None,
+                                         access=before.access if before else None)
     written, revision, now = await client.put_if_mod_revision(key, after.to_json(), mod_revision)
     if not written:
         changed_to = now.mod_revision if now is not None else 0

@@ -116,3 +116,51 @@ def test_instance_record_size_problem_names_the_limit_and_the_labels() -> None:
     problem = big.size_problem()
     assert problem is not None
     assert f"more than {INSTANCE_RECORD_MAX}" in problem and "labels take" in problem
+
+
+def test_access_rule_round_trips_and_survives_the_status_document() -> None:
+    doc = parse_routing_document({"weights": {"1": 1},
+                                  "access": {"claim": "groups", "allow": ["team-a", "team-b", "team-a", "*"]}})
+    assert doc.access is not None
+    assert doc.access.claim == "groups"
+    assert doc.access.allow == ("team-a", "team-b", "*")  # duplicates dropped, order kept
+    assert json.loads(doc.to_json())["access"] == {"claim": "groups", "allow": ["team-a", "team-b", "*"]}
+    assert parse_routing_document(doc.to_json()) == doc
+    status = StatusDocument.from_json(StatusDocument(routing=doc).to_json())
+    assert status.routing is not None
+    assert parse_routing_document(status.routing.to_dict()) == doc
+
+
+def test_from_weights_keeps_an_access_rule() -> None:
+    rule = parse_routing_document({"weights": {"1": 1}, "access": {"claim": "groups", "allow": ["a"]}}).access
+    assert RoutingDocument.from_weights({2: 1}, access=rule).access == rule
+    assert RoutingDocument.from_weights({2: 1}).access is None
+
+
+@pytest.mark.parametrize(("access", "message"), [
+    ("groups", "access: must be an object"),
+    ({"allow": ["a"]}, "access.claim: None is not a claim name"),
+    ({"claim": "", "allow": ["a"]}, "access.claim: '' is not a claim name"),
+    ({"claim": "a b", "allow": ["a"]}, "access.claim: 'a b' is not a claim name"),
+    ({"claim": "-x", "allow": ["a"]}, "access.claim: '-x' is not a claim name"),
+    ({"claim": "g" * 65, "allow": ["a"]}, "is not a claim name"),
+    ({"claim": "groups"}, "access.allow: must be a non-empty list of strings"),
+    ({"claim": "groups", "allow": []}, "access.allow: must be a non-empty list of strings"),
+    ({"claim": "groups", "allow": "team-a"}, "access.allow: must be a non-empty list of strings"),
+    ({"claim": "groups", "allow": [1]}, "access.allow: 1 is not a value"),
+    ({"claim": "groups", "allow": [""]}, "access.allow: '' is not a value"),
+    ({"claim": "groups", "allow": ["a\nb"]}, "is not a value: 1 to 128 printable characters"),
+    ({"claim": "groups", "allow": ["v" * 129]}, "more characters]' is not a value"),
+    ({"claim": "groups", "allow": [str(i) for i in range(65)]}, "access.allow: at most 64 values, got 65"),
+    ({"claim": "groups", "allow": ["a"], "deny": ["b"]}, "access: unknown field 'deny' (allowed: claim, allow)"),
+])
+def test_access_rule_validation_names_the_bad_part(access: object, message: str) -> None:
+    with pytest.raises(InvalidDocumentError) as excinfo:
+        parse_routing_document({"weights": {"1": 1}, "access": access})
+    assert message in str(excinfo.value)
+
+
+def test_a_huge_unknown_field_name_is_clipped_in_the_error() -> None:
+    with pytest.raises(InvalidDocumentError) as excinfo:
+        parse_routing_document({"weights": {"1": 1}, "x" * 10_000: 1})
+    assert len(str(excinfo.value)) < 400
