@@ -39,5 +39,6 @@ def status_documents(wanted: Snapshot, live: Snapshot | None, published_at: date
             routing=live_plan.routing if live_plan is not None else None,
             routing_revision=live_plan.routing_revision if live_plan is not None else 0,
             routing_source=live_plan.routing_source if live_plan is not None else "none",
+            failed_routing_revision=plan.routing_revision if failure is not None else None,
         )
     return documents

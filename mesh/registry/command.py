@@ -3,8 +3,9 @@
 Every etcd flag maps 1:1 to a field of :class:`mesh.registry.settings.EtcdSettings`; what a flag leaves
 unset comes from ``SLUICE_ETCD_…`` in the environment, then the default. Errors are one line on
 stderr with exit code 1 (etcd unreachable, invalid document, lost compare-and-swap, a model that
-never registered, ``--wait`` timed out); exit code 3: ``--wait`` saw the gateway apply the change
-with differences (a weighted version without instances, a fallback), said on stderr.
+never registered, ``--wait`` timed out or saw the gateway fail to publish the change); exit code 3:
+``--wait`` saw the gateway apply the change with differences (a weighted version without
+instances, a fallback), said on stderr.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def _output_flag(parser: argparse.ArgumentParser) -> None:
 def _wait_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="wait until the gateway has rendered this routing revision and report what it "
-                             "serves: exit 0 if as written, 3 if with differences (said on stderr), 1 on "
-                             "timeout (default 0: do not wait)")
+                             "serves: exit 0 if as written, 3 if with differences (said on stderr), 1 at once "
+                             "if publishing it failed, 1 on timeout (default 0: do not wait)")
 
 
 def _force_flag(parser: argparse.ArgumentParser) -> None:
@@ -451,32 +452,57 @@ def applied_differences(status: StatusDocument, written: RoutingDocument | None)
     return reasons
 
 
+def wait_outcome(status: StatusDocument, model: str, revision: int, written: RoutingDocument | None,
+                 elapsed: str) -> tuple[int, str] | None:
+    """What ``--wait`` reports once ``status`` answers for the write at routing ``revision``
+    (``written`` None: a deletion): (exit code, message), or None while it answers for an older one.
+
+    A failed publish ends the wait only when the snapshot that failed carried this very write: a
+    failure of an older revision still leaves the newer one to be rendered.
+    """
+    failed = status.failed_routing_revision
+    if written is None:
+        answered, carried = status.routing_source == "none", failed == 0
+    else:
+        answered, carried = status.routing_revision >= revision, failed == revision
+        if not answered and failed is not None and failed > revision:
+            answered = True  # a newer write failed: this one is superseded (said below)
+    if answered:
+        newer = max(status.routing_revision, failed or 0)
+        if written is not None and newer > revision:
+            return 1, (f"sluice: error: routing of {model!r} was changed again (revision {newer}) before the "
+                       f"gateway reported revision {revision}")
+        differences = applied_differences(status, written)
+        served = _weights_text(dict(status.effective_weights))
+        if not differences:
+            return 0, (f"{model}: applied by the gateway within {elapsed} (Envoy config "
+                       f"{status.envoy_config_version}; effective weights {served})")
+        return EXIT_APPLIED_WITH_DIFFERENCES, (f"{model}: applied with differences within {elapsed}: "
+                                               f"{'; '.join(differences)}; effective weights {served}")
+    if carried:
+        what = f"routing revision {revision}" if written is not None else "the deletion of its routing document"
+        return 1, (f"sluice: error: the gateway failed to publish {what} of {model!r} within {elapsed}: "
+                   f"{'; '.join(status.errors) or 'no reason given'}; effective weights "
+                   f"{_weights_text(dict(status.effective_weights))} (it retries with backoff)")
+    return None
+
+
 async def _wait_applied(client: EtcdClient, schema: KeySchema, model: str, revision: int, *, timeout: float,
                         written: RoutingDocument | None) -> int:
     """Poll the model's status document until the gateway answers for routing ``revision``, then
-    report what it serves: as written (0) or with differences and why (3)."""
+    report what it serves: as written (0), with differences and why (3), or that publishing it
+    failed (1, at once: see :func:`wait_outcome`)."""
     started = time.monotonic()
     status: StatusDocument | None = None
     while time.monotonic() - started < timeout:
         found = (await load_state(client, schema)).model(model)
         status = found.status if found is not None else None
-        # A deleted document is answered for by revision 0; a newer write supersedes this one.
-        if status is not None and (status.routing_revision >= revision if written is not None
-                                   else status.routing_source == "none"):
-            elapsed = duration(time.monotonic() - started)
-            if written is not None and status.routing_revision > revision:
-                print(f"sluice: error: routing of {model!r} was changed again (revision {status.routing_revision}) "
-                      f"before the gateway reported revision {revision}", file=sys.stderr)
-                return 1
-            differences = applied_differences(status, written)
-            served = _weights_text(dict(status.effective_weights))
-            if not differences:
-                print(f"{model}: applied by the gateway within {elapsed} (Envoy config {status.envoy_config_version}; "
-                      f"effective weights {served})")
-                return 0
-            print(f"{model}: applied with differences within {elapsed}: {'; '.join(differences)}; "
-                  f"effective weights {served}", file=sys.stderr)
-            return EXIT_APPLIED_WITH_DIFFERENCES
+        outcome = None if status is None else wait_outcome(status, model, revision, written,
+                                                            duration(time.monotonic() - started))
+        if outcome is not None:
+            code, message = outcome
+            print(message, file=sys.stdout if code == 0 else sys.stderr)
+            return code
         await asyncio.sleep(0.02)
     seen = f" (its status answers for routing revision {status.routing_revision})" if status is not None else ""
     problems = f"; it reports: {'; '.join(status.errors)}" if status is not None and status.errors else ""

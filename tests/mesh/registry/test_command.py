@@ -17,8 +17,8 @@ import yaml
 
 from examples.build_models import build_iris
 from mesh.ports import free_port
-from mesh.registry.command import register
-from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.registry.command import register, wait_outcome
+from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
@@ -239,3 +239,33 @@ def test_a_real_service_registers_a_version_that_failed_to_load(
     # Deleted from the repository, the failed version leaves the registry too.
     shutil.rmtree(repo / "iris" / "3")
     wait_for(lambda: not shared_etcd.etcdctl("get", failed_key).stdout, 15, "the failed version deregistered")
+
+
+def _status(**fields: object) -> StatusDocument:
+    return StatusDocument.model_validate({"effective_weights": {1: 100}, "routing_source": "document", **fields})
+
+
+@pytest.mark.parametrize(("status", "revision", "deleting", "code", "message"), [
+    pytest.param(_status(routing_revision=7), 7, False, 0, "applied by the gateway", id="applied"),
+    pytest.param(_status(routing_revision=5), 7, False, None, None, id="older-pending"),
+    pytest.param(_status(routing_revision=5, failed_routing_revision=7, errors=["Envoy rejected it"]), 7, False, 1,
+                 "failed to publish routing revision 7 of 'iris' within 0.10s: Envoy rejected it", id="failed"),
+    pytest.param(_status(routing_revision=5, failed_routing_revision=6, errors=["Envoy rejected it"]), 7, False,
+                 None, None, id="older-failed-keeps-waiting"),
+    pytest.param(_status(routing_revision=5, failed_routing_revision=9, errors=["x"]), 7, False, 1,
+                 "changed again (revision 9)", id="newer-failed"),
+    pytest.param(_status(routing_revision=7, failed_routing_revision=7, errors=["a later snapshot failed"]), 7,
+                 False, 3, "applied with differences", id="in-force-then-failed"),
+    pytest.param(_status(routing_revision=5, failed_routing_revision=0, errors=["Envoy rejected it"]), 8, True, 1,
+                 "failed to publish the deletion", id="deletion-failed"),
+    pytest.param(_status(routing_revision=5, failed_routing_revision=5, errors=["x"]), 8, True, None, None,
+                 id="deletion-pending-older-failed"),
+])
+def test_wait_outcome_ends_only_on_the_failure_of_the_written_revision(
+        status: StatusDocument, revision: int, deleting: bool, code: int | None, message: str | None) -> None:
+    written = None if deleting else RoutingDocument(weights={1: 100})
+    outcome = wait_outcome(status, "iris", revision, written, "0.10s")
+    if code is None:
+        assert outcome is None
+    else:
+        assert outcome is not None and outcome[0] == code and message is not None and message in outcome[1], outcome
