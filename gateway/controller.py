@@ -24,6 +24,7 @@ import structlog
 
 from gateway.admin import EnvoyAdmin, mismatches
 from gateway.answers import AnswersServer, view_of
+from gateway.auth import auth_options, jwks_watch
 from gateway.bootstrap import bootstrap
 from gateway.envoy import EnvoyProcess, find_envoy, validate_snapshot
 from gateway.errors import (
@@ -79,6 +80,7 @@ def render_options(settings: GatewaySettings) -> RenderOptions:
         upstream_tls_cert=str(settings.upstream_tls_cert.absolute()) if settings.upstream_tls_cert else None,
         upstream_tls_key=str(settings.upstream_tls_key.absolute()) if settings.upstream_tls_key else None,
         upstream_tls_san=settings.upstream_tls_san,
+        auth=auth_options(settings),
     )
 
 
@@ -160,6 +162,9 @@ class GatewayController:
                 await self.envoy.start()
             tasks = [asyncio.create_task(self.control.run(self._round), name="gateway-loop"),
                      asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
+            if self.options.auth is not None:
+                watch = jwks_watch(self.settings, self.options.auth)
+                tasks.append(asyncio.create_task(watch.run(self._jwks_changed), name="gateway-jwks"))
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
@@ -180,6 +185,12 @@ class GatewayController:
             self.admin.close()
             self._io.shutdown(wait=True)
             log.info("gateway_stopped")
+
+    def _jwks_changed(self, jwks: str) -> None:
+        """A rotated key set: the next round renders it (a new listener; its connections drain)."""
+        if self.options.auth is not None:
+            self.options = replace(self.options, auth=replace(self.options.auth, jwks=jwks))
+            self.control.request()
 
     def check_ports(self) -> None:
         """One :class:`~mesh.ports.PortBindError` naming the flag for a taken port, instead of a

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.answers import ANSWERED_PATHS, ANSWERS_CLUSTER
+from gateway.auth import AuthOptions, auth_filters, auth_reply_mappers, open_routes, protect_model_routes
 from gateway.body_routing import body_routing_filters
 from gateway.rest_routes import (
     gateway_rest_routes,
@@ -90,6 +91,8 @@ class RenderOptions:
     answers_address: str | None = None
     """``host:port`` of the controller's own gRPC answers (gateway/answers.py) for the RPCs that name
     no model, sent there when they carry no model header; None: no such routes."""
+    auth: AuthOptions | None = None
+    """JWT authentication and per-model authorization (gateway/auth.py); None: off."""
 
 
 def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPlan:
@@ -269,7 +272,7 @@ def _listener(options: RenderOptions) -> Resource:
         },
     }
     # Body routing after the buffer: the extraction alone refuses bodies over 16 MiB.
-    http_filters: list[Resource] = [buffer, *body_routing_filters()]
+    http_filters: list[Resource] = [buffer, *body_routing_filters(), *auth_filters(options.auth)]
     if options.rate_limits:
         # Off at the filter level; each rate-limited model's routes carry their own token bucket.
         http_filters.append({"name": _RATE_LIMIT_FILTER, "typed_config": {
@@ -297,7 +300,7 @@ def _listener(options: RenderOptions) -> Resource:
         "http_filters": http_filters,
         "access_log": [access_log],
         **_tracing(options),
-        "local_reply_config": {"mappers": [*rest_local_reply_mappers(too_large), {
+        "local_reply_config": {"mappers": [*auth_reply_mappers(options.auth), *rest_local_reply_mappers(too_large), {
             # The buffer filter's "413 Payload Too Large" as a gRPC error a client understands.
             "filter": {"status_code_filter": {"comparison": {
                 "op": "EQ", "value": {"default_value": 413, "runtime_key": "sluice.too_large"}}}},
@@ -563,12 +566,20 @@ def _rest_routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]
 
     for name, plan in plans.items():
         rate_limit = _rate_limit(name, options)
-        for route in model_rest_routes(name, plan.weights, plan.sticky_header, rest_serving[name], action,
-                                       allow_repository_control=options.allow_repository_control):
+        model_routes = model_rest_routes(name, plan.weights, plan.sticky_header, rest_serving[name], action,
+                                         allow_repository_control=options.allow_repository_control)
+        for route in model_routes:
             if rate_limit is not None and "route" in route:
                 route["typed_per_filter_config"] = rate_limit
-            routes.append(route)
+        routes += _protect(model_routes, name, plan, options)
     return routes + after
+
+
+def _protect(routes: list[Resource], name: str, plan: ModelPlan, options: RenderOptions) -> list[Resource]:
+    """The model's routes with its authorization policy (gateway/auth.py; unchanged when off)."""
+    access = plan.routing.access if plan.routing is not None else None
+    return protect_model_routes(routes, name, access, options.auth,
+                                allow_repository_control=options.allow_repository_control)
 
 
 def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
@@ -578,7 +589,7 @@ def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
     routes: list[Resource] = _rest_routes(plans, serving, rest_serving, options)
     routes += _repository_control_routes(options)
     for name, plan in plans.items():
-        routes += _model_routes(name, plan, serving[name], options, by_header=True)
+        routes += _protect(_model_routes(name, plan, serving[name], options, by_header=True), name, plan, options)
     names = ", ".join(plans) or "none"
     routes.append({"name": "unknown-model", "match": _match(name_present=True),
                    **_grpc_error(GRPC_NOT_FOUND, f"the model named in {MODEL_HEADER} is not served here; "
@@ -588,8 +599,9 @@ def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
     if len(plans) == 1:
         # One model: requests without the header are for it (single-model clients work unchanged).
         name, plan = next(iter(plans.items()))
-        routes += [{**r, "name": f"default/{r['name']}"}
-                   for r in _model_routes(name, plan, serving[name], options, by_header=False)]
+        routes += _protect([{**r, "name": f"default/{r['name']}"}
+                            for r in _model_routes(name, plan, serving[name], options, by_header=False)],
+                           name, plan, options)
     elif plans:
         routes.append({"name": "missing-model-header", "match": _match(),
                        **_grpc_error(GRPC_INVALID_ARGUMENT, f"set header {MODEL_HEADER} to the model to call; "
@@ -601,5 +613,5 @@ def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
         "name": ROUTE_CONFIG_NAME,
         # Envoy then rejects a route config naming a cluster it does not know, instead of 503s.
         "validate_clusters": True,
-        "virtual_hosts": [{"name": "sluice", "domains": ["*"], "routes": routes}],
+        "virtual_hosts": [{"name": "sluice", "domains": ["*"], "routes": open_routes(routes, options.auth)}],
     }

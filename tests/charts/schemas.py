@@ -11,7 +11,8 @@ import pytest
 
 from tests.charts.helpers import KUBE_VERSION
 
-ISTIO_KINDS = {"VirtualService", "DestinationRule"}
+ISTIO_KINDS = {"VirtualService", "DestinationRule", "RequestAuthentication", "AuthorizationPolicy"}
+ISTIO_GROUPS = {"networking.istio.io": "networking", "security.istio.io": "security"}
 OPERATOR_KINDS = {"ServiceMonitor"}
 """Prometheus Operator CRDs: no offline schema package; checked by the tests' own assertions."""
 
@@ -45,9 +46,9 @@ def _unknown_fields(given: Any, kept: Any, path: str) -> list[str]:
 
 def validate_istio(doc: dict[str, Any]) -> list[str]:
     group, _, version = doc["apiVersion"].partition("/")
-    if group != "networking.istio.io":
+    if group not in ISTIO_GROUPS:
         return [f"{doc['kind']}: unexpected apiVersion {doc['apiVersion']}"]
-    models = pytest.importorskip(f"cloudcoil.models.istio.networking.{version}",
+    models = pytest.importorskip(f"cloudcoil.models.istio.{ISTIO_GROUPS[group]}.{version}",
                                  reason="pip install cloudcoil-models-istio")
     pydantic = importlib.import_module("pydantic")
     model = getattr(models, doc["kind"])

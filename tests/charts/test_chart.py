@@ -255,7 +255,110 @@ def test_gpu_versions_use_the_gpu_image_and_request_gpus() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
+def test_gateway_tls_and_jwt_come_from_secrets_mounted_into_the_controller_only() -> None:
+    objects = documents(render(CHART / "ci" / "secure-gateway.yaml"))
+    gateway = next(d for d in of_kind(objects, "Deployment") if d["metadata"]["name"].endswith("-gateway"))
+    spec = gateway["spec"]["template"]["spec"]
+    (controller,) = spec["initContainers"]
+    (envoy,) = spec["containers"]
+    env = {e["name"]: e.get("value") for e in controller["env"]}
+    # The kubernetes.io/tls layout, as cert-manager writes it.
+    assert env["SLUICE_GATEWAY_TLS_CERT"] == "/etc/sluice/gateway-tls/tls.crt"
+    assert env["SLUICE_GATEWAY_TLS_KEY"] == "/etc/sluice/gateway-tls/tls.key"
+    assert env["SLUICE_GATEWAY_TLS_CLIENT_CA"] == "/etc/sluice/gateway-tls/ca.crt"
+    assert env["SLUICE_GATEWAY_JWT_ISSUER"] == "https://issuer.example.com"
+    assert env["SLUICE_GATEWAY_JWT_AUDIENCES"] == "sluice"
+    assert env["SLUICE_GATEWAY_JWT_JWKS"] == "/etc/sluice/jwks/jwks.json" and "SLUICE_GATEWAY_JWT_JWKS_URI" not in env
+    assert env["SLUICE_GATEWAY_JWT_CLAIM_HEADERS"] == "email=x-jwt-email,sub=x-jwt-sub"
+    assert env["SLUICE_GATEWAY_ACCESS_CLAIM"] == "models" and env["SLUICE_GATEWAY_ADMIN_CLAIM"] == "admin"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["gateway-tls"]["secret"]["secretName"] == "sluice-gateway-tls"
+    assert volumes["jwks"]["secret"]["secretName"] == "sluice-jwks"
+    # Mounted as a directory (no subPath): the kubelet's ..data swap brings renewed files along.
+    mounts = {m["name"]: m for m in controller["volumeMounts"]}
+    assert mounts["gateway-tls"] == {"name": "gateway-tls", "mountPath": "/etc/sluice/gateway-tls", "readOnly": True}
+    assert "subPath" not in mounts["jwks"]
+    # Envoy gets the certificates from the controller (SDS), never the Secret itself.
+    assert {m["name"] for m in envoy["volumeMounts"]} == {"xds", "envoy-config", "tmp"}
+
+
+def test_no_auth_values_no_auth_objects_or_settings() -> None:
+    for values in ("one-model", "standalone-gateway"):
+        objects = documents(render(CHART / "ci" / f"{values}.yaml"))
+        assert not of_kind(objects, "RequestAuthentication", "AuthorizationPolicy"), values
+        rendered = render(CHART / "ci" / f"{values}.yaml")
+        assert "SLUICE_GATEWAY_JWT" not in rendered and "SLUICE_GATEWAY_TLS" not in rendered, values
+        assert not [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"].endswith("rollout-controller")]
+
+
+def test_istio_mode_renders_request_authentication_and_one_policy_per_model() -> None:
+    objects = documents(render(CHART / "ci" / "istio-jwt.yaml"))
+    (authn,) = of_kind(objects, "RequestAuthentication")
+    assert authn["apiVersion"] == "security.istio.io/v1"
+    assert authn["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "model"
+    (rule,) = authn["spec"]["jwtRules"]
+    assert rule["issuer"] == "https://issuer.example.com" and rule["audiences"] == ["sluice", "models"]
+    assert rule["jwksUri"] == "https://issuer.example.com/.well-known/jwks.json"
+    assert rule["forwardOriginalToken"] is False
+    assert rule["outputClaimToHeaders"] == [{"header": "x-jwt-sub", "claim": "sub"}]
+    policies = {p["metadata"]["labels"]["app"]: p for p in of_kind(objects, "AuthorizationPolicy")}
+    assert set(policies) == {"iris", "mlp"}
+    for model, policy in policies.items():
+        spec = policy["spec"]
+        assert spec["action"] == "ALLOW" and spec["selector"]["matchLabels"]["sluice.io/model"] == model
+        calls, metrics = spec["rules"]
+        assert calls["from"] == [{"source": {"requestPrincipals": ["*"]}}]
+        assert calls["when"] == [{"key": "request.auth.claims[models]", "values": [model, "*"]}]
+        (operation,) = calls["to"]
+        assert operation["operation"]["ports"] == ["8001"]
+        assert "/inference.GRPCInferenceService/RepositoryModelLoad" in operation["operation"]["notPaths"]
+        assert metrics == {"to": [{"operation": {"ports": ["8002"]}}]}
+    # The model pods the policies select carry those labels.
+    pods = [d["spec"]["template"]["metadata"]["labels"] for d in of_kind(objects, "Deployment")
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == "model"]
+    for policy in policies.values():
+        selector = policy["spec"]["selector"]["matchLabels"].items()
+        assert any(selector <= labels.items() for labels in pods)
+
+
+def test_the_rollout_controller_runs_as_a_deployment_with_leader_election() -> None:
+    objects = documents(render(CHART / "ci" / "secure-gateway.yaml"))
+    (deployment,) = [d for d in of_kind(objects, "Deployment") if d["metadata"]["name"].endswith("rollout-controller")]
+    assert deployment["spec"]["replicas"] == 2
+    spec = deployment["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    assert container["args"] == ["rollout-controller"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["SLUICE_ROLLOUT_IDENTITY"] == "$(POD_NAME)" and env["SLUICE_ROLLOUT_LEADER_TTL"] == "5"
+    assert env["SLUICE_ROLLOUT_PROMETHEUS_URL"] == "http://prometheus.monitoring:9090"
+    assert env["SLUICE_ETCD_ENDPOINTS"] and env["SLUICE_ETCD_PREFIX"] == "/sluice/"
+    assert spec["automountServiceAccountToken"] is False  # etcd only, no Kubernetes API
+
+
+AUTH_BASE = ["models[0].name=iris", "models[0].versions[0].version=1", "models[0].versions[0].weight=100"]
+GATEWAY_BASE = [*AUTH_BASE, "mode=gateway"]
+
 INVALID = [
+    pytest.param([*GATEWAY_BASE, "gateway.tls.enabled=true"], "gateway.tls.secretName: name the kubernetes.io/tls",
+                 id="tls-secret-name"),
+    pytest.param([*GATEWAY_BASE, "gateway.tls.requireClientCertificate=true"],
+                 "gateway.tls.requireClientCertificate needs gateway.tls.enabled=true", id="client-ca-without-tls"),
+    pytest.param([*AUTH_BASE, "gateway.tls.enabled=true", "gateway.tls.secretName=x"],
+                 "gateway.tls.enabled is set but mode is istio", id="tls-in-istio-mode"),
+    pytest.param([*GATEWAY_BASE, "auth.jwt.enabled=true", "auth.jwt.jwks.uri=https://i/jwks"],
+                 "auth.jwt.issuer: name the issuer", id="jwt-issuer"),
+    pytest.param([*GATEWAY_BASE, "auth.jwt.enabled=true", "auth.jwt.issuer=i"],
+                 "auth.jwt.jwks: set secretName (a Secret with the JWKS) or uri", id="jwks-missing"),
+    pytest.param([*GATEWAY_BASE, "auth.jwt.enabled=true", "auth.jwt.issuer=i", "auth.jwt.jwks.uri=https://i/jwks",
+                  "auth.jwt.jwks.secretName=jwks"], "auth.jwt.jwks: set secretName or uri, not both", id="jwks-both"),
+    pytest.param([*AUTH_BASE, "auth.jwt.enabled=true", "auth.jwt.issuer=i", "auth.jwt.jwks.secretName=jwks"],
+                 "with mode=istio, Istio's RequestAuthentication fetches the keys itself", id="jwks-secret-istio"),
+    pytest.param([*GATEWAY_BASE, "auth.jwt.enabled=true", "auth.jwt.issuer=i", "auth.jwt.jwks.uri=file:///etc/jwks"],
+                 "is not an http:// or https:// URL", id="jwks-uri"),
+    pytest.param([*GATEWAY_BASE, "auth.jwt.claimHeaders.sub=X Bad"], "auth/jwt/claimHeaders", id="claim-header"),
+    pytest.param([*AUTH_BASE, "rolloutController.leaderTtlSeconds=1"], "rolloutController/leaderTtlSeconds",
+                 id="leader-ttl"),
+
     pytest.param(["models[0].name=iris", "models[0].versions[0].version=1", "models[0].versions[0].weight=100",
                   "replicaCount=2"], "additional properties 'replicaCount' not allowed", id="unknown-key"),
     pytest.param(["models[0].name=Iris_1", "models[0].versions[0].version=1"], "models/0/name", id="model-name"),

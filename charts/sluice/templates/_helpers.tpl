@@ -163,3 +163,7 @@ imagePullSecrets:
 {{- define "sluice.terminationGrace" -}}
 {{- add (int .preStopSleepSeconds) (int (ceil .deregisterGraceSeconds)) (int (ceil .gracePeriodSeconds)) 10 -}}
 {{- end -}}
+
+{{- define "sluice.rolloutControllerName" -}}
+{{- printf "%s-rollout-controller" (include "sluice.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
