@@ -14,7 +14,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh.errors import ConflictError, InvalidDocumentError, MeshError
@@ -40,6 +40,18 @@ class RolloutControllerSettings(BaseSettings):
     """Seconds to wait for one instance's /metrics."""
     identity: str | None = None
     """Name in the leader key and the rollout documents (default: host-pid)."""
+    prometheus_url: str | None = Field(None, max_length=2048)
+    """Prometheus to ask for the rollouts' PromQL gates (``http://prometheus:9090``); without it
+    such a gate stays inconclusive and holds its step."""
+    prometheus_timeout: float = Field(5.0, gt=0, le=60)
+    """Seconds to wait for one PromQL gate's answer (then it is inconclusive, and says so)."""
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"prometheus_url {value[:80]!r} is not an http:// or https:// URL")
+        return value
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level."""
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -110,6 +122,11 @@ def register(subparsers: Any) -> None:
     start.add_argument("--atol", type=float, default=1e-6, help="shadow comparison tolerance (default 1e-6)")
     start.add_argument("--compare", choices=("auto", "allclose", "argmax", "exact"), default="auto",
                        help="how shadow outputs are compared (default auto)")
+    start.add_argument("--promql-gate", nargs=4, action="append", default=[],
+                       metavar=("NAME", "QUERY", "CMP", "THRESHOLD"),
+                       help="a gate on a Prometheus query (repeatable): the result must be CMP (<, <=, >, >=) "
+                            "THRESHOLD; {{model}}, {{candidate}}, {{baseline}}, {{interval}} are filled in; "
+                            "needs the controller's --prometheus-url")
     start.add_argument("--before-promotion-webhook", metavar="URL")
     start.add_argument("--on-rollback-webhook", metavar="URL")
     start.add_argument("--webhook-timeout", type=parse_duration, default=5.0)
@@ -159,7 +176,9 @@ def run_controller(args: argparse.Namespace) -> int:
         try:
             controller = RolloutController(client, KeySchema(etcd.prefix), identity=settings.identity,
                                            tick=settings.tick, lease_ttl=settings.leader_ttl,
-                                           scrape_timeout=settings.scrape_timeout)
+                                           scrape_timeout=settings.scrape_timeout,
+                                           prometheus_url=settings.prometheus_url,
+                                           prometheus_timeout=settings.prometheus_timeout)
             await controller.run(stop)
         finally:
             await client.close()
@@ -171,6 +190,15 @@ def _run(args: argparse.Namespace, command: Any) -> int:
     from mesh.registry.command import _run as run_registry  # one etcd session and error output for all
 
     return run_registry(args, command)
+
+
+def _promql_gate(name: str, query: str, comparison: str, threshold: str) -> dict[str, Any]:
+    """One ``--promql-gate`` (checked with the document: every problem named by its field)."""
+    try:
+        value: Any = float(threshold)
+    except ValueError:
+        value = threshold
+    return {"name": name, "query": query, "comparison": comparison, "threshold": value}
 
 
 async def _start(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
@@ -192,6 +220,12 @@ async def _start(args: argparse.Namespace, client: EtcdClient, schema: KeySchema
         print(f"sluice: error: {args.model!r} has no other serving version to compare with: give --baseline",
               file=sys.stderr)
         return 1
+    start_weights = dict(state.routing.weights) if state.routing else {}
+    if not start_weights.get(baseline, 0) + start_weights.get(candidate, 0) and any(start_weights.values()):
+        print(f"sluice: error: version {baseline} of {args.model!r} has no weight in its routing (weights "
+              f"{' '.join(f'{v}={w}' for v, w in sorted(start_weights.items()))}): a rollout moves the "
+              "baseline's traffic to the candidate; give --baseline a weighted version", file=sys.stderr)
+        return 1
     webhooks: dict[str, Any] = {}
     if args.before_promotion_webhook:
         webhooks["before_promotion"] = {"url": args.before_promotion_webhook, "timeout_s": args.webhook_timeout}
@@ -202,11 +236,12 @@ async def _start(args: argparse.Namespace, client: EtcdClient, schema: KeySchema
         "interval_s": args.interval,
         "gates": {"max_error_rate": args.max_error_rate, "max_p99_ratio": args.max_p99_ratio,
                   "p99_slack_ms": 1000 * args.p99_slack,
-                  "min_agreement": args.min_agreement, "min_requests": args.min_requests},
+                  "min_agreement": args.min_agreement, "min_requests": args.min_requests,
+                  "promql": [_promql_gate(*gate) for gate in args.promql_gate]},
         "shadow": {"fraction": args.shadow_fraction, "rtol": args.rtol, "atol": args.atol, "compare": args.compare},
         "webhooks": webhooks,
         # What a rollback or abort restores (the candidate at 0).
-        "start_weights": {str(v): w for v, w in (state.routing.weights if state.routing else {}).items()},
+        "start_weights": {str(v): w for v, w in start_weights.items()},
     })
     key = schema.rollout(args.model)
     current = await client.get(key)
@@ -269,7 +304,8 @@ def _gate_text(doc: RolloutDocument) -> list[str]:
     for name, gate in last.figures.get("gates", {}).items():
         figure = gate.get("figure")
         shown = "-" if figure is None else f"{figure:.4g}"
-        lines.append(f"  {name}: {shown} (limit {gate.get('limit')}) {gate.get('verdict')}")
+        detail = f": {str(gate['detail'])[:300]}" if gate.get("detail") else ""
+        lines.append(f"  {name}: {shown} (limit {gate.get('limit')}) {gate.get('verdict')}{detail}")
     return lines
 
 

@@ -26,8 +26,9 @@ from mesh.registry.keys import KeyKind, KeySchema
 from mesh.registry.records import InstanceState
 from mesh.registry.state import ModelState, build_state, set_weights
 from mesh.rollout import machine
-from mesh.rollout.document import RolloutDocument, Webhook, parse_rollout_document
+from mesh.rollout.document import SHADOW, RolloutDocument, Webhook, parse_rollout_document
 from mesh.rollout.figures import joined, metrics_address, scrape, window
+from mesh.rollout.promql import PromQLResult, evaluate
 
 log = structlog.get_logger("mesh.rollout.controller")
 
@@ -59,8 +60,11 @@ async def call_webhook(hook: Webhook | None, payload: dict[str, Any]) -> tuple[b
 
 class RolloutController:
     def __init__(self, client: EtcdClient, schema: KeySchema, *, identity: str | None = None,
-                 tick: float = 1.0, lease_ttl: int = 5, scrape_timeout: float = 2.0) -> None:
+                 tick: float = 1.0, lease_ttl: int = 5, scrape_timeout: float = 2.0,
+                 prometheus_url: str | None = None, prometheus_timeout: float = 5.0) -> None:
         self.client = client
+        self.prometheus_url = prometheus_url
+        self.prometheus_timeout = prometheus_timeout
         self.schema = schema
         self.identity = identity or default_identity()
         self.tick = tick
@@ -145,7 +149,8 @@ class RolloutController:
             model = state.model(doc.model)
             await self._drive(doc, kv, model)
 
-    async def observe(self, doc: RolloutDocument, model: ModelState | None) -> machine.Observation:
+    async def observe(self, doc: RolloutDocument, model: ModelState | None,
+                      now: datetime | None = None) -> machine.Observation:
         targets: dict[str, str] = {}
         if model is not None:
             for version in (doc.baseline, doc.candidate):
@@ -160,11 +165,24 @@ class RolloutController:
         start = {**doc.state.window_start, **new}
         figures = window(start, counters, doc.baseline, doc.candidate) if counters else None
         routing = dict(model.routing.weights) if model is not None and model.routing is not None else None
-        return machine.Observation(counters, figures, routing, tuple(problems.values()), joined=new)
+        return machine.Observation(counters, figures, routing, tuple(problems.values()), joined=new,
+                                   promql=await self._promql(doc, now or datetime.now(timezone.utc)))
+
+    async def _promql(self, doc: RolloutDocument, now: datetime) -> dict[str, PromQLResult] | None:
+        """The PromQL gates of a step that is due (interval over), else None (not asked)."""
+        shadow = doc.current_step == SHADOW
+        gates = [g for g in doc.gates.promql if g.in_shadow or not shadow]
+        if not gates or not machine.due(doc, now):
+            return None
+        results = await evaluate(self.prometheus_url, doc, gates, timeout=self.prometheus_timeout)
+        for name, result in results.items():
+            if result.error is not None:
+                log.warning("rollout_promql_failed", model=doc.model, gate=name, error=result.error)
+        return results
 
     async def _drive(self, doc: RolloutDocument, kv: KeyValue, model: ModelState | None) -> None:
-        obs = await self.observe(doc, model)
         now = datetime.now(timezone.utc)
+        obs = await self.observe(doc, model, now)
         new, actions = machine.step(doc, obs, now)
         new = await self._act(new, actions, obs, model)
         if new == doc:

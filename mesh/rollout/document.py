@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import re
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -59,6 +61,69 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+PROMQL_GATES_MAX = 10
+"""PromQL gates one rollout may have (each is one query per round once a step's interval is over)."""
+PROMQL_QUERY_MAX = 2000
+PROMQL_PLACEHOLDERS = ("model", "candidate", "baseline", "interval")
+"""What ``{{name}}`` in a PromQL gate's query is replaced with: the model, the candidate and
+baseline versions, and the step's interval as a Prometheus duration (``60s``)."""
+_PLACEHOLDER_RE = re.compile(r"{{\s*([^{}]*?)\s*}}")
+_GATE_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+COMPARISONS = ("<", "<=", ">", ">=")
+
+
+class PromQLGate(_Strict):
+    """A gate judged on a Prometheus instant query: every series of the result must satisfy
+    ``value <comparison> threshold``. An empty result (or NaN) is inconclusive, never a failure
+    nor a pass; an error or a timeout is inconclusive too, named in the decision."""
+
+    name: str
+    """Shown in the decision (``promql_<name>``): lower case, digits, underscores."""
+    query: str = Field(min_length=1, max_length=PROMQL_QUERY_MAX)
+    comparison: Literal["<", "<=", ">", ">="] = "<="
+    threshold: float
+    in_shadow: bool = False
+    """Judged in the shadow step too (the candidate gets no callers there: most queries are empty)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _GATE_NAME_RE.fullmatch(value):
+            raise ValueError(f"{value[:60]!r} is not a gate name (a-z first, then a-z, 0-9, _; at most 40)")
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        for found in _PLACEHOLDER_RE.findall(value):
+            if found not in PROMQL_PLACEHOLDERS:
+                raise ValueError(f"unknown placeholder {{{{{found[:40]}}}}} (known: "
+                                 f"{', '.join('{{' + p + '}}' for p in PROMQL_PLACEHOLDERS)})")
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def render(self, model: str, candidate: int, baseline: int, interval_s: float) -> str:
+        """The query with its placeholders filled in (names and versions are validated: no quotes)."""
+        values = {"model": model, "candidate": str(candidate), "baseline": str(baseline),
+                  "interval": f"{max(1, math.ceil(interval_s))}s"}
+        return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], self.query)
+
+    def holds(self, value: float) -> bool:
+        if self.comparison == "<":
+            return value < self.threshold
+        if self.comparison == "<=":
+            return value <= self.threshold
+        if self.comparison == ">":
+            return value > self.threshold
+        return value >= self.threshold
+
+
 class Gates(_Strict):
     """Limits judged per step on the candidate, against the baseline in the same window."""
 
@@ -73,6 +138,17 @@ class Gates(_Strict):
     """Share of shadow comparisons whose outputs agreed (where any were compared)."""
     min_requests: int = Field(200, ge=1, le=10**9)
     """Candidate requests (shadow comparisons in the shadow step) a step needs before it is judged."""
+    promql: tuple[PromQLGate, ...] = Field((), max_length=PROMQL_GATES_MAX)
+    """Gates on Prometheus queries (the controller needs ``--prometheus-url``)."""
+
+    @field_validator("promql")
+    @classmethod
+    def _unique(cls, value: tuple[PromQLGate, ...]) -> tuple[PromQLGate, ...]:
+        names = [g.name for g in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two PromQL gates are named {name!r}")
+        return value
 
 
 class ShadowSpec(_Strict):
@@ -137,6 +213,12 @@ class RolloutState(_Strict):
     succeeded (a conflicting write is retried on the next round, against the routing then)."""
     finishing_weights: dict[int, int] | None = None
     """The weights that ``finishing`` writes."""
+    reference: dict[str, float] | None = None
+    """The baseline's figures of the window before the 100 % step (``p99_ms``), which the 100 %
+    step judges the candidate against: the baseline has no callers left in its own window."""
+    operator_promote: bool = False
+    """The promotion under way was asked by an operator (``promote``): it ends the rollout
+    without judging the 100 % step."""
     leader: str = Field("", max_length=200)
     updated: datetime | None = None
 
@@ -210,9 +292,25 @@ class RolloutDocument(_Strict):
         return self.steps[self.state.step]
 
     def weights_for(self, step: Step) -> dict[int, int]:
-        """The routing weights of a step: shadow sends every caller to the baseline."""
+        """The routing weights of a step: shadow sends every caller to the baseline, a step of N
+        gives the candidate N % of what the baseline and the candidate had at the start. Other
+        versions keep their weights (``start_weights``): a rollout moves weight only between its
+        two versions."""
         share = 0 if step == SHADOW else int(step)
-        return {self.baseline: 100 - share, self.candidate: share}
+        others = {v: w for v, w in self.start_weights.items() if v not in (self.baseline, self.candidate)}
+        pool = self.start_weights.get(self.baseline, 0) + self.start_weights.get(self.candidate, 0)
+        if not any(others.values()) or pool == 0:
+            # Nobody else has traffic (or the pair had none to move): the pair takes it all.
+            return {self.baseline: 100 - share, self.candidate: share}
+        # Exact shares in integers: scale every weight by k so the candidate's pool * N / 100 is whole.
+        g = math.gcd(pool * share, 100)
+        k = 100 // g
+        weights = {**{v: w * k for v, w in others.items()},
+                   self.baseline: (100 * pool - pool * share) // g, self.candidate: pool * share // g}
+        if max(weights.values()) > MAX_WEIGHT:
+            total = sum(weights.values())
+            weights = {v: round(w * MAX_WEIGHT / total) for v, w in weights.items()}
+        return dict(sorted(weights.items()))
 
     def restored_weights(self) -> dict[int, int]:
         """What a rollback writes: the weights at the start, the candidate at 0."""

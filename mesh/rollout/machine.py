@@ -26,6 +26,7 @@ from mesh.rollout.document import (
     Verdict,
 )
 from mesh.rollout.figures import Counters, Figures
+from mesh.rollout.promql import SERIES_KEPT, PromQLResult
 
 P99_MIN_REQUESTS = 100
 """Requests each version needs in a window before its p99 latency is compared."""
@@ -45,6 +46,8 @@ class Observation:
     joined: dict[str, Counters] = field(default_factory=dict)
     """Instances missing from the window start, with the counters their window starts from
     (:func:`mesh.rollout.figures.joined`); the step's window start takes them in."""
+    promql: dict[str, PromQLResult] | None = None
+    """The PromQL gates' results (gate name → result), queried only once a step is :func:`due`."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,62 @@ class Judgement:
     figures: dict[str, Any]
 
 
-def judge(doc: RolloutDocument, figures: Figures, *, shadow_step: bool) -> Judgement:
+def last_step(doc: RolloutDocument) -> bool:
+    return doc.state.step == len(doc.steps) - 1
+
+
+def due(doc: RolloutDocument, now: datetime) -> bool:
+    """A running step whose interval is over: the round may pass it (PromQL gates are asked then)."""
+    state = doc.state
+    return (state.phase is Phase.RUNNING and state.finishing is None and state.request is None
+            and state.weights_applied and state.step_started is not None
+            and (now - state.step_started).total_seconds() >= doc.interval_s)
+
+
+def _promql(doc: RolloutDocument, results: dict[str, PromQLResult] | None, shadow_step: bool,
+            verdicts: dict[str, dict[str, Any]], failures: list[str]) -> list[str]:
+    """Judge the PromQL gates into ``verdicts``/``failures``; returns why any is inconclusive."""
+    holding: list[str] = []
+    for gate in doc.gates.promql:
+        if shadow_step and not gate.in_shadow:
+            continue
+        key = f"promql_{gate.name}"
+        got = (results or {}).get(gate.name)
+        shown: dict[str, Any] = {"figure": None, "limit": f"{gate.comparison} {gate.threshold:g}"}
+        if got is None:
+            verdicts[key] = {**shown, "verdict": "inconclusive", "detail": "not asked yet"}
+            holding.append(f"PromQL gate {gate.name!r} not asked yet")
+            continue
+        shown["query"] = got.query[:500]
+        if got.error is not None:
+            verdicts[key] = {**shown, "verdict": "inconclusive", "detail": got.error}
+            holding.append(f"PromQL gate {gate.name!r}: {got.error}")
+            continue
+        if not got.values:
+            what = "an empty result" if got.series == 0 else f"{got.series} series, all NaN"
+            verdicts[key] = {**shown, "verdict": "inconclusive", "detail": what}
+            holding.append(f"PromQL gate {gate.name!r}: {what}")
+            continue
+        broken = [v for v in got.values if not gate.holds(v)]
+        figure = broken[0] if broken else got.values[0]
+        verdicts[key] = {**shown, "figure": figure, "values": list(got.values[:SERIES_KEPT]),
+                         "verdict": "fail" if broken else "pass"}
+        if broken:
+            failures.append(f"PromQL gate {gate.name!r}: {figure:g} is not {gate.comparison} {gate.threshold:g}"
+                            + (f" ({len(broken)} of {len(got.values)} series)" if len(got.values) > 1 else ""))
+    return holding
+
+
+def judge(doc: RolloutDocument, figures: Figures, *, shadow_step: bool,
+          promql: dict[str, PromQLResult] | None = None) -> Judgement:
     """Every gate on one window. A gate fails as soon as its limit is broken even if every request
-    still to come up to ``min_requests`` went well; it passes only with ``min_requests`` behind it."""
+    still to come up to ``min_requests`` went well; it passes only with ``min_requests`` behind it.
+
+    The 100 % step (the last) leaves the baseline no callers: its p99 ratio is judged against the
+    baseline's p99 of the window before (``state.reference``)."""
     gates = doc.gates
+    final = last_step(doc) and not shadow_step
+    reference = (doc.state.reference or {}).get("p99_ms") if final else None
     need = gates.min_requests
     cand, base = figures.candidate, figures.baseline
     compared, agreed, shadow_errors = figures.shadow_compared, figures.shadow_agreed, figures.shadow_errors
@@ -119,23 +174,26 @@ def judge(doc: RolloutDocument, figures: Figures, *, shadow_step: bool) -> Judge
                                      "verdict": "pass" if compared >= need or not shadow_step else "inconclusive"}
 
     p99_c, p99_b = cand.quantile(0.99), base.quantile(0.99)
+    if final:
+        p99_b = None if reference is None else reference / 1000
     ratio = p99_c / p99_b if p99_c is not None and p99_b else None
     if not shadow_step:
         # The p99 of fewer than 100 requests is their maximum: one scheduling hiccup.
         p99_need = max(need, P99_MIN_REQUESTS)
-        if cand.requests >= p99_need and base.requests >= p99_need and ratio is not None:
+        if cand.requests >= p99_need and (final or base.requests >= p99_need) and ratio is not None:
             ok = ratio <= gates.max_p99_ratio or (p99_c or 0) - (p99_b or 0) <= gates.p99_slack_ms / 1000
             verdicts["p99_ratio"] = {"figure": ratio, "limit": gates.max_p99_ratio, "verdict": "pass" if ok else "fail"}
             if not ok:
                 failures.append(f"p99 latency {1000 * (p99_c or 0):.2f} ms is {ratio:.2f}x the baseline's "
-                                f"{1000 * (p99_b or 0):.2f} ms > {gates.max_p99_ratio:g}x (and more than "
-                                f"{gates.p99_slack_ms:g} ms slower)")
+                                f"{1000 * (p99_b or 0):.2f} ms{' (window before)' if final else ''} > "
+                                f"{gates.max_p99_ratio:g}x (and more than {gates.p99_slack_ms:g} ms slower)")
         else:
             # The baseline may get too little traffic near the end: the ratio is then not judged.
             verdicts["p99_ratio"] = {"figure": ratio, "limit": gates.max_p99_ratio,
                                      "verdict": "inconclusive" if cand.requests < p99_need else "n/a"}
 
-    shown = {
+    holding = _promql(doc, promql, shadow_step, verdicts, failures)
+    shown: dict[str, Any] = {
         "requests": n, "needed": need,
         "candidate_requests": cand.requests, "baseline_requests": base.requests,
         "candidate_error_rate": cand.error_rate, "baseline_error_rate": base.error_rate,
@@ -147,6 +205,9 @@ def judge(doc: RolloutDocument, figures: Figures, *, shadow_step: bool) -> Judge
         "shadow_max_abs_diff": figures.shadow.get("diff_max"),
         "instances": figures.instances, "gates": verdicts,
     }
+    if final:
+        shown["p99_baseline_ms"] = reference
+        shown["p99_baseline_from"] = "the window before"
     if failures:
         return Judgement(Verdict.FAIL, "; ".join(failures), shown)
     if n < need:
@@ -155,6 +216,8 @@ def judge(doc: RolloutDocument, figures: Figures, *, shadow_step: bool) -> Judge
     if verdicts.get("p99_ratio", {}).get("verdict") == "inconclusive":
         return Judgement(Verdict.INCONCLUSIVE, f"only {cand.requests} candidate requests in the window, "
                          f"{max(need, P99_MIN_REQUESTS)} needed for a p99: holding", shown)
+    if holding:
+        return Judgement(Verdict.INCONCLUSIVE, "; ".join(holding) + ": holding", shown)
     return Judgement(Verdict.PASS, "every gate passed", shown)
 
 
@@ -174,9 +237,10 @@ def _payload(doc: RolloutDocument, event: str, reason: str) -> dict[str, Any]:
             "step": doc.state.step, "step_value": doc.current_step, "reason": reason, "decision": last}
 
 
-def _enter(doc: RolloutDocument, index: int, obs: Observation, now: datetime) -> tuple[RolloutDocument, list[Action]]:
+def _enter(doc: RolloutDocument, index: int, obs: Observation, now: datetime, reason: str = ""
+           ) -> tuple[RolloutDocument, list[Action]]:
     moved = _with(doc, phase=Phase.RUNNING, step=index, step_started=now, window_start=obs.counters,
-                  weights_applied=True, reason="")
+                  weights_applied=True, reason=reason)
     return moved, [SetWeights(moved.weights_for(moved.steps[index]))]
 
 
@@ -226,10 +290,15 @@ def _promote(doc: RolloutDocument, now: datetime, obs: Observation) -> tuple[Rol
 
 
 def promoted(doc: RolloutDocument, now: datetime, obs: Observation) -> tuple[RolloutDocument, list[Action]]:
+    """The promotion was allowed: an operator's ends the rollout at once; one earned by the gates
+    enters the 100 % step, judged like every other before the rollout is promoted."""
     last = len(doc.steps) - 1
-    moved, _ = _enter(doc, last, obs, now)
-    return _finish(moved, Phase.PROMOTED, moved.weights_for(moved.steps[last]),
-                   f"version {doc.candidate} takes all traffic")
+    if doc.state.operator_promote:
+        moved, _ = _enter(_with(doc, operator_promote=False), last, obs, now)
+        return _finish(moved, Phase.PROMOTED, moved.weights_for(moved.steps[last]),
+                       f"version {doc.candidate} takes all traffic (promoted by an operator)")
+    return _enter(doc, last, obs, now, reason=f"version {doc.candidate} takes all traffic: its 100 % step "
+                  "is judged before the promotion")
 
 
 def after_webhook(doc: RolloutDocument, ok: bool, detail: str, now: datetime, obs: Observation
@@ -262,7 +331,7 @@ def _request(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[Rol
             return step(resumed, obs, now)
         return doc, []
     if request == "promote":
-        return _promote(doc, now, obs)
+        return _promote(_with(doc, operator_promote=True), now, obs)
     return doc, []
 
 
@@ -303,7 +372,7 @@ def step(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[Rollout
             return doc, []
         reason = "no figures: " + ("; ".join(obs.problems) or "no instance of either version to scrape")
         return _hold(doc, now, reason[:1000], {"problems": list(obs.problems)})
-    judged = judge(doc, obs.figures, shadow_step=doc.current_step == SHADOW)
+    judged = judge(doc, obs.figures, shadow_step=doc.current_step == SHADOW, promql=obs.promql)
     if judged.verdict is Verdict.FAIL:
         failed = _with(doc, decisions=_decide(doc, now, Verdict.FAIL, judged.reason, judged.figures))
         return _roll_back(failed, now, Phase.ROLLED_BACK,
@@ -313,7 +382,14 @@ def step(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[Rollout
     if judged.verdict is Verdict.INCONCLUSIVE:
         return _hold(doc, now, judged.reason, judged.figures)
     passed = _with(doc, decisions=_decide(doc, now, Verdict.PASS, judged.reason, judged.figures))
-    if state.step + 1 >= len(doc.steps) - 1:
+    last = len(doc.steps) - 1
+    if state.step == last:
+        return _finish(passed, Phase.PROMOTED, doc.weights_for(doc.current_step),
+                       f"version {doc.candidate} takes all traffic: its 100 % step passed")
+    if state.step + 1 == last:
+        # What the 100 % step's candidate is held to: the baseline has no callers left there.
+        p99 = judged.figures.get("p99_baseline_ms")
+        passed = _with(passed, reference={"p99_ms": p99} if p99 is not None else None)
         return _promote(passed, now, obs)
     return _enter(passed, state.step + 1, obs, now)
 

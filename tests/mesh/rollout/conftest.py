@@ -80,6 +80,8 @@ class Load:
     values: Callable[[random.Random], float] = lambda rng: float(rng.randrange(0, models.ROLLOUT_TABLE_SIZE))
     sent: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
+    seen: list[dict[str, int]] = field(default_factory=list)
+    """Every routing the clients followed, in order (each distinct one once)."""
     _weights: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -103,6 +105,8 @@ class Load:
                 self._weights = self.stack.weights()
             except (subprocess.SubprocessError, ValueError):
                 continue
+            if not self.seen or self.seen[-1] != self._weights:
+                self.seen.append(self._weights)
 
     def _send(self) -> None:
         rng = random.Random(7)
@@ -121,9 +125,12 @@ class Load:
 
 @pytest.fixture
 def make_stack(tmp_path: Path, shared_etcd: EtcdServer, etcd_prefix: str,
-               process_factory: Callable[..., ManagedProcess]) -> Iterator[Callable[[onnx.ModelProto], Stack]]:
-    def make(candidate: onnx.ModelProto) -> Stack:
+               process_factory: Callable[..., ManagedProcess]) -> Iterator[Callable[..., Stack]]:
+    def make(candidate: onnx.ModelProto, *, third: bool = False, controller_flags: tuple[str, ...] = ()) -> Stack:
+        """``third``: version 1 serves too (the same doubler), weighted as the test sets."""
         repo = tmp_path / "repo"
+        if third:
+            models.write_model(repo, MODEL, models.doubler(), version=1)
         models.write_model(repo, MODEL, models.doubler(), version=2)
         models.write_model(repo, MODEL, candidate, version=3)
         port, metrics_port = free_port(), free_port()
@@ -137,12 +144,12 @@ def make_stack(tmp_path: Path, shared_etcd: EtcdServer, etcd_prefix: str,
         def start_controller(name: str) -> ManagedProcess:
             return process_factory(name, sluice_argv(
                 "rollout-controller", "--etcd", shared_etcd.endpoint, "--prefix", etcd_prefix, "--tick", "0.2",
-                "--leader-ttl", "2", "--identity", name, "--log-format", "json"))
+                "--leader-ttl", "2", "--identity", name, "--log-format", "json", *controller_flags))
 
         stack = Stack(shared_etcd, etcd_prefix, service, start_controller)
         wait_for(lambda: stack.cli("status", MODEL, "-o", "json", check=False).returncode == 0
                  and '"instance_id": "svc-a"' in stack.cli("status", MODEL, "-o", "json").stdout
-                 and stack.cli("status", MODEL, "-o", "json").stdout.count('"state": "serving"') >= 2,
+                 and stack.cli("status", MODEL, "-o", "json").stdout.count('"state": "serving"') >= 2 + third,
                  30, "both versions registered", interval=0.3)
         stack.cli("weights", "set", MODEL, "2=100")
         return stack

@@ -20,6 +20,7 @@ from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import wait_for
 from tests.mesh.conftest import settings_for
 from tests.mesh.rollout.conftest import MODEL, Stack, load_on, wait_phase
+from tests.mesh.rollout.prometheus import fake_prometheus, vector
 from tests.services import models
 
 # Four test sessions share two cores here: a 20 ms scheduling hiccup is not the model's latency.
@@ -36,7 +37,8 @@ def test_good_candidate_goes_from_shadow_to_all_traffic_with_no_failed_request(
         stack.cli("rollout", "start", MODEL, "3", *FAST)
         doc = wait_phase(stack, "promoted", 150)
     assert load.failures == {}
-    assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1, 2, 3]
+    # Every step passed, the 100 % step (4) included: it is judged before the promotion.
+    assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1, 2, 3, 4]
     # The first interval may pass before the service read the rollout (inconclusive): the pass counts.
     shadow_pass = next(d for d in doc["state"]["decisions"] if d["step"] == 0 and d["verdict"] == "pass")
     assert shadow_pass["figures"]["shadow_compared"] >= 20
@@ -105,7 +107,7 @@ def test_controller_killed_mid_step_is_replaced_and_resumes_the_same_step(
     passed_1 = next(d for d in doc["state"]["decisions"] if d["step"] == 1)
     waited = (datetime.fromisoformat(passed_1["at"]) - started).total_seconds()
     assert passed_1["verdict"] == "pass" and 6.0 <= waited < 7.5
-    assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1]
+    assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1, 2]
     assert load.failures == {}
 
 
@@ -160,3 +162,41 @@ async def test_an_abort_whose_weights_conflict_is_not_final_until_a_later_round_
         state = parse_rollout_document(stored.value).state
         assert state.phase is Phase.ABORTED and state.finishing is None and "retrying" not in state.reason
         assert parse_routing_document(routing.value).weights == {1: 10, 2: 90, 3: 0}
+
+
+def test_a_third_weighted_version_keeps_its_share_through_every_step(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(models.doubler_by_adding(), third=True)
+    stack.cli("weights", "set", MODEL, "1=20", "2=80")
+    stack.start_controller("ctl-a")
+    with load_on(stack) as load:
+        stack.cli("rollout", "start", MODEL, "3", "--steps", "shadow,50,100", *FAST)
+        doc = wait_phase(stack, "promoted", 150)
+    assert load.failures == {} and load.sent["1"] > 0 and load.sent["3"] > 0
+    shares = [{v: round(100 * w / sum(seen.values()), 3) for v, w in seen.items() if w} for seen in load.seen]
+    assert {"1": 20.0, "2": 40.0, "3": 40.0} in shares  # the 50 % step: half of 2's 80 %
+    assert all(share.get("1") == 20.0 for share in shares), shares
+    assert {v: round(100 * w / sum(stack.weights().values())) for v, w in stack.weights().items()} == \
+        {"1": 20, "2": 0, "3": 80}
+    # The 100 % step was judged on its own window before the promotion.
+    assert [d["step"] for d in doc["state"]["decisions"] if d["verdict"] == "pass"] == [0, 1, 2]
+
+
+def test_a_promql_gate_holds_on_an_empty_result_and_rolls_back_on_a_broken_limit(
+        make_stack: Callable[..., Stack]) -> None:
+    with fake_prometheus() as prometheus:
+        stack = make_stack(models.doubler_by_adding(), controller_flags=("--prometheus-url", prometheus.url))
+        stack.start_controller("ctl-a")
+        query = 'sum(rate(sluice_requests_total{model="{{model}}",version="{{candidate}}",code!="OK"}[{{interval}}]))'
+        with load_on(stack) as load:
+            stack.cli("rollout", "start", MODEL, "3", "--steps", "50,100", *FAST,
+                      "--promql-gate", "errors", query, "<=", "0.01")
+            doc = stack.wait_rollout(lambda d: any("an empty result" in x["reason"] for x in d["state"]["decisions"]),
+                                     60, "an inconclusive PromQL decision")
+            assert doc["state"]["phase"] == "running" and doc["state"]["step"] == 0
+            shown = stack.cli("rollout", "status", MODEL).stdout
+            assert "promql_errors: - (limit <= 0.01) inconclusive: an empty result" in shown
+            prometheus.answer = vector(0.5)
+            doc = wait_phase(stack, "rolled_back", 60)
+    assert "PromQL gate 'errors': 0.5 is not <= 0.01" in doc["state"]["reason"]
+    assert stack.weights() == {"2": 100, "3": 0} and load.failures == {}
+    assert 'sum(rate(sluice_requests_total{model="dbl",version="3",code!="OK"}[1s]))' in prometheus.queries

@@ -19,6 +19,7 @@ from mesh.rollout.machine import (
     step,
     written,
 )
+from mesh.rollout.promql import PromQLResult
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 BUCKETS_FAST = {"0.001": 0.0, "0.005": 1.0, "0.01": 1.0, "+Inf": 1.0}
@@ -81,8 +82,11 @@ def test_good_candidate_walks_every_step_to_promotion() -> None:
         d, actions = run(d, fig, at)
         seen.extend(a.weights for a in actions if isinstance(a, SetWeights))
     assert d.state.phase is Phase.PROMOTED
-    assert seen == [{2: 95, 3: 5}, {2: 75, 3: 25}, {2: 50, 3: 50}, {2: 0, 3: 100}]
-    assert [x.verdict for x in d.state.decisions] == [Verdict.PASS] * 4
+    # The 100 % step is entered (its weights written), judged, then the promotion writes them again.
+    assert seen == [{2: 95, 3: 5}, {2: 75, 3: 25}, {2: 50, 3: 50}, {2: 0, 3: 100}, {2: 0, 3: 100}]
+    assert [x.verdict for x in d.state.decisions] == [Verdict.PASS] * 5
+    assert [x.step for x in d.state.decisions] == [0, 1, 2, 3, 4]
+    assert "100 % step passed" in d.state.reason
 
 
 def test_a_step_is_not_passed_before_its_interval() -> None:
@@ -181,8 +185,9 @@ def test_before_promotion_webhook_gates_the_last_step() -> None:
     refused, more = after_webhook(d, False, "HTTP 409", T0, observe(None, None))
     assert refused.state.phase is Phase.PAUSED and "HTTP 409" in refused.state.reason and more == []
     done, more = after_webhook(d, True, "HTTP 200", T0, observe(None, None))
-    assert done.state.finishing is Phase.PROMOTED and more == [SetWeights({2: 0, 3: 100}, then=Phase.PROMOTED)]
-    assert written(done).state.phase is Phase.PROMOTED
+    # Allowed: the 100 % step starts; it is judged before the promotion.
+    assert done.state.phase is Phase.RUNNING and done.state.step == 1 and done.state.finishing is None
+    assert more == [SetWeights({2: 0, 3: 100})]
 
 
 def test_no_figures_holds_and_says_why() -> None:
@@ -229,7 +234,9 @@ def test_a_final_phase_waits_for_its_weights_and_retries_them() -> None:
 def test_an_abort_replaces_a_promotion_whose_weights_are_not_written() -> None:
     d = doc(steps=["shadow", 100])
     d, _ = step(d, observe(None, {2: 100}), T0)
-    going, actions = run(d, figures(compared=200), 11.0, write=False)
+    d, actions = run(d, figures(compared=200), 11.0, write=False)
+    assert d.state.step == 1 and actions == [SetWeights({2: 0, 3: 100})]
+    going, actions = run(d, figures(version(500), VersionFigures()), 22.0, write=False)
     assert going.state.finishing is Phase.PROMOTED and actions == [SetWeights({2: 0, 3: 100}, then=Phase.PROMOTED)]
     going = going.model_copy(update={"state": going.state.model_copy(update={"request": "abort"})})
     aborted, actions = run(going, None, 12.0, write=False)
@@ -255,3 +262,89 @@ def test_instances_joining_the_window_are_taken_into_its_start() -> None:
                       joined={"i2": late})
     held, _ = step(d, obs, T0 + timedelta(seconds=1))
     assert held.state.window_start["i2"] == late and "i1" in held.state.window_start
+
+
+def test_steps_move_weight_only_between_baseline_and_candidate() -> None:
+    # Version 1 keeps its 10 % at every step; 2 and 3 share the other 90 %.
+    d, actions = step(doc(start_weights={"1": 10, "2": 90}), observe(None, {1: 10, 2: 90}), T0)
+    assert actions == [SetWeights({1: 10, 2: 90, 3: 0})]
+    at, seen = 0.0, list[dict[int, int]]()
+    while not d.state.phase.final:
+        at += 11
+        d, actions = run(d, figures(version(500), version(500), compared=500), at)
+        seen.extend(a.weights for a in actions if isinstance(a, SetWeights))
+    shares = [{v: round(100 * w / sum(weights.values()), 3) for v, w in weights.items()} for weights in seen]
+    assert shares == [{1: 10, 2: 85.5, 3: 4.5}, {1: 10, 2: 67.5, 3: 22.5}, {1: 10, 2: 45, 3: 45},
+                      {1: 10, 2: 0, 3: 90}, {1: 10, 2: 0, 3: 90}]
+    assert d.state.phase is Phase.PROMOTED  # no step saw its own weights as a manual change
+
+
+def test_the_100_percent_step_is_judged_before_the_promotion() -> None:
+    d = doc(steps=[50, 100], start_weights={"1": 20, "2": 80})
+    d, _ = step(d, observe(None, {1: 20, 2: 80}), T0)
+    d, _ = run(d, figures(version(500), version(500, p99_bucket="0.005")), 11.0)
+    assert d.state.phase is Phase.RUNNING and d.state.step == 1 and "judged before the promotion" in d.state.reason
+    assert d.state.reference is not None and d.state.reference["p99_ms"] == pytest.approx(4.96)
+    # In the 100 % step the baseline has no callers: the p99 is held to the window before.
+    alone = VersionFigures()
+    held, _ = run(d, figures(version(50), alone), 22.0)
+    assert held.state.phase is Phase.RUNNING and held.state.decisions[-1].verdict is Verdict.INCONCLUSIVE
+    slow, actions = run(d, figures(version(500, p99_bucket="0.05"), alone), 22.0)
+    assert slow.state.phase is Phase.ROLLED_BACK and "(window before)" in slow.state.reason
+    assert actions[0] == SetWeights({1: 20, 2: 80, 3: 0}, then=Phase.ROLLED_BACK)
+    failing, _ = run(d, figures(version(400, {"INTERNAL": 100}), alone), 12.0)
+    assert failing.state.phase is Phase.ROLLED_BACK and "step 1 (100)" in failing.state.reason
+    early, actions = run(d, figures(version(500), alone), 15.0)
+    assert early == d and actions == []  # held for the step's whole interval
+    good, actions = run(d, figures(version(500), alone), 22.0)
+    assert good.state.phase is Phase.PROMOTED and actions == [SetWeights({1: 20, 2: 0, 3: 80}, then=Phase.PROMOTED)]
+    assert good.state.decisions[-1].figures["p99_baseline_from"] == "the window before"
+
+
+def test_an_operator_promotion_ends_the_rollout_without_judging_the_100_percent_step() -> None:
+    d, _ = step(doc(), observe(None, {2: 100}), T0)
+    d = d.model_copy(update={"state": d.state.model_copy(update={"request": "promote"})})
+    d, actions = run(d, None, 1.0)
+    assert d.state.phase is Phase.PROMOTED and "promoted by an operator" in d.state.reason
+    assert actions == [SetWeights({2: 0, 3: 100}, then=Phase.PROMOTED)] and not d.state.operator_promote
+
+
+def _promql_doc(**gate: Any) -> RolloutDocument:
+    spec = {"name": "latency", "query": 'max(lat{model="{{model}}",version="{{candidate}}"}[{{interval}}])',
+            "comparison": "<", "threshold": 0.25, **gate}
+    d, _ = step(doc(gates={"min_requests": 100, "promql": [spec]}), observe(None, {2: 100}), T0)
+    return d.model_copy(update={"state": d.state.model_copy(update={"step": 1})})
+
+
+def _with_promql(result: PromQLResult | None) -> Observation:
+    return Observation({"i1": {"versions": {}, "shadow": {}}}, figures(version(500), version(500)), {2: 95, 3: 5},
+                       promql=None if result is None else {"latency": result})
+
+
+@pytest.mark.parametrize(("result", "words"), [
+    (PromQLResult("q"), "an empty result"),
+    (PromQLResult("q", series=2), "2 series, all NaN"),
+    (PromQLResult("q", error="no answer within 5s"), "no answer within 5s"),
+    (None, "not asked yet"),
+])
+def test_a_promql_gate_without_a_figure_holds_and_never_aborts(result: PromQLResult | None, words: str) -> None:
+    d = _promql_doc()
+    held, actions = step(d, _with_promql(result), T0 + timedelta(seconds=11))
+    assert held.state.phase is Phase.RUNNING and held.state.step == 1 and actions == []
+    last = held.state.decisions[-1]
+    assert last.verdict is Verdict.INCONCLUSIVE and words in last.reason and words in held.state.reason
+    assert last.figures["gates"]["promql_latency"]["verdict"] == "inconclusive"
+
+
+def test_a_promql_gate_passes_or_fails_on_every_series() -> None:
+    d = _promql_doc()
+    passed, _ = step(d, _with_promql(PromQLResult("q", (0.1, 0.2), series=2)), T0 + timedelta(seconds=11))
+    assert passed.state.step == 2 and passed.state.decisions[-1].figures["gates"]["promql_latency"]["figure"] == 0.1
+    failed, _ = step(d, _with_promql(PromQLResult("q", (0.1, 0.3), series=2)), T0 + timedelta(seconds=11))
+    assert failed.state.finishing is Phase.ROLLED_BACK
+    assert "PromQL gate 'latency': 0.3 is not < 0.25 (1 of 2 series)" in failed.state.reason
+    # Not in the shadow step unless asked: the candidate has no callers there.
+    shadow, _ = step(doc(gates={"min_requests": 100, "promql": [{"name": "x", "query": "up", "threshold": 1}]}),
+                     observe(None, {2: 100}), T0)
+    moved, _ = step(shadow, observe(figures(compared=500), {2: 100, 3: 0}), T0 + timedelta(seconds=11))
+    assert moved.state.step == 1 and "promql_x" not in moved.state.decisions[-1].figures["gates"]
