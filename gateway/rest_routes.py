@@ -206,6 +206,9 @@ def rest_cluster(grpc_cluster: Resource, name: str, model: str, version: int) ->
     return cluster
 
 
+RATE_LIMITED = "too many requests: the gateway's rate limit for this model (--rate-limit) is used up; retry later"
+
+
 def rest_local_reply_mappers(too_large: str) -> list[Resource]:
     """Envoy's own replies to REST requests (413 from the buffer filter, 503 "no healthy upstream"
     and the like) as KServe's JSON error body, which REST clients parse; gRPC's stay as they are.
@@ -217,8 +220,14 @@ def rest_local_reply_mappers(too_large: str) -> list[Resource]:
     as_json = {"json_format": {"error": "%LOCAL_REPLY_BODY%"}}
     status_413 = {"status_code_filter": {"comparison": {
         "op": "EQ", "value": {"default_value": 413, "runtime_key": "sluice.too_large"}}}}
+    status_429 = {"status_code_filter": {"comparison": {
+        "op": "EQ", "value": {"default_value": 429, "runtime_key": "sluice.rate_limited"}}}}
     return [
         {"filter": {"and_filter": {"filters": [rest, status_413]}}, "body": {"inline_string": too_large},
+         "body_format_override": as_json},
+        # The local rate limit sets its response flag only after its reply went through these
+        # mappers, so its 429 (an empty body) is picked by the status: no route answers 429 itself.
+        {"filter": {"and_filter": {"filters": [rest, status_429]}}, "body": {"inline_string": RATE_LIMITED},
          "body_format_override": as_json},
         {"filter": {"and_filter": {"filters": [rest, {"response_flag_filter": {}}]}},
          "body_format_override": as_json},

@@ -27,7 +27,7 @@ from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import InstanceRecord, InstanceState, StatusDocument
 from mesh.registry.state import set_weights
-from tests.fixtures.envoy import GatewayHandle
+from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.service import ServiceHandle
 from tests.gateway.conftest import Fleet
@@ -249,6 +249,39 @@ async def test_an_oversized_body_is_refused_as_json(rest_gateway: GatewayHandle)
     assert status == 413 and content_type == "application/json", (status, content_type)
     assert "larger than" in body["error"]
     assert (await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", INFER_BODY))[0] == 200
+
+
+async def test_a_rate_limited_rest_call_is_429_as_json_and_others_still_pass(
+        rest_gateway: GatewayHandle, shared_etcd: EtcdServer, gateway_prefix: str, tmp_path: Path) -> None:
+    await wait_rest_routed(rest_gateway.address)
+    # A second gateway over the same registry, iris limited to 2 requests a second.
+    limited = start_gateway(shared_etcd, gateway_prefix, tmp_path / "limited", "--rate-limit", "iris=2")
+    try:
+        await wait_rest_routed(limited.address)
+        answers = []
+        for _ in range(50):  # each bucket holds 2 tokens: this drains the split route's in a few calls
+            answers.append(await acall(limited.address, "POST", "/v2/models/iris/infer", INFER_BODY))
+            if answers[-1][0] == 429:
+                break
+        status, content_type, body = answers[-1]
+        assert status == 429 and content_type == "application/json", answers
+        assert "the gateway's rate limit for this model" in body["error"], body
+        assert [s for s, _, _ in answers[:-1]] == [200] * (len(answers) - 1), answers
+        with pytest.raises(triton_http.InferenceServerException) as refused:
+            client = triton_http.InferenceServerClient(limited.address, network_timeout=HTTP_TIMEOUT_S)
+            try:
+                inputs = triton_http.InferInput("input", [1, 4], "FP32")
+                inputs.set_data_from_numpy(np.array(ROW, dtype=np.float32))
+                for _ in range(50):
+                    client.infer("iris", [inputs])
+            finally:
+                client.close()
+        assert refused.value.status() == "429" and "rate limit" in (refused.value.message() or ""), refused.value
+        # The limit is the gateway's: the other gateway, and the services behind both, still answer.
+        assert (await acall(rest_gateway.address, "POST", "/v2/models/iris/infer", INFER_BODY))[0] == 200
+    finally:
+        limited.stop()
+    assert (await acall(rest_gateway.address, "GET", "/v2/health/ready"))[0] == 200
 
 
 async def test_envoy_own_failures_reach_rest_clients_as_json(rest_gateway: GatewayHandle, shared_etcd: EtcdServer,
