@@ -38,6 +38,9 @@ ReadyHook = Callable[[ServedVersion], Awaitable[None]]
 RetireHook = Callable[[str, int], Awaitable[None]]
 FailedHook = Callable[[str, int, str], Awaitable[None]]
 """Model, version and reason of a load that failed with no copy of the version serving."""
+ReloadHook = Callable[[str, int, str | None], Awaitable[None]]
+"""Model, version and reason of a reload that failed while the older copy of the version keeps
+serving; None once that copy is in line with the files again (a good reload, the files restored)."""
 LoadCheck = Callable[[OnnxModel], None]
 """Raises ModelLoadError when a loaded version must not be published (e.g. its etcd record would
 be too large); runs on the loop, so it must be cheap."""
@@ -46,6 +49,7 @@ CONTROL_SETTING = "--repository-control (SLUICE_REPOSITORY_CONTROL=true)"
 _T = TypeVar("_T")
 _RETRY_FIRST = 1.0
 _RETRY_MAX = 60.0
+_RELOAD_FAILED = "reload failed: "
 
 
 @dataclass(slots=True)
@@ -103,6 +107,9 @@ class ModelManager:
         self.on_failed: list[FailedHook] = []
         """Called when a version fails to load and serves nothing; the on_retire hooks follow when
         the failed version is deleted from the repository."""
+        self.on_reload_failed: list[ReloadHook] = []
+        """Called when a reload fails while the older copy serves on, and with None when the files
+        are back to that copy's (a good reload calls the on_ready hooks instead)."""
         self.load_checks: list[LoadCheck] = []
         self._executor = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="model-load")
         self._models: dict[str, _ModelSync] = {}
@@ -290,6 +297,7 @@ class ModelManager:
             if current is not None and model.sha256 == current.model.sha256 and current.model.config == config:
                 current.model.fingerprint = model.fingerprint  # touched, not changed
                 model.close()
+                await self._reload_recovered(name, version)
                 return True
             try:
                 for check in self.load_checks:
@@ -300,9 +308,8 @@ class ModelManager:
                 raise
         except ModelLoadError as exc:
             self._failed(name, version, exc, serving=current is not None)
-            if current is None:
-                for failed_hook in self.on_failed:
-                    await failed_hook(name, version, str(exc))
+            for failed_hook in self.on_failed if current is None else self.on_reload_failed:
+                await failed_hook(name, version, str(exc))
             return False
         self._cancel_retry(name, version)
         served = ServedVersion.start(model, self.metrics.for_version(name, version), self.catalog.arrivals)
@@ -319,6 +326,16 @@ class ModelManager:
         if previous is not None:
             await self._drain(previous, "replaced by a new copy")
         return True
+
+    async def _reload_recovered(self, name: str, version: int) -> None:
+        """The files are back to those of the copy serving: its reload failure is over."""
+        status = self.catalog.status(name, version)
+        if status is None or not status.reason.startswith(_RELOAD_FAILED):
+            return
+        self.catalog.set_status(name, version, VersionState.READY)
+        log.info("model_version_reload_recovered", model=name, version=version)
+        for hook in self.on_reload_failed:
+            await hook(name, version, None)
 
     def _check_signature(self, model: OnnxModel, current: ServedVersion | None) -> None:
         """Compare with the copy being replaced, or else with the newest version served."""
@@ -342,7 +359,7 @@ class ModelManager:
         self.metrics.loads.labels(name, "failed").inc()
         if serving:
             # The copy that was serving keeps serving; the failure is reported next to it.
-            self.catalog.set_status(name, version, VersionState.READY, f"reload failed: {reason}")
+            self.catalog.set_status(name, version, VersionState.READY, f"{_RELOAD_FAILED}{reason}")
         else:
             self.catalog.set_status(name, version, VersionState.UNAVAILABLE, reason)
         log.error("model_version_load_failed", model=name, version=version, reason=reason,

@@ -48,6 +48,8 @@ class Registration:
         self.admin_address = None if admin_port is None else admin_address(settings, self.address, admin_port)
         self.instance_id = settings.instance_id or f"{socket.gethostname()}-{port}"
         self.registrar = Registrar(etcd)
+        self._serving: dict[tuple[str, int], InstanceRecord] = {}
+        """The record of each version this process serves, as on_ready registered it."""
         self._closed = False
 
     async def start(self) -> None:
@@ -76,7 +78,18 @@ class Registration:
     async def on_ready(self, served: ServedVersion) -> None:
         if self._closed:
             return
-        await self.registrar.register(self.record(served.model), wait=0)
+        record = self._serving[served.name, served.version] = self.record(served.model)
+        await self.registrar.register(record, wait=0)
+
+    async def on_reload_failed(self, name: str, version: int, reason: str | None) -> None:
+        """The serving record carries why the newest files of its version failed to load (None:
+        clear it). The state stays ``serving``: the older copy answers, so it is routed to."""
+        record = self._serving.get((name, version))
+        if self._closed or record is None:
+            return
+        error = None if reason is None else clip(f"reload failed, the previous copy serves on: {reason}",
+                                                 ERROR_MAX - 40)
+        await self.registrar.register(record.model_copy(update={"error": error}), wait=0)
 
     async def on_failed(self, name: str, version: int, reason: str) -> None:
         """Register the failure (state ``failed``, never routed to) so that ``sluice status`` shows it."""
@@ -89,6 +102,7 @@ class Registration:
         await self.registrar.register(record, wait=0)
 
     async def on_retire(self, name: str, version: int) -> None:
+        self._serving.pop((name, version), None)
         if not self._closed:
             await self.registrar.deregister(name, version, wait=1.0)
 

@@ -172,6 +172,7 @@ class ModelServer:
                                              rest_port=self.rest_port)
             self.manager.on_ready.append(self.registration.on_ready)
             self.manager.on_failed.append(self.registration.on_failed)
+            self.manager.on_reload_failed.append(self.registration.on_reload_failed)
             self.manager.load_checks.append(self.registration.check_record)
             self.manager.on_retire.insert(0, self.registration.on_retire)
             await self.registration.start()

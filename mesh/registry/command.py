@@ -240,6 +240,17 @@ def failed_versions(model: ModelState) -> dict[int, list[str]]:
     return failed
 
 
+def reload_errors(model: ModelState) -> dict[int, list[str]]:
+    """Version → why its newest files failed to load while an older copy serves on, per instance
+    (a ``serving`` record that carries an error: still routed to, the reload did not take)."""
+    found: dict[int, list[str]] = {}
+    for version, records in model.instances.items():
+        for instance_id, record in sorted(records.items()):
+            if record.state is InstanceState.SERVING and record.error:
+                found.setdefault(version, []).append(f"{instance_id}: {record.error}")
+    return found
+
+
 def model_report(model: ModelState, now: float) -> dict[str, Any]:
     """One model of ``sluice status -o json``."""
     configured = model.routing.weights if model.routing else {}
@@ -266,6 +277,7 @@ def model_report(model: ModelState, now: float) -> dict[str, Any]:
         "warnings": list(model.status.warnings) if model.status else [],
         "errors": errors,
         "failed_versions": {str(v): reasons for v, reasons in failed_versions(model).items()},
+        "reload_errors": {str(v): reasons for v, reasons in reload_errors(model).items()},
     }
 
 
@@ -291,8 +303,8 @@ def _status_rows(report: dict[str, Any], has_routing: bool) -> list[list[str]]:
 
 
 def _status_notes(model: ModelState) -> list[str]:
-    """What the table cannot show: the routing the gateway rendered, its warnings and errors, and
-    the versions that failed to load."""
+    """What the table cannot show: the routing the gateway rendered, its warnings and errors, the
+    versions that failed to load, and reloads that failed while an older copy serves on."""
     notes: list[str] = []
     status = model.status
     if model.routing_error is not None:
@@ -308,6 +320,8 @@ def _status_notes(model: ModelState) -> list[str]:
     notes += [f"problem: {problem}" for problem in model.problems]
     for version, reasons in failed_versions(model).items():
         notes += [f"version {version} failed to load on {reason}" for reason in reasons]
+    for version, reasons in reload_errors(model).items():
+        notes += [f"warning: version {version} on {reason}" for reason in reasons]
     return [f"{model.name}: {note}" for note in notes]
 
 

@@ -96,7 +96,8 @@ class InstanceRecord(BaseModel):
     """When the version started serving; unix seconds or ISO 8601 are accepted, ISO is written."""
     labels: dict[str, str] = Field(default_factory=dict)
     error: str | None = Field(default=None, max_length=ERROR_MAX)
-    """Why the version failed to load (state ``failed`` only), clipped to :data:`ERROR_MAX`."""
+    """Why the version failed to load, clipped to :data:`ERROR_MAX`: with state ``failed``, nothing
+    serves; with ``serving``, its newest files failed to load and the older copy serves on."""
 
     @field_validator("address", "rest_address", "admin_address")
     @classmethod
@@ -347,6 +348,11 @@ class StatusDocument(BaseModel):
     above stays in force): the mod_revision of the routing document that snapshot carried for this
     model, 0 when it carried none (a deletion). None: the last publish did not fail. ``--wait``
     ends at once when this is the revision it waits for."""
+
+    auth: dict[str, str] | None = None
+    """The authentication the gateway enforces: ``tls`` (client to gateway) and ``upstream_tls``
+    (gateway to services), each ``off``, ``tls`` or ``mtls``; ``jwt`` ``off`` or ``on``. None: not
+    reported (a status written by mesh-sync, or by a gateway before this field)."""
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -22,6 +23,7 @@ from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
+from tests.services.clients import RPC_TIMEOUT_S, raw_request, stub_for
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -269,3 +271,47 @@ def test_wait_outcome_ends_only_on_the_failure_of_the_written_revision(
         assert outcome is None
     else:
         assert outcome is not None and outcome[0] == code and message is not None and message in outcome[1], outcome
+
+
+def test_a_reload_that_fails_while_the_older_copy_serves_is_shown_and_still_routed(
+        tmp_path: Path, shared_etcd: EtcdServer, etcd_prefix: str,
+        start_service: Callable[..., ServiceHandle]) -> None:
+    repo = tmp_path / "repo"
+    build_iris(repo)
+    model_file = repo / "iris" / "2" / "model.onnx"
+    whole = model_file.read_bytes()
+    flags = ["--etcd", shared_etcd.endpoint, "--prefix", etcd_prefix]
+    service = start_service(repo, *flags, "--instance-id", "svc-a", "--reload-quiet-ms", "100")
+    key = f"{etcd_prefix}models/iris/instances/2/svc-a"
+
+    def stored() -> InstanceRecord | None:
+        value = shared_etcd.etcdctl("get", "--print-value-only", key).stdout.strip()
+        return InstanceRecord.from_json(value) if value else None
+
+    wait_for(lambda: stored() is not None, 15, "version 2 registered")
+    serving = stored()
+    assert serving is not None and serving.error is None
+
+    model_file.write_bytes(whole[: len(whole) // 2])  # the new copy of version 2 is cut short
+    wait_for(lambda: (r := stored()) is not None and r.error is not None, 20, "the reload failure in etcd")
+    failed = stored()
+    assert failed is not None and failed.error is not None
+    # Still the older copy, still routed to: state, address and digest unchanged.
+    assert failed.state is InstanceState.SERVING and failed.sha256 == serving.sha256
+    assert failed.address == serving.address == service.address
+    assert failed.error.startswith("reload failed, the previous copy serves on: iris/2/model.onnx: ")
+    x = np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)
+    with stub_for(service) as stub:
+        answer = stub.ModelInfer(raw_request("iris", {"input": ("FP32", x)}, version="2"), timeout=RPC_TIMEOUT_S)
+    assert answer.model_version == "2"
+
+    status = sluice("status", "iris", *flags)
+    assert status.returncode == 0, status.stderr
+    assert f"{service.address} serving" in status.stdout
+    assert f"iris: warning: version 2 on svc-a: {failed.error}" in status.stdout
+    report = json.loads(sluice("status", "iris", "-o", "json", *flags).stdout)["models"][0]
+    assert report["reload_errors"] == {"2": [f"svc-a: {failed.error}"]} and report["failed_versions"] == {}
+
+    model_file.write_bytes(whole)  # the files are back to the copy serving: the warning goes
+    wait_for(lambda: (r := stored()) is not None and r.error is None, 20, "the reload failure cleared")
+    assert "warning: version 2" not in sluice("status", "iris", *flags).stdout
