@@ -7,6 +7,8 @@ with its endpoints inline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gateway.snapshot import CDS_FILE, LDS_FILE, Resource, Snapshot, thaw
 
 NODE_ID = "sluice-gateway"
@@ -34,9 +36,26 @@ def bootstrap(xds_dir: str, admin_port: int) -> Resource:
     }
 
 
-def validation_config(snapshot: Snapshot, admin_port: int = 9901) -> Resource:
-    """A static bootstrap holding the whole snapshot, for ``envoy --mode validate``."""
+def _static_secrets(resource: object) -> None:
+    """Point every SDS secret reference inside ``resource`` at a static secret (in place)."""
+    if isinstance(resource, dict):
+        if "sds_config" in resource and "name" in resource:
+            del resource["sds_config"]
+        for value in resource.values():
+            _static_secrets(value)
+    elif isinstance(resource, list):
+        for value in resource:
+            _static_secrets(value)
+
+
+def validation_config(snapshot: Snapshot, admin_port: int = 9901,
+                      secrets: Sequence[Resource] = ()) -> Resource:
+    """A static bootstrap holding the whole snapshot, for ``envoy --mode validate``.
+
+    The SDS secrets the snapshot names (gateway/tls.py) are embedded as static secrets.
+    """
     listener = thaw(snapshot.listener)
+    _static_secrets(listener)
     for chain in listener["filter_chains"]:
         for network_filter in chain["filters"]:
             hcm = network_filter["typed_config"]
@@ -49,9 +68,13 @@ def validation_config(snapshot: Snapshot, admin_port: int = 9901) -> Resource:
         cluster.pop("eds_cluster_config", None)
         cluster["type"] = "STATIC"
         cluster["load_assignment"] = thaw(snapshot.endpoints[name])
+        _static_secrets(cluster)
         clusters.append(cluster)
+    static: Resource = {"listeners": [listener], "clusters": clusters}
+    if secrets:
+        static["secrets"] = [thaw(secret) for secret in secrets]
     return {
         "node": {"id": NODE_ID, "cluster": NODE_ID},
         "admin": _admin(admin_port),
-        "static_resources": {"listeners": [listener], "clusters": clusters},
+        "static_resources": static,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import structlog
+import watchfiles
 
 from gateway.admin import EnvoyAdmin, mismatches
 from gateway.answers import AnswersServer, view_of
@@ -41,6 +43,7 @@ from gateway.rest_routes import SERVER_VERSION
 from gateway.settings import GatewaySettings
 from gateway.snapshot import Snapshot, dump_yaml, shape_key, snapshot_from_files, transition
 from gateway.status import status_documents
+from gateway.tls import TlsMaterial, auth_mode, tls_sources
 from mesh.control import Changes, ControlLoop
 from mesh.errors import MeshError
 from mesh.ports import bind_problem, check_bindable
@@ -54,6 +57,8 @@ T = TypeVar("T")
 log = structlog.get_logger("gateway.controller")
 
 _LIVENESS_INTERVAL = 1.0
+_TLS_DEBOUNCE_MS = 200
+"""Quiet time after a change to a watched certificate folder before the files are read again."""
 _MAX_RETRY_DELAY = 30.0
 
 
@@ -73,6 +78,8 @@ def render_options(settings: GatewaySettings) -> RenderOptions:
         max_requests=settings.max_requests,
         rate_limits=dict(settings.rate_limits),
         access_log=str(settings.access_log.absolute()) if settings.access_log else None,
+        tls_cert=str(settings.tls_cert.absolute()) if settings.tls_cert else None,
+        tls_client_ca=str(settings.tls_client_ca.absolute()) if settings.tls_client_ca else None,
         otlp_endpoint=settings.otlp_endpoint,
         trace_sampling=settings.trace_sampling,
         allow_repository_control=settings.allow_repository_control,
@@ -107,6 +114,15 @@ class GatewayController:
         self.envoy_binary = find_envoy(settings.envoy_binary)
         self.envoy: EnvoyProcess | None = None
         self.metrics_port: int | None = None
+        self.tls = TlsMaterial(tls_sources(
+            tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
+            upstream_tls_ca=settings.upstream_tls_ca, upstream_tls_cert=settings.upstream_tls_cert,
+            upstream_tls_key=settings.upstream_tls_key))
+        """The certificates in force as SDS secrets, published with every snapshot (gateway/tls.py)."""
+        self.auth = auth_mode(tls_cert=settings.tls_cert, tls_client_ca=settings.tls_client_ca,
+                              upstream_tls_ca=settings.upstream_tls_ca, upstream_tls_cert=settings.upstream_tls_cert,
+                              jwt_issuer=getattr(settings, "jwt_issuer", None))
+        """The authentication in force, reported in every status document."""
         self.answers = AnswersServer(lambda: view_of(self._live), SERVER_VERSION)
         """ServerLive/Ready/Metadata and RepositoryIndex without a model header (gateway/answers.py)."""
         self._client = EtcdClient(etcd_settings)
@@ -162,6 +178,8 @@ class GatewayController:
                 await self.envoy.start()
             tasks = [asyncio.create_task(self.control.run(self._round), name="gateway-loop"),
                      asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
+            if self.tls.sources:
+                tasks.append(asyncio.create_task(self._watch_tls(), name="gateway-tls-watch"))
             if self.options.auth is not None:
                 watch = jwks_watch(self.settings, self.options.auth)
                 tasks.append(asyncio.create_task(watch.run(self._jwks_changed), name="gateway-jwks"))
@@ -245,8 +263,9 @@ class GatewayController:
         return await loop.run_in_executor(self._io, func)
 
     def _write(self, snapshot: Snapshot) -> None:
-        """Dump and publish (blocking: runs in the I/O thread)."""
-        self.publisher.publish(snapshot.files())
+        """Dump and publish, with the TLS secrets in force (blocking: runs in the I/O thread)."""
+        secrets = self.tls.files()
+        self.publisher.publish({**snapshot.files(), **secrets}, private=secrets)
 
     async def _prepare_files(self) -> None:
         """Know what is published already; publish an empty snapshot if nothing is (Envoy needs files)."""
@@ -255,6 +274,9 @@ class GatewayController:
         if existing is not None:
             self._live = existing
             log.info("gateway_found_snapshot", version=existing.version, clusters=len(existing.clusters))
+            if self.tls.sources:
+                # Certificates may have been renewed while the gateway was down: Envoy starts on these.
+                await self._in_io(partial(self._write, existing))
             return
         empty = render_snapshot(build_state(self.schema, 0, []), {}, self.options)
         empty.consistent()
@@ -262,6 +284,52 @@ class GatewayController:
         await self._in_io(partial(self._write, empty))
         self._live = empty
         log.info("gateway_initial_snapshot", version=empty.version)
+
+    # -- certificates -----------------------------------------------------------------------------
+
+    async def _watch_tls(self) -> None:
+        """Publish renewed certificates: watch their folders, re-read and check the files, and hand
+        Envoy the secrets that changed (SDS, see gateway/tls.py); unusable files are refused."""
+        directories = sorted(str(d) for d in self.tls.directories())
+        async for _changes in watchfiles.awatch(*directories, debounce=_TLS_DEBOUNCE_MS, step=50,
+                                                 recursive=False):
+            await self.reload_tls()
+
+    async def reload_tls(self) -> list[str]:
+        """Read the certificate files again and publish the secrets that changed; returns their names."""
+        changed = await self._in_io(self.tls.reload)
+        if not changed:
+            return []
+        async with self._publishing:
+            live = self._live
+            if live is None:
+                return changed  # nothing published yet: the first snapshot carries them
+            try:
+                await self._in_io(partial(self._write, live))
+                await self._wait_secrets(self.settings.confirm_timeout)
+            except GatewayError as exc:
+                log.error("tls_publish_failed", secrets=changed, error=str(exc))
+                return changed
+        self.metrics.publishes.labels("tls").inc()
+        log.info("tls_published", secrets=changed, versions={n: v for n, v in self.tls.versions().items()
+                                                              if n in changed})
+        return changed
+
+    async def _wait_secrets(self, timeout: float) -> None:
+        """Until Envoy's config dump shows every secret it uses at the version in force (a secret
+        nothing uses yet, such as the upstream certificate before the first model, is read when a
+        cluster first needs it)."""
+        wanted = self.tls.versions()
+        deadline = time.monotonic() + timeout
+        while True:
+            dump = json.loads(await self.admin.get("/config_dump?resource=dynamic_active_secrets"))
+            live = {entry.get("name"): entry.get("version_info") for entry in dump.get("configs", [])}
+            if all(live[name] == version for name, version in wanted.items() if name in live):
+                return
+            if time.monotonic() > deadline:
+                raise ConfirmError(f"Envoy did not apply the renewed certificates within {timeout:g}s "
+                                   f"(wanted {wanted}, live {live})")
+            await asyncio.sleep(0.02)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -427,7 +495,8 @@ class GatewayController:
             raise EnvoyValidationError(self._invalid[key])
         started = time.monotonic()
         try:
-            await validate_snapshot(self.envoy_binary, snapshot, self.settings.validate_timeout)
+            await validate_snapshot(self.envoy_binary, snapshot, self.settings.validate_timeout,
+                                    secrets=list(self.tls.secrets.values()))
         except EnvoyValidationError as exc:
             self.metrics.validations.labels("failed").inc()
             log.error("envoy_validation_failed", version=snapshot.version, output=exc.output[-2000:])
@@ -444,7 +513,7 @@ class GatewayController:
 
     async def _write_status(self, state: RegistryState, wanted: Snapshot, failure: str | None) -> None:
         watched = self.control.state  # what etcd holds: a model held after a reset has no status there
-        documents = status_documents(wanted, self._live, self._live_published_at, failure)
+        documents = status_documents(wanted, self._live, self._live_published_at, failure, auth=self.auth)
         await self.control.status.write(documents, watched)
         # A model that left the registry (only its status is left) loses its status too.
         await self.control.status.remove(name for name, model in state.models.items()

@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import structlog
 
 from gateway.bootstrap import validation_config
 from gateway.errors import EnvoyNotFoundError, EnvoyValidationError, GatewayError
-from gateway.snapshot import Snapshot, dump_yaml
+from gateway.snapshot import Resource, Snapshot, dump_yaml
 
 log = structlog.get_logger("gateway.envoy")
 
@@ -39,12 +39,14 @@ def find_envoy(explicit: str | None = None) -> str:
     return found
 
 
-async def validate_snapshot(binary: str, snapshot: Snapshot, timeout: float = 20.0) -> None:
-    """Run ``envoy --mode validate`` on the snapshot embedded in a static bootstrap.
+async def validate_snapshot(binary: str, snapshot: Snapshot, timeout: float = 20.0,
+                            secrets: Sequence[Resource] = ()) -> None:
+    """Run ``envoy --mode validate`` on the snapshot embedded in a static bootstrap (with the SDS
+    ``secrets`` it names embedded too).
 
     Raises :class:`EnvoyValidationError` with Envoy's own words when it rejects the config.
     """
-    config = dump_yaml(validation_config(snapshot))
+    config = dump_yaml(validation_config(snapshot, secrets=secrets))
     fd, path = tempfile.mkstemp(prefix="sluice-validate-", suffix=".yaml")
     try:
         with os.fdopen(fd, "wb") as handle:

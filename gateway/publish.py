@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import yaml
@@ -38,9 +39,10 @@ class Publisher:
     def has_data(self) -> bool:
         return (self.directory / DATA_LINK / "lds.yaml").is_file()
 
-    def publish(self, files: dict[str, bytes]) -> Path:
+    def publish(self, files: dict[str, bytes], private: Collection[str] = ()) -> Path:
         """Write ``files`` into a new data directory and make it live; returns that directory.
 
+        The files named in ``private`` (secrets with private keys) are readable by their owner only.
         Blocking: run it in an executor.
         """
         try:
@@ -49,7 +51,7 @@ class Publisher:
             data_dir = self.directory / f"..{stamp}"
             data_dir.mkdir()
             for name, content in files.items():
-                (data_dir / name).write_bytes(content)
+                _write_file(data_dir / name, content, 0o600 if name in private else 0o644)
             for name in files:
                 # A link for a new file may dangle until the swap: nothing points Envoy at it before.
                 link = self.directory / name
@@ -84,6 +86,13 @@ class Publisher:
         for old in data_dirs[:-_KEEP_DIRS]:
             if old.name != current:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_file(path: Path, content: bytes, mode: int) -> None:
+    """A new file whose mode is ``mode`` from its first byte (a key is never briefly world-readable)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(content)
 
 
 def load_published(directory: Path) -> dict[str, dict[str, object]]:

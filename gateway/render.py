@@ -31,6 +31,7 @@ from gateway.snapshot import (
     cluster_name,
     eds_file,
 )
+from gateway.tls import LISTENER_CERT, LISTENER_CLIENT_CA, UPSTREAM_CA, UPSTREAM_CERT, secret_file
 from mesh.protocol import MODEL_HEADER, VERSION_HEADER, VERSION_PATTERN, VERSION_RULE, health_service_name
 from mesh.registry.records import InstanceState, RoutingDocument
 from mesh.registry.state import ModelState, RegistryState, resolve_weights
@@ -81,6 +82,12 @@ class RenderOptions:
     service_name: str = "sluice-gateway"
     allow_repository_control: bool = False
     """Route RepositoryModelLoad/Unload to the services; off: the gateway refuses them itself."""
+    tls_cert: str | None = None
+    """The listener's certificate file: set, the listener speaks TLS (ALPN h2, http/1.1) with the
+    SDS secret ``sluice_listener_cert`` (gateway/tls.py); None: plaintext."""
+    tls_client_ca: str | None = None
+    """The clients' CA file: set, the listener requires a client certificate (SDS secret
+    ``sluice_listener_client_ca``)."""
     upstream_tls_ca: str | None = None
     """PEM CA file of the services' certificates: model clusters speak TLS (None: plaintext)."""
     upstream_tls_cert: str | None = None
@@ -311,8 +318,28 @@ def _listener(options: RenderOptions) -> Resource:
         "name": LISTENER_NAME,
         "address": {"socket_address": {"address": options.listen_host, "port_value": options.listen_port}},
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                                        "typed_config": hcm}]}],
+                                        "typed_config": hcm}], **_listener_tls(options)}],
     }
+
+
+def _sds(secret: str, directory: str) -> Resource:
+    """An SDS secret read from its file in the watched directory (gateway/tls.py publishes it)."""
+    return {"name": secret, "sds_config": _config_source(f"{directory}/{secret_file(secret)}", directory)}
+
+
+def _listener_tls(options: RenderOptions) -> Resource:
+    """The listener's TLS: one port for gRPC (h2) and REST (http/1.1), chosen by ALPN."""
+    if not options.tls_cert:
+        return {}
+    common: Resource = {"alpn_protocols": ["h2", "http/1.1"],
+                        "tls_certificate_sds_secret_configs": [_sds(LISTENER_CERT, options.xds_dir)]}
+    context: Resource = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        "common_tls_context": common}
+    if options.tls_client_ca:
+        common["validation_context_sds_secret_config"] = _sds(LISTENER_CLIENT_CA, options.xds_dir)
+        context["require_client_certificate"] = True
+    return {"transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": context}}
 
 
 def _cluster(name: str, model: str, options: RenderOptions) -> Resource:
@@ -364,18 +391,20 @@ def upstream_tls_socket(options: RenderOptions, alpn: str) -> Resource | None:
     """The transport socket of a model cluster when the services speak TLS (None: plaintext)."""
     if options.upstream_tls_ca is None:
         return None
-    common: Resource = {"alpn_protocols": [alpn],
-                        "validation_context": {"trusted_ca": {"filename": options.upstream_tls_ca}}}
+    # The CA and the client certificate come by SDS from their files (gateway/tls.py): renewed, they
+    # reach new connections without a restart; the name check stays in the config.
+    names: Resource = {}
+    common: Resource = {"alpn_protocols": [alpn], "combined_validation_context": {
+        "default_validation_context": names,
+        "validation_context_sds_secret_config": _sds(UPSTREAM_CA, options.xds_dir)}}
     if options.upstream_tls_cert and options.upstream_tls_key:
-        common["tls_certificates"] = [{"certificate_chain": {"filename": options.upstream_tls_cert},
-                                       "private_key": {"filename": options.upstream_tls_key}}]
+        common["tls_certificate_sds_secret_configs"] = [_sds(UPSTREAM_CERT, options.xds_dir)]
     context: Resource = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
                          "common_tls_context": common}
     san = options.upstream_tls_san
     if san:
         uri = "://" in san
-        common["validation_context"]["match_typed_subject_alt_names"] = [
-            {"san_type": "URI" if uri else "DNS", "matcher": {"exact": san}}]
+        names["match_typed_subject_alt_names"] = [{"san_type": "URI" if uri else "DNS", "matcher": {"exact": san}}]
         if not uri:
             context["sni"] = san
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from mesh.errors import InvalidNameError
 from mesh.observability.component import cli, split_pairs
 from mesh.registry.keys import validate_model_name
+from mesh.tls_files import read_ca, read_key_pair, read_server_files
 
 
 class GatewaySettings(BaseSettings):
@@ -86,6 +87,14 @@ class GatewaySettings(BaseSettings):
     """Seconds after etcd came back without its data (wiped, restored) during which instances and
     routing documents missing from it stay routed, so services get time to register again (one
     lease TTL). New records are routed at once."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the listener: clients speak TLS to it, gRPC (h2) and REST (http/1.1)
+    alike. Watched: a renewed certificate is served without a restart."""
+    tls_key: Path | None = None
+    """PEM private key of --tls-cert (watched with it)."""
+    tls_client_ca: Path | None = None
+    """PEM CA of the clients' certificates: the listener then requires a client certificate it
+    signed (mTLS). Needs --tls-cert."""
     upstream_tls_ca: Path | None = None
     """PEM CA that signed the services' certificates: Envoy speaks TLS to them (health checks too)
     and checks their certificate against it. Needed by the other upstream TLS settings."""
@@ -124,16 +133,22 @@ class GatewaySettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_listener_tls(self) -> GatewaySettings:
+        # Read and checked here, so a bad file stops the start with one line naming the flag.
+        read_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        return self
+
+    @model_validator(mode="after")
     def _check_upstream_tls(self) -> GatewaySettings:
         if (self.upstream_tls_cert is None) != (self.upstream_tls_key is None):
             raise ValueError("--upstream-tls-cert and --upstream-tls-key go together: give both or neither")
         if self.upstream_tls_ca is None and (self.upstream_tls_cert is not None or self.upstream_tls_san):
             raise ValueError("--upstream-tls-cert/--upstream-tls-san need --upstream-tls-ca: Envoy must check "
                              "the services' certificates")
-        for flag, path in (("--upstream-tls-ca", self.upstream_tls_ca), ("--upstream-tls-cert", self.upstream_tls_cert),
-                           ("--upstream-tls-key", self.upstream_tls_key)):
-            if path is not None and not path.is_file():
-                raise ValueError(f"{flag} {path}: no such file")
+        if self.upstream_tls_ca is not None:
+            read_ca(self.upstream_tls_ca, "--upstream-tls-ca")
+        if self.upstream_tls_cert is not None and self.upstream_tls_key is not None:
+            read_key_pair(self.upstream_tls_cert, self.upstream_tls_key, "--upstream-tls-cert", "--upstream-tls-key")
         return self
 
     @model_validator(mode="after")

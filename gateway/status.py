@@ -5,6 +5,7 @@ When one is written is the rule every controller shares: :func:`mesh.control.sta
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 from gateway.snapshot import ModelPlan, Snapshot
@@ -12,12 +13,13 @@ from mesh.registry.records import StatusDocument
 
 
 def status_documents(wanted: Snapshot, live: Snapshot | None, published_at: datetime | None,
-                     failure: str | None = None) -> dict[str, StatusDocument]:
+                     failure: str | None = None, auth: Mapping[str, str] | None = None) -> dict[str, StatusDocument]:
     """One status per model of ``wanted``.
 
     Effective weights, versions and the routing in force come from ``live`` (what Envoy really
     serves); warnings and errors from ``wanted`` (what the registry asks for), plus ``failure``
-    when publishing ``wanted`` failed and ``live`` stayed in force. A ``wanted`` with the content
+    when publishing ``wanted`` failed and ``live`` stayed in force; ``auth``, the authentication in
+    force (:func:`gateway.tls.auth_mode`), in every one. A ``wanted`` with the content
     of ``live`` is not published again, yet it is what Envoy serves: its plans (routing document
     and revision) are reported, or a write that changes no route (a weight for a version without
     instances) would leave the status naming the document before it.
@@ -40,5 +42,6 @@ def status_documents(wanted: Snapshot, live: Snapshot | None, published_at: date
             routing_revision=live_plan.routing_revision if live_plan is not None else 0,
             routing_source=live_plan.routing_source if live_plan is not None else "none",
             failed_routing_revision=plan.routing_revision if failure is not None else None,
+            auth=dict(auth) if auth is not None else None,
         )
     return documents
