@@ -178,11 +178,11 @@ class GatewayController:
                 await self.envoy.start()
             tasks = [asyncio.create_task(self.control.run(self._round), name="gateway-loop"),
                      asyncio.create_task(self._liveness_loop(), name="gateway-liveness")]
-            if self.tls.sources:
-                tasks.append(asyncio.create_task(self._watch_tls(), name="gateway-tls-watch"))
             if self.options.auth is not None:
                 watch = jwks_watch(self.settings, self.options.auth)
                 tasks.append(asyncio.create_task(watch.run(self._jwks_changed), name="gateway-jwks"))
+            if self.tls.sources:
+                tasks.append(asyncio.create_task(self._watch_tls(), name="gateway-tls-watch"))
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()

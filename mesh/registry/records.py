@@ -354,11 +354,6 @@ class StatusDocument(BaseModel):
     (gateway to services), each ``off``, ``tls`` or ``mtls``; ``jwt`` ``off`` or ``on``. None: not
     reported (a status written by mesh-sync, or by a gateway before this field)."""
 
-    auth: dict[str, str] | None = None
-    """The authentication the gateway enforces: ``tls`` (client to gateway) and ``upstream_tls``
-    (gateway to services), each ``off``, ``tls`` or ``mtls``; ``jwt`` ``off`` or ``on``. None: not
-    reported (a status written by mesh-sync, or by a gateway before this field)."""
-
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
