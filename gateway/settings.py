@@ -108,6 +108,28 @@ class GatewaySettings(BaseSettings):
     allow_repository_control: bool = False
     """Route RepositoryModelLoad/Unload to the model services. Off: the gateway answers them
     PERMISSION_DENIED itself (anyone reaching the gateway could otherwise unload a model everywhere)."""
+    jwt_issuer: str | None = Field(None, json_schema_extra=cli(metavar="ISS"))
+    """JWT authentication: callers need a token from this issuer (``iss``), signed by a key of
+    --jwt-jwks or --jwt-jwks-uri, in ``authorization: Bearer``. Unset: no authentication."""
+    jwt_audiences: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, json_schema_extra=cli(flag="--jwt-audience", metavar="AUD", repeat=True))
+    """An accepted audience (``aud``; repeatable; env: comma list). None given: any audience."""
+    jwt_jwks: Path | None = Field(None, json_schema_extra=cli(metavar="FILE"))
+    """Local JWKS file with the issuer's public keys; watched: a rotated key set takes effect
+    without a restart."""
+    jwt_jwks_uri: str | None = Field(None, json_schema_extra=cli(metavar="URL"))
+    """Remote JWKS (https:// or http://) the controller fetches, caches and refetches."""
+    jwt_jwks_refresh: float = Field(300.0, ge=5, le=86400, json_schema_extra=cli(metavar="SECONDS"))
+    """Seconds between fetches of --jwt-jwks-uri (the last good key set stays in force meanwhile)."""
+    jwt_claim_headers: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: {"sub": "x-jwt-sub"},
+        json_schema_extra=cli(flag="--jwt-claim-header", metavar="CLAIM=HEADER", repeat=True))
+    """A claim forwarded to the services as a request header (repeatable; env: sub=x-jwt-sub,…);
+    a client-sent header of that name never reaches a service."""
+    access_claim: str = "models"
+    """The JWT claim listing the models a caller may call (a list of names, or one name; "*": all)."""
+    admin_claim: str = "admin"
+    """The JWT claim that must be true for RepositoryModelLoad/Unload (with --allow-repository-control)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of every component without its own in log_levels."""
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -149,6 +171,27 @@ class GatewaySettings(BaseSettings):
             read_ca(self.upstream_tls_ca, "--upstream-tls-ca")
         if self.upstream_tls_cert is not None and self.upstream_tls_key is not None:
             read_key_pair(self.upstream_tls_cert, self.upstream_tls_key, "--upstream-tls-cert", "--upstream-tls-key")
+        return self
+
+    @field_validator("jwt_audiences", mode="before")
+    @classmethod
+    def _split_audiences(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("jwt_claim_headers", mode="before")
+    @classmethod
+    def _split_claim_headers(cls, value: Any) -> Any:
+        return split_pairs(value, lambda item: f"claim header {item!r} is not CLAIM=HEADER", need_value=True)
+
+    @model_validator(mode="after")
+    def _check_jwt(self) -> GatewaySettings:
+        from gateway.auth import settings_problems  # noqa: PLC0415 (auth imports this module's type)
+
+        problems = settings_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

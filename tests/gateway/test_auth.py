@@ -1,0 +1,299 @@
+"""JWT authentication and per-model authorization in the rendered config (gateway/auth.py), the
+settings that turn it on, the key set's watch; accepted by a real Envoy."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import ValidationError
+
+from gateway.auth import (
+    JWT_FILTER,
+    OPEN_ROUTES,
+    PAYLOAD_KEY,
+    RBAC_FILTER,
+    STRIP_FILTER,
+    AuthOptions,
+    JwksWatch,
+    auth_options,
+)
+from gateway.body_routing import LUA_FILTER
+from gateway.envoy import find_envoy, validate_snapshot
+from gateway.render import render_snapshot
+from gateway.settings import GatewaySettings
+from gateway.snapshot import Snapshot
+from mesh.devstack.pki import jwks_of
+from mesh.registry.records import InstanceRecord
+from tests.gateway.test_render import OPTIONS, SCHEMA, instance, kv, routing, state
+
+JWKS = json.dumps(jwks_of(ec.generate_private_key(ec.SECP256R1()), "k1"), sort_keys=True, separators=(",", ":"))
+AUTH = AuthOptions(issuer="sluice-dev", audiences=("sluice",), jwks=JWKS)
+ON = replace(OPTIONS, auth=AUTH)
+
+
+def _rest_instance(model: str, version: int, port: int) -> Any:
+    record = InstanceRecord(address=f"127.0.0.1:{port}", rest_address=f"127.0.0.1:{port + 1}", model=model,
+                            version=version, instance_id=f"{model}-{port}")
+    return kv(SCHEMA.instance(model, version, f"{model}-{port}"), record.to_json())
+
+
+def _filters(snapshot: Snapshot) -> list[dict[str, Any]]:
+    hcm = snapshot.listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return list(hcm["http_filters"])
+
+
+def _routes(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in snapshot.routes["virtual_hosts"][0]["routes"]}
+
+
+def _policy(route: dict[str, Any]) -> dict[str, Any]:
+    return dict(route["typed_per_filter_config"][RBAC_FILTER]["rbac"]["rules"]["policies"])
+
+
+def _values(principals: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """(claim, value) of every claim principal (both forms: list holding it, or equal to it)."""
+    found = set()
+    for principal in principals:
+        for form in principal["or_ids"]["ids"]:
+            matcher = form["sourced_metadata"]["metadata_matcher"]
+            assert matcher["filter"] == JWT_FILTER and matcher["path"][0] == {"key": PAYLOAD_KEY}
+            value = matcher["value"].get("string_match") or matcher["value"]["list_match"]["one_of"]["string_match"]
+            found.add((matcher["path"][1]["key"], value["exact"]))
+    return found
+
+
+TWO_MODELS = state(_rest_instance("iris", 1, 7001), _rest_instance("mlp", 1, 7011))
+
+
+def test_auth_off_renders_what_it_did_before() -> None:
+    plain = render_snapshot(TWO_MODELS, {}, OPTIONS)
+    assert plain == render_snapshot(TWO_MODELS, {}, replace(OPTIONS, auth=None))
+    names = [f["name"] for f in _filters(plain)]
+    assert JWT_FILTER not in names and RBAC_FILTER not in names and STRIP_FILTER not in names
+    text = json.dumps(plain.routes)
+    assert RBAC_FILTER not in text and JWT_FILTER not in text and "filter_metadata" not in text
+
+
+def test_filter_order_and_nothing_after_rbac_clears_the_route_cache() -> None:
+    snapshot = render_snapshot(TWO_MODELS, {}, replace(ON, rate_limits={"iris": 5}))
+    names = [f["name"] for f in _filters(snapshot)]
+    assert names == ["sluice.max_request_bytes", "sluice.body_model.extract", "sluice.body_model.headers",
+                     STRIP_FILTER, JWT_FILTER, RBAC_FILTER, "envoy.filters.http.local_ratelimit",
+                     "envoy.filters.http.grpc_stats", "envoy.filters.http.router"]
+    # The Lua filter (the one that clears the route cache) runs before authentication; jwt_authn
+    # would clear it only when told to, which it is not.
+    assert names.index("sluice.body_model.headers") < names.index(JWT_FILTER)
+    jwt = _filters(snapshot)[names.index(JWT_FILTER)]["typed_config"]
+    assert "clear_route_cache" not in json.dumps(jwt)
+    for after in _filters(snapshot)[names.index(RBAC_FILTER) + 1:]:
+        assert "clear_route_cache" not in json.dumps(after) and after["name"] != LUA_FILTER
+
+
+def test_provider_checks_issuer_audience_keys_and_strips_the_token() -> None:
+    snapshot = render_snapshot(TWO_MODELS, {}, replace(ON, auth=replace(
+        AUTH, claim_headers=(("sub", "x-jwt-sub"), ("team", "x-jwt-team")))))
+    filters = {f["name"]: f["typed_config"] for f in _filters(snapshot)}
+    provider = filters[JWT_FILTER]["providers"]["sluice"]
+    assert provider["issuer"] == "sluice-dev" and provider["audiences"] == ["sluice"]
+    assert json.loads(provider["local_jwks"]["inline_string"])["keys"][0]["kid"] == "k1"
+    assert provider["from_headers"] == [{"name": "authorization", "value_prefix": "Bearer "}]
+    assert provider["forward"] is False
+    assert provider["claim_to_headers"] == [{"header_name": "x-jwt-sub", "claim_name": "sub"},
+                                            {"header_name": "x-jwt-team", "claim_name": "team"}]
+    assert filters[JWT_FILTER]["rules"] == [{"match": {"prefix": "/"}, "requires": {"provider_name": "sluice"}}]
+    # A client's own x-jwt-sub is removed before jwt_authn, claim or no claim.
+    assert filters[STRIP_FILTER]["mutations"]["request_mutations"] == [{"remove": "x-jwt-sub"},
+                                                                       {"remove": "x-jwt-team"}]
+
+
+def test_no_audience_means_any() -> None:
+    snapshot = render_snapshot(TWO_MODELS, {}, replace(ON, auth=replace(AUTH, audiences=())))
+    provider = next(f for f in _filters(snapshot) if f["name"] == JWT_FILTER)["typed_config"]["providers"]["sluice"]
+    assert "audiences" not in provider
+
+
+def test_every_route_of_a_model_carries_its_policy() -> None:
+    routes = _routes(render_snapshot(TWO_MODELS, {}, ON))
+    for model, other in (("iris", "mlp"), ("mlp", "iris")):
+        mine = [r for name, r in routes.items() if name.startswith((f"{model}/", f"rest/{model}/"))]
+        assert len(mine) >= 10  # pins, refusals, split; gRPC and REST
+        for route in mine:
+            policy = _policy(route)
+            assert _values(policy["call"]["principals"]) == {("models", model), ("models", "*")}
+            assert (other, "x") not in _values(policy["call"]["principals"])
+            assert route["metadata"]["filter_metadata"]["sluice"] == {"model": model, "claim": "models"}
+            assert "repository-admin" not in policy  # repository control is off
+
+
+def test_single_model_default_routes_are_protected_too() -> None:
+    routes = _routes(render_snapshot(state(instance("iris", 1, "a", 7001)), {}, ON))
+    defaults = [r for name, r in routes.items() if name.startswith("default/")]
+    assert defaults
+    for route in defaults:
+        assert _values(_policy(route)["call"]["principals"]) == {("models", "iris"), ("models", "*")}
+
+
+def test_rate_limit_and_policy_live_side_by_side() -> None:
+    routes = _routes(render_snapshot(TWO_MODELS, {}, replace(ON, rate_limits={"iris": 5})))
+    for name in ("iris/split", "rest/iris/split"):
+        per_filter = routes[name]["typed_per_filter_config"]
+        assert set(per_filter) == {"envoy.filters.http.local_ratelimit", RBAC_FILTER}
+
+
+def test_probes_are_open_everything_else_needs_a_token() -> None:
+    routes = _routes(render_snapshot(TWO_MODELS, {}, replace(ON, answers_address="127.0.0.1:7999")))
+    for name in OPEN_ROUTES:
+        assert routes[name]["typed_per_filter_config"][JWT_FILTER]["disabled"] is True
+    disabled = {name for name, r in routes.items() if JWT_FILTER in r.get("typed_per_filter_config", {})}
+    assert disabled == set(OPEN_ROUTES)
+    # The index and the metadata reveal models: they need a token (no per-route exception), and
+    # any valid one will do (no policy).
+    for name in ("rest/repository/index", "rest/metadata", "gateway/RepositoryIndex", "gateway/ServerMetadata",
+                 "unknown-model", "missing-model-header"):
+        assert RBAC_FILTER not in routes[name].get("typed_per_filter_config", {})
+
+
+def test_access_rule_of_the_routing_document_overrides_the_default() -> None:
+    snapshot = render_snapshot(state(_rest_instance("iris", 1, 7001), _rest_instance("mlp", 1, 7011),
+                                     routing("iris", {"weights": {"1": 1},
+                                                      "access": {"claim": "groups", "allow": ["team-a", "team-b"]}}),
+                                     routing("mlp", {"weights": {"1": 1}, "access": {"claim": "g", "allow": ["*"]}})),
+                               {}, ON)
+    routes = _routes(snapshot)
+    assert _values(_policy(routes["iris/split"])["call"]["principals"]) == {("groups", "team-a"), ("groups", "team-b")}
+    assert routes["rest/iris/split"]["metadata"]["filter_metadata"]["sluice"]["claim"] == "groups"
+    assert _policy(routes["mlp/split"])["call"]["principals"] == [{"any": True}]
+
+
+def test_repository_control_needs_the_admin_claim() -> None:
+    routes = _routes(render_snapshot(TWO_MODELS, {}, replace(ON, allow_repository_control=True)))
+    for name in ("iris/split", "rest/iris/repository"):
+        policy = _policy(routes[name])
+        admin = policy["repository-admin"]
+        matcher = admin["principals"][0]["sourced_metadata"]["metadata_matcher"]
+        assert matcher["path"] == [{"key": PAYLOAD_KEY}, {"key": "admin"}]
+        assert matcher["value"] == {"bool_match": True}
+        paths = json.dumps(admin["permissions"])
+        assert "/inference.GRPCInferenceService/RepositoryModelLoad" in paths
+        assert r"/v2/repository/models/iris/(load|unload)/?" in paths
+        # Calling the model never covers loading it: the call policy excludes those paths.
+        assert policy["call"]["permissions"] == [{"not_rule": admin["permissions"][0]}]
+
+
+def test_reply_mappers_come_first_and_only_when_on() -> None:
+    def mappers(snapshot: Snapshot) -> list[dict[str, Any]]:
+        hcm = snapshot.listener["filter_chains"][0]["filters"][0]["typed_config"]
+        return list(hcm["local_reply_config"]["mappers"])
+
+    plain, secured = mappers(render_snapshot(TWO_MODELS, {}, OPTIONS)), mappers(render_snapshot(TWO_MODELS, {}, ON))
+    assert secured[len(secured) - len(plain):] == plain
+    added = secured[:len(secured) - len(plain)]
+    assert [m.get("status_code") for m in added] == [None, None, None, None, 401, 401]
+    text = json.dumps(added)
+    assert "%METADATA(ROUTE:sluice:model)%" in text and "authentication failed: %LOCAL_REPLY_BODY%" in text
+    assert "'admin' is true" in text
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def jwks_file(tmp_path: Path) -> Path:
+    path = tmp_path / "jwks.json"
+    path.write_text(JWKS)
+    return path
+
+
+def test_settings_turn_auth_on_with_an_issuer(jwks_file: Path) -> None:
+    settings = GatewaySettings(jwt_issuer="sluice-dev", jwt_audiences=["sluice", "other"], jwt_jwks=jwks_file,
+                               jwt_claim_headers={"sub": "X-Jwt-Sub", "team": "x-team"})
+    options = auth_options(settings)
+    assert options is not None
+    assert options.jwks == JWKS and options.audiences == ("sluice", "other")
+    assert options.claim_headers == (("sub", "x-jwt-sub"), ("team", "x-team"))
+    assert (options.access_claim, options.admin_claim) == ("models", "admin")
+    assert auth_options(GatewaySettings()) is None
+
+
+def test_settings_from_the_environment(jwks_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_GATEWAY_JWT_ISSUER", "iss")
+    monkeypatch.setenv("SLUICE_GATEWAY_JWT_AUDIENCES", "a, b")
+    monkeypatch.setenv("SLUICE_GATEWAY_JWT_JWKS", str(jwks_file))
+    monkeypatch.setenv("SLUICE_GATEWAY_JWT_CLAIM_HEADERS", "sub=x-jwt-sub,email=x-jwt-email")
+    settings = GatewaySettings()
+    assert settings.jwt_audiences == ["a", "b"]
+    assert settings.jwt_claim_headers == {"sub": "x-jwt-sub", "email": "x-jwt-email"}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"jwt_issuer": "iss"}, "needs exactly one of --jwt-jwks FILE and --jwt-jwks-uri URL"),
+    ({"jwt_jwks": "JWKS"}, "need --jwt-issuer"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "JWKS", "jwt_jwks_uri": "https://idp/jwks"}, "exactly one of"),
+    ({"jwt_issuer": "iss", "jwt_jwks_uri": "ftp://idp/jwks"}, "not an http:// or https:// URL"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "MISSING"}, "cannot be read"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "NOT_JWKS"}, "not a JWKS"),
+    ({"jwt_issuer": "", "jwt_jwks": "JWKS"}, "--jwt-issuer '': must be 1 to 256 printable characters"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "JWKS", "jwt_claim_headers": {"sub": "authorization"}},
+     "'authorization' is a header the gateway or gRPC uses"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "JWKS", "jwt_claim_headers": {"sub": "x-model-name"}}, "x-model-name"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "JWKS", "jwt_claim_headers": {"sub": "bad header"}}, "not an HTTP header"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "JWKS", "jwt_claim_headers": {"a": "x-a", "b": "x-A"}}, "for two claims"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "JWKS", "access_claim": "a b"}, "--access-claim: 'a b' is not a claim"),
+    ({"jwt_issuer": "iss", "jwt_jwks": "JWKS", "jwt_claim_headers": ["sub"]}, "is not CLAIM=HEADER"),
+])
+def test_bad_jwt_settings_name_the_flag(fields: dict[str, Any], message: str, jwks_file: Path) -> None:
+    paths = {"JWKS": jwks_file, "MISSING": jwks_file.with_name("missing.json"),
+             "NOT_JWKS": jwks_file.with_name("not.json")}
+    paths["NOT_JWKS"].write_text('{"keys": []}')
+    given = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}
+    with pytest.raises(ValidationError) as excinfo:
+        GatewaySettings(**given)
+    assert message in str(excinfo.value)
+
+
+# -- the key set's watch ------------------------------------------------------------------------------
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+async def test_a_rotated_key_set_is_noticed_and_a_broken_one_ignored(jwks_file: Path) -> None:
+    watch = JwksWatch(JWKS, path=jwks_file)
+    assert await watch.check() is None
+    rotated = json.dumps(jwks_of(ec.generate_private_key(ec.SECP256R1()), "k2"), sort_keys=True,
+                         separators=(",", ":"))
+    tmp = jwks_file.with_name(".jwks.tmp")
+    tmp.write_text(rotated)
+    os.replace(tmp, jwks_file)  # the way a Secret volume or an atomic writer rotates it
+    assert await watch.check() == rotated
+    assert await watch.check() is None
+    os.replace(_written(tmp, '{"keys": ['), jwks_file)  # broken: the last good set stays
+    assert await watch.check() is None
+    assert watch.current == rotated
+    os.unlink(jwks_file)
+    assert await watch.check() is None
+
+
+# -- a real Envoy --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_real_envoy_accepts_the_secured_config() -> None:
+    snapshot = render_snapshot(
+        state(_rest_instance("iris", 1, 7001), _rest_instance("mlp", 1, 7011),
+              routing("mlp", {"weights": {"1": 1}, "access": {"claim": "groups", "allow": ["team-a", "*"]}})),
+        {}, replace(ON, allow_repository_control=True, rate_limits={"iris": 5}, answers_address="127.0.0.1:7999",
+                    auth=replace(AUTH, claim_headers=(("sub", "x-jwt-sub"), ("email", "x-jwt-email")))))
+    await validate_snapshot(find_envoy(), snapshot)
+    # Before the first fetch of a remote key set, the provider has a key no token matches.
+    remote = auth_options(GatewaySettings(jwt_issuer="iss", jwt_jwks_uri="https://idp.example/jwks.json"))
+    assert remote is not None
+    await validate_snapshot(find_envoy(), render_snapshot(TWO_MODELS, {}, replace(ON, auth=remote)))
