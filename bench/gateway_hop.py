@@ -76,6 +76,8 @@ class Target:
     """``x-model-name`` for header routing; () makes the gateway route on the body's model_name."""
     response_bytes: int = 0
     samples: dict[int, list[Sample]] = field(default_factory=dict)
+    scheme: str = "http"
+    """``https``: h2load speaks TLS to this target."""
 
     def median(self, concurrency: int, attribute: str) -> float:
         return statistics.median(float(getattr(s, attribute)) for s in self.samples[concurrency])
@@ -100,6 +102,7 @@ def measure(target: Target, body_path: Path, concurrency: int, *, duration: floa
     cores = os.cpu_count() or 1
     before = [core_ticks(core) for core in range(cores)]
     result = loadgen.run_h2load(target.port, body_path, concurrency, duration, cpu=None, headers=target.headers,
+                                scheme=target.scheme,
                                 log_path=log_dir / f"h2load-{target.name}-c{concurrency}-{index}.tsv")
     busy = machine_busy_since(before)
     if not result.ok or result.failed:

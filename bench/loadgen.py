@@ -203,10 +203,12 @@ def h2load_command(
     cpu: str | None = None,
     nice: int = 0,
     headers: Sequence[str] = (),
+    scheme: str = "http",
 ) -> list[str]:
     """One HTTP/2 connection (-c 1) carrying ``concurrency`` concurrent streams (-m).
 
-    ``headers`` are extra ``name: value`` request headers (e.g. the gateway's ``x-model-name``).
+    ``headers`` are extra ``name: value`` request headers (e.g. the gateway's ``x-model-name``);
+    ``scheme`` ``https`` makes h2load speak TLS (h2 by ALPN; it does not check the certificate).
     """
     cmd = launch_prefix(cpu, nice)
     cmd += [h2load_path() or "h2load", "-c", "1", "-t", "1", "-m", str(concurrency)]
@@ -221,7 +223,7 @@ def h2load_command(
         "-H",
         "te: trailers",
         *(arg for header in headers for arg in ("-H", header)),
-        f"http://127.0.0.1:{port}{MODEL_INFER_PATH}",
+        f"{scheme}://127.0.0.1:{port}{MODEL_INFER_PATH}",
     ]
     return cmd
 
@@ -238,11 +240,12 @@ def run_h2load(
     warmup_requests: int = 200,
     server_probe: CoreProbe | None = None,
     headers: Sequence[str] = (),
+    scheme: str = "http",
 ) -> H2Result:
     """Warm up with a fixed request count, then measure for ``duration`` seconds."""
     warm = h2load_command(
         port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu, nice=nice,
-        headers=headers,
+        headers=headers, scheme=scheme,
     )
     try:
         subprocess.run(warm, capture_output=True, text=True, timeout=60, check=False)
@@ -250,7 +253,7 @@ def run_h2load(
         return H2Result(False, "h2load warm-up did not finish within 60s")
     log_path.unlink(missing_ok=True)
     cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu, nice=nice,
-                         headers=headers)
+                         headers=headers, scheme=scheme)
     client_core = single_core(cpu)
     client_probe = CoreProbe(client_core) if client_core is not None else None
     for probe in (server_probe, client_probe):

@@ -1,0 +1,170 @@
+"""What TLS and JWT on the gateway listener cost per request, next to a plain gateway, in one run.
+
+Starts a throwaway etcd, one plain ``sluice serve`` (iris version 1) and three ``sluice gateway``
+processes over the same registry: plain, TLS on the listener (``--tls-cert/--tls-key``), and TLS
+plus JWT with per-model authorization (``--jwt-issuer/--jwt-audience/--jwt-jwks``,
+``--access-claim``) as ``sluice up --secure`` configures the listener, the keys from a throwaway
+development PKI (mesh/devstack/pki.py). The services stay plaintext here: this measures the front
+door, not the upstream mTLS. Before measuring it checks that the secured gateway refuses a call
+without a token and answers the benchmark bytes with one exactly as the direct call does. Then
+h2load (one HTTP/2 connection, over TLS where the gateway has it; the token in ``authorization``)
+runs c=1 and c=32 on every path in interleaved rounds; each cell is the median over the rounds,
+the differences are paired by round.
+
+    python -m bench.security [--duration 5] [--rounds 3] [--envoy-concurrency 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/security.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc
+import numpy as np
+
+from bench import loadgen
+from bench.gateway_hop import HEADERS, PREFIX, Target, measure, register
+from bench.propagation import Admin, etcd_binary, start, tear_down, wait
+from examples.build_models import build_iris
+from mesh.devstack import tokens
+from mesh.devstack.pki import ensure_dev_pki, load_signing_key
+from mesh.devstack.stack import etcd_argv
+from mesh.ports import free_port
+from mesh.registry.settings import EtcdSettings
+
+
+def _secure_call(port: int, ca: Path, body: bytes, token: str | None) -> bytes | grpc.RpcError:
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            loadgen.MODEL_INFER_PATH, request_serializer=None, response_deserializer=None)
+        metadata: tuple[tuple[str, str | bytes], ...] = (
+            ("x-model-name", "iris"), *((("authorization", f"Bearer {token}"),) if token else ()))
+        try:
+            answer: bytes = call(body, timeout=15, metadata=metadata)
+            return answer
+        except grpc.RpcError as exc:
+            return exc
+
+
+def render(direct: Target, targets: list[Target], args: argparse.Namespace) -> str:
+    plain = targets[0]
+    lines = [
+        f"iris v1, batch 1, {args.rounds} rounds x {args.duration:g} s per point (median), "
+        f"Envoy --concurrency {args.envoy_concurrency}, {os.cpu_count()} cores",
+        "",
+        "| path | c=1 p50 ms | c=1 p50 vs plain gateway (paired) | c=1 req/s | c=32 req/s | c=32 vs plain "
+        "| c=32 p50 ms | CPU µs/req (c=1 / c=32) | CPU vs plain (c=1 / c=32) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for target in [direct, *targets]:
+        lines.append(
+            f"| {target.name} | {target.median(1, 'p50_ms'):.3f} | {target.paired(plain, 1, 'p50_ms'):+.3f} ms "
+            f"| {target.median(1, 'rps'):,.0f} | {target.median(32, 'rps'):,.0f} "
+            f"| {target.median(32, 'rps') / plain.median(32, 'rps'):.2f}x | {target.median(32, 'p50_ms'):.2f} "
+            f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} "
+            f"| {target.paired(plain, 1, 'cpu_us'):+.0f} / {target.paired(plain, 32, 'cpu_us'):+.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per h2load run (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
+    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, h2load logs)")
+    args = parser.parse_args()
+    if loadgen.h2load_path() is None:
+        raise SystemExit("h2load not found (apt-get install nghttp2-client)")
+
+    workdir = Path(tempfile.mkdtemp(prefix="sluice-security-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    python = [sys.executable, "-m", "mesh.cli"]
+    try:
+        pki = ensure_dev_pki(workdir / "pki")
+        token = tokens.mint(load_signing_key(pki.jwt_key), subject="bench", models=["iris"])
+        etcd_port, peer_port = free_port(), free_port()
+        procs.append(start(etcd_argv(etcd_binary(), workdir / "etcd", etcd_port, peer_port, durable=False),
+                           workdir / "etcd.log"))
+        build_iris(workdir / "built")
+        repo = workdir / "repo" / "iris"
+        repo.mkdir(parents=True)
+        shutil.copy(workdir / "built" / "iris" / "config.yaml", repo / "config.yaml")
+        shutil.copytree(workdir / "built" / "iris" / "1", repo / "1")
+        service_port = free_port()
+        procs.append(start([*python, "serve", "--repo", str(repo.parent), "--port", str(service_port),
+                            "--metrics-port", "-1", "--rest-port", "-1", "--log-format", "json",
+                            "--log-level", "warning"], workdir / "serve.log"))
+        tls = ["--tls-cert", str(pki.gateway.cert), "--tls-key", str(pki.gateway.key)]
+        jwt = ["--jwt-issuer", tokens.ISSUER, "--jwt-audience", tokens.AUDIENCE, "--jwt-jwks", str(pki.jwks),
+               "--access-claim", tokens.MODELS_CLAIM, "--admin-claim", tokens.ADMIN_CLAIM]
+        bearer = (*HEADERS, f"authorization: Bearer {token}")
+        gateways = [("gateway, plain", [], HEADERS, "http"), ("gateway, TLS", tls, HEADERS, "https"),
+                    ("gateway, TLS + JWT + per-model RBAC", [*tls, *jwt], bearer, "https")]
+        targets: list[Target] = []
+        admins = []
+        for index, (name, flags, headers, scheme) in enumerate(gateways):
+            listen_port, admin_port = free_port(), free_port()
+            procs.append(start([*python, "gateway", "--etcd", f"127.0.0.1:{etcd_port}", "--prefix", PREFIX,
+                                "--listen-host", "127.0.0.1", "--listen-port", str(listen_port),
+                                "--admin-port", str(admin_port), "--metrics-port", "-1",
+                                "--envoy-concurrency", str(args.envoy_concurrency),
+                                "--xds-dir", str(workdir / f"xds-{index}"), "--access-log", "/dev/null",
+                                "--log-format", "json", *flags], workdir / f"gateway-{index}.log"))
+            targets.append(Target(name, listen_port, headers=headers, scheme=scheme))
+            admins.append(Admin(admin_port))
+        for admin in admins:
+            wait(lambda a=admin: a.get("/ready").strip() == b"LIVE", 60, "Envoy ready")
+        settings = EtcdSettings(endpoints=[f"127.0.0.1:{etcd_port}"], prefix=PREFIX)
+        asyncio.run(register(settings, f"127.0.0.1:{service_port}"))
+
+        inputs = {"input": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)}
+        body = loadgen.encode_request("iris", inputs)
+        body_path = workdir / "iris.body.bin"
+        body_path.write_bytes(loadgen.grpc_frame(body))
+        direct = Target("direct (plaintext)", service_port)
+        for target in (direct, targets[0]):
+            error = loadgen.wait_until_serving(target.port, body, 60.0)
+            if error:
+                raise SystemExit(f"{target.name}: {error}")
+        reference = loadgen.raw_call(direct.port, body, 15.0)
+        if isinstance(reference, str):
+            raise SystemExit(f"direct: {reference}")
+        for target in [direct, *targets]:
+            target.response_bytes = len(reference) + 5
+        wait(lambda: _secure_call(targets[1].port, pki.ca.cert, body, None) == reference, 60, "TLS gateway routed")
+        wait(lambda: _secure_call(targets[2].port, pki.ca.cert, body, token) == reference, 60,
+             "TLS + JWT gateway routed")
+        refused = _secure_call(targets[2].port, pki.ca.cert, body, None)
+        if not isinstance(refused, grpc.RpcError) or refused.code() != grpc.StatusCode.UNAUTHENTICATED:
+            raise SystemExit(f"the JWT gateway answered a call without a token: {refused!r}")
+
+        load_before = os.getloadavg()[0]
+        log_dir = workdir / "h2load"
+        log_dir.mkdir()
+        every = [direct, *targets]
+        for index in range(args.rounds):
+            for concurrency in (1, 32):
+                for target in every if index % 2 == 0 else every[::-1]:
+                    sample = measure(target, body_path, concurrency, duration=args.duration, log_dir=log_dir,
+                                     index=index)
+                    target.samples.setdefault(concurrency, []).append(sample)
+                    print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
+                          f"p50 {sample.p50_ms:.3f} ms, machine {100 * sample.machine_busy:.0f} % busy", flush=True)
+        print(f"\nload average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+        print(render(direct, targets, args))
+    finally:
+        tear_down(procs, workdir, keep=args.keep)
+
+
+if __name__ == "__main__":
+    main()
