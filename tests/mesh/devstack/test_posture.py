@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from examples.build_models import build_iris
 from mesh.devstack import tokens
 from mesh.devstack.pki import ensure_dev_pki, load_signing_key
+from mesh.devstack.stack import find_etcd
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.processes import ManagedProcess, wait_for
@@ -362,3 +363,23 @@ def test_the_secure_stacks_services_refuse_a_caller_without_a_client_certificate
     with grpc.secure_channel(service, mutual) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerReady(pb.ServerReadyRequest(), timeout=CALL_TIMEOUT).ready
+
+
+# -- the status document ----------------------------------------------------------------------
+EXPECTED_AUTH = {False: {"tls": "off", "upstream_tls": "off", "jwt": "off"},
+                 True: {"tls": "tls", "upstream_tls": "mtls", "jwt": "on"}}
+
+
+def test_the_status_document_reports_the_auth_mode_in_force(stack: Stack) -> None:
+    etcdctl = find_etcd("etcdctl")
+    assert etcdctl is not None
+
+    def status() -> dict[str, Any]:
+        result = subprocess.run([etcdctl, "--endpoints", stack.env["SLUICE_ETCD_ENDPOINTS"], "get",
+                                 f"{stack.env['SLUICE_ETCD_PREFIX']}models/iris/status", "--print-value-only"],
+                                capture_output=True, text=True, timeout=30, check=True,
+                                env={**os.environ, "ETCDCTL_API": "3"})
+        return json.loads(result.stdout) if result.stdout.strip() else {}
+
+    wait_for(lambda: "auth" in status(), 30, "the gateway's status document of iris")
+    assert status()["auth"] == EXPECTED_AUTH[stack.secure]
