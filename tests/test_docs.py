@@ -1,6 +1,7 @@
 """The documented commands, run as written against a live `sluice up`.
 
-A fenced block of README.md or docs/etcd-schema.md runs when the line before it says so:
+A fenced block of README.md, docs/etcd-schema.md or docs/observability.md runs when the line
+before it says so:
 
     <!-- test: run -->                      the block must exit 0
     <!-- test: run; expect: REGEX -->       ... and its output (stdout and stderr) must match REGEX
@@ -8,8 +9,9 @@ A fenced block of README.md or docs/etcd-schema.md runs when the line before it 
 ``sh``/``bash`` blocks run with ``bash -e -o pipefail``, ``python`` blocks with the venv's
 interpreter; each in a fresh shell after ``eval "$(.venv/bin/sluice env)"``, in the order of
 the file, from a folder laid out as a clone (``.venv``, ``examples``) whose `sluice up` runs with
-the default run directory, exactly as the README starts it. The README's metrics block is not
-marked: with two services, one may not have served a request yet, and its grep finds nothing.
+the default run directory, exactly as the README starts it. A block whose output depends on
+which process served a request makes every process serve one first (the README's metrics block
+calls each service directly), so that what it greps for is there.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from mesh.ports import free_port
 from tests.fixtures.processes import ManagedProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/etcd-schema.md")
+DOCS = ("README.md", "docs/etcd-schema.md", "docs/observability.md")
+SECURE_UP = ("up", "--secure", "--services", "1", "--run-dir", ".sluice-secure")
 _MARKED = re.compile(r"^<!-- test: run(?:; expect: (?P<expect>.+?))? -->\n```(?P<lang>\w+)\n(?P<body>.*?)^```$",
                      re.MULTILINE | re.DOTALL)
 
@@ -90,6 +93,11 @@ def test_documented_commands_run_as_written(tmp_path: Path, process_factory: Cal
     (clone / "examples").symlink_to(ROOT / "examples")
     up = process_factory("sluice-up", [str(clone / ".venv" / "bin" / "sluice"), "up"], env=clean_env(), cwd=clone)
     up.wait_until(lambda: "Press Ctrl-C" in up.log_text(), 200, "the stack up (README command 1)")
+    # The README's secure mode runs a second stack beside it, as its unmarked command starts it.
+    secure = process_factory("sluice-up-secure", [str(clone / ".venv" / "bin" / "sluice"), *SECURE_UP],
+                             env=clean_env(), cwd=clone)
+    secure.wait_until(lambda: "Press Ctrl-C" in secure.log_text(), 200, "the secure stack up (README secure mode)")
+    assert f".venv/bin/sluice {' '.join(SECURE_UP)}\n" in (ROOT / "README.md").read_text()
     assert 'eval "$(.venv/bin/sluice env)"' in up.log_text()  # the default run directory needs no flag
 
     failures = []
@@ -108,7 +116,7 @@ def test_documented_commands_run_as_written(tmp_path: Path, process_factory: Cal
                               text=True, timeout=60, check=True).stdout
     names = [line.removeprefix("export ").partition("=")[0] for line in exported.splitlines()]
     assert names[:len(ENV_EXPORTS)] == list(ENV_EXPORTS) and set(names[len(ENV_EXPORTS):]) <= {"PATH"}
-    (tour_env,) = [block.body for block in marked_blocks("README.md") if "sluice env" in block.body]
+    tour_env = next(block.body for block in marked_blocks("README.md") if "sluice env" in block.body)
     assert all(name in tour_env for name in ENV_EXPORTS), tour_env
     cli = (ROOT / "docs" / "cli.md").read_text()
     assert all(f"`{name}" in cli for name in ENV_EXPORTS)
