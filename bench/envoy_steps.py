@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.bootstrap import validation_config
-from gateway.render import RenderOptions, render_snapshot
+from gateway.render import default_render_options, render_snapshot
 from gateway.snapshot import cluster_name
 from mesh.registry.etcd.client import KeyValue
 from mesh.registry.keys import KeySchema
@@ -66,10 +66,10 @@ def full_config(service_address: str, *, listen_port: int, admin_port: int, acce
     value = record.to_json()
     state = build_state(schema, 2, [KeyValue(schema.instance(MODEL, VERSION, record.instance_id).encode(),
                                              value, 1, 1, 1, 0)])
-    options = RenderOptions(xds_dir="/nonexistent", listen_host="127.0.0.1", listen_port=listen_port,
-                            access_log=access_log, otlp_endpoint=otlp_endpoint,
-                            # Far above what one connection can send: the filter runs, never refuses.
-                            rate_limits={MODEL: 10_000_000})
+    options = default_render_options(xds_dir="/nonexistent", listen_host="127.0.0.1", listen_port=listen_port,
+                                     access_log=access_log, otlp_endpoint=otlp_endpoint,
+                                     # Far above what one connection can send: the filter runs, never refuses.
+                                     rate_limits={MODEL: 10_000_000})
     return validation_config(render_snapshot(state, {}, options), admin_port)
 
 

@@ -26,7 +26,7 @@ import watchfiles
 
 from gateway.admin import EnvoyAdmin, mismatches
 from gateway.answers import AnswersServer, view_of
-from gateway.auth import auth_options, jwks_watch
+from gateway.auth import jwks_watch
 from gateway.bootstrap import bootstrap
 from gateway.envoy import EnvoyProcess, find_envoy, validate_snapshot
 from gateway.errors import (
@@ -38,7 +38,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.publish import Publisher, load_published
-from gateway.render import RenderOptions, render_snapshot
+from gateway.render import render_options, render_snapshot
 from gateway.rest_routes import SERVER_VERSION
 from gateway.settings import GatewaySettings
 from gateway.snapshot import Snapshot, dump_yaml, shape_key, snapshot_from_files, transition
@@ -60,35 +60,6 @@ _LIVENESS_INTERVAL = 1.0
 _TLS_DEBOUNCE_MS = 200
 """Quiet time after a change to a watched certificate folder before the files are read again."""
 _MAX_RETRY_DELAY = 30.0
-
-
-def render_options(settings: GatewaySettings) -> RenderOptions:
-    return RenderOptions(
-        xds_dir=str(settings.xds_dir.absolute()),
-        listen_host=settings.listen_host,
-        listen_port=settings.listen_port,
-        connect_timeout_ms=settings.connect_timeout_ms,
-        route_timeout=settings.route_timeout,
-        per_try_timeout=settings.per_try_timeout,
-        num_retries=settings.num_retries,
-        max_request_bytes=settings.max_request_bytes,
-        health_check_interval=settings.health_check_interval,
-        max_connections=settings.max_connections,
-        max_pending_requests=settings.max_pending_requests,
-        max_requests=settings.max_requests,
-        rate_limits=dict(settings.rate_limits),
-        access_log=str(settings.access_log.absolute()) if settings.access_log else None,
-        tls_cert=str(settings.tls_cert.absolute()) if settings.tls_cert else None,
-        tls_client_ca=str(settings.tls_client_ca.absolute()) if settings.tls_client_ca else None,
-        otlp_endpoint=settings.otlp_endpoint,
-        trace_sampling=settings.trace_sampling,
-        allow_repository_control=settings.allow_repository_control,
-        upstream_tls_ca=str(settings.upstream_tls_ca.absolute()) if settings.upstream_tls_ca else None,
-        upstream_tls_cert=str(settings.upstream_tls_cert.absolute()) if settings.upstream_tls_cert else None,
-        upstream_tls_key=str(settings.upstream_tls_key.absolute()) if settings.upstream_tls_key else None,
-        upstream_tls_san=settings.upstream_tls_san,
-        auth=auth_options(settings),
-    )
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

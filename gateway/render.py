@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from gateway.answers import ANSWERED_PATHS, ANSWERS_CLUSTER
-from gateway.auth import AuthOptions, auth_filters, auth_reply_mappers, open_routes, protect_model_routes
+from gateway.auth import AuthOptions, auth_filters, auth_options, auth_reply_mappers, open_routes, protect_model_routes
 from gateway.body_routing import body_routing_filters
 from gateway.rest_routes import (
     gateway_rest_routes,
@@ -21,6 +22,7 @@ from gateway.rest_routes import (
     rest_cluster_name,
     rest_local_reply_mappers,
 )
+from gateway.settings import GatewaySettings
 from gateway.snapshot import (
     LISTENER_NAME,
     RDS_FILE,
@@ -57,49 +59,92 @@ _RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """The settings that shape the rendered config (a pure subset of :class:`GatewaySettings`)."""
+    """The settings that shape the rendered config: a pure subset of :class:`GatewaySettings`, made
+    by :func:`render_options` (defaults are the settings' own, declared there once)."""
 
     xds_dir: str
     """Absolute path of the watched directory; file xDS paths point into it."""
-    listen_host: str = "0.0.0.0"
-    listen_port: int = 8080
-    connect_timeout_ms: int = 1000
-    route_timeout: float = 60.0
-    per_try_timeout: float = 20.0
-    num_retries: int = 3
-    max_request_bytes: int = 64 * 1024 * 1024
-    health_check_interval: float = 1.0
-    max_connections: int = 1024
-    max_pending_requests: int = 1024
-    max_requests: int = 4096
-    rate_limits: Mapping[str, int] = field(default_factory=dict)
-    access_log: str | None = None
+    listen_host: str
+    listen_port: int
+    connect_timeout_ms: int
+    route_timeout: float
+    per_try_timeout: float
+    num_retries: int
+    max_request_bytes: int
+    health_check_interval: float
+    max_connections: int
+    max_pending_requests: int
+    max_requests: int
+    rate_limits: Mapping[str, int]
+    access_log: str | None
     """File path of the JSON access log; None = Envoy's stdout."""
-    otlp_endpoint: str | None = None
+    otlp_endpoint: str | None
     """``host:port`` of an OTLP gRPC collector: Envoy traces every request into it (W3C traceparent)."""
-    trace_sampling: float = 100.0
+    trace_sampling: float
     """Percent of new requests traced (requests with a sampled traceparent are always traced)."""
-    service_name: str = "sluice-gateway"
-    allow_repository_control: bool = False
+    allow_repository_control: bool
     """Route RepositoryModelLoad/Unload to the services; off: the gateway refuses them itself."""
-    tls_cert: str | None = None
+    tls_cert: str | None
     """The listener's certificate file: set, the listener speaks TLS (ALPN h2, http/1.1) with the
     SDS secret ``sluice_listener_cert`` (gateway/tls.py); None: plaintext."""
-    tls_client_ca: str | None = None
+    tls_client_ca: str | None
     """The clients' CA file: set, the listener requires a client certificate (SDS secret
     ``sluice_listener_client_ca``)."""
-    upstream_tls_ca: str | None = None
+    upstream_tls_ca: str | None
     """PEM CA file of the services' certificates: model clusters speak TLS (None: plaintext)."""
-    upstream_tls_cert: str | None = None
-    upstream_tls_key: str | None = None
+    upstream_tls_cert: str | None
+    upstream_tls_key: str | None
     """Envoy's client certificate and key towards services that require one (mTLS)."""
-    upstream_tls_san: str | None = None
+    upstream_tls_san: str | None
     """Subject alternative name the services' certificates must carry (None: any the CA signed)."""
+    auth: AuthOptions | None
+    """JWT authentication and per-model authorization (gateway/auth.py); None: off."""
+    service_name: str = "sluice-gateway"
+    """The tracing service name of Envoy's spans (not a setting)."""
     answers_address: str | None = None
     """``host:port`` of the controller's own gRPC answers (gateway/answers.py) for the RPCs that name
-    no model, sent there when they carry no model header; None: no such routes."""
-    auth: AuthOptions | None = None
-    """JWT authentication and per-model authorization (gateway/auth.py); None: off."""
+    no model, sent there when they carry no model header; None: no such routes (known once the
+    controller's answers server listens)."""
+
+
+def _absolute(path: Path | None) -> str | None:
+    return str(path.absolute()) if path is not None else None
+
+
+def render_options(settings: GatewaySettings) -> RenderOptions:
+    """The render options of ``settings`` (file paths made absolute)."""
+    return RenderOptions(
+        xds_dir=str(settings.xds_dir.absolute()),
+        listen_host=settings.listen_host,
+        listen_port=settings.listen_port,
+        connect_timeout_ms=settings.connect_timeout_ms,
+        route_timeout=settings.route_timeout,
+        per_try_timeout=settings.per_try_timeout,
+        num_retries=settings.num_retries,
+        max_request_bytes=settings.max_request_bytes,
+        health_check_interval=settings.health_check_interval,
+        max_connections=settings.max_connections,
+        max_pending_requests=settings.max_pending_requests,
+        max_requests=settings.max_requests,
+        rate_limits=dict(settings.rate_limits),
+        access_log=_absolute(settings.access_log),
+        otlp_endpoint=settings.otlp_endpoint,
+        trace_sampling=settings.trace_sampling,
+        allow_repository_control=settings.allow_repository_control,
+        tls_cert=_absolute(settings.tls_cert),
+        tls_client_ca=_absolute(settings.tls_client_ca),
+        upstream_tls_ca=_absolute(settings.upstream_tls_ca),
+        upstream_tls_cert=_absolute(settings.upstream_tls_cert),
+        upstream_tls_key=_absolute(settings.upstream_tls_key),
+        upstream_tls_san=settings.upstream_tls_san,
+        auth=auth_options(settings),
+    )
+
+
+def default_render_options(xds_dir: str, **overrides: Any) -> RenderOptions:
+    """The options of a gateway with every setting at its default (tests, benchmarks), then
+    ``overrides``. Reads no environment and checks no file."""
+    return replace(render_options(GatewaySettings.model_construct(xds_dir=Path(xds_dir))), **overrides)
 
 
 def plan_model(model: ModelState, last_good: RoutingDocument | None) -> ModelPlan:

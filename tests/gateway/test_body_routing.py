@@ -9,12 +9,12 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 
 from gateway.body_routing import EXTRACTION_FILTER, INFERENCE_RPCS, LUA_FILTER, MODEL_RPCS, lua_source
-from gateway.render import RenderOptions, render_snapshot
+from gateway.render import default_render_options, render_snapshot
 from mesh.registry.keys import KeySchema
 from mesh.registry.state import build_state
 from protos.descriptors import DESCRIPTOR_SET_PATH, SERVICE
 
-OPTIONS = RenderOptions(xds_dir="/tmp/sluice-xds", rate_limits={"iris": 5})
+OPTIONS = default_render_options(xds_dir="/tmp/sluice-xds", rate_limits={"iris": 5})
 
 
 def http_filters() -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from gateway.bootstrap import validation_config
 from gateway.envoy import find_envoy, validate_snapshot
 from gateway.errors import EnvoyValidationError, InconsistentSnapshotError
 from gateway.publish import Publisher, load_published
-from gateway.render import RenderOptions, render_snapshot
+from gateway.render import default_render_options, render_snapshot
 from gateway.snapshot import (
     CONFIG_VERSION_HEADER,
     Snapshot,
@@ -29,7 +29,7 @@ from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument
 from mesh.registry.state import RegistryState, build_state
 
 SCHEMA = KeySchema()
-OPTIONS = RenderOptions(xds_dir="/tmp/sluice-xds", listen_host="127.0.0.1", listen_port=8080)
+OPTIONS = default_render_options(xds_dir="/tmp/sluice-xds", listen_host="127.0.0.1", listen_port=8080)
 
 
 def kv(key: str, value: bytes, revision: int = 1) -> KeyValue:
@@ -188,7 +188,7 @@ def test_repository_control_is_refused_before_any_model_route_by_default(method:
 
 
 def test_repository_control_routes_like_any_call_when_allowed() -> None:
-    options = RenderOptions(xds_dir="/tmp/sluice-xds", allow_repository_control=True)
+    options = default_render_options(xds_dir="/tmp/sluice-xds", allow_repository_control=True)
     snapshot = render_snapshot(state(*IRIS), {}, options)
     assert not any(name.startswith("repository-control/") for name in route_names(snapshot))
     assert route_names(snapshot)[0] == "iris/pin/v1"
@@ -201,7 +201,7 @@ def test_non_ip_addresses_are_left_out_with_a_warning() -> None:
 
 
 def test_rate_limit_is_rendered_per_model_route() -> None:
-    options = RenderOptions(xds_dir="/x", rate_limits={"iris": 5})
+    options = default_render_options(xds_dir="/x", rate_limits={"iris": 5})
     routes = routes_by_name(render_snapshot(state(*IRIS), {}, options))
     bucket = routes["iris/split"]["typed_per_filter_config"]["envoy.filters.http.local_ratelimit"]["token_bucket"]
     assert bucket == {"max_tokens": 5, "tokens_per_fill": 5, "fill_interval": "1s"}
@@ -264,7 +264,7 @@ def test_status_names_the_routing_revision_rendered_even_when_no_route_changes()
 
 
 def test_publish_layout_and_reload_from_disk(tmp_path: Path) -> None:
-    options = RenderOptions(xds_dir=str(tmp_path / "xds"))
+    options = default_render_options(xds_dir=str(tmp_path / "xds"))
     snapshot = render_snapshot(state(*IRIS), {}, options)
     publisher = Publisher(tmp_path / "xds")
     first = publisher.publish(snapshot.files())
@@ -285,7 +285,7 @@ def test_publish_layout_and_reload_from_disk(tmp_path: Path) -> None:
 async def test_real_envoy_accepts_rendered_snapshots_and_rejects_a_broken_one() -> None:
     binary = find_envoy()
     doc = {"weights": {"1": 70, "2": 30}, "sticky_header": "x-user"}
-    options = RenderOptions(xds_dir="/tmp/x", rate_limits={"iris": 10}, access_log="/tmp/access.log")
+    options = default_render_options(xds_dir="/tmp/x", rate_limits={"iris": 10}, access_log="/tmp/access.log")
     await validate_snapshot(binary, render_snapshot(state(*IRIS, routing("iris", doc)), {}, options))
     await validate_snapshot(binary, render_snapshot(state(), {}, OPTIONS))
     good = render_snapshot(state(*IRIS), {}, OPTIONS)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.envoy import find_envoy, validate_snapshot
-from gateway.render import RenderOptions, render_snapshot
+from gateway.render import default_render_options, render_snapshot
 from gateway.rest_routes import SERVER_NAME
 from gateway.snapshot import Snapshot, consistency_problems
 from gateway.status import status_documents
@@ -18,7 +18,7 @@ from mesh.registry.records import InstanceRecord, InstanceState
 from mesh.registry.state import RegistryState, build_state
 
 SCHEMA = KeySchema()
-OPTIONS = RenderOptions(xds_dir="/tmp/sluice-xds", listen_host="127.0.0.1", listen_port=8080)
+OPTIONS = default_render_options(xds_dir="/tmp/sluice-xds", listen_host="127.0.0.1", listen_port=8080)
 
 
 def kv(key: str, value: bytes) -> KeyValue:
@@ -199,7 +199,7 @@ def test_repository_control_over_rest_is_refused_unless_allowed() -> None:
     for operation in ("load", "unload"):
         status, doc = body(route_for(snapshot, f"/v2/repository/models/iris/{operation}"))
         assert status == 403 and "--allow-repository-control" in doc["error"]
-    allowed = render_snapshot(state(*IRIS), {}, RenderOptions(xds_dir="/tmp/x", allow_repository_control=True))
+    allowed = render_snapshot(state(*IRIS), {}, default_render_options(xds_dir="/tmp/x", allow_repository_control=True))
     assert route_for(allowed, "/v2/repository/models/iris/unload")["name"] == "rest/iris/repository"
     assert body(route_for(allowed, "/v2/repository/models/resnet/load"))[0] == 404
 
@@ -217,7 +217,7 @@ def test_grpc_paths_never_match_a_rest_route() -> None:
 
 
 def test_rate_limits_apply_to_rest_routes() -> None:
-    options = RenderOptions(xds_dir="/tmp/x", rate_limits={"iris": 5})
+    options = default_render_options(xds_dir="/tmp/x", rate_limits={"iris": 5})
     snapshot = render_snapshot(state(*IRIS), {}, options)
     limited = route_for(snapshot, "/v2/models/iris/infer")["typed_per_filter_config"]
     assert limited["envoy.filters.http.local_ratelimit"]["token_bucket"]["max_tokens"] == 5
@@ -235,8 +235,8 @@ def test_status_documents_do_not_change_with_rest() -> None:
 
 
 async def test_envoy_accepts_the_rest_snapshot(tmp_path: Path) -> None:
-    options = RenderOptions(xds_dir=str(tmp_path), listen_host="127.0.0.1", rate_limits={"iris": 5},
-                            allow_repository_control=True)
+    options = default_render_options(xds_dir=str(tmp_path), listen_host="127.0.0.1", rate_limits={"iris": 5},
+                                     allow_repository_control=True)
     snapshot = render_snapshot(state(*IRIS, routing("iris", {"1": 80, "2": 20}, sticky="x-user")), {}, options)
     await validate_snapshot(find_envoy(), snapshot)
     await validate_snapshot(find_envoy(), render_snapshot(state(*IRIS), {}, OPTIONS))
