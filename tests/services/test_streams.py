@@ -125,11 +125,22 @@ def test_idle_stream_is_ended_after_the_idle_timeout(start_service: Callable[...
     assert service.process.alive()
 
 
+def _answered(service: ServiceHandle) -> bool:
+    """The service answered a request (counted in its metrics: only the stuck stream sent one)."""
+    return any(line.startswith("sluice_requests_total{") and 'model="identity_fp32"' in line
+               and not line.endswith(" 0.0") for line in service.metrics_text().splitlines())
+
+
 def test_stream_whose_client_never_reads_is_ended(start_service: Callable[..., ServiceHandle],
                                                   repo: Path) -> None:
     """A client that sends requests for 4 MiB answers and never reads them holds the handler thread
-    in a blocked write: that counts as idle too."""
-    service = start_service(repo, "--no-watch", "--max-concurrency", "2", "--stream-idle-timeout", "2")
+    in a blocked write: that counts as idle too.
+
+    No probe is sent before the server answered the stuck stream's first request: a probe that
+    reached a loaded server first would take the one stream slot and the stuck stream would be
+    refused. The idle timeout (4 s) is the time the probes have to see the slot taken, counted
+    from that first answer."""
+    service = start_service(repo, "--no-watch", "--max-concurrency", "2", "--stream-idle-timeout", "4")
     big = np.zeros((1, 1024 * 1024), dtype=np.float32)
     frame = request(shape=big.shape, raw=big.tobytes())
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -144,10 +155,12 @@ def test_stream_whose_client_never_reads_is_ended(start_service: Callable[..., S
                     return probe.code is None and len(probe.answers) == 1
                 finally:
                     probe.close()
+            wait_for(lambda: _answered(service), WAIT_S, "the stuck stream's first request answered")
             # The one stream this service allows is taken by the stuck one...
-            wait_for(lambda: not probe_accepted(), WAIT_S, "a new stream refused while the stuck one is open")
+            assert not probe_accepted(), "a new stream was accepted while the stuck one is open"
             # ...until the server ends it for idling in its blocked write.
             wait_for(probe_accepted, WAIT_S, "a new stream accepted once the stuck one was ended")
+            assert "stream_idle_ended" in service.process.log_text()
             assert _unary(channel, timeout=RPC_TIMEOUT_S).model_name == "identity_fp32"
         finally:
             stuck.close()
