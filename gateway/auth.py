@@ -410,14 +410,15 @@ def open_routes(routes: Sequence[Resource], auth: AuthOptions | None) -> list[Re
 # -- what callers read --------------------------------------------------------------------------------
 
 
-def auth_reply_mappers(auth: AuthOptions | None) -> list[Resource]:
+def auth_reply_mappers(auth: AuthOptions | None, *, allow_repository_control: bool = False) -> list[Resource]:
     """local_reply_config mappers for refused tokens and denied calls (none when off).
 
     jwt_authn answers 401 with its reason ("Jwt is expired", "Jwt verification fails", …) and 403
     for a wrong audience; both become 401 "authentication failed: <reason>" (gRPC clients read
-    UNAUTHENTICATED). An RBAC denial (dynamic metadata ``enforced_engine_result: denied``) becomes
-    403 naming the model and the claim (PERMISSION_DENIED). REST requests get ``{"error": …}``.
-    The gateway's own 403 (repository control off) carries neither mark and passes unchanged.
+    UNAUTHENTICATED). A 403 after a verified token is an RBAC denial: 403 naming the model and the
+    claim (PERMISSION_DENIED), or, for repository load/unload, the admin claim. The one other 403
+    after a verified token, the REST repository control refusal (only while it is off), is left
+    as it is. REST requests get ``{"error": …}``.
     """
     if auth is None:
         return []
@@ -429,20 +430,22 @@ def auth_reply_mappers(auth: AuthOptions | None) -> list[Resource]:
     def path(match: Resource, *, invert: bool = False) -> Resource:
         return {"header_filter": {"header": {"name": ":path", "string_match": match, "invert_match": invert}}}
 
-    rest = path({"prefix": "/v2/"})
-    grpc = path({"prefix": "/v2/"}, invert=True)
-    denied = {"metadata_filter": {"matcher": {"filter": RBAC_FILTER, "path": [{"key": "enforced_engine_result"}],
-                                              "value": {"string_match": {"exact": "denied"}}},
-                                  "match_if_key_not_found": False}}
-    # No verified payload (the key is absent: null_match never matches a present payload).
-    unverified = {"metadata_filter": {"matcher": {"filter": JWT_FILTER, "path": [{"key": PAYLOAD_KEY}],
-                                                  "value": {"null_match": {}}},
-                                      "match_if_key_not_found": True}}
+    def payload(present: bool) -> Resource:
+        # null_match never matches a present payload: with match_if_key_not_found it means "absent".
+        return {"metadata_filter": {"matcher": {"filter": JWT_FILTER, "path": [{"key": PAYLOAD_KEY}],
+                                                "value": {"present_match": True} if present else {"null_match": {}}},
+                                    "match_if_key_not_found": not present}}
+
+    # "/v2" itself (server metadata) too; gRPC paths start with "/inference.".
+    rest = path({"prefix": "/v2"})
+    grpc = path({"prefix": "/v2"}, invert=True)
+    rest_repository = {"safe_regex": {"regex": "/v2/repository/models/[^/]+/(" + "|".join(REPOSITORY_OPERATIONS)
+                                               + ")/?"}}
     repository = {"or_filter": {"filters": [
-        *(path({"exact": _SERVICE_PATH + rpc}) for rpc in REPOSITORY_RPCS),
-        path({"safe_regex": {"regex": "/v2/repository/models/[^/]+/(" + "|".join(REPOSITORY_OPERATIONS) + ")/?"}}),
-    ]}}
-    unauthenticated = {"or_filter": {"filters": [status(401), {"and_filter": {"filters": [status(403), unverified]}}]}}
+        *(path({"exact": _SERVICE_PATH + rpc}) for rpc in REPOSITORY_RPCS), path(rest_repository)]}}
+    denied = [status(403), payload(True)]
+    unauthenticated = {"or_filter": {"filters": [status(401), {"and_filter": {"filters": [status(403),
+                                                                                          payload(False)]}}]}}
     model = "'%METADATA(ROUTE:sluice:model)%'"
     admin_text = f"permission denied: loading or unloading model {model} needs a token whose claim " \
                  f"'{auth.admin_claim}' is true"
@@ -458,11 +461,16 @@ def auth_reply_mappers(auth: AuthOptions | None) -> list[Resource]:
             found["status_code"] = code
         return found
 
+    mappers: list[Resource] = []
+    if allow_repository_control:
+        mappers += [mapper([*denied, repository, rest], admin_text, as_json=True),
+                    mapper([*denied, repository, grpc], admin_text, as_json=False)]
+    else:
+        denied.append(path(rest_repository, invert=True))  # the gateway's own refusal stays
     return [
-        mapper([status(403), denied, repository, rest], admin_text, as_json=True),
-        mapper([status(403), denied, repository, grpc], admin_text, as_json=False),
-        mapper([status(403), denied, rest], call_text, as_json=True),
-        mapper([status(403), denied, grpc], call_text, as_json=False),
+        *mappers,
+        mapper([*denied, rest], call_text, as_json=True),
+        mapper([*denied, grpc], call_text, as_json=False),
         mapper([unauthenticated, rest], authn_text, as_json=True, code=401),
         mapper([unauthenticated, grpc], authn_text, as_json=False, code=401),
     ]

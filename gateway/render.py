@@ -352,7 +352,9 @@ def _listener(options: RenderOptions) -> Resource:
         "http_filters": http_filters,
         "access_log": [access_log],
         **_tracing(options),
-        "local_reply_config": {"mappers": [*auth_reply_mappers(options.auth), *rest_local_reply_mappers(too_large), {
+        "local_reply_config": {"mappers": [
+            *auth_reply_mappers(options.auth, allow_repository_control=options.allow_repository_control),
+            *rest_local_reply_mappers(too_large), {
             # The buffer filter's "413 Payload Too Large" as a gRPC error a client understands.
             "filter": {"status_code_filter": {"comparison": {
                 "op": "EQ", "value": {"default_value": 413, "runtime_key": "sluice.too_large"}}}},

@@ -191,8 +191,11 @@ def test_reply_mappers_come_first_and_only_when_on() -> None:
         hcm = snapshot.listener["filter_chains"][0]["filters"][0]["typed_config"]
         return list(hcm["local_reply_config"]["mappers"])
 
-    plain, secured = mappers(render_snapshot(TWO_MODELS, {}, OPTIONS)), mappers(render_snapshot(TWO_MODELS, {}, ON))
+    plain = mappers(render_snapshot(TWO_MODELS, {}, OPTIONS))
+    secured = mappers(render_snapshot(TWO_MODELS, {}, ON))
     assert secured[len(secured) - len(plain):] == plain
+    assert [m.get("status_code") for m in secured[:len(secured) - len(plain)]] == [None, None, 401, 401]
+    secured = mappers(render_snapshot(TWO_MODELS, {}, replace(ON, allow_repository_control=True)))
     added = secured[:len(secured) - len(plain)]
     assert [m.get("status_code") for m in added] == [None, None, None, None, 401, 401]
     text = json.dumps(added)
