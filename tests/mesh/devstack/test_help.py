@@ -1,4 +1,4 @@
-"""`sluice up`, `env`, `down` and `traces` explain every flag in their help (no empty help)."""
+"""`sluice up`, `env`, `token`, `down` and `traces` explain every flag in their help (no empty help)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from mesh.cli import build_parser
 
-COMMANDS = ("up", "env", "down", "traces")
+COMMANDS = ("up", "env", "token", "down", "traces")
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
