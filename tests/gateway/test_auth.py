@@ -254,7 +254,7 @@ def test_bad_jwt_settings_name_the_flag(fields: dict[str, Any], message: str, jw
     paths = {"JWKS": jwks_file, "MISSING": jwks_file.with_name("missing.json"),
              "NOT_JWKS": jwks_file.with_name("not.json")}
     paths["NOT_JWKS"].write_text('{"keys": []}')
-    given = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}
+    given: dict[str, Any] = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}
     with pytest.raises(ValidationError) as excinfo:
         GatewaySettings(**given)
     assert message in str(excinfo.value)

@@ -307,7 +307,7 @@ async def test_repository_control_needs_the_admin_claim(routable: GatewayHandle,
 
 
 def _rotate(path: Path, keys: list[ec.EllipticCurvePrivateKey], kids: list[str]) -> None:
-    document = {"keys": [jwks_of(k, kid)["keys"][0] for k, kid in zip(keys, kids, strict=True)]}
+    document = {"keys": [json.loads(json.dumps(jwks_of(k, kid)))["keys"][0] for k, kid in zip(keys, kids, strict=True)]}
     tmp = path.with_name(".jwks.tmp")
     tmp.write_text(json.dumps(document))
     os.replace(tmp, path)
