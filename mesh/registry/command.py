@@ -315,6 +315,8 @@ def _status_notes(model: ModelState) -> list[str]:
     if status is not None and model.routing_revision and status.routing_revision != model.routing_revision:
         notes.append(f"the gateway has not rendered routing revision {model.routing_revision} (its status "
                      f"answers for revision {status.routing_revision}): is `sluice gateway` running?")
+    if status is not None and status.auth:
+        notes.append("gateway auth: " + " ".join(f"{part}={mode}" for part, mode in status.auth.items()))
     notes += [f"warning: {warning}" for warning in (status.warnings if status else [])]
     notes += [f"error: {error}" for error in (status.errors if status else [])]
     notes += [f"problem: {problem}" for problem in model.problems]

@@ -90,6 +90,18 @@ def test_effective_weights_and_errors_come_from_the_status_document(flags: list[
     assert " 100 " in row and "weights must sum to > 0" in row
 
 
+def test_status_shows_the_auth_mode_the_gateway_reports(flags: list[str], shared_etcd: EtcdServer,
+                                                        etcd_prefix: str) -> None:
+    shared_etcd.etcdctl("put", f"{etcd_prefix}models/iris/status",
+                        json.dumps({"effective_weights": {"1": 100},
+                                    "auth": {"tls": "mtls", "upstream_tls": "off", "jwt": "on"}}))
+    status = sluice("status", *flags)
+    assert "iris: gateway auth: tls=mtls upstream_tls=off jwt=on" in status.stdout, status.stdout
+    report = json.loads(sluice("status", "-o", "json", *flags).stdout)
+    assert [m["status"]["auth"] for m in report["models"] if m["model"] == "iris"] == [
+        {"tls": "mtls", "upstream_tls": "off", "jwt": "on"}]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["1=90", "x=10"], "weights: version 'x' is not a positive integer"),
     (["1=0"], "weights must sum to > 0"),
