@@ -3,8 +3,10 @@ settings that turn it on, the key set's watch; accepted by a real Envoy."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -300,3 +302,35 @@ async def test_real_envoy_accepts_the_secured_config() -> None:
     remote = auth_options(GatewaySettings(jwt_issuer="iss", jwt_jwks_uri="https://idp.example/jwks.json"))
     assert remote is not None
     await validate_snapshot(find_envoy(), render_snapshot(TWO_MODELS, {}, replace(ON, auth=remote)))
+
+
+async def test_a_remote_key_set_is_fetched_and_refetched() -> None:
+    served = {"body": JWKS.encode()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(served["body"])))
+            self.end_headers()
+            self.wfile.write(served["body"])
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+        watch = JwksWatch("", uri=uri, refresh=0.0, retry=0.0)
+        assert await watch.check() == JWKS
+        served["body"] = b"<html>not keys</html>"  # a broken answer keeps the last good set
+        assert await watch.check() is None
+        assert watch.current == JWKS
+        rotated = json.dumps(jwks_of(ec.generate_private_key(ec.SECP256R1()), "k3"), sort_keys=True,
+                             separators=(",", ":"))
+        served["body"] = rotated.encode()
+        assert await watch.check() == rotated
+    finally:
+        server.shutdown()
+        server.server_close()
