@@ -5,9 +5,7 @@ call all along (0 failed requests), and a broken renewal is refused with the old
 
 from __future__ import annotations
 
-import datetime
 import http.client
-import ipaddress
 import json
 import os
 import shutil
@@ -20,8 +18,6 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.devstack.pki import DevPki, ensure_dev_pki
 from mesh.ports import free_port
@@ -33,6 +29,7 @@ from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess, wait_for
 from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.gateway.certs import issue_pair
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -46,31 +43,6 @@ MTLS_PREFIX = "/sluice-gw-listener-mtls/"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
-
-
-def issue_server_pair(pki: DevPki, cert: Path, key: Path) -> int:
-    """A new server certificate for localhost/127.0.0.1 signed by the dev CA, written over ``cert``
-    and ``key`` (each replaced by rename, one after the other, as a renewal does); its serial."""
-    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert.read_bytes())
-    ca_key = serialization.load_pem_private_key(pki.ca.key.read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    new_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    serial = x509.random_serial_number()
-    names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    built = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "renewed gateway")]))
-             .issuer_name(ca_cert.subject).public_key(new_key.public_key()).serial_number(serial)
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.SubjectAlternativeName(names), critical=False)
-             .sign(ca_key, hashes.SHA256()))
-    for path, data in ((cert, built.public_bytes(serialization.Encoding.PEM)),
-                       (key, new_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))):
-        tmp = path.with_name(f".{path.name}.new")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    return serial
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +231,7 @@ def test_a_renewed_certificate_is_served_under_load_without_a_failure(
         thread.start()
     try:
         wait_for(lambda: all(count > 0 for count in ok), ROUTABLE_TIMEOUT_S, "every client answered once")
-        new_serial = issue_server_pair(pki, *certs)
+        new_serial = issue_pair(pki, *certs)
         wait_for(lambda: _serial(tls_gateway, pki) == new_serial, ROTATION_TIMEOUT_S,
                  "new connections shown the renewed certificate")
         before = list(ok)

@@ -1,0 +1,135 @@
+"""Envoy's client certificate towards mTLS services renewed without a restart: real etcd, a real
+``sluice serve`` that requires a client certificate, a real gateway whose --upstream-tls-cert/key
+files are renewed while clients call all along (0 failed requests), Envoy then using the new one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.ports import free_port
+from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord, InstanceState
+from protos.inference import grpc_service_pb2 as pb
+from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.etcd import EtcdServer
+from tests.fixtures.processes import ManagedProcess, wait_for
+from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.gateway.certs import issue_pair
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
+
+TIMEOUT_S = 30.0
+PREFIX = "/sluice-gw-upstream-rotation/"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
+
+
+@pytest.fixture(scope="module")
+def secure_service(iris_repos: dict[int, Path], pki: DevPki,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
+    workdir = tmp_path_factory.mktemp("rotation-service")
+    port, metrics_port, rest_port = free_port(), free_port(), free_port()
+    argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
+                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json",
+                       "--tls-cert", str(pki.service.cert), "--tls-key", str(pki.service.key),
+                       "--tls-client-ca", str(pki.ca.cert))
+    handle = ServiceHandle(ManagedProcess("iris-mtls", argv, workdir / "iris.log"), port, metrics_port,
+                           iris_repos[1], rest_port)
+    try:
+        wait_for(lambda: "listening" in handle.process.log_text(), 60, "the TLS service listening")
+        yield handle
+    finally:
+        handle.process.stop()
+
+
+@pytest.fixture(scope="module")
+def client_pair(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("gateway-client")
+    cert, key = directory / "client.crt", directory / "client.key"
+    shutil.copy(pki.gateway_client.cert, cert)
+    shutil.copy(pki.gateway_client.key, key)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def gateway(shared_etcd: EtcdServer, pki: DevPki, secure_service: ServiceHandle, client_pair: tuple[Path, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    handle = start_gateway(shared_etcd, PREFIX, tmp_path_factory.mktemp("gw"), "--upstream-tls-ca", str(pki.ca.cert),
+                           "--upstream-tls-cert", str(client_pair[0]), "--upstream-tls-key", str(client_pair[1]),
+                           "--upstream-tls-san", "localhost")
+    try:
+        doc = InstanceRecord(address=secure_service.address, model="iris", version=1, instance_id="mtls-1",
+                             state=InstanceState.SERVING)
+        shared_etcd.etcdctl("put", KeySchema(PREFIX).instance("iris", 1, "mtls-1"), doc.to_json().decode())
+        yield handle
+    finally:
+        handle.stop()
+
+
+def _request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="iris")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, 4])
+    tensor.contents.fp32_contents.extend([5.1, 3.5, 1.4, 0.2])
+    return request
+
+
+def _client_serials(gateway: GatewayHandle) -> set[int]:
+    """Serials of the certificate chains Envoy holds (its /certs admin page)."""
+    serials = set()
+    for context in json.loads(gateway.admin_get("/certs")).get("certificates", []):
+        for chain in context.get("cert_chain", []):
+            serials.add(int(chain["serial_number"], 16))
+    return serials
+
+
+def test_a_renewed_upstream_client_certificate_is_used_without_a_failure(
+        gateway: GatewayHandle, pki: DevPki, client_pair: tuple[Path, Path]) -> None:
+    def answered() -> bool:
+        try:
+            with grpc.insecure_channel(gateway.address) as channel:
+                return bool(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_request(), timeout=5).model_name)
+        except grpc.RpcError:
+            return False
+
+    wait_for(answered, TIMEOUT_S, "iris answering through the gateway over mTLS")
+    stop = threading.Event()
+    ok = [0, 0]
+    failures: list[str] = []
+
+    def client(slot: int) -> None:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.ModelInfer(_request(), timeout=10)
+                    ok[slot] += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()} {exc.details()}")
+
+    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: all(ok), TIMEOUT_S, "both clients answered")
+        serial = issue_pair(pki, *client_pair)
+        wait_for(lambda: serial in _client_serials(gateway), TIMEOUT_S, "Envoy holding the renewed certificate")
+        before = list(ok)
+        wait_for(lambda: all(now > then for now, then in zip(ok, before, strict=True)), TIMEOUT_S,
+                 "both clients answered after the renewal")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert failures == [], failures[:5]
