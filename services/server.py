@@ -48,7 +48,7 @@ from services.served import ServedVersion
 from services.settings import ServiceSettings
 from services.shadow import Shadow, follow_rollouts
 from services.streams import StreamGuard
-from services.tls import grpc_credentials, load_server_tls, uvicorn_options
+from services.tls import CertificateReloader, load_server_tls, uvicorn_options
 from services.watcher import RepositoryWatcher
 
 log = structlog.get_logger(__name__)
@@ -96,6 +96,7 @@ class ModelServer:
         self._stop = asyncio.Event()
         self._tracer_provider: TracerProvider | None = None
         self.streams: StreamGuard | None = None
+        self.tls_reloader: CertificateReloader | None = None
         self.heap = HeapTrimmer(settings.heap_trim_interval)
 
     async def start(self) -> None:
@@ -153,7 +154,8 @@ class ModelServer:
             if tls is None:
                 self.port = server.add_insecure_port(f"{s.host}:{s.port}")
             else:
-                self.port = server.add_secure_port(f"{s.host}:{s.port}", grpc_credentials(tls))
+                self.tls_reloader = CertificateReloader(tls)  # renewed files serve without a restart
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", self.tls_reloader.credentials())
         except RuntimeError:  # grpcio's "Failed to bind to address"
             self.port = 0
         if self.port == 0:
@@ -166,6 +168,8 @@ class ModelServer:
             self.rest = RestServer(self.plane, self.manager, max_bytes=max_bytes, threads=s.max_concurrency,
                                    tls=uvicorn_options(tls))
             self.rest_port = await self.rest.start(s.rest_host or s.host, s.rest_port)
+            if self.tls_reloader is not None and self.rest.ssl_context is not None:
+                self.tls_reloader.watch_context(self.rest.ssl_context)
         if self.settings.register_in_etcd:
             # Registered versions must be reachable, so registration starts once the port is bound.
             self.registration = Registration(s, self.etcd or EtcdSettings(), self.port, admin_port=self.metrics_port,
@@ -244,6 +248,8 @@ class ModelServer:
             await self.rest.stop()
         if self.streams is not None:
             self.streams.stop()
+        if self.tls_reloader is not None:
+            self.tls_reloader.stop()
         await self.heap.stop()
         self.shadow.stop()
         if self._shadow_follow is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -55,6 +56,9 @@ class RestServer:
         self.app = RestApp(plane, manager, self.executor, max_bytes=max_bytes, max_in_flight=threads * 4)
         self._server: uvicorn.Server | None = None
         self.port = 0
+        self.ssl_context: ssl.SSLContext | None = None
+        """uvicorn's context for the port once started (None: plaintext); reloaded in place when
+        the certificate files are renewed (services/tls.py)."""
 
     async def start(self, host: str, port: int) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -71,6 +75,7 @@ class RestServer:
                                 server_header=False, date_header=False, timeout_keep_alive=75,
                                 limit_concurrency=self.app.max_in_flight * 2, **self.tls)
         config.load()
+        self.ssl_context = config.ssl
         config.http_protocol_class = _quick_ack(config.http_protocol_class)
         self._server = uvicorn.Server(config)
         # What Server.serve sets up besides the signal handlers, which stay the service's own.

@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 import http.client
+import os
+import shutil
+import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 
 from mesh.devstack.pki import DevPki, ensure_dev_pki
 from protos.inference import grpc_service_pb2 as pb
@@ -108,3 +114,94 @@ def test_unusable_tls_files_stop_the_start_with_one_line(pki: DevPki, repo: Path
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def _served_serial(port: int, pki: DevPki, alpn: str) -> int:
+    """The serial number of the certificate the port presents to a new connection."""
+    context = _client_context(pki, client_cert=True)
+    context.set_alpn_protocols([alpn])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def _renewed_service_pair(pki: DevPki, side: Path) -> tuple[bytes, bytes]:
+    """A new certificate and key for the service from the same CA (key and cert bytes)."""
+    shutil.copytree(pki.directory, side)
+    (side / pki.service.cert.name).unlink()
+    renewed = ensure_dev_pki(side)
+    return renewed.service.cert.read_bytes(), renewed.service.key.read_bytes()
+
+
+def test_renewed_certificate_files_serve_new_connections_without_a_failed_call(
+        start_service: Callable[..., ServiceHandle], repo: Path, tmp_path: Path) -> None:
+    pki = ensure_dev_pki(tmp_path / "pki")
+    handle = start_service(repo, "--tls-cert", str(pki.service.cert), "--tls-key", str(pki.service.key),
+                           "--tls-client-ca", str(pki.ca.cert), wait=False)
+    credentials = _credentials(pki, client_cert=True)
+    wait_for(lambda: _ready(handle.address, credentials) is True, 60, "ServerReady over mTLS")
+    old = x509.load_pem_x509_certificate(pki.service.cert.read_bytes()).serial_number
+    assert _served_serial(handle.port, pki, "h2") == old == _served_serial(handle.rest_port, pki, "http/1.1")
+
+    stop = threading.Event()
+    failures: list[str] = []
+    calls = [0, 0]
+
+    def grpc_calls() -> None:  # one long-lived connection, as Envoy keeps
+        with grpc.secure_channel(handle.address, credentials,
+                                 options=[("grpc.ssl_target_name_override", "localhost")]) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while not stop.is_set():
+                try:
+                    stub.ServerReady(pb.ServerReadyRequest(), timeout=5)
+                    calls[0] += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"gRPC: {exc.code()}")
+
+    def rest_calls() -> None:  # a new connection (and handshake) per call
+        context = _client_context(pki, client_cert=True)
+        while not stop.is_set():
+            status = _rest_live(handle.rest_port, context)
+            if status == 200:
+                calls[1] += 1
+            else:
+                failures.append(f"REST: {status}")
+
+    threads = [threading.Thread(target=grpc_calls), threading.Thread(target=rest_calls)]
+    for thread in threads:
+        thread.start()
+    try:
+        # A renewal that cannot be used (not PEM) keeps the old certificate, and is logged once.
+        original = pki.service.cert.read_bytes()
+        broken = tmp_path / "broken.crt"
+        broken.write_bytes(b"not a certificate\n")
+        os.replace(broken, pki.service.cert)
+        wait_for(lambda: "tls_reload_refused" in handle.process.log_text(), 20, "the refused renewal logged")
+        time.sleep(2.5)  # a few more looks at the same files (the reload checks once a second)
+        assert handle.process.log_text().count("tls_reload_refused") == 1
+        assert _served_serial(handle.rest_port, pki, "http/1.1") == old
+        assert _served_serial(handle.port, pki, "h2") == old
+
+        # The real renewal: key, then certificate, each moved into place.
+        cert, key = _renewed_service_pair(pki, tmp_path / "renewed")
+        new = x509.load_pem_x509_certificate(cert).serial_number
+        assert new != old and cert != original
+        for data, target in ((key, pki.service.key), (cert, pki.service.cert)):
+            staged = tmp_path / f"staged-{target.name}"
+            staged.write_bytes(data)
+            os.replace(staged, target)
+        wait_for(lambda: _served_serial(handle.port, pki, "h2") == new, 20, "gRPC serving the renewed certificate")
+        wait_for(lambda: _served_serial(handle.rest_port, pki, "http/1.1") == new, 20,
+                 "REST serving the renewed certificate")
+        before = list(calls)
+        wait_for(lambda: calls[0] > before[0] and calls[1] > before[1], 20, "calls after the renewal")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert failures == [], failures[:5]
+    assert calls[0] > 0 and calls[1] > 0
+    assert "tls_reloaded" in handle.process.log_text()
+    assert handle.process.alive()
