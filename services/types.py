@@ -20,11 +20,19 @@ class TensorSpec:
 
 
 @dataclass(slots=True)
-class InferInput:
+class Tensor:
+    """A named tensor of a request or a response: KServe datatype, shape and its data."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]
     data: npt.NDArray[Any]
+
+
+class InferInput(Tensor):
+    """An input tensor of a request."""
+
+    __slots__ = ()
 
 
 @dataclass(slots=True)
@@ -40,12 +48,10 @@ class InferRequest:
     """Absolute time.monotonic() after which the request is not worth running."""
 
 
-@dataclass(slots=True)
-class InferOutput:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: npt.NDArray[Any]
+class InferOutput(Tensor):
+    """An output tensor of a response."""
+
+    __slots__ = ()
 
 
 @dataclass(slots=True)
