@@ -73,80 +73,78 @@ def _force_flag(parser: argparse.ArgumentParser) -> None:
                              "routing prepared before its first instance starts")
 
 
+Command = Callable[[argparse.Namespace, EtcdClient, KeySchema], Awaitable[int]]
+Flag = Callable[[argparse.ArgumentParser], None]
+
+
+def _if_revision_flag(verb: str, absent: str = "") -> Flag:
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--if-revision", type=int, metavar="REV",
+                            help=f"{verb} only if the routing document is still at this revision{absent}")
+    return add
+
+
+_WRITE_IF_REVISION = _if_revision_flag("write", " (0: absent)")
+
+
+def _subcommand(parent: Any, name: str, command: Command, help_: str, description: str | None = None, *,
+                model: str = "model name", optional_model: bool = False, flags: tuple[Flag, ...] = ()
+                ) -> argparse.ArgumentParser:
+    """One registry command: the etcd flags, MODEL first, then ``flags``; runs ``command``."""
+    parser: argparse.ArgumentParser = parent.add_parser(name, parents=[etcd_flags()], help=help_,
+                                                        description=description)
+    if model:
+        parser.add_argument("model", nargs="?" if optional_model else None, help=model)
+    for flag in flags:
+        flag(parser)
+    parser.set_defaults(func=lambda args: _run(args, command))
+    return parser
+
+
 def register(subparsers: Any) -> None:
-    common = etcd_flags()
-
-    models = subparsers.add_parser(
-        "models", parents=[common], help="list the models in the registry",
-        description="Per model: the versions with registered instances, INSTANCES = distinct instance ids "
-                    "(service processes; one process serving two versions counts once), and whether a "
-                    "routing document exists.")
-    _output_flag(models)
-    models.set_defaults(func=lambda args: _run(args, _models))
-
-    status = subparsers.add_parser(
-        "status", parents=[common], help="versions, instances and weights of models",
-        description="Per model and version: instances (address, state, age), the configured weight "
-                    "(routing document), the effective weight (what the gateway applied), last error; "
-                    "below the table, per model: the routing revision the gateway rendered, its "
-                    "warnings and errors, and versions that failed to load with their reasons.",
-    )
-    status.add_argument("model", nargs="?", help="only this model (default: every model)")
-    _output_flag(status)
-    status.set_defaults(func=lambda args: _run(args, _status))
+    _subcommand(subparsers, "models", _models, "list the models in the registry",
+                "Per model: the versions with registered instances, INSTANCES = distinct instance ids "
+                "(service processes; one process serving two versions counts once), and whether a "
+                "routing document exists.", model="", flags=(_output_flag,))
+    _subcommand(subparsers, "status", _status, "versions, instances and weights of models",
+                "Per model and version: instances (address, state, age), the configured weight "
+                "(routing document), the effective weight (what the gateway applied), last error; "
+                "below the table, per model: the routing revision the gateway rendered, its "
+                "warnings and errors, versions that failed to load with their reasons, and reloads "
+                "that failed while an older copy serves on.",
+                model="only this model (default: every model)", optional_model=True, flags=(_output_flag,))
 
     weights = subparsers.add_parser("weights", help="read or change a model's traffic split",
                                     description="Read, set or delete the routing document of a model.")
     actions = weights.add_subparsers(dest="action", metavar="ACTION", help="what to do")
     actions.required = True
 
-    get = actions.add_parser("get", parents=[common], help="show the routing document of MODEL")
-    get.add_argument("model", help="model name")
-    _output_flag(get)
-    get.set_defaults(func=lambda args: _run(args, _weights_get))
+    _subcommand(actions, "get", _weights_get, "show the routing document of MODEL", flags=(_output_flag,))
 
-    set_ = actions.add_parser(
-        "set", parents=[common], help="set the weights of MODEL, e.g. 1=90 2=10",
-        description="Replace the weights with one compare-and-swap transaction: if anyone changed "
-                    "the routing document meanwhile, nothing is written and the exit code is 1. "
-                    "A model that has never registered is refused unless --force.",
-    )
-    set_.add_argument("model", help="model name")
+    set_ = _subcommand(actions, "set", _weights_set, "set the weights of MODEL, e.g. 1=90 2=10",
+                       "Replace the weights with one compare-and-swap transaction: if anyone changed "
+                       "the routing document meanwhile, nothing is written and the exit code is 1. "
+                       "A model that has never registered is refused unless --force.",
+                       flags=(_WRITE_IF_REVISION, _force_flag, _wait_flag))
     set_.add_argument("weights", nargs="+", metavar="VERSION=WEIGHT",
                       help="relative weight per version (integers >= 0, summing to > 0)")
     set_.add_argument("--sticky-header", help="requests with equal values of this header stick to one "
                                               "version ('' removes it; default: keep)")
     set_.add_argument("--default-version", type=int,
                       help="version taking all traffic when no weighted one serves (0 removes; default: keep)")
-    set_.add_argument("--if-revision", type=int, metavar="REV",
-                      help="write only if the routing document is still at this revision (0: absent)")
-    _force_flag(set_)
-    _wait_flag(set_)
-    set_.set_defaults(func=lambda args: _run(args, _weights_set))
 
-    promote_ = actions.add_parser("promote", parents=[common],
-                                  help="send all traffic of MODEL to VERSION (weights {VERSION: 100})")
-    promote_.add_argument("model", help="model name")
+    promote_ = _subcommand(actions, "promote", _weights_promote,
+                           "send all traffic of MODEL to VERSION (weights {VERSION: 100})",
+                           flags=(_WRITE_IF_REVISION, _force_flag, _wait_flag))
     promote_.add_argument("version", help="the version to take all traffic")
-    promote_.add_argument("--if-revision", type=int, metavar="REV",
-                          help="write only if the routing document is still at this revision (0: absent)")
-    _force_flag(promote_)
-    _wait_flag(promote_)
-    promote_.set_defaults(func=lambda args: _run(args, _weights_promote))
 
-    delete = actions.add_parser(
-        "delete", parents=[common], help="delete the routing document of MODEL (newest version takes all)",
-        description="Delete the routing document with one compare-and-delete transaction; the gateway "
-                    "then sends all traffic to the newest serving version. Nothing to delete is not "
-                    "an error.")
-    delete.add_argument("model", help="model name")
-    delete.add_argument("--if-revision", type=int, metavar="REV",
-                        help="delete only if the routing document is still at this revision")
-    _wait_flag(delete)
-    delete.set_defaults(func=lambda args: _run(args, _weights_delete))
+    _subcommand(actions, "delete", _weights_delete,
+                "delete the routing document of MODEL (newest version takes all)",
+                "Delete the routing document with one compare-and-delete transaction; the gateway "
+                "then sends all traffic to the newest serving version. Nothing to delete is not "
+                "an error.", flags=(_if_revision_flag("delete"), _wait_flag))
 
 
-Command = Callable[[argparse.Namespace, EtcdClient, KeySchema], Awaitable[int]]
 
 
 def settings_from_args(args: argparse.Namespace) -> EtcdSettings:
