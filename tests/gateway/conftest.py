@@ -91,6 +91,20 @@ def running_gateway(shared_etcd: EtcdServer, prefix: str, directory: Path) -> It
         handle.stop()
 
 
+def gateway_serving(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandle, *extra: str,
+                    instance_id: str = "v1") -> Iterator[GatewayHandle]:
+    """A gateway for a fixture to yield (``yield from``) with ``service`` registered as iris version
+    1, REST address included, as its registrar writes it; stopped when the fixture ends."""
+    handle = start_gateway(etcd, prefix, workdir, *extra)
+    try:
+        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
+                             version=1, instance_id=instance_id, state=InstanceState.SERVING)
+        etcd.etcdctl("put", KeySchema(prefix).instance("iris", 1, instance_id), doc.to_json().decode())
+        yield handle
+    finally:
+        handle.stop()
+
+
 @pytest.fixture(scope="module")
 def gateway(shared_etcd: EtcdServer, gateway_prefix: str,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:

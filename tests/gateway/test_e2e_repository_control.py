@@ -18,15 +18,13 @@ import grpc
 import pytest
 
 from mesh.ports import free_port
-from mesh.registry.keys import KeySchema
-from mesh.registry.records import InstanceRecord, InstanceState
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess
 from tests.fixtures.service import ServiceHandle, sluice_argv
-from tests.gateway.conftest import SERVICE_START_TIMEOUT_S
+from tests.gateway.conftest import SERVICE_START_TIMEOUT_S, gateway_serving
 from tests.gateway.traffic import count_versions, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -52,31 +50,18 @@ def service(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactor
         handle.process.stop()
 
 
-def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandle, *extra: str
-             ) -> Iterator[GatewayHandle]:
-    handle = start_gateway(etcd, prefix, workdir, *extra)
-    try:
-        # With its REST address, as its registrar writes it.
-        schema = KeySchema(prefix)
-        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
-                             version=1, instance_id="v1", state=InstanceState.SERVING)
-        etcd.etcdctl("put", schema.instance("iris", 1, "v1"), doc.to_json().decode())
-        yield handle
-    finally:
-        handle.stop()
-
-
 @pytest.fixture(scope="module")
 def closed_gateway(shared_etcd: EtcdServer, gateway_prefix: str, service: ServiceHandle,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    yield from _gateway(shared_etcd, f"{gateway_prefix}closed/", tmp_path_factory.mktemp("gw-closed"), service)
+    yield from gateway_serving(shared_etcd, f"{gateway_prefix}closed/", tmp_path_factory.mktemp("gw-closed"),
+                               service)
 
 
 @pytest.fixture(scope="module")
 def open_gateway(shared_etcd: EtcdServer, gateway_prefix: str, service: ServiceHandle,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    yield from _gateway(shared_etcd, f"{gateway_prefix}open/", tmp_path_factory.mktemp("gw-open"), service,
-                        "--allow-repository-control")
+    yield from gateway_serving(shared_etcd, f"{gateway_prefix}open/", tmp_path_factory.mktemp("gw-open"), service,
+                               "--allow-repository-control")
 
 
 async def _wait_routable(gateway: GatewayHandle) -> None:

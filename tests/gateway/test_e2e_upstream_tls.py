@@ -15,14 +15,13 @@ import pytest
 
 from mesh.devstack.pki import DevPki, ensure_dev_pki
 from mesh.ports import free_port
-from mesh.registry.keys import KeySchema
-from mesh.registry.records import InstanceRecord, InstanceState
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess, wait_for
 from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.gateway.conftest import gateway_serving
 from tests.gateway.traffic import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -54,31 +53,20 @@ def secure_service(iris_repos: dict[int, Path], pki: DevPki,
         handle.process.stop()
 
 
-def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandle, *extra: str
-             ) -> Iterator[GatewayHandle]:
-    handle = start_gateway(etcd, prefix, workdir, *extra)
-    try:
-        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
-                             version=1, instance_id="tls-1", state=InstanceState.SERVING)
-        etcd.etcdctl("put", KeySchema(prefix).instance("iris", 1, "tls-1"), doc.to_json().decode())
-        yield handle
-    finally:
-        handle.stop()
-
-
 @pytest.fixture(scope="module")
 def mtls_gateway(shared_etcd: EtcdServer, pki: DevPki, secure_service: ServiceHandle,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    yield from _gateway(shared_etcd, "/sluice-gw-upstream-mtls/", tmp_path_factory.mktemp("mtls"), secure_service,
-                        "--upstream-tls-ca", str(pki.ca.cert), "--upstream-tls-cert", str(pki.gateway_client.cert),
-                        "--upstream-tls-key", str(pki.gateway_client.key), "--upstream-tls-san", "localhost")
+    yield from gateway_serving(shared_etcd, "/sluice-gw-upstream-mtls/", tmp_path_factory.mktemp("mtls"),
+                               secure_service, "--upstream-tls-ca", str(pki.ca.cert), "--upstream-tls-cert",
+                               str(pki.gateway_client.cert), "--upstream-tls-key", str(pki.gateway_client.key),
+                               "--upstream-tls-san", "localhost", instance_id="tls-1")
 
 
 @pytest.fixture(scope="module")
 def certless_gateway(shared_etcd: EtcdServer, pki: DevPki, secure_service: ServiceHandle,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    yield from _gateway(shared_etcd, "/sluice-gw-upstream-nocert/", tmp_path_factory.mktemp("nocert"),
-                        secure_service, "--upstream-tls-ca", str(pki.ca.cert))
+    yield from gateway_serving(shared_etcd, "/sluice-gw-upstream-nocert/", tmp_path_factory.mktemp("nocert"),
+                               secure_service, "--upstream-tls-ca", str(pki.ca.cert), instance_id="tls-1")
 
 
 def _infer(address: str) -> pb.ModelInferResponse:
