@@ -228,25 +228,26 @@ async def _models(args: argparse.Namespace, client: EtcdClient, schema: KeySchem
     return 0
 
 
-def failed_versions(model: ModelState) -> dict[int, list[str]]:
-    """Version → why it failed to load, per instance that registered it as ``failed``."""
-    failed: dict[int, list[str]] = {}
+def _errors_by_version(model: ModelState, state: InstanceState) -> dict[int, list[str]]:
+    """Version → ``instance-id: error`` of each record in ``state`` that carries an error (or, for
+    ``failed``, says that it gave none)."""
+    found: dict[int, list[str]] = {}
     for version, records in model.instances.items():
         for instance_id, record in sorted(records.items()):
-            if record.state is InstanceState.FAILED:
-                failed.setdefault(version, []).append(f"{instance_id}: {record.error or 'no reason given'}")
-    return failed
+            if record.state is state and (record.error or state is InstanceState.FAILED):
+                found.setdefault(version, []).append(f"{instance_id}: {record.error or 'no reason given'}")
+    return found
+
+
+def failed_versions(model: ModelState) -> dict[int, list[str]]:
+    """Version → why it failed to load, per instance that registered it as ``failed``."""
+    return _errors_by_version(model, InstanceState.FAILED)
 
 
 def reload_errors(model: ModelState) -> dict[int, list[str]]:
     """Version → why its newest files failed to load while an older copy serves on, per instance
     (a ``serving`` record that carries an error: still routed to, the reload did not take)."""
-    found: dict[int, list[str]] = {}
-    for version, records in model.instances.items():
-        for instance_id, record in sorted(records.items()):
-            if record.state is InstanceState.SERVING and record.error:
-                found.setdefault(version, []).append(f"{instance_id}: {record.error}")
-    return found
+    return _errors_by_version(model, InstanceState.SERVING)
 
 
 def model_report(model: ModelState, now: float) -> dict[str, Any]:
