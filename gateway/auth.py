@@ -301,6 +301,9 @@ def jwks_watch(settings: GatewaySettings, options: AuthOptions) -> JwksWatch:
                      uri=settings.jwt_jwks_uri, refresh=settings.jwt_jwks_refresh)
 
 
+JWT_CACHE_SIZE = 1024
+"""Verified tokens Envoy keeps per worker thread (tokens over 4 KiB are never kept)."""
+
 # -- filters ------------------------------------------------------------------------------------------
 
 
@@ -316,6 +319,10 @@ def auth_filters(auth: AuthOptions | None) -> list[Resource]:
         "forward": False,
         "payload_in_metadata": PAYLOAD_KEY,
         "claim_to_headers": [{"header_name": header, "claim_name": claim} for claim, header in auth.claim_headers],
+        # Verified tokens are kept (per worker, checked against exp on every hit), so a client
+        # reusing its token pays the ES256/RS256 signature check once, not on every request.
+        # A new key set comes with a new listener, and with it an empty cache.
+        "jwt_cache_config": {"jwt_cache_size": JWT_CACHE_SIZE},
     }
     if auth.audiences:
         provider["audiences"] = list(auth.audiences)
