@@ -209,6 +209,18 @@ def _instance_ids(model: ModelState) -> set[str]:
     return {instance_id for records in model.instances.values() for instance_id in records}
 
 
+def _printed_without_table(args: argparse.Namespace, revision: int, schema: KeySchema,
+                           models: list[dict[str, Any]]) -> bool:
+    """``-o json|yaml``, or no model to tabulate: printed here (True); else the caller's table."""
+    if args.output != "table":
+        _print({"revision": revision, "models": models}, args.output)
+        return True
+    if not models:
+        print(f"no models under {schema.models_prefix}")
+        return True
+    return False
+
+
 async def _models(args: argparse.Namespace, client: EtcdClient, schema: KeySchema) -> int:
     state = await load_state(client, schema)
     # INSTANCES counts processes (distinct instance ids), not records: one process registers one
@@ -216,11 +228,7 @@ async def _models(args: argparse.Namespace, client: EtcdClient, schema: KeySchem
     data: list[dict[str, Any]] = [{"model": m.name, "versions": m.versions(), "serving_versions": m.serving_versions(),
              "instances": len(_instance_ids(m)), "has_routing": m.routing_revision > 0}
             for m in state.models.values()]
-    if args.output != "table":
-        _print({"revision": state.revision, "models": data}, args.output)
-        return 0
-    if not data:
-        print(f"no models under {schema.models_prefix}")
+    if _printed_without_table(args, state.revision, schema, data):
         return 0
     rows = [[d["model"], ",".join(map(str, d["versions"])) or "-", str(d["instances"]),
              "yes" if d["has_routing"] else "no"] for d in data]
@@ -335,11 +343,7 @@ async def _status(args: argparse.Namespace, client: EtcdClient, schema: KeySchem
             return _fail(f"model {args.model!r} is not in the registry under {schema.models_prefix}")
     now = time.time()
     reports = [model_report(m, now) for m in models]
-    if args.output != "table":
-        _print({"revision": state.revision, "models": reports}, args.output)
-        return 0
-    if not reports:
-        print(f"no models under {schema.models_prefix}")
+    if _printed_without_table(args, state.revision, schema, reports):
         return 0
     rows = [row for m, r in zip(models, reports, strict=True) for row in _status_rows(r, m.routing is not None)]
     print(_table(rows, ["MODEL", "VERSION", "INSTANCES (address state age)", "WEIGHT", "EFFECTIVE",
