@@ -2,12 +2,22 @@
 
 ``envoy --mode validate`` reads only the bootstrap, never the dynamic files it points to, so a
 snapshot is validated by embedding it: the listener with its routes inline, every cluster STATIC
-with its endpoints inline.
+with its endpoints inline. The certificates and keys of the SDS secrets are embedded as a
+throwaway self-signed pair (:func:`throwaway_pair`), never the real ones: Envoy quotes the config
+it cannot parse in its error, and that text reaches the log and the status documents. The real
+pairs are checked by :mod:`mesh.tls_files` before they are published.
 """
 
 from __future__ import annotations
 
+import datetime
+import functools
 from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.snapshot import CDS_FILE, LDS_FILE, Resource, Snapshot, thaw
 
@@ -48,11 +58,38 @@ def _static_secrets(resource: object) -> None:
             _static_secrets(value)
 
 
+@functools.cache
+def throwaway_pair() -> tuple[str, str]:
+    """(certificate, key) PEM of a self-signed pair made once per process, for validation only."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sluice-validation-only")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650)).sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode())
+
+
+def _validation_secret(secret: Resource) -> Resource:
+    """``secret`` with its certificate and key swapped for :func:`throwaway_pair` (CA bundles stay:
+    they hold nothing private)."""
+    copy: Resource = thaw(secret)
+    certificate = copy.get("tls_certificate")
+    if isinstance(certificate, dict):
+        cert, key = throwaway_pair()
+        certificate["certificate_chain"] = {"inline_string": cert}
+        certificate["private_key"] = {"inline_string": key}
+    return copy
+
+
 def validation_config(snapshot: Snapshot, admin_port: int = 9901,
                       secrets: Sequence[Resource] = ()) -> Resource:
     """A static bootstrap holding the whole snapshot, for ``envoy --mode validate``.
 
-    The SDS secrets the snapshot names (gateway/tls.py) are embedded as static secrets.
+    The SDS secrets the snapshot names (gateway/tls.py) are embedded as static secrets, their
+    certificate and key replaced by a throwaway pair (see the module's docstring).
     """
     listener = thaw(snapshot.listener)
     _static_secrets(listener)
@@ -72,7 +109,7 @@ def validation_config(snapshot: Snapshot, admin_port: int = 9901,
         clusters.append(cluster)
     static: Resource = {"listeners": [listener], "clusters": clusters}
     if secrets:
-        static["secrets"] = [thaw(secret) for secret in secrets]
+        static["secrets"] = [_validation_secret(secret) for secret in secrets]
     return {
         "node": {"id": NODE_ID, "cluster": NODE_ID},
         "admin": _admin(admin_port),

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from gateway.bootstrap import validation_config
-from gateway.envoy import find_envoy, validate_snapshot
+from gateway.envoy import find_envoy, redact_private_keys, validate_snapshot
+from gateway.errors import EnvoyValidationError
 from gateway.render import render_snapshot
 from gateway.tls import (
     LISTENER_CERT,
@@ -180,3 +181,31 @@ async def test_real_envoy_accepts_tls_listener_and_clusters(pki: DevPki) -> None
                       upstream_tls_key=str(pki.gateway_client.key), upstream_tls_san="localhost")
     await validate_snapshot(find_envoy(), render_snapshot(state(_record(7001)), {}, options),
                             secrets=list(material.secrets.values()))
+
+
+@pytest.mark.slow
+async def test_a_rejected_validation_never_quotes_a_private_key(pki: DevPki) -> None:
+    material = TlsMaterial(tls_sources(tls_cert=pki.gateway.cert, tls_key=pki.gateway.key))
+    secret = material.secrets[LISTENER_CERT]
+    real_key = secret["tls_certificate"]["private_key"]["inline_string"]
+    # A field of the wrong type: Envoy refuses the config and quotes all of it back in its error.
+    broken = {**secret, "tls_certificate": {**secret["tls_certificate"], "ocsp_staple": {"inline_string": 5}}}
+    with pytest.raises(EnvoyValidationError) as caught:
+        await validate_snapshot(find_envoy(), render_snapshot(state(_record(7001)), {}, LISTENER), secrets=[broken])
+    key_body = real_key.splitlines()[1]
+    for text in (str(caught.value), caught.value.output):
+        assert "PRIVATE KEY" not in text and key_body not in text
+    assert "Unable to parse JSON" in caught.value.output and "sluice_listener_cert" in caught.value.output
+
+
+def test_validation_embeds_a_throwaway_pair_not_the_real_one(pki: DevPki) -> None:
+    material = TlsMaterial(tls_sources(tls_cert=pki.gateway.cert, tls_key=pki.gateway.key))
+    config = validation_config(render_snapshot(state(_record(7001)), {}, LISTENER),
+                               secrets=list(material.secrets.values()))
+    assert pki.gateway.key.read_text().splitlines()[1] not in str(config)
+    assert pki.gateway.cert.read_text().splitlines()[1] not in str(config)
+
+
+def test_redact_private_keys() -> None:
+    text = "a -----BEGIN PRIVATE KEY-----\\nMIG\\n-----END PRIVATE KEY----- b -----BEGIN EC PRIVATE KEY-----\\nMH"
+    assert redact_private_keys(text) == "a <private key redacted> b <private key redacted>"
