@@ -8,6 +8,7 @@ scraped: the request path appends a few floats instead of updating a dozen serie
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -166,11 +167,13 @@ class ServiceMetrics:
         return metrics
 
     def serve(self, port: int, host: str, debug: DebugAccess = "auto",
-              memory_extras: Callable[[], dict[str, Any]] | None = None) -> int:
-        """Expose /metrics (and /debug/..., see mesh.observability.admin) over HTTP; returns the bound
-        port (useful with port 0). :meth:`close` stops it."""
+              memory_extras: Callable[[], dict[str, Any]] | None = None,
+              tls: Callable[[], ssl.SSLContext] | None = None) -> int:
+        """Expose /metrics (and /debug/..., see mesh.observability.admin) over HTTP, or over HTTPS with a
+        required client certificate given ``tls``; returns the bound port (useful with port 0).
+        :meth:`close` stops it."""
         self.admin = AdminServer(self.prometheus_registry, debug=debug, component="sluice-service",
-                                 memory_extras=memory_extras)
+                                 memory_extras=memory_extras, tls=tls)
         return self.admin.start(host, port)
 
     def close(self) -> None:

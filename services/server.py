@@ -35,7 +35,7 @@ from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
 from services.catalog import ModelCatalog
 from services.dataplane import DataPlane
-from services.debug import version_memory
+from services.debug import admin_tls, version_memory
 from services.grpc.handlers import HandlerPool
 from services.grpc.interceptor import ErrorInterceptor
 from services.grpc.servicer import RAW_REQUEST_METHODS, InferenceServicer
@@ -106,7 +106,8 @@ class ModelServer:
         if s.metrics_port >= 0:
             try:
                 self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host, s.debug_endpoints,
-                                                       memory_extras=lambda: version_memory(self.catalog))
+                                                       memory_extras=lambda: version_memory(self.catalog),
+                                                       tls=admin_tls(s))  # HTTPS with the admin identity
             except OSError as exc:  # taken between the check and now
                 raise bind_problem("metrics", s.metrics_host, s.metrics_port, METRICS_PORT_FLAG,
                                    exc.strerror or str(exc)) from exc

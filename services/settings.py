@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from mesh.observability.component import cli
+from mesh.tls_files import read_ca
 from services.tls import load_server_tls
 
 OLD_REGISTER_ENV = "SLUICE_REGISTRY"
@@ -48,6 +49,10 @@ class ServiceSettings(BaseSettings):
     """PEM private key of --tls-cert."""
     tls_client_ca: Path | None = None
     """PEM CA bundle: callers of the gRPC and REST ports must present a certificate it signed (mTLS)."""
+    admin_tls_client_ca: Path | None = None
+    """PEM CA bundle of the admin identity: the metrics (admin) port speaks HTTPS with --tls-cert and
+    --tls-key and answers /metrics and /debug/ only to callers presenting a certificate it signed
+    (then --debug-endpoints auto answers them beyond loopback too; docs/security.md)."""
     rest_host: str | None = None
     """KServe v2 REST (HTTP/1.1) listen address; default: host."""
     rest_port: int = Field(8003, ge=-1, le=65535)
@@ -168,6 +173,11 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls_files_usable(self) -> ServiceSettings:
         load_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)  # TlsSettingsError is a ValueError
+        if self.admin_tls_client_ca is not None:
+            if self.tls_cert is None:
+                raise ValueError("--admin-tls-client-ca needs --tls-cert and --tls-key (the admin port "
+                                 "presents the service's certificate)")
+            read_ca(self.admin_tls_client_ca, "--admin-tls-client-ca")
         return self
 
     @model_validator(mode="after")

@@ -1,14 +1,17 @@
 """Reaching a process's admin port: an instance id (its address from etcd) or host:port, and the
-HTTP calls to its ``/debug/`` endpoints (mesh/observability/admin.py)."""
+HTTP calls to its ``/debug/`` endpoints (mesh/observability/admin.py), over HTTPS with a client
+certificate (the admin identity) where the port requires one (:func:`client_tls`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import ssl
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -17,9 +20,11 @@ from mesh.registry.etcd.client import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.settings import EtcdSettings
 from mesh.registry.state import load_state
+from mesh.tls_files import TlsFileError, read_ca, read_key_pair
 
 MAX_ANSWER = 256 * 1024 * 1024
 """Largest answer read from an admin port (a profile of many threads and deep stacks stays far below)."""
+_HTTPS_HINT = "(an HTTPS admin port that wants the admin identity? give --admin-cert, --admin-key and --admin-ca)"
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 
@@ -33,10 +38,37 @@ class Target:
     """What the user typed."""
     address: str
     """host:port of the admin port."""
+    tls: ssl.SSLContext | None = None
+    """HTTPS with this context (:func:`client_tls`); None: plain HTTP."""
 
     @property
     def shown(self) -> str:
         return self.address if self.name == self.address else f"{self.name} ({self.address})"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls is not None else 'http'}://{self.address}"
+
+
+def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The context to call an HTTPS admin port with: the server checked against ``ca``, and ``cert``/
+    ``key`` presented (the admin identity); None when none is given. DebugError names a bad flag."""
+    if ca is None and cert is None and key is None:
+        return None
+    if ca is None:
+        raise DebugError("--admin-cert and --admin-key need --admin-ca (the CA that signed the admin port's certificate)")
+    if (cert is None) != (key is None):
+        raise DebugError("--admin-cert and --admin-key go together: give both or neither")
+    try:
+        context = ssl.create_default_context(cadata=read_ca(ca, "--admin-ca").decode("ascii", errors="replace"))
+        if cert is not None and key is not None:
+            read_key_pair(cert, key, "--admin-cert", "--admin-key")
+            context.load_cert_chain(cert, key)
+    except TlsFileError as exc:
+        raise DebugError(str(exc)) from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise DebugError(f"--admin-cert {cert} / --admin-key {key}: {exc}") from exc
+    return context
 
 
 def parse_address(text: str) -> str | None:
@@ -66,34 +98,42 @@ async def _admin_address_from_etcd(instance: str, settings: EtcdSettings) -> str
     return addresses[0]
 
 
-def resolve(instance: str, settings: EtcdSettings) -> Target:
+def resolve(instance: str, settings: EtcdSettings, tls: ssl.SSLContext | None = None) -> Target:
     """The admin port of ``instance``: host:port as given, else the instance id's record in etcd."""
     address = parse_address(instance)
     if address is not None:
-        return Target(instance, address)
-    return Target(instance, asyncio.run(_admin_address_from_etcd(instance, settings)))
+        return Target(instance, address, tls)
+    return Target(instance, asyncio.run(_admin_address_from_etcd(instance, settings)), tls)
 
 
 def call(target: Target, path: str, params: dict[str, Any] | None = None, *, method: str = "GET",
          timeout: float = 30.0) -> tuple[str, bytes]:
     """(content type, body) of ``path`` on the target's admin port; DebugError on any failure."""
     query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
-    url = f"http://{target.address}{path}" + (f"?{query}" if query else "")
+    url = f"{target.url}{path}" + (f"?{query}" if query else "")
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
+        with urllib.request.urlopen(request, timeout=timeout, context=target.tls) as answer:
             body = answer.read(MAX_ANSWER + 1)
             kind = answer.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
         raise DebugError(f"{target.shown} answered {exc.code}: {_server_error(exc)}") from exc
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):
+            raise DebugError(f"TLS with the admin port of {target.shown} failed: {_tls_reason(exc.reason, target)}"
+                             ) from exc
         reason = exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
+        if target.tls is None and isinstance(exc.reason, ConnectionResetError):
+            reason = f"{reason} {_HTTPS_HINT}"
         raise DebugError(f"cannot reach the admin port of {target.shown}: {reason} (is the process running, "
                          "with its metrics port on?)") from exc
     except TimeoutError as exc:
         raise DebugError(f"{target.shown} did not answer within {timeout:g}s") from exc
+    except ssl.SSLError as exc:
+        raise DebugError(f"TLS with the admin port of {target.shown} failed: {_tls_reason(exc, target)}") from exc
     except OSError as exc:
-        raise DebugError(f"connection to the admin port of {target.shown} failed: {exc}") from exc
+        hint = f" {_HTTPS_HINT}" if target.tls is None and isinstance(exc, ConnectionResetError) else ""
+        raise DebugError(f"connection to the admin port of {target.shown} failed: {exc}{hint}") from exc
     if len(body) > MAX_ANSWER:
         raise DebugError(f"{target.shown} answered more than {MAX_ANSWER} bytes; refused")
     return kind, body
@@ -109,6 +149,15 @@ def call_json(target: Target, path: str, params: dict[str, Any] | None = None, *
     if not isinstance(document, dict):
         raise DebugError(f"{target.shown} answered JSON that is not an object (not a sluice admin port?)")
     return document
+
+
+def _tls_reason(exc: ssl.SSLError, target: Target) -> str:
+    reason = str(exc.reason or exc)
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return f"{reason}: its certificate is not signed by --admin-ca"
+    if "CERTIFICATE_REQUIRED" in str(exc) or "HANDSHAKE_FAILURE" in str(exc):
+        return f"{reason}: the port wants an admin client certificate (--admin-cert/--admin-key)"
+    return reason
 
 
 def _server_error(exc: urllib.error.HTTPError) -> str:

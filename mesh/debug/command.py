@@ -3,6 +3,9 @@ the stack of every thread of a running service or gateway controller, from its a
 
 INSTANCE is an instance id as ``sluice status`` prints it (the admin address comes from its etcd
 record; the etcd flags say which etcd) or the admin port's host:port (``kubectl port-forward``).
+An admin port that requires the admin identity (``--admin-tls-client-ca``) is called over HTTPS
+with ``--admin-cert``/``--admin-key`` (or $SLUICE_CLIENT_CERT / $SLUICE_CLIENT_KEY) and ``--admin-ca``
+($SLUICE_CA); ``--cert``/``--key`` are etcd's.
 Errors are one line on stderr with exit code 1.
 """
 
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import ssl
 import sys
 import threading
 import time
@@ -18,7 +23,7 @@ from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from mesh.debug.client import DebugError, Target, call, call_json, resolve
+from mesh.debug.client import DebugError, Target, call, call_json, client_tls, resolve
 from mesh.errors import MeshError
 from mesh.observability import logging as sluice_logging
 from mesh.observability.component import one_line
@@ -36,6 +41,13 @@ def register(subparsers: Any) -> None:
     actions = debug.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     common = etcd_flags()
+    tls = common.add_argument_group("admin identity (an admin port started with --admin-tls-client-ca)")
+    # --cert/--key/--ca-cert are etcd's (etcd_flags): the admin identity's flags say whose they are.
+    tls.add_argument("--admin-cert", type=Path, help="PEM client certificate the admin CA signed: speak HTTPS "
+                                                      "and present it (default $SLUICE_CLIENT_CERT)")
+    tls.add_argument("--admin-key", type=Path, help="PEM private key of --admin-cert (default $SLUICE_CLIENT_KEY)")
+    tls.add_argument("--admin-ca", type=Path, help="PEM CA that signed the admin port's certificate (default "
+                                                    "$SLUICE_CA; alone: HTTPS without a client certificate)")
 
     profile = actions.add_parser("profile", parents=[common], help="sample every thread for --seconds",
                                  description="A wall-clock CPU profile of every thread (handler threads inside "
@@ -72,6 +84,11 @@ def register(subparsers: Any) -> None:
     threads.set_defaults(func=_threads)
 
 
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
 def _fail(message: str) -> int:
     print(f"sluice: error: {' '.join(message.split())}", file=sys.stderr)
     return 1
@@ -82,7 +99,17 @@ def _target(args: argparse.Namespace) -> Target:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise DebugError(f"invalid etcd settings: {one_line(exc)}") from exc
-    return resolve(args.instance, settings)
+    return resolve(args.instance, settings, _client_tls(args))
+
+
+def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """HTTPS when a client certificate (flag or $SLUICE_CLIENT_CERT / _KEY) or --admin-ca is given; $SLUICE_CA
+    alone (what ``sluice env`` exports for the gateway) leaves a plain admin port plain."""
+    cert = args.admin_cert or _env_path("SLUICE_CLIENT_CERT")
+    key = args.admin_key or _env_path("SLUICE_CLIENT_KEY")
+    if cert is None and key is None and args.admin_ca is None:
+        return None
+    return client_tls(args.admin_ca or _env_path("SLUICE_CA"), cert, key)
 
 
 def _guarded(args: argparse.Namespace, run: Any) -> int:

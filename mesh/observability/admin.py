@@ -13,6 +13,14 @@ Who may call them (``--debug-endpoints``):
   scrape it (a Kubernetes pod), ``/metrics`` answers everyone, ``/debug/`` still only connections
   from inside the host or pod, which is where ``kubectl port-forward`` arrives.
 * ``on``: anyone who reaches the port. ``off``: 404 for every debug path.
+
+The admin identity (``--admin-tls-client-ca`` of ``sluice serve``): given ``tls``, a function
+that returns the SSL context of each new connection (:func:`admin_tls_context`; the service's
+follows renewed files), the port speaks HTTPS only and the handshake requires a client
+certificate signed by the admin CA, for ``/metrics`` as for ``/debug/``. Every connection that
+gets as far as a request then belongs to an admin, so ``auto`` answers it from anywhere. The
+handshake runs on the connection's own thread with a timeout, so a caller that connects and
+stays silent holds one thread for :data:`HANDSHAKE_TIMEOUT` seconds, never the accept loop.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +49,8 @@ DebugAccess = Literal["auto", "on", "off"]
 DEBUG_CONCURRENCY = 4
 MAX_QUERY = 512
 """Longest query string of a debug request."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a caller of an HTTPS admin port has to finish its TLS handshake."""
 
 _ENDPOINTS = {
     "/debug/profile": "GET: CPU profile of every thread; seconds (≤60, default 10), hz (1-250, default 100), "
@@ -120,14 +132,29 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
+def admin_tls_context(cert: str | Path, key: str | Path, client_ca: str | Path) -> ssl.SSLContext:
+    """A server context for the admin port: ``cert``/``key`` presented, a client certificate that
+    ``client_ca`` signed required (the admin identity). Raises ssl.SSLError / OSError on bad files
+    (check them first: mesh.tls_files)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(client_ca)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 class AdminServer:
-    """``/metrics`` and ``/debug/...`` of one process, on a thread of their own."""
+    """``/metrics`` and ``/debug/...`` of one process, on a thread of their own; HTTPS with a
+    required client certificate when given ``tls``, called once per connection for its context."""
 
     def __init__(self, registry: CollectorRegistry, *, debug: DebugAccess = "auto", component: str = "process",
-                 memory_extras: Callable[[], dict[str, Any]] | None = None) -> None:
+                 memory_extras: Callable[[], dict[str, Any]] | None = None,
+                 tls: Callable[[], ssl.SSLContext] | None = None) -> None:
         self.registry = registry
         self.debug = debug
         self.component = component
+        self.tls = tls
         self.memory = MemoryDebugger(memory_extras)
         self._profiling = threading.Lock()
         self._debug_slots = threading.BoundedSemaphore(DEBUG_CONCURRENCY)
@@ -139,14 +166,39 @@ class AdminServer:
         """Listen on ``host:port`` (port 0 picks one); returns the bound port. Raises OSError if taken."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         handler = type("AdminHandler", (_Handler,), {"registry": self.registry, "admin": self})
+        tls = self.tls
 
         class Server(ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
 
+            def get_request(self) -> tuple[Any, Any]:
+                sock, address = self.socket.accept()
+                if tls is None:
+                    return sock, address
+                # The handshake waits for finish_request, on the connection's thread.
+                return tls().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+            def finish_request(self, request: Any, client_address: Any) -> None:
+                if isinstance(request, ssl.SSLSocket):
+                    request.settimeout(HANDSHAKE_TIMEOUT)
+                    try:
+                        request.do_handshake()
+                    except (ssl.SSLError, OSError) as exc:  # no admin certificate, plaintext, timeout
+                        log.debug("admin_tls_refused", peer=str(client_address[0])[:64],
+                                  reason=str(getattr(exc, "reason", None) or exc)[:200])
+                        return
+                    request.settimeout(None)
+                super().finish_request(request, client_address)
+
         self._httpd = Server((host.strip("[]"), port), handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="admin-http", daemon=True)
         self._thread.start()
+        if self.debug == "on" and self.tls is None and not is_loopback(host.strip("[]")):
+            log.warning("debug_endpoints_unauthenticated", address=f"{host}:{port}",
+                        detail="--debug-endpoints on, the admin port beyond loopback and no admin identity "
+                               "(--admin-tls-client-ca): anyone who reaches the port can profile this "
+                               "process and read its stacks and memory")
         return int(self._httpd.server_address[1])
 
     def close(self) -> None:
@@ -246,7 +298,7 @@ class _Handler(MetricsHandler):
         admin = self.admin
         if admin.debug == "off":
             status, kind, body = _json(404, {"error": "debug endpoints are off here (--debug-endpoints off)"})
-        elif admin.debug == "auto" and not self._loopback_both_ends():
+        elif admin.debug == "auto" and admin.tls is None and not self._loopback_both_ends():
             status, kind, body = _json(403, {"error": "debug endpoints answer connections from and to a loopback "
                                                       "address only (--debug-endpoints auto); use kubectl "
                                                       "port-forward or ssh"})
