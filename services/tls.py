@@ -10,12 +10,17 @@ loopback by default and carries no model traffic.
 Renewed files take effect without a restart (:class:`CertificateReloader`): a changed set is
 checked the same way first; a set that fails the check (a key written before its certificate, a
 half-written file) keeps the old one serving and is logged once. Connections already open keep
-the certificate of their handshake; new ones get the new one.
+the certificate of their handshake; new ones get the new one. Both ports serve exactly the bytes
+that passed the check: the REST port gets a fresh ``ssl.SSLContext`` built from them (never the
+files read a second time, and never CAs added to the old trust store), swapped in at each
+handshake, so a client CA taken out of the file is no longer trusted on either port.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from mesh.tls_files import MAX_PEM_BYTES, read_server_files
 from mesh.tls_files import TlsFileError as TlsSettingsError
 
 __all__ = ["MAX_PEM_BYTES", "CertificateReloader", "ServerTls", "TlsSettingsError", "grpc_credentials",
-           "load_server_tls", "uvicorn_options"]
+           "load_server_tls", "server_context", "uvicorn_options"]
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +87,7 @@ _Stamp = tuple[tuple[int, int, int] | None, ...]
 
 class CertificateReloader:
     """Serves the newest valid set of the TLS files: gRPC asks :meth:`fetch` at each handshake,
-    and the REST port's ``ssl.SSLContext`` is loaded again in place (:meth:`watch_context`).
+    and the REST port's handshakes switch to a context built from that set (:meth:`watch_context`).
 
     A file's (mtime, size, inode) is looked at most once per ``interval`` seconds; a change is
     read and checked with :func:`load_server_tls` before anything serves it.
@@ -97,7 +102,7 @@ class CertificateReloader:
         self._stamp = self._stamps()
         self._refused: _Stamp | None = None
         self._checked_at = time.monotonic()
-        self._contexts: list[ssl.SSLContext] = []
+        self._rest_context: ssl.SSLContext | None = None  # built from self._tls once watched
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -135,13 +140,14 @@ class CertificateReloader:
                 new = load_server_tls(old.cert_path, old.key_path, old.client_ca_path)
                 if new is None:  # cannot be: both paths are given
                     raise TlsSettingsError("no TLS files")
-                for context in self._contexts:
-                    _load_into(context, new)
+                rest = None if self._rest_context is None else server_context(new)
             except (TlsSettingsError, ssl.SSLError, OSError) as exc:
                 self._refused = stamp  # logged once per state of the files, retried when they change
                 log.warning("tls_reload_refused", reason=str(exc), serving="the previous certificate")
                 return False
             self._tls, self._stamp, self._refused = new, stamp, None
+            if rest is not None:
+                self._rest_context = rest
             self._generation += 1
         log.info("tls_reloaded", cert=str(new.cert_path), mutual=new.mutual)
         return True
@@ -168,13 +174,22 @@ class CertificateReloader:
                                                    require_client_authentication=self._tls.mutual)
 
     def watch_context(self, context: ssl.SSLContext) -> None:
-        """Load every new set into ``context`` too (uvicorn's, for the REST port); a thread looks
-        at the files once per ``interval`` so that a REST-only caller also gets the new set."""
+        """Make every handshake on ``context`` (uvicorn's, for the REST port) use a context built
+        from the set now served (:func:`server_context`), switched to from its ``sni_callback``,
+        which OpenSSL runs on every ClientHello, with or without a server name. A thread looks at
+        the files once per ``interval`` so that a REST-only caller also gets a new set."""
         with self._lock:
-            self._contexts.append(context)
+            self._rest_context = server_context(self._tls)
+            context.sni_callback = self._select
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="tls-reload", daemon=True)
                 self._thread.start()
+
+    def _select(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                context: ssl.SSLContext) -> None:
+        current = self._rest_context  # one read: a reload swaps the reference, never edits it
+        if current is not None and current is not context:
+            connection.context = current
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -191,7 +206,21 @@ def _certificate_configuration(tls: ServerTls) -> grpc.ServerCertificateConfigur
     return grpc.ssl_server_certificate_configuration([(tls.key, tls.cert)], root_certificates=tls.client_ca)
 
 
-def _load_into(context: ssl.SSLContext, tls: ServerTls) -> None:
-    context.load_cert_chain(tls.cert_path, tls.key_path)
-    if tls.client_ca_path is not None:
-        context.load_verify_locations(tls.client_ca_path)
+def server_context(tls: ServerTls) -> ssl.SSLContext:
+    """A new server context holding exactly ``tls``'s checked bytes: the key and certificate go
+    through a private (0600) temporary directory, removed at once, since ``ssl`` loads a chain only
+    from files; the client CA is loaded from memory. A handshake switched to it keeps the
+    listening context's protocol and cipher settings (OpenSSL takes only the certificate, key and
+    trust store from the context switched to); the verify mode is set here as well."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="sluice-tls-") as directory:  # mode 0700
+        cert, key = Path(directory, "cert.pem"), Path(directory, "key.pem")
+        for path, data in ((cert, tls.cert), (key, tls.key)):
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+        context.load_cert_chain(cert, key)
+    if tls.client_ca is not None:
+        context.load_verify_locations(cadata=tls.client_ca.decode("ascii", "replace"))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context

@@ -205,3 +205,45 @@ def test_renewed_certificate_files_serve_new_connections_without_a_failed_call(
     assert calls[0] > 0 and calls[1] > 0
     assert "tls_reloaded" in handle.process.log_text()
     assert handle.process.alive()
+
+
+def _pair_credentials(ca: Path, pair: tuple[Path, Path]) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(ca.read_bytes(), pair[1].read_bytes(), pair[0].read_bytes())
+
+
+def _pair_context(ca: Path, pair: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False
+    context.load_cert_chain(*pair)
+    return context
+
+
+def test_a_rotated_client_ca_stops_trusting_the_old_one_on_both_ports(
+        start_service: Callable[..., ServiceHandle], repo: Path, tmp_path: Path) -> None:
+    """The REST port's trust store is the file's current content, not the old CAs plus the new:
+    a caller whose certificate only the old CA signed is refused after the rotation."""
+    pki = ensure_dev_pki(tmp_path / "pki")
+    other = ensure_dev_pki(tmp_path / "other")  # a second CA, with its own client certificates
+    client_ca = tmp_path / "client-ca.crt"
+    shutil.copyfile(pki.ca.cert, client_ca)
+    handle = start_service(repo, "--tls-cert", str(pki.service.cert), "--tls-key", str(pki.service.key),
+                           "--tls-client-ca", str(client_ca), wait=False)
+    old_client = (pki.gateway_client.cert, pki.gateway_client.key)
+    new_client = (other.gateway_client.cert, other.gateway_client.key)
+    wait_for(lambda: _ready(handle.address, _pair_credentials(pki.ca.cert, old_client)) is True, 60,
+             "ServerReady over mTLS")
+    assert _rest_live(handle.rest_port, _pair_context(pki.ca.cert, old_client)) == 200
+    assert _rest_live(handle.rest_port, _pair_context(pki.ca.cert, new_client)) != 200
+
+    staged = tmp_path / "staged-ca.crt"
+    shutil.copyfile(other.ca.cert, staged)
+    os.replace(staged, client_ca)
+    wait_for(lambda: _ready(handle.address, _pair_credentials(pki.ca.cert, new_client)) is True, 20,
+             "gRPC trusting the new client CA")
+    wait_for(lambda: _rest_live(handle.rest_port, _pair_context(pki.ca.cert, new_client)) == 200, 20,
+             "REST trusting the new client CA")
+    assert _ready(handle.address, _pair_credentials(pki.ca.cert, old_client)) == "UNAVAILABLE"
+    assert _rest_live(handle.rest_port, _pair_context(pki.ca.cert, old_client)) != 200
+    # Without a client certificate, and with a plaintext request, the port still refuses.
+    assert _rest_live(handle.rest_port, _client_context(pki, client_cert=False)) != 200
+    assert handle.process.alive()
