@@ -1,13 +1,17 @@
 """PromQL gates: one instant query against the Prometheus HTTP API (``/api/v1/query``) per gate.
 
 Every outcome is bounded: the answer is read up to :data:`ANSWER_MAX_BYTES`, the call waits at
-most its timeout, and an error is kept as one short line. An empty result is its own outcome
+most its timeout, and an error is kept as one short line. No answer raises out of a gate: a body
+nested too deep to parse, a broken HTTP response (too many headers, a cut chunked body) or any
+other surprise becomes that gate's error, so one bad Prometheus (or proxy) answer never stops
+the controller. An empty result is its own outcome
 (the machine holds on it, never aborts nor passes: argo-rollouts#1466).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import math
 import urllib.error
@@ -43,9 +47,13 @@ def _sample(item: Any) -> float:
     return float(item[1])  # "NaN", "+Inf" and "-Inf" included
 
 
-def parse_answer(body: bytes) -> tuple[float, ...]:
-    """The values of an instant query's answer (``vector`` or ``scalar``); NaN samples dropped."""
-    data = json.loads(body)
+def parse_answer(body: bytes) -> tuple[tuple[float, ...], int]:
+    """The values of an instant query's answer (``vector`` or ``scalar``), NaN samples dropped,
+    and the number of series in it (NaN ones included; a scalar is one)."""
+    try:
+        data = json.loads(body)
+    except RecursionError:  # C's scanner gives up on deep nesting with this, not a ValueError
+        raise ValueError("the answer is nested too deep to be an instant query's") from None
     if not isinstance(data, dict):
         raise ValueError("the answer is not a JSON object")
     if data.get("status") != "success":
@@ -63,7 +71,7 @@ def parse_answer(body: bytes) -> tuple[float, ...]:
         values = [_sample(s.get("value") if isinstance(s, dict) else None) for s in series]
     else:
         raise ValueError(f"result type {str(kind)[:20]!r}: a gate needs an instant vector or a scalar")
-    return tuple(v for v in values if not math.isnan(v))
+    return tuple(v for v in values if not math.isnan(v)), len(values)
 
 
 def _get(url: str, timeout: float) -> bytes:
@@ -85,18 +93,17 @@ def _get(url: str, timeout: float) -> bytes:
 def _one(base_url: str, query: str, timeout: float) -> PromQLResult:
     url = f"{base_url.rstrip('/')}/api/v1/query?{urllib.parse.urlencode({'query': query})}"
     try:
-        body = _get(url, timeout)
-        data = json.loads(body)
-        series = len(data.get("data", {}).get("result", [])) if isinstance(data, dict) and isinstance(
-            data.get("data"), dict) and data["data"].get("resultType") == "vector" else 1
-        return PromQLResult(query, parse_answer(body), series=series)
+        values, series = parse_answer(_get(url, timeout))
+        return PromQLResult(query, values, series=series)
     except TimeoutError:
         return PromQLResult(query, error=f"no answer within {timeout:g}s")
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError, http.client.HTTPException) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         if isinstance(reason, TimeoutError):
             return PromQLResult(query, error=f"no answer within {timeout:g}s")
         return PromQLResult(query, error=f"{type(reason).__name__}: {reason}"[:ERROR_MAX])
+    except Exception as exc:  # anything else still ends as this gate's error, never the controller's
+        return PromQLResult(query, error=f"unexpected {type(exc).__name__}: {exc}"[:ERROR_MAX])
 
 
 async def evaluate(base_url: str | None, doc: RolloutDocument, gates: Sequence[PromQLGate], *,

@@ -37,6 +37,9 @@ class FakePrometheus:
     delay: float = 0.0
     raw: bytes | None = None
     """Sent as the body instead of ``answer`` (oversized or broken answers)."""
+    wire: bytes | None = None
+    """Written to the socket as the whole HTTP response, status line and headers included
+    (answers broken below the body: too many headers, a cut chunked body)."""
     queries: list[str] = field(default_factory=list)
 
 
@@ -53,6 +56,10 @@ def fake_prometheus() -> Iterator[FakePrometheus]:
                 return
             fake.queries.append(urllib.parse.parse_qs(parsed.query).get("query", [""])[0])
             time.sleep(fake.delay)
+            if fake.wire is not None:
+                self.close_connection = True
+                self.wfile.write(fake.wire)
+                return
             body = fake.raw if fake.raw is not None else json.dumps(fake.answer).encode()
             status = 400 if fake.answer.get("status") == "error" and fake.raw is None else fake.status
             try:

@@ -66,6 +66,11 @@ async def test_answers_give_every_series_value(prometheus: FakePrometheus, answe
      "needs an instant vector or a scalar"),
     ({"raw": b"{" + b" " * ANSWER_MAX_BYTES + b"}"}, f"more than {ANSWER_MAX_BYTES} bytes"),
     ({"delay": 1.5}, "no answer within 0.5s"),
+    ({"raw": b"[" * 100_000 + b"]" * 100_000}, "nested too deep"),
+    ({"wire": b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-Many-%d: 1\r\n" % i for i in range(150)) + b"\r\n{}"},
+     "more than 100 headers"),
+    ({"wire": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"ff\r\n{\"status\": \"succ"}, "IncompleteRead"),
 ])
 async def test_errors_and_timeouts_are_one_bounded_line(prometheus: FakePrometheus, setup: dict[str, object],
                                                         words: str) -> None:
