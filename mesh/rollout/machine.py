@@ -308,7 +308,10 @@ def after_webhook(doc: RolloutDocument, ok: bool, detail: str, now: datetime, ob
         return doc, []
     if ok:
         return promoted(doc, now, obs)
-    return _with(doc, phase=Phase.PAUSED, reason=f"before-promotion webhook refused: {detail}"[:1000]), []
+    # A refused promotion is over: the flag must not make a later, gate-earned one skip its
+    # judged 100 % step.
+    return _with(doc, phase=Phase.PAUSED, operator_promote=False,
+                 reason=f"before-promotion webhook refused: {detail}"[:1000]), []
 
 
 def _request(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[RolloutDocument, list[Action]]:
@@ -340,6 +343,11 @@ def step(doc: RolloutDocument, obs: Observation, now: datetime) -> tuple[Rollout
     state = doc.state
     if state.phase.final:
         return (_with(doc, request=None) if state.request else doc), []
+    if state.operator_promote and state.phase is not Phase.PROMOTING:
+        # The flag belongs to the promotion under way only (a document written before refusals
+        # cleared it may still carry one).
+        doc = _with(doc, operator_promote=False)
+        state = doc.state
     if state.finishing is not None:
         # A final phase whose weights are not written yet: write them again (an abort request
         # turns a pending promotion into an abort; other requests wait for the final phase).

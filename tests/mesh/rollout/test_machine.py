@@ -190,6 +190,35 @@ def test_before_promotion_webhook_gates_the_last_step() -> None:
     assert more == [SetWeights({2: 0, 3: 100})]
 
 
+def _asking(d: RolloutDocument, request: str) -> RolloutDocument:
+    return d.model_copy(update={"state": d.state.model_copy(update={"request": request})})
+
+
+def test_a_refused_operator_promotion_does_not_skip_judging_a_later_one() -> None:
+    d = doc(steps=["shadow", 100], webhooks={"before_promotion": {"url": "http://127.0.0.1:1/hook"}})
+    d, _ = step(d, observe(None, {2: 100}), T0)
+    d, actions = run(_asking(d, "promote"), None, 1.0)
+    assert d.state.phase is Phase.PROMOTING and d.state.operator_promote and isinstance(actions[0], CallWebhook)
+    refused, _ = after_webhook(d, False, "HTTP 409", T0, observe(None, None))
+    assert refused.state.phase is Phase.PAUSED and not refused.state.operator_promote
+    resumed, _ = run(_asking(refused, "resume"), None, 2.0)
+    assert resumed.state.phase is Phase.RUNNING
+    earned, _ = run(resumed, figures(compared=200), 13.0)
+    assert earned.state.phase is Phase.PROMOTING and not earned.state.operator_promote
+    # The gates earned this promotion: the 100 % step is judged, not skipped as an operator's.
+    done, more = after_webhook(earned, True, "HTTP 200", T0, observe(None, None))
+    assert done.state.phase is Phase.RUNNING and done.state.step == 1 and "judged" in done.state.reason
+    assert more == [SetWeights({2: 0, 3: 100})]
+
+
+def test_a_stale_operator_promotion_flag_is_dropped_outside_promoting() -> None:
+    d, _ = step(doc(), observe(None, {2: 100}), T0)
+    paused = d.model_copy(update={"state": d.state.model_copy(update={"phase": Phase.PAUSED,
+                                                                      "operator_promote": True})})
+    resumed, _ = run(_asking(paused, "resume"), None, 2.0)
+    assert resumed.state.phase is Phase.RUNNING and not resumed.state.operator_promote
+
+
 def test_no_figures_holds_and_says_why() -> None:
     d, _ = step(doc(), observe(None, {2: 100}), T0)
     obs = Observation({}, None, {2: 100, 3: 0}, ("i1: ConnectionRefusedError",))
