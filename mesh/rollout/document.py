@@ -308,8 +308,7 @@ class RolloutDocument(_Strict):
         weights = {**{v: w * k for v, w in others.items()},
                    self.baseline: (100 * pool - pool * share) // g, self.candidate: pool * share // g}
         if max(weights.values()) > MAX_WEIGHT:
-            total = sum(weights.values())
-            weights = {v: round(w * MAX_WEIGHT / total) for v, w in weights.items()}
+            weights = _scaled(weights)
         return dict(sorted(weights.items()))
 
     def restored_weights(self) -> dict[int, int]:
@@ -321,6 +320,20 @@ class RolloutDocument(_Strict):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
+
+
+def _scaled(weights: dict[int, int]) -> dict[int, int]:
+    """``weights`` in proportion, each at most :data:`MAX_WEIGHT`. A nonzero weight stays nonzero
+    (rounding would give a version with a tiny share, perhaps the candidate, no traffic at all):
+    such a version gets 1, taken from the largest weight, so the total stays what scaling gave."""
+    total = sum(weights.values())
+    scaled = {v: round(w * MAX_WEIGHT / total) for v, w in weights.items()}
+    raised = [v for v, w in weights.items() if w > 0 and scaled[v] == 0]
+    for v in raised:
+        scaled[v] = 1
+    largest = max(scaled, key=lambda v: scaled[v])
+    scaled[largest] = max(1, scaled[largest] - len(raised))  # at least MAX_WEIGHT / len(weights) before
+    return scaled
 
 
 def _problems(exc: ValidationError) -> list[str]:

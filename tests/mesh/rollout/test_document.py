@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mesh.errors import InvalidDocumentError
+from mesh.registry.records import MAX_WEIGHT
 from mesh.rollout.document import ROLLOUT_DOCUMENT_MAX, parse_rollout_document
 
 
@@ -42,3 +43,17 @@ def test_oversized_and_non_json_documents_are_refused_unparsed() -> None:
         parse_rollout_document(b"{")
     with pytest.raises(InvalidDocumentError, match="JSON object"):
         parse_rollout_document(b"[]")
+
+
+@pytest.mark.parametrize("start", [{"1": MAX_WEIGHT, "2": 1}, {"1": MAX_WEIGHT, "4": MAX_WEIGHT, "2": 1},
+                                   {"1": MAX_WEIGHT, "2": 3, "3": 0}])
+def test_scaled_weights_keep_every_nonzero_share(start: dict[str, int]) -> None:
+    """Weights scaled down to fit MAX_WEIGHT never round a version with a share to 0: a 1 % step
+    next to a version with almost all traffic still gives the candidate some."""
+    doc = parse_rollout_document({"model": "iris", "candidate": 3, "baseline": 2, "steps": [1, 50, 100],
+                                  "start_weights": start})
+    for step, baseline_has_some in ((1, True), (50, True), (100, False)):
+        weights = doc.weights_for(step)
+        assert weights[3] >= 1 and (weights[2] >= 1) is baseline_has_some, (step, weights)
+        assert all(weights[int(v)] >= 1 for v, w in start.items() if w and int(v) not in (2, 3)), weights
+        assert max(weights.values()) <= MAX_WEIGHT
