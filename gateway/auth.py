@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import http.client
 import json
 import os
 import re
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway.rest_routes import REPOSITORY_OPERATIONS
 from mesh.protocol import MODEL_HEADER, VERSION_HEADER, clip
@@ -166,23 +168,85 @@ def auth_options(settings: GatewaySettings) -> AuthOptions | None:
 # -- the key set ------------------------------------------------------------------------------------
 
 
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
+_EC_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
+    "P-256": (ec.SECP256R1(), 32), "P-384": (ec.SECP384R1(), 48), "P-521": (ec.SECP521R1(), 66)}
+_OKP_CURVES: dict[str, Callable[[bytes], object]] = {
+    "Ed25519": ed25519.Ed25519PublicKey.from_public_bytes, "Ed448": ed448.Ed448PublicKey.from_public_bytes}
+
+
+def _b64url_field(key: Resource, field: str, kty: str) -> bytes:
+    """The bytes of the base64url (unpadded) member ``field`` of a JWK, or ValueError naming it."""
+    value = key.get(field)
+    if not isinstance(value, str) or not _B64URL_RE.fullmatch(value) or len(value) % 4 == 1:
+        raise ValueError(f"{kty} key without a base64url \"{field}\"")
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"{kty} key without a base64url \"{field}\"") from exc
+
+
+def _check_key(key: object) -> None:
+    """ValueError saying why ``key`` is no public JWK a token can be checked with: the fields of its
+    ``kty`` are decoded and the key is built (an EC point must lie on its curve, …)."""
+    if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
+        raise ValueError("not a JWK (an object with \"kty\")")
+    kty = key["kty"]
+    if kty == "RSA":
+        n = int.from_bytes(_b64url_field(key, "n", kty), "big")
+        e = int.from_bytes(_b64url_field(key, "e", kty), "big")
+        if n.bit_length() < 1024 or n.bit_length() > 16384:
+            raise ValueError(f"RSA key of {n.bit_length()} bits (1,024 to 16,384)")
+        rsa.RSAPublicNumbers(e, n).public_key()
+    elif kty == "EC":
+        crv = key.get("crv")
+        if not isinstance(crv, str) or crv not in _EC_CURVES:
+            raise ValueError(f"EC key on curve {clip(str(crv))!r}, not one of {', '.join(_EC_CURVES)}")
+        curve, size = _EC_CURVES[crv]
+        x, y = _b64url_field(key, "x", kty), _b64url_field(key, "y", kty)
+        if len(x) != size or len(y) != size:
+            raise ValueError(f"EC {crv} key whose x or y is not {size} bytes")
+        ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve).public_key()
+    elif kty == "OKP":
+        crv = key.get("crv")
+        if not isinstance(crv, str) or crv not in _OKP_CURVES:
+            raise ValueError(f"OKP key on curve {clip(str(crv))!r}, not one of {', '.join(_OKP_CURVES)}")
+        _OKP_CURVES[crv](_b64url_field(key, "x", kty))
+    elif kty == "oct":
+        if not _b64url_field(key, "k", kty):
+            raise ValueError("oct key with an empty \"k\"")
+    else:
+        raise ValueError(f"kty {clip(kty)!r} is not one of RSA, EC, OKP, oct")
+
+
 def parse_jwks(raw: bytes, source: str) -> str:
-    """The key set in ``raw`` as canonical JSON text, or :class:`JwksError` naming ``source``."""
+    """The key set in ``raw`` as canonical JSON text, or :class:`JwksError` naming ``source``.
+
+    Every key is checked in full (:func:`_check_key`): a key set Envoy would refuse is refused
+    here, and the one in force stays.
+    """
     if len(raw) > JWKS_MAX_BYTES:
         raise JwksError(f"{source}: larger than {JWKS_MAX_BYTES} bytes")
     try:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise JwksError(f"{source}: not JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise JwksError(f"{source}: not JSON (nested too deeply)") from exc
     keys = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(keys, list) or not keys:
         raise JwksError(f"{source}: not a JWKS (a JSON object whose \"keys\" lists at least one key)")
     if len(keys) > JWKS_MAX_KEYS:
         raise JwksError(f"{source}: {len(keys)} keys, at most {JWKS_MAX_KEYS}")
     for index, key in enumerate(keys):
-        if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
-            raise JwksError(f"{source}: key {index} is not a JWK (an object with \"kty\")")
-    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+        try:
+            _check_key(key)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise JwksError(f"{source}: key {index}: {exc}") from exc
+    try:
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
+    except RecursionError as exc:  # a key's other members nested too deeply
+        raise JwksError(f"{source}: not JSON (nested too deeply)") from exc
 
 
 def placeholder_jwks() -> str:
@@ -222,8 +286,9 @@ def fetch_jwks(uri: str, timeout: float = 5.0) -> str:
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             raw = response.read(JWKS_MAX_BYTES + 1)
-    except (OSError, ValueError) as exc:
-        raise JwksError(f"{uri}: fetch failed ({exc})") from exc
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        # HTTPException: a broken answer (over 100 headers, a chunked body cut short, …).
+        raise JwksError(f"{uri}: fetch failed ({type(exc).__name__}: {clip(str(exc))})") from exc
     return parse_jwks(raw, uri)
 
 
@@ -274,7 +339,13 @@ class JwksWatch:
     async def check(self) -> str | None:
         """The new key set, or None when it did not change (or the new one is unusable)."""
         try:
-            text = await asyncio.to_thread(self._load)
+            try:
+                text = await asyncio.to_thread(self._load)
+            except JwksError:
+                raise
+            except Exception as exc:  # whatever a source does, the watch carries on
+                raise JwksError(f"{self.path or self.uri}: unusable ({type(exc).__name__}: "
+                                f"{clip(str(exc))})") from exc
         except JwksError as exc:
             if str(exc) != self._reported:
                 self._reported = str(exc)

@@ -38,7 +38,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.publish import Publisher, load_published
-from gateway.render import render_options, render_snapshot
+from gateway.render import RenderOptions, render_options, render_snapshot
 from gateway.rest_routes import SERVER_VERSION
 from gateway.settings import GatewaySettings
 from gateway.snapshot import Snapshot, dump_yaml, shape_key, snapshot_from_files, transition
@@ -96,6 +96,9 @@ class GatewayController:
         """The authentication in force, reported in every status document."""
         self.answers = AnswersServer(lambda: view_of(self._live), SERVER_VERSION)
         """ServerLive/Ready/Metadata and RepositoryIndex without a model header (gateway/answers.py)."""
+        self._pending_jwks: str | None = None
+        """A new key set not yet accepted by Envoy: rendered until a publication takes it (then it
+        goes into ``self.options``) or refuses it (then it is dropped, see :meth:`reconcile`)."""
         self._client = EtcdClient(etcd_settings)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-publish")
         self.control = ControlLoop(self._client, self.schema, controller="gateway",
@@ -176,10 +179,16 @@ class GatewayController:
             log.info("gateway_stopped")
 
     def _jwks_changed(self, jwks: str) -> None:
-        """A rotated key set: the next round renders it (a new listener; its connections drain)."""
+        """A rotated key set: the next round renders it (a new listener; its connections drain).
+        It is in force only once Envoy took it; until then the last good one stays in ``options``."""
         if self.options.auth is not None:
-            self.options = replace(self.options, auth=replace(self.options.auth, jwks=jwks))
+            self._pending_jwks = None if jwks == self.options.auth.jwks else jwks
             self.control.request()
+
+    def _options_with(self, jwks: str | None) -> RenderOptions:
+        if jwks is None or self.options.auth is None:
+            return self.options
+        return replace(self.options, auth=replace(self.options.auth, jwks=jwks))
 
     def check_ports(self) -> None:
         """One :class:`~mesh.ports.PortBindError` naming the flag for a taken port, instead of a
@@ -375,8 +384,26 @@ class GatewayController:
                 self._last_good[name] = recovered
                 log.warning("last_good_routing_from_status", model=name, routing_error=model.routing_error,
                             weights=recovered.weights)
-        wanted = render_snapshot(state, self._last_good, self.options)
-        failure: str | None = None
+        pending = self._pending_jwks
+        wanted = render_snapshot(state, self._last_good, self._options_with(pending))
+        failure = await self._publish(wanted, started)
+        if pending is not None and self._pending_jwks == pending:
+            if failure is None:
+                self.options, self._pending_jwks = self._options_with(pending), None
+            else:
+                # Was it the new key set? The same state with the key set in force tells: if that
+                # goes live (or is live), the new set is refused and the last good one stays.
+                fallback = render_snapshot(state, self._last_good, self.options)
+                if await self._publish(fallback, started) is None:
+                    self._pending_jwks = None
+                    log.error("jwks_refused", error=failure, keeping="the last good key set")
+                    failure = f"the new JWKS was refused ({failure}); the last good key set stays in force"
+                    wanted = fallback
+        await self._write_status(state, wanted, failure)
+        return self._live
+
+    async def _publish(self, wanted: Snapshot, started: float | None) -> str | None:
+        """Make ``wanted`` live unless it is; returns why it failed (None: it is live)."""
         if self._live is not None and not self._live.plans and wanted.content_hash == self._live.content_hash:
             self._live = wanted  # found on disk at start-up: same content, now with its plans
         try:
@@ -396,10 +423,9 @@ class GatewayController:
                          seconds=round(time.monotonic() - started, 4) if started is not None else None,
                          phases=phases)
         except GatewayError as exc:
-            failure = f"{exc}; the last good config ({self._live.version if self._live else 'none'}) stays live"
             log.error("gateway_publish_failed", version=wanted.version, error=str(exc))
-        await self._write_status(state, wanted, failure)
-        return self._live
+            return f"{exc}; the last good config ({self._live.version if self._live else 'none'}) stays live"
+        return None
 
     async def _apply(self, wanted: Snapshot) -> dict[str, float]:
         """Check, validate, publish and confirm ``wanted``; returns seconds per phase."""

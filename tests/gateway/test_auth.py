@@ -3,16 +3,19 @@ settings that turn it on, the key set's watch; accepted by a real Envoy."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import http.server
 import json
 import os
+import socketserver
 import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pydantic import ValidationError
 
 from gateway.auth import (
@@ -22,8 +25,11 @@ from gateway.auth import (
     RBAC_FILTER,
     STRIP_FILTER,
     AuthOptions,
+    JwksError,
     JwksWatch,
     auth_options,
+    fetch_jwks,
+    parse_jwks,
 )
 from gateway.body_routing import LUA_FILTER
 from gateway.envoy import find_envoy, validate_snapshot
@@ -331,6 +337,94 @@ async def test_a_remote_key_set_is_fetched_and_refetched() -> None:
                              separators=(",", ":"))
         served["body"] = rotated.encode()
         assert await watch.check() == rotated
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- the keys themselves ---------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _rsa_jwk() -> dict[str, Any]:
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_numbers()
+    return {"kty": "RSA", "n": _b64(numbers.n.to_bytes(256, "big")), "e": _b64(numbers.e.to_bytes(3, "big"))}
+
+
+EC_JWK = json.loads(JWKS)["keys"][0]
+OKP_JWK = {"kty": "OKP", "crv": "Ed25519",
+           "x": _b64(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw())}
+
+
+def test_every_kind_of_key_envoy_takes_passes() -> None:
+    document = {"keys": [EC_JWK, _rsa_jwk(), OKP_JWK, {"kty": "oct", "k": _b64(b"0123456789abcdef")}]}
+    assert json.loads(parse_jwks(json.dumps(document).encode(), "f"))["keys"][0] == EC_JWK
+
+
+@pytest.mark.parametrize(("key", "message"), [
+    ({"kty": "RSA"}, 'key 0: RSA key without a base64url "n"'),
+    ({"kty": "RSA", "n": "AQAB"}, 'without a base64url "e"'),
+    ({"kty": "RSA", "n": "AQAB", "e": "AQAB"}, "RSA key of 17 bits"),
+    ({**EC_JWK, "x": "AA"}, "x or y is not 32 bytes"),
+    ({**EC_JWK, "y": EC_JWK["x"]}, "key 0: "),  # not on the curve
+    ({**EC_JWK, "x": "not base64!"}, 'without a base64url "x"'),
+    ({**EC_JWK, "crv": "P-192"}, "not one of P-256, P-384, P-521"),
+    ({"kty": "OKP", "crv": "Ed25519", "x": "AA"}, "key 0: "),
+    ({"kty": "oct"}, 'oct key without a base64url "k"'),
+    ({"kty": "DSA"}, "kty 'DSA' is not one of"),
+    ("RSA", 'not a JWK (an object with "kty")'),
+])
+def test_a_key_that_cannot_check_a_token_is_refused(key: object, message: str) -> None:
+    with pytest.raises(JwksError) as excinfo:
+        parse_jwks(json.dumps({"keys": [EC_JWK, key]}).encode(), "f")
+    assert message.replace("key 0", "key 1") in str(excinfo.value)
+
+
+@pytest.mark.slow
+async def test_envoy_takes_every_kind_of_key_that_passes() -> None:
+    jwks = parse_jwks(json.dumps({"keys": [EC_JWK, _rsa_jwk(), OKP_JWK]}).encode(), "f")
+    await validate_snapshot(find_envoy(), render_snapshot(TWO_MODELS, {}, replace(ON, auth=replace(AUTH, jwks=jwks))))
+
+
+def test_a_deeply_nested_key_set_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    deep = b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(JwksError, match="nested too deeply"):
+        parse_jwks(deep, "f")
+    path = _written(tmp_path / "deep.json", deep.decode())
+    with pytest.raises(ValidationError, match="nested too deeply"):
+        GatewaySettings(jwt_issuer="iss", jwt_jwks=path)
+
+
+def _serve_raw(answer: bytes) -> tuple[socketserver.TCPServer, str]:
+    """A server answering every connection with ``answer`` (bytes on the wire), then closing it."""
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+            self.request.sendall(answer)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: 1\r\n" % i for i in range(150)) + b"\r\n{}",  # > 100 headers
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n400\r\n" + b"{" * 10,  # chunked body cut short
+    b"HTTP/1.1 200 OK\r\ncontent-length: 200002\r\n\r\n" + b'{"keys": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b"not http at all\r\n\r\n",
+])
+async def test_a_broken_remote_answer_keeps_the_last_good_key_set(answer: bytes) -> None:
+    server, uri = _serve_raw(answer)
+    try:
+        watch = JwksWatch(JWKS, uri=uri, refresh=0.0, retry=0.0)
+        with pytest.raises(JwksError, match=r"jwks\.json"):
+            await asyncio.to_thread(fetch_jwks, uri)
+        assert await watch.check() is None  # logged, and the watch (the gateway) carries on
+        assert watch.current == JWKS
     finally:
         server.shutdown()
         server.server_close()

@@ -1,15 +1,24 @@
-"""The gateway controller's own measurements, against a real etcd (no Envoy needed)."""
+"""The gateway controller in process, against a real etcd: its own measurements (no Envoy needed)
+and the key set it keeps when a real Envoy refuses a new one."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.auth import JWT_FILTER, PROVIDER
 from gateway.controller import GatewayController
 from gateway.settings import GatewaySettings
+from mesh.devstack.pki import jwks_of
+from mesh.ports import free_port
+from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
+from mesh.registry.records import InstanceRecord
 from mesh.registry.settings import EtcdSettings
 from mesh.registry.state import build_state
 from tests.fixtures.etcd import EtcdServer
@@ -43,3 +52,63 @@ async def test_watch_lag_counts_from_the_first_undelivered_write(shared_etcd: Et
     finally:
         await client.delete_prefix(prefix)
         await client.close()
+
+
+def _jwks(kid: str) -> str:
+    return json.dumps(jwks_of(ec.generate_private_key(ec.SECP256R1()), kid), sort_keys=True, separators=(",", ":"))
+
+
+def _jwks_live(controller: GatewayController) -> str:
+    """The key set in the jwt_authn provider of the live snapshot's listener."""
+    assert controller.live is not None
+    hcm = controller.live.listener["filter_chains"][0]["filters"][0]["typed_config"]
+    jwt = next(f for f in hcm["http_filters"] if f["name"] == JWT_FILTER)
+    return str(jwt["typed_config"]["providers"][PROVIDER]["local_jwks"]["inline_string"])
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_key_set_envoy_refuses_never_replaces_the_one_in_force(shared_etcd: EtcdServer,
+                                                                      tmp_path: Path) -> None:
+    prefix = "/sluice-test/controller-jwks/"
+    good = _jwks("good")
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(good)
+    settings = GatewaySettings(xds_dir=tmp_path / "xds", metrics_port=-1, listen_host="127.0.0.1",
+                               listen_port=free_port(), admin_port=free_port(), envoy_concurrency=1,
+                               jwt_issuer="sluice-dev", jwt_jwks=jwks_file)
+    controller = GatewayController(settings, EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=prefix))
+    stop = asyncio.Event()
+    running = asyncio.create_task(controller.run(stop))
+    try:
+        await _until(lambda: controller.live is not None, "the first snapshot is live")
+        # Past the checks of parse_jwks (as a key set Envoy refuses would be): Envoy's validation
+        # refuses it ("[n] field is missing for a RSA key").
+        controller._jwks_changed('{"keys":[{"kty":"RSA"}]}')
+        await _until(lambda: controller._pending_jwks is None, "the broken key set is dropped")
+        assert controller.options.auth is not None and controller.options.auth.jwks == good
+        assert _jwks_live(controller) == good
+        # Routing changes still go live, with the key set in force.
+        record = InstanceRecord(address="127.0.0.1:7001", model="iris", version=1, instance_id="i1")
+        await controller._client.put(KeySchema(prefix).instance("iris", 1, "i1"), record.to_json())
+        await _until(lambda: controller.live is not None and "iris" in controller.live.plans, "iris is routed")
+        # A good rotation is taken once Envoy took it.
+        rotated = _jwks("rotated")
+        controller._jwks_changed(rotated)
+        await _until(lambda: controller._pending_jwks is None, "the rotated key set is taken")
+        assert controller.options.auth.jwks == rotated and _jwks_live(controller) == rotated
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        cleanup = EtcdClient(EtcdSettings(endpoints=[shared_etcd.endpoint], prefix=prefix))
+        await cleanup.connect()
+        await cleanup.delete_prefix(prefix)
+        await cleanup.close()
