@@ -455,6 +455,9 @@ async def _weights_delete(args: argparse.Namespace, client: EtcdClient, schema: 
     before = _weights_text(deletion.before.weights) if deletion.before else "(invalid document)"
     print(f"{args.model}: {before} → (no routing document: all traffic to the newest serving version) "
           f"(revision {deletion.revision})")
+    if deletion.dropped_access is not None:
+        print(f"warning: the deleted document's access rule (claim {deletion.dropped_access.claim!r}) is gone: "
+              "the model's routes now take the default rule (the access claim lists the model)", file=sys.stderr)
     if args.wait <= 0:
         return 0
     return await _wait_applied(client, schema, args.model, deletion.revision, timeout=args.wait, written=None)

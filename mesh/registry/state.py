@@ -5,6 +5,8 @@ compare-and-swap writes of routing documents used by the CLI.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -14,7 +16,15 @@ from mesh.errors import ConflictError, InvalidDocumentError, InvalidKeyError
 from mesh.registry.etcd.client import EtcdClient, KeyEvent, KeyValue
 from mesh.registry.etcd.watch import WatchEvent
 from mesh.registry.keys import KeyKind, KeySchema, validate_model_name, validate_version
-from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument, parse_routing_document
+from mesh.registry.records import (
+    AccessRule,
+    InstanceRecord,
+    InstanceState,
+    RoutingDocument,
+    StatusDocument,
+    parse_access_rule,
+    parse_routing_document,
+)
 
 _EMPTY: Mapping[bytes, KeyValue] = MappingProxyType({})
 
@@ -257,6 +267,28 @@ class RoutingDeletion:
     before: RoutingDocument | None
     before_error: str | None
     revision: int
+    dropped_access: AccessRule | None = None
+    """The access rule the deleted document carried: the model's routes now fall back to the
+    default rule (the caller's access claim lists the model), which may allow other callers."""
+
+
+def access_of_invalid(model: str, raw: bytes) -> AccessRule | None:
+    """The ``access`` of an invalid routing document when that field is valid on its own (None
+    when there is none). An ``access`` that is itself invalid raises :class:`InvalidDocumentError`:
+    dropping it would silently put the model under the default rule, which can widen access."""
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("access") is None:
+        return None
+    problems: list[str] = []
+    access = parse_access_rule(data["access"], problems)
+    if access is None or problems:
+        raise InvalidDocumentError(f"routing document of model {model!r}", [
+            *problems, "its access rule is invalid and would be lost: write the whole document (weights and "
+            "a valid access) with etcdctl, or fix the access rule first"])
+    return access
 
 
 async def get_routing(client: EtcdClient, schema: KeySchema, model: str) -> tuple[RoutingDocument | None, int]:
@@ -294,6 +326,7 @@ async def set_weights(
     current = await client.get(key)
     before: RoutingDocument | None = None
     before_error: str | None = None
+    kept_access: AccessRule | None = None
     mod_revision = 0
     if current is not None:
         mod_revision = current.mod_revision
@@ -301,6 +334,7 @@ async def set_weights(
             before = parse_routing_document(current.value)
         except InvalidDocumentError as exc:
             before_error = str(exc)  # overwriting an invalid document is how it gets fixed
+            kept_access = access_of_invalid(model, current.value)  # ... keeping its access rule
     if expected_revision is not None and expected_revision != mod_revision:
         raise ConflictError(f"routing of model {model!r} is at revision {mod_revision}, "
                             f"not the expected {expected_revision}: re-read it and try again")
@@ -310,7 +344,7 @@ async def set_weights(
         default_version = before.default_version if before else None
     after = RoutingDocument.from_weights(weights, sticky_header=sticky_header or None,
                                          default_version=default_version or None,
-                                         access=before.access if before else None)
+                                         access=before.access if before else kept_access)
     written, revision, now = await client.put_if_mod_revision(key, after.to_json(), mod_revision)
     if not written:
         changed_to = now.mod_revision if now is not None else 0
@@ -337,15 +371,19 @@ async def delete_routing(client: EtcdClient, schema: KeySchema, model: str, *,
                             f"not the expected {expected_revision}: re-read it and try again")
     before: RoutingDocument | None = None
     before_error: str | None = None
+    dropped_access: AccessRule | None = None
     try:
         before = parse_routing_document(current.value)
+        dropped_access = before.access
     except InvalidDocumentError as exc:
         before_error = str(exc)
+        with contextlib.suppress(InvalidDocumentError):
+            dropped_access = access_of_invalid(model, current.value)
     deleted, revision = await client.delete_if_mod_revision(key, current.mod_revision)
     if not deleted:
         raise ConflictError(f"routing of model {model!r} changed concurrently (revision {current.mod_revision} → "
                             f"{revision}): re-read it and try again")
-    return RoutingDeletion(model, before, before_error, revision)
+    return RoutingDeletion(model, before, before_error, revision, dropped_access)
 
 
 async def promote(client: EtcdClient, schema: KeySchema, model: str, version: int | str, *,

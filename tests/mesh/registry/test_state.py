@@ -10,11 +10,12 @@ import pytest
 from mesh.errors import ConflictError, InvalidDocumentError
 from mesh.registry.etcd import EtcdClient, KeyEvent, KeyValue, Resync, watch_prefix
 from mesh.registry.keys import KeySchema
-from mesh.registry.records import InstanceRecord, InstanceState, RoutingDocument, StatusDocument
+from mesh.registry.records import AccessRule, InstanceRecord, InstanceState, RoutingDocument, StatusDocument
 from mesh.registry.state import (
     ModelState,
     apply_event,
     build_state,
+    delete_routing,
     get_routing,
     keep_missing,
     load_state,
@@ -180,6 +181,34 @@ async def test_an_invalid_stored_document_can_be_fixed(client: EtcdClient, schem
         await get_routing(client, schema, "iris")
     change = await set_weights(client, schema, "iris", {1: 1})
     assert change.before is None and change.before_error is not None
+
+
+ACCESS = b'"access": {"claim": "groups", "allow": ["team-a"]}'
+
+
+async def test_fixing_an_invalid_document_keeps_its_access_rule(client: EtcdClient, schema: KeySchema) -> None:
+    await client.put(schema.routing("iris"), b'{"weights": "oops", ' + ACCESS + b"}")
+    change = await set_weights(client, schema, "iris", {1: 1})
+    assert change.before is None and change.before_error is not None
+    assert change.after.access == AccessRule(claim="groups", allow=("team-a",))
+    document, _ = await get_routing(client, schema, "iris")
+    assert document is not None and document.access == change.after.access
+
+
+async def test_an_invalid_access_rule_is_never_dropped_silently(client: EtcdClient, schema: KeySchema) -> None:
+    await client.put(schema.routing("iris"), b'{"weights": {"1": 1}, "access": {"claim": "a b", "allow": []}}')
+    with pytest.raises(InvalidDocumentError, match="access rule is invalid and would be lost"):
+        await set_weights(client, schema, "iris", {1: 1})
+
+
+@pytest.mark.parametrize("stored", [b'{"weights": {"1": 1}, ' + ACCESS + b"}", b'{"weights": 5, ' + ACCESS + b"}"])
+async def test_deleting_a_document_reports_the_access_rule_it_drops(client: EtcdClient, schema: KeySchema,
+                                                                    stored: bytes) -> None:
+    await client.put(schema.routing("iris"), stored)
+    deletion = await delete_routing(client, schema, "iris")
+    assert deletion.revision > 0 and deletion.dropped_access == AccessRule(claim="groups", allow=("team-a",))
+    await set_weights(client, schema, "iris", {1: 1})
+    assert (await delete_routing(client, schema, "iris")).dropped_access is None
 
 
 async def test_watched_state_equals_listed_state(client: EtcdClient, schema: KeySchema) -> None:
