@@ -4,12 +4,20 @@ A service (``sluice serve --tls-…``) and the gateway (``sluice gateway --tls-�
 ``--upstream-tls-…``) take certificates, keys and CA bundles as file paths. Each is read with a
 size cap, checked to be PEM of the right kind, and a key is checked to belong to its certificate,
 so a wrong file stops a start with one line naming the flag (or, for a renewed file the gateway
-watches, is refused while the old one stays in force). Standard library only.
+watches, is refused while the old one stays in force). A certificate outside its validity window
+and a passphrase-protected key are refused too. Standard library only (the services' images have
+no crypto package): the validity dates are read from the DER by :func:`validity`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import ssl
+import time
+from calendar import timegm
+from collections.abc import Callable
 from pathlib import Path
 
 MAX_PEM_BYTES = 1024 * 1024
@@ -18,8 +26,86 @@ CERT_MARKER = b"-----BEGIN CERTIFICATE-----"
 KEY_MARKER = b"PRIVATE KEY-----"
 
 
+NOT_BEFORE_LEEWAY_S = 300
+"""A certificate that becomes valid this soon is taken (clocks of issuer and host differ a little)."""
+_PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)-----END CERTIFICATE-----")
+
+
 class TlsFileError(ValueError):
     """A TLS file cannot be used; the message names the flag and what is wrong."""
+
+
+def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
+    """(tag, start of content, end of content) of the DER item at ``at``; ValueError if cut short."""
+    if at + 2 > len(data):
+        raise ValueError("truncated")
+    tag, length = data[at], data[at + 1]
+    at += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or at + count > len(data):
+            raise ValueError("bad length")
+        length = int.from_bytes(data[at:at + count], "big")
+        at += count
+    if at + length > len(data):
+        raise ValueError("truncated")
+    return tag, at, at + length
+
+
+def _der_time(tag: int, text: bytes) -> float:
+    value = text.decode("ascii")
+    if tag == 0x17 and re.fullmatch(r"\d{12}Z", value):  # UTCTime YYMMDDHHMMSSZ
+        year = int(value[:2])
+        value = f"{year + (2000 if year < 50 else 1900)}{value[2:]}"
+    elif tag != 0x18 or not re.fullmatch(r"\d{14}Z", value):  # GeneralizedTime YYYYMMDDHHMMSSZ
+        raise ValueError("not a UTCTime or GeneralizedTime")
+    return float(timegm(time.strptime(value, "%Y%m%d%H%M%SZ")))
+
+
+def validity(der: bytes) -> tuple[float, float]:
+    """(notBefore, notAfter) of a DER certificate, as Unix times; ValueError if it is no certificate."""
+    _, at, _ = _der_item(der, 0)  # Certificate
+    tag, at, end = _der_item(der, at)  # tbsCertificate
+    if tag != 0x30:
+        raise ValueError("no tbsCertificate")
+    tag, start, stop = _der_item(der, at)
+    if tag == 0xA0:  # [0] version, then serialNumber
+        tag, start, stop = _der_item(der, stop)
+    for _ in range(2):  # signature, issuer
+        tag, start, stop = _der_item(der, stop)
+    tag, start, stop = _der_item(der, stop)  # validity
+    if tag != 0x30 or stop > end:
+        raise ValueError("no validity")
+    tag1, s1, e1 = _der_item(der, start)
+    tag2, s2, e2 = _der_item(der, e1)
+    return _der_time(tag1, der[s1:e1]), _der_time(tag2, der[s2:e2])
+
+
+def _utc(moment: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(moment))
+
+
+def check_validity(pem: bytes, flag: str, path: Path, now: float | None = None) -> None:
+    """TlsFileError unless every certificate in ``pem`` is valid at ``now`` (give or take
+    :data:`NOT_BEFORE_LEEWAY_S` before its start)."""
+    moment = time.time() if now is None else now
+    for index, match in enumerate(_PEM_CERT_RE.finditer(pem)):
+        which = "the certificate" if index == 0 else f"certificate {index + 1} of the chain"
+        try:
+            not_before, not_after = validity(base64.b64decode(b"".join(match.group(1).split()), validate=True))
+        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+            raise TlsFileError(f"{flag} {path}: {which} cannot be read ({exc})") from exc
+        if moment > not_after:
+            raise TlsFileError(f"{flag} {path}: {which} expired at {_utc(not_after)}")
+        if moment + NOT_BEFORE_LEEWAY_S < not_before:
+            raise TlsFileError(f"{flag} {path}: {which} is not valid before {_utc(not_before)}")
+
+
+def _no_passphrase(key: Path, key_flag: str) -> Callable[[], bytes]:
+    def refuse() -> bytes:
+        raise TlsFileError(f"{key_flag} {key}: the key is protected by a passphrase; give an unencrypted key "
+                           "(e.g. openssl pkey -in KEY -out PLAIN)")
+    return refuse
 
 
 def read_pem(path: Path, flag: str, marker: bytes) -> bytes:
@@ -46,9 +132,14 @@ def read_key_pair(cert: Path, key: Path, cert_flag: str, key_flag: str) -> tuple
     """
     cert_pem = read_pem(cert, cert_flag, CERT_MARKER)
     key_pem = read_pem(key, key_flag, KEY_MARKER)
+    if b"ENCRYPTED" in key_pem:  # "BEGIN ENCRYPTED PRIVATE KEY", or "Proc-Type: 4,ENCRYPTED"
+        _no_passphrase(key, key_flag)()
+    check_validity(cert_pem, cert_flag, cert)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
+        # A key that wants a passphrase after all gets the callback's refusal, never a prompt on
+        # the terminal (OpenSSL's default, from whichever thread is loading).
+        context.load_cert_chain(cert, key, password=_no_passphrase(key, key_flag))
     except ssl.SSLError as exc:
         raise TlsFileError(f"{key_flag} {key} does not belong to {cert_flag} {cert} "
                            f"(or one of them is unreadable): {exc.reason or exc}") from exc

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from mesh.devstack.pki import DevPki, ensure_dev_pki
-from mesh.tls_files import MAX_PEM_BYTES, TlsFileError, read_ca, read_key_pair, read_server_files
+from mesh.tls_files import MAX_PEM_BYTES, TlsFileError, read_ca, read_key_pair, read_server_files, validity
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +58,58 @@ def test_flags_that_do_not_go_together(pki: DevPki) -> None:
         read_server_files(None, None, pki.ca.cert, flag="--x")
     with pytest.raises(TlsFileError, match="--tls-cert and --tls-key go together"):
         read_server_files(pki.gateway.cert, None, None)
+
+
+def _issue(pki: DevPki, tmp_path: Path, *, start: datetime.timedelta, end: datetime.timedelta,
+           password: bytes | None = None) -> tuple[Path, Path, x509.Certificate]:
+    """A pair signed by the dev CA, valid from now + ``start`` to now + ``end``."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    built = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "t")]))
+             .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now + start).not_valid_after(now + end).sign(ca_key, hashes.SHA256()))
+    encryption = (serialization.BestAvailableEncryption(password) if password is not None
+                  else serialization.NoEncryption())
+    cert, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(built.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    return cert, key_path, built
+
+
+DAY = datetime.timedelta(days=1)
+
+
+@pytest.mark.parametrize(("start", "end", "expected"), [
+    (-2 * DAY, -DAY, "the certificate expired at "),
+    (DAY, 2 * DAY, "the certificate is not valid before "),
+])
+def test_a_certificate_outside_its_validity_window_is_refused(pki: DevPki, tmp_path: Path, start: datetime.timedelta,
+                                                              end: datetime.timedelta, expected: str) -> None:
+    cert, key, _ = _issue(pki, tmp_path, start=start, end=end)
+    with pytest.raises(TlsFileError, match=re.escape(f"--gw-cert {cert}: {expected}")):
+        read_key_pair(cert, key, "--gw-cert", "--gw-key")
+
+
+def test_a_certificate_issued_a_moment_ahead_of_this_clock_is_taken(pki: DevPki, tmp_path: Path) -> None:
+    cert, key, _ = _issue(pki, tmp_path, start=datetime.timedelta(seconds=30), end=DAY)
+    assert read_key_pair(cert, key, "--gw-cert", "--gw-key")[0] == cert.read_bytes()
+
+
+def test_validity_reads_the_dates_the_certificate_carries(pki: DevPki, tmp_path: Path) -> None:
+    _, _, built = _issue(pki, tmp_path, start=-DAY, end=400 * DAY)  # both UTCTime
+    not_before, not_after = validity(built.public_bytes(serialization.Encoding.DER))
+    assert (not_before, not_after) == (built.not_valid_before_utc.timestamp() // 1,
+                                       built.not_valid_after_utc.timestamp() // 1)
+    _, _, later = _issue(pki, tmp_path, start=-DAY, end=30000 * DAY)  # after 2049: GeneralizedTime
+    assert validity(later.public_bytes(serialization.Encoding.DER))[1] == later.not_valid_after_utc.timestamp() // 1
+    with pytest.raises(ValueError):
+        validity(b"\x30\x03\x02\x01")
+
+
+def test_a_passphrase_protected_key_is_refused_without_a_prompt(pki: DevPki, tmp_path: Path) -> None:
+    cert, key, _ = _issue(pki, tmp_path, start=-DAY, end=DAY, password=b"secret")
+    with pytest.raises(TlsFileError, match=re.escape(f"--gw-key {key}: the key is protected by a passphrase")):
+        read_key_pair(cert, key, "--gw-cert", "--gw-key")
