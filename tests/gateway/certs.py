@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 from pathlib import Path
 
 from cryptography import x509
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh.devstack.pki import DevPki
+from mesh.devstack.pki import DevPki, Pair
 
 
 def issue_pair(pki: DevPki, cert: Path, key: Path) -> int:
@@ -39,3 +40,11 @@ def issue_pair(pki: DevPki, cert: Path, key: Path) -> int:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     return serial
+
+
+def copied_pair(pair: Pair, directory: Path, cert_name: str, key_name: str) -> tuple[Path, Path]:
+    """Copies of ``pair`` in ``directory`` (cert, key), for a test that renews them in place."""
+    cert, key = directory / cert_name, directory / key_name
+    shutil.copy(pair.cert, cert)
+    shutil.copy(pair.key, key)
+    return cert, key

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from examples.build_models import build_iris
+from mesh.devstack.pki import DevPki
 from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
@@ -23,7 +24,7 @@ from mesh.registry.records import InstanceRecord, InstanceState
 from mesh.registry.settings import EtcdSettings
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import ManagedProcess
+from tests.fixtures.processes import ManagedProcess, wait_for
 from tests.fixtures.service import ServiceHandle, sluice_argv
 
 SERVICE_START_TIMEOUT_S = 90.0
@@ -103,6 +104,38 @@ def gateway_serving(etcd: EtcdServer, prefix: str, workdir: Path, service: Servi
         yield handle
     finally:
         handle.stop()
+
+
+def repository_control_service(repo: Path, workdir: Path, name: str) -> Iterator[ServiceHandle]:
+    """A ``sluice serve --repository-control`` of ``repo`` for a fixture to yield (``yield from``),
+    ready first; stopped when the fixture ends."""
+    port, metrics_port, rest_port = free_port(), free_port(), free_port()
+    argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port", str(metrics_port),
+                       "--rest-port", str(rest_port), "--log-format", "json", "--grace-period", "2",
+                       "--repository-control")
+    handle = ServiceHandle(ManagedProcess(name, argv, workdir / f"{name}.log"), port, metrics_port, repo, rest_port)
+    try:
+        handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
+        yield handle
+    finally:
+        handle.process.stop()
+
+
+def mtls_service(repo: Path, pki: DevPki, workdir: Path, name: str) -> Iterator[ServiceHandle]:
+    """A ``sluice serve`` of ``repo`` for a fixture to yield (``yield from``) that speaks TLS with the
+    dev PKI's service certificate and requires a client certificate signed by its CA; stopped when
+    the fixture ends."""
+    port, metrics_port, rest_port = free_port(), free_port(), free_port()
+    argv = sluice_argv("serve", "--repo", str(repo), "--port", str(port), "--metrics-port",
+                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json",
+                       "--tls-cert", str(pki.service.cert), "--tls-key", str(pki.service.key),
+                       "--tls-client-ca", str(pki.ca.cert))
+    handle = ServiceHandle(ManagedProcess(name, argv, workdir / f"{name}.log"), port, metrics_port, repo, rest_port)
+    try:
+        wait_for(lambda: "listening" in handle.process.log_text(), 60, "the TLS service listening")
+        yield handle
+    finally:
+        handle.process.stop()
 
 
 @pytest.fixture(scope="module")

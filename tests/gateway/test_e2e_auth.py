@@ -26,16 +26,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.devstack.pki import JWT_KEY_ID, DevPki, ensure_dev_pki, jwks_of, load_signing_key
 from mesh.devstack.tokens import mint
-from mesh.ports import free_port
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import InstanceRecord
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import ManagedProcess
-from tests.fixtures.service import ServiceHandle, sluice_argv
-from tests.gateway.conftest import SERVICE_START_TIMEOUT_S
+from tests.fixtures.service import ServiceHandle
+from tests.gateway.conftest import repository_control_service
 from tests.gateway.traffic import RPC_TIMEOUT_S, eventually, iris_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -59,18 +57,7 @@ def token(key: ec.EllipticCurvePrivateKey, models: list[str], **kwargs: Any) -> 
 
 @pytest.fixture(scope="module")
 def service(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
-    workdir = tmp_path_factory.mktemp("auth-service")
-    port, metrics_port, rest_port = free_port(), free_port(), free_port()
-    argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
-                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json", "--grace-period",
-                       "2", "--repository-control")
-    handle = ServiceHandle(ManagedProcess("iris-auth", argv, workdir / "iris.log"), port, metrics_port,
-                           iris_repos[1], rest_port)
-    try:
-        handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
-        yield handle
-    finally:
-        handle.process.stop()
+    yield from repository_control_service(iris_repos[1], tmp_path_factory.mktemp("auth-service"), "iris-auth")
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):

@@ -49,6 +49,19 @@ os.execv(REAL, [REAL, *args])
 """
 
 
+def rejecting_gateway(etcd: EtcdServer, prefix: str, workdir: Path, marker: Path) -> Iterator[GatewayHandle]:
+    """A gateway for a fixture to yield (``yield from``) whose Envoy runs through :data:`WRAPPER`:
+    its validations fail while ``marker`` exists. Stopped when the fixture ends."""
+    wrapper = workdir / "envoy-wrapper"
+    wrapper.write_text(WRAPPER.format(python=sys.executable, real=find_envoy(), marker=str(marker)))
+    wrapper.chmod(0o755)
+    handle = start_gateway(etcd, prefix, workdir, envoy_binary=str(wrapper))
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
 @pytest.fixture(scope="module")
 def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("marker") / "reject"
@@ -58,15 +71,7 @@ def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def gateway(shared_etcd: EtcdServer, gateway_prefix: str, marker: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
     """This module's gateway runs Envoy through the rejecting wrapper."""
-    workdir = tmp_path_factory.mktemp("gateway-failures")
-    wrapper = workdir / "envoy-wrapper"
-    wrapper.write_text(WRAPPER.format(python=sys.executable, real=find_envoy(), marker=str(marker)))
-    wrapper.chmod(0o755)
-    handle = start_gateway(shared_etcd, gateway_prefix, workdir, envoy_binary=str(wrapper))
-    try:
-        yield handle
-    finally:
-        handle.stop()
+    yield from rejecting_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway-failures"), marker)
 
 
 HEADER = [("x-model-name", "iris")]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import socket
 import ssl
 import threading
@@ -29,7 +28,7 @@ from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess, wait_for
 from tests.fixtures.service import ServiceHandle, sluice_argv
-from tests.gateway.certs import issue_pair
+from tests.gateway.certs import copied_pair, issue_pair
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -75,11 +74,7 @@ def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandl
 @pytest.fixture(scope="module")
 def certs(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Copies of the gateway's pair that the rotation test renews in place."""
-    directory = tmp_path_factory.mktemp("gateway-certs")
-    cert, key = directory / "tls.crt", directory / "tls.key"
-    shutil.copy(pki.gateway.cert, cert)
-    shutil.copy(pki.gateway.key, key)
-    return cert, key
+    return copied_pair(pki.gateway, tmp_path_factory.mktemp("gateway-certs"), "tls.crt", "tls.key")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.ports import free_port
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import ManagedProcess
-from tests.fixtures.service import ServiceHandle, sluice_argv
-from tests.gateway.conftest import SERVICE_START_TIMEOUT_S, gateway_serving
+from tests.fixtures.service import ServiceHandle
+from tests.gateway.conftest import gateway_serving, repository_control_service
 from tests.gateway.traffic import count_versions, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -36,18 +34,7 @@ HEADER = (("x-model-name", "iris"),)
 @pytest.fixture(scope="module")
 def service(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
     # The service's own switch is on, so that what the gateway does is all that is tested here.
-    workdir = tmp_path_factory.mktemp("repository-control")
-    port, metrics_port, rest_port = free_port(), free_port(), free_port()
-    argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
-                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json", "--grace-period",
-                       "2", "--repository-control")
-    handle = ServiceHandle(ManagedProcess("iris-v1", argv, workdir / "iris-v1.log"), port, metrics_port,
-                           iris_repos[1], rest_port)
-    try:
-        handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
-        yield handle
-    finally:
-        handle.process.stop()
+    yield from repository_control_service(iris_repos[1], tmp_path_factory.mktemp("repository-control"), "iris-v1")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ files are renewed while clients call all along (0 failed requests), Envoy then u
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,16 +13,16 @@ import grpc
 import pytest
 
 from mesh.devstack.pki import DevPki, ensure_dev_pki
-from mesh.ports import free_port
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import InstanceRecord, InstanceState
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import ManagedProcess, wait_for
-from tests.fixtures.service import ServiceHandle, sluice_argv
-from tests.gateway.certs import issue_pair
+from tests.fixtures.processes import wait_for
+from tests.fixtures.service import ServiceHandle
+from tests.gateway.certs import copied_pair, issue_pair
+from tests.gateway.conftest import mtls_service
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -39,28 +38,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
 @pytest.fixture(scope="module")
 def secure_service(iris_repos: dict[int, Path], pki: DevPki,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
-    workdir = tmp_path_factory.mktemp("rotation-service")
-    port, metrics_port, rest_port = free_port(), free_port(), free_port()
-    argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
-                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json",
-                       "--tls-cert", str(pki.service.cert), "--tls-key", str(pki.service.key),
-                       "--tls-client-ca", str(pki.ca.cert))
-    handle = ServiceHandle(ManagedProcess("iris-mtls", argv, workdir / "iris.log"), port, metrics_port,
-                           iris_repos[1], rest_port)
-    try:
-        wait_for(lambda: "listening" in handle.process.log_text(), 60, "the TLS service listening")
-        yield handle
-    finally:
-        handle.process.stop()
+    yield from mtls_service(iris_repos[1], pki, tmp_path_factory.mktemp("rotation-service"), "iris-mtls")
 
 
 @pytest.fixture(scope="module")
 def client_pair(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("gateway-client")
-    cert, key = directory / "client.crt", directory / "client.key"
-    shutil.copy(pki.gateway_client.cert, cert)
-    shutil.copy(pki.gateway_client.key, key)
-    return cert, key
+    return copied_pair(pki.gateway_client, tmp_path_factory.mktemp("gateway-client"), "client.crt", "client.key")
 
 
 @pytest.fixture(scope="module")

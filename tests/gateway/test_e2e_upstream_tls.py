@@ -14,14 +14,12 @@ import grpc
 import pytest
 
 from mesh.devstack.pki import DevPki, ensure_dev_pki
-from mesh.ports import free_port
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.processes import ManagedProcess, wait_for
-from tests.fixtures.service import ServiceHandle, sluice_argv
-from tests.gateway.conftest import gateway_serving
+from tests.fixtures.service import ServiceHandle
+from tests.gateway.conftest import gateway_serving, mtls_service
 from tests.gateway.traffic import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -38,19 +36,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
 @pytest.fixture(scope="module")
 def secure_service(iris_repos: dict[int, Path], pki: DevPki,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
-    workdir = tmp_path_factory.mktemp("secure-service")
-    port, metrics_port, rest_port = free_port(), free_port(), free_port()
-    argv = sluice_argv("serve", "--repo", str(iris_repos[1]), "--port", str(port), "--metrics-port",
-                       str(metrics_port), "--rest-port", str(rest_port), "--log-format", "json",
-                       "--tls-cert", str(pki.service.cert), "--tls-key", str(pki.service.key),
-                       "--tls-client-ca", str(pki.ca.cert))
-    handle = ServiceHandle(ManagedProcess("iris-tls", argv, workdir / "iris-tls.log"), port, metrics_port,
-                           iris_repos[1], rest_port)
-    try:
-        wait_for(lambda: "listening" in handle.process.log_text(), 60, "the TLS service listening")
-        yield handle
-    finally:
-        handle.process.stop()
+    yield from mtls_service(iris_repos[1], pki, tmp_path_factory.mktemp("secure-service"), "iris-tls")
 
 
 @pytest.fixture(scope="module")

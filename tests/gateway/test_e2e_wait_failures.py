@@ -11,20 +11,18 @@ the deletion) to reach Envoy again.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.envoy import find_envoy
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import StatusDocument
-from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import wait_for
 from tests.gateway.conftest import Fleet, register
-from tests.gateway.test_e2e_failures import WRAPPER
+from tests.gateway.test_e2e_failures import rejecting_gateway
 from tests.mesh.registry.test_command import sluice
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -41,15 +39,8 @@ def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gateway(shared_etcd: EtcdServer, gateway_prefix: str, marker: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    workdir = tmp_path_factory.mktemp("gateway-wait-failures")
-    wrapper = workdir / "envoy-wrapper"
-    wrapper.write_text(WRAPPER.format(python=sys.executable, real=find_envoy(), marker=str(marker)))
-    wrapper.chmod(0o755)
-    handle = start_gateway(shared_etcd, gateway_prefix, workdir, envoy_binary=str(wrapper))
-    try:
-        yield handle
-    finally:
-        handle.stop()
+    yield from rejecting_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway-wait-failures"),
+                                 marker)
 
 
 def status(etcd: EtcdServer, schema: KeySchema) -> StatusDocument | None:
