@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from gateway.rest_routes import REPOSITORY_OPERATIONS
 from mesh.protocol import MODEL_HEADER, VERSION_HEADER, clip
@@ -169,10 +168,22 @@ def auth_options(settings: GatewaySettings) -> AuthOptions | None:
 
 
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]+")
-_EC_CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {
-    "P-256": (ec.SECP256R1(), 32), "P-384": (ec.SECP384R1(), 48), "P-521": (ec.SECP521R1(), 66)}
-_OKP_CURVES: dict[str, Callable[[bytes], object]] = {
-    "Ed25519": ed25519.Ed25519PublicKey.from_public_bytes, "Ed448": ed448.Ed448PublicKey.from_public_bytes}
+_EC_CURVES = {"P-256": 32, "P-384": 48, "P-521": 66}
+"""JWK curve name → coordinate size in bytes."""
+_OKP_CURVES = ("Ed25519", "Ed448")
+
+
+def _asymmetric() -> Any:
+    """cryptography's asymmetric key module, imported when a key set is first checked: a gateway
+    without JWT (or TLS) runs where cryptography is not installed."""
+    try:
+        # Optional dependency (the gateway extra); the submodules load with their package.
+        from cryptography.hazmat.primitives import asymmetric  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa  # noqa: F401, PLC0415
+    except ImportError as exc:  # pragma: no cover - the gateway extra installs it
+        raise JwksError("JWT authentication needs the cryptography package (pip install 'sluice-mesh[gateway]')"
+                        ) from exc
+    return asymmetric
 
 
 def _b64url_field(key: Resource, field: str, kty: str) -> bytes:
@@ -192,26 +203,31 @@ def _check_key(key: object) -> None:
     if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
         raise ValueError("not a JWK (an object with \"kty\")")
     kty = key["kty"]
+    asymmetric = _asymmetric()
     if kty == "RSA":
         n = int.from_bytes(_b64url_field(key, "n", kty), "big")
         e = int.from_bytes(_b64url_field(key, "e", kty), "big")
         if n.bit_length() < 1024 or n.bit_length() > 16384:
             raise ValueError(f"RSA key of {n.bit_length()} bits (1,024 to 16,384)")
-        rsa.RSAPublicNumbers(e, n).public_key()
+        asymmetric.rsa.RSAPublicNumbers(e, n).public_key()
     elif kty == "EC":
         crv = key.get("crv")
         if not isinstance(crv, str) or crv not in _EC_CURVES:
             raise ValueError(f"EC key on curve {clip(str(crv))!r}, not one of {', '.join(_EC_CURVES)}")
-        curve, size = _EC_CURVES[crv]
+        size = _EC_CURVES[crv]
+        curve = {"P-256": asymmetric.ec.SECP256R1, "P-384": asymmetric.ec.SECP384R1,
+                 "P-521": asymmetric.ec.SECP521R1}[crv]()
         x, y = _b64url_field(key, "x", kty), _b64url_field(key, "y", kty)
         if len(x) != size or len(y) != size:
             raise ValueError(f"EC {crv} key whose x or y is not {size} bytes")
-        ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"), curve).public_key()
+        asymmetric.ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
+                                                 curve).public_key()
     elif kty == "OKP":
         crv = key.get("crv")
         if not isinstance(crv, str) or crv not in _OKP_CURVES:
             raise ValueError(f"OKP key on curve {clip(str(crv))!r}, not one of {', '.join(_OKP_CURVES)}")
-        _OKP_CURVES[crv](_b64url_field(key, "x", kty))
+        okp = asymmetric.ed25519.Ed25519PublicKey if crv == "Ed25519" else asymmetric.ed448.Ed448PublicKey
+        okp.from_public_bytes(_b64url_field(key, "x", kty))
     elif kty == "oct":
         if not _b64url_field(key, "k", kty):
             raise ValueError("oct key with an empty \"k\"")
@@ -252,6 +268,7 @@ def parse_jwks(raw: bytes, source: str) -> str:
 def placeholder_jwks() -> str:
     """A key set no token can match (the private half is thrown away): what Envoy checks tokens
     with until the remote key set is first fetched. Envoy refuses a provider without any key."""
+    ec = _asymmetric().ec
     key = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
     return json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "kid": "sluice-no-key-fetched-yet", "use": "sig",
                                  "alg": "ES256", "x": _b64url_uint(key.x), "y": _b64url_uint(key.y)}]},

@@ -14,11 +14,6 @@ import datetime
 import functools
 from collections.abc import Sequence
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from gateway.snapshot import CDS_FILE, LDS_FILE, Resource, Snapshot, thaw
 
 NODE_ID = "sluice-gateway"
@@ -61,6 +56,12 @@ def _static_secrets(resource: object) -> None:
 @functools.cache
 def throwaway_pair() -> tuple[str, str]:
     """(certificate, key) PEM of a self-signed pair made once per process, for validation only."""
+    # Imported here: only a gateway with TLS files needs cryptography (the gateway extra has it).
+    from cryptography import x509  # noqa: PLC0415 -- optional dependency
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415 -- optional dependency
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 -- optional dependency
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415 -- optional dependency
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sluice-validation-only")])
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -56,7 +56,8 @@ def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLC
     if ca is None and cert is None and key is None:
         return None
     if ca is None:
-        raise DebugError("--admin-cert and --admin-key need --admin-ca (the CA that signed the admin port's certificate)")
+        raise DebugError("--admin-cert and --admin-key need --admin-ca "
+                         "(the CA that signed the admin port's certificate)")
     if (cert is None) != (key is None):
         raise DebugError("--admin-cert and --admin-key go together: give both or neither")
     try:
