@@ -56,6 +56,8 @@ def _load_json(raw: bytes | str, what: str) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidDocumentError(what, [f"not valid JSON: {exc}"]) from exc
+    except RecursionError as exc:  # anyone who can write to etcd can write a document 100,000 deep
+        raise InvalidDocumentError(what, ["not valid JSON: nested too deeply"]) from exc
 
 
 _Model = TypeVar("_Model", bound=BaseModel)

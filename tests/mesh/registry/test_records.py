@@ -164,3 +164,11 @@ def test_a_huge_unknown_field_name_is_clipped_in_the_error() -> None:
     with pytest.raises(InvalidDocumentError) as excinfo:
         parse_routing_document({"weights": {"1": 1}, "x" * 10_000: 1})
     assert len(str(excinfo.value)) < 400
+
+
+def test_a_document_nested_too_deeply_is_an_invalid_document_not_a_crash() -> None:
+    deep = "[" * 200_000 + "]" * 200_000
+    with pytest.raises(InvalidDocumentError, match="nested too deeply"):
+        parse_routing_document(deep)
+    with pytest.raises(InvalidDocumentError, match="nested too deeply"):
+        InstanceRecord.from_json(deep.encode())
