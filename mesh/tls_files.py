@@ -35,6 +35,22 @@ class TlsFileError(ValueError):
     """A TLS file cannot be used; the message names the flag and what is wrong."""
 
 
+FileStamps = tuple[tuple[int, int, int] | None, ...]
+"""(mtime ns, size, inode) of each watched file, None where it cannot be read: a renewal changes one."""
+
+
+def file_stamps(paths: tuple[Path, ...] | list[Path]) -> FileStamps:
+    """The :data:`FileStamps` of ``paths``, for telling when certificate files were renewed."""
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in paths:
+        try:
+            found = path.stat()
+            stamps.append((found.st_mtime_ns, found.st_size, found.st_ino))
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
 def _der_item(data: bytes, at: int) -> tuple[int, int, int]:
     """(tag, start of content, end of content) of the DER item at ``at``; ValueError if cut short."""
     if at + 2 > len(data):

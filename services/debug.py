@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mesh.observability.admin import admin_tls_context
-from mesh.tls_files import TlsFileError, read_ca, read_key_pair
+from mesh.tls_files import FileStamps, TlsFileError, file_stamps, read_ca, read_key_pair
 from services.catalog import ModelCatalog
 
 if TYPE_CHECKING:
@@ -56,15 +56,8 @@ class AdminTls:
         self._context = admin_tls_context(cert, key, client_ca)
         self._checked_at = time.monotonic()
 
-    def _stamps(self) -> tuple[tuple[int, int, int] | None, ...]:
-        stamps: list[tuple[int, int, int] | None] = []
-        for path in self.paths:
-            try:
-                found = path.stat()
-                stamps.append((found.st_mtime_ns, found.st_size, found.st_ino))
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
+    def _stamps(self) -> FileStamps:
+        return file_stamps(self.paths)
 
     def __call__(self) -> ssl.SSLContext:
         with self._lock:

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import structlog
 
-from mesh.tls_files import MAX_PEM_BYTES, read_server_files
+from mesh.tls_files import MAX_PEM_BYTES, FileStamps, file_stamps, read_server_files
 from mesh.tls_files import TlsFileError as TlsSettingsError
 
 __all__ = ["MAX_PEM_BYTES", "CertificateReloader", "ServerTls", "TlsSettingsError", "grpc_credentials",
@@ -82,7 +82,7 @@ def uvicorn_options(tls: ServerTls | None) -> dict[str, Any]:
     return options
 
 
-_Stamp = tuple[tuple[int, int, int] | None, ...]
+_Stamp = FileStamps
 
 
 class CertificateReloader:
@@ -116,14 +116,7 @@ class CertificateReloader:
         return (tls.cert_path, tls.key_path) + ((tls.client_ca_path,) if tls.client_ca_path else ())
 
     def _stamps(self) -> _Stamp:
-        stamps: list[tuple[int, int, int] | None] = []
-        for path in self._paths():
-            try:
-                found = path.stat()
-                stamps.append((found.st_mtime_ns, found.st_size, found.st_ino))
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
+        return file_stamps(self._paths())
 
     def check(self) -> bool:
         """Load the files again if they changed and pass the checks; True when a new set serves."""
