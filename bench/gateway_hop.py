@@ -190,6 +190,25 @@ def start_steps(service_address: str, workdir: Path, concurrency: int, receiver:
     return started
 
 
+def iris_repo(workdir: Path) -> Path:
+    """A model repository under ``workdir`` holding iris v1 only; the path of its ``iris`` folder."""
+    build_iris(workdir / "built")
+    repo = workdir / "repo" / "iris"
+    repo.mkdir(parents=True)
+    shutil.copy(workdir / "built" / "iris" / "config.yaml", repo / "config.yaml")
+    shutil.copytree(workdir / "built" / "iris" / "1", repo / "1")
+    return repo
+
+
+def gateway_argv(etcd_port: int, listen_port: int, admin_port: int, xds_dir: Path, envoy_concurrency: int,
+                 *flags: str) -> list[str]:
+    """``sluice gateway`` on loopback for a benchmark: no metrics port, access log to /dev/null."""
+    return [sys.executable, "-m", "mesh.cli", "gateway", "--etcd", f"127.0.0.1:{etcd_port}", "--prefix", PREFIX,
+            "--listen-host", "127.0.0.1", "--listen-port", str(listen_port), "--admin-port", str(admin_port),
+            "--metrics-port", "-1", "--envoy-concurrency", str(envoy_concurrency), "--xds-dir", str(xds_dir),
+            "--access-log", "/dev/null", "--log-format", "json", *flags]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per h2load run (default 10)")
@@ -211,21 +230,13 @@ def main() -> None:
         etcd_port, peer_port = free_port(), free_port()
         procs.append(start(etcd_argv(etcd_binary(), workdir / "etcd", etcd_port, peer_port, durable=False),
                            workdir / "etcd.log"))
-        build_iris(workdir / "built")
-        repo = workdir / "repo" / "iris"
-        repo.mkdir(parents=True)
-        shutil.copy(workdir / "built" / "iris" / "config.yaml", repo / "config.yaml")
-        shutil.copytree(workdir / "built" / "iris" / "1", repo / "1")
+        repo = iris_repo(workdir)
         service_port, listen_port, admin_port = free_port(), free_port(), free_port()
         procs.append(start([*python, "serve", "--repo", str(repo.parent), "--port", str(service_port),
                             "--metrics-port", "-1", "--log-format", "json", "--log-level", "warning"],
                            workdir / "serve.log"))
-        procs.append(start([*python, "gateway", "--etcd", f"127.0.0.1:{etcd_port}", "--prefix", PREFIX,
-                            "--listen-host", "127.0.0.1", "--listen-port", str(listen_port),
-                            "--admin-port", str(admin_port), "--metrics-port", "-1",
-                            "--envoy-concurrency", str(args.envoy_concurrency),
-                            "--xds-dir", str(workdir / "xds"), "--access-log", "/dev/null",
-                            "--log-format", "json"], workdir / "gateway.log"))
+        procs.append(start(gateway_argv(etcd_port, listen_port, admin_port, workdir / "xds", args.envoy_concurrency),
+                           workdir / "gateway.log"))
         admin = Admin(admin_port)
         wait(lambda: admin.get("/ready").strip() == b"LIVE", 60, "Envoy ready")
         settings = EtcdSettings(endpoints=[f"127.0.0.1:{etcd_port}"], prefix=PREFIX)

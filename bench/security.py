@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,9 +31,8 @@ import grpc
 import numpy as np
 
 from bench import loadgen
-from bench.gateway_hop import HEADERS, PREFIX, Target, measure, register
+from bench.gateway_hop import HEADERS, PREFIX, Target, gateway_argv, iris_repo, measure, register
 from bench.propagation import Admin, etcd_binary, start, tear_down, wait
-from examples.build_models import build_iris
 from mesh.devstack import tokens
 from mesh.devstack.pki import ensure_dev_pki, load_signing_key
 from mesh.devstack.stack import etcd_argv
@@ -95,11 +93,7 @@ def main() -> None:
         etcd_port, peer_port = free_port(), free_port()
         procs.append(start(etcd_argv(etcd_binary(), workdir / "etcd", etcd_port, peer_port, durable=False),
                            workdir / "etcd.log"))
-        build_iris(workdir / "built")
-        repo = workdir / "repo" / "iris"
-        repo.mkdir(parents=True)
-        shutil.copy(workdir / "built" / "iris" / "config.yaml", repo / "config.yaml")
-        shutil.copytree(workdir / "built" / "iris" / "1", repo / "1")
+        repo = iris_repo(workdir)
         service_port = free_port()
         procs.append(start([*python, "serve", "--repo", str(repo.parent), "--port", str(service_port),
                             "--metrics-port", "-1", "--rest-port", "-1", "--log-format", "json",
@@ -114,12 +108,8 @@ def main() -> None:
         admins = []
         for index, (name, flags, headers, scheme) in enumerate(gateways):
             listen_port, admin_port = free_port(), free_port()
-            procs.append(start([*python, "gateway", "--etcd", f"127.0.0.1:{etcd_port}", "--prefix", PREFIX,
-                                "--listen-host", "127.0.0.1", "--listen-port", str(listen_port),
-                                "--admin-port", str(admin_port), "--metrics-port", "-1",
-                                "--envoy-concurrency", str(args.envoy_concurrency),
-                                "--xds-dir", str(workdir / f"xds-{index}"), "--access-log", "/dev/null",
-                                "--log-format", "json", *flags], workdir / f"gateway-{index}.log"))
+            procs.append(start(gateway_argv(etcd_port, listen_port, admin_port, workdir / f"xds-{index}",
+                                            args.envoy_concurrency, *flags), workdir / f"gateway-{index}.log"))
             targets.append(Target(name, listen_port, headers=headers, scheme=scheme))
             admins.append(Admin(admin_port))
         for admin in admins:
