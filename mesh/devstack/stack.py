@@ -31,13 +31,12 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.envoy import die_with_parent
-from mesh.devstack import tokens
-from mesh.devstack.pki import DevPki, ensure_dev_pki, load_signing_key
 from mesh.devstack.runstate import (
     Recorded,
     leftovers,
@@ -52,6 +51,9 @@ from mesh.observability.traces import TraceReceiver
 from mesh.ports import free_port
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from mesh.devstack.pki import DevPki
 
 
 class StackError(Exception):
@@ -278,6 +280,9 @@ class LocalStack:
         """``--secure``: the CA, certificates and signing key (kept from an earlier run while valid)."""
         if not self.config.secure:
             return
+        # Secure mode alone needs cryptography (the local extra): plain `sluice up` and every other
+        # command run where only the runtime lock is installed.
+        from mesh.devstack.pki import ensure_dev_pki  # noqa: PLC0415
         self.pki = ensure_dev_pki((self.config.run_dir / "pki").resolve())
         self._save(secure=True, ca=str(self.pki.ca.cert), pki=str(self.pki.directory))
         self.progress(f"  pki         {self.pki.directory} (CA {self.pki.ca.cert.name}, JWKS {self.pki.jwks.name})")
@@ -291,6 +296,7 @@ class LocalStack:
     def _gateway_security(self) -> list[str]:
         if self.pki is None:
             return []
+        from mesh.devstack import tokens  # noqa: PLC0415 -- secure mode only, see prepare_pki
         return ["--tls-cert", str(self.pki.gateway.cert), "--tls-key", str(self.pki.gateway.key),
                 "--jwt-issuer", tokens.ISSUER, "--jwt-audience", tokens.AUDIENCE, "--jwt-jwks", str(self.pki.jwks),
                 "--access-claim", tokens.MODELS_CLAIM, "--admin-claim", tokens.ADMIN_CLAIM,
@@ -315,6 +321,8 @@ class LocalStack:
         """A short-lived token for the stack's own readiness calls through the gateway."""
         if self.pki is None:
             return None
+        from mesh.devstack import tokens  # noqa: PLC0415 -- secure mode only, see prepare_pki
+        from mesh.devstack.pki import load_signing_key  # noqa: PLC0415
         return tokens.mint(load_signing_key(self.pki.jwt_key), subject="sluice-up", models=[model] if model else [],
                            ttl=int(self.config.start_timeout) + 60)
 
