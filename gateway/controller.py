@@ -36,7 +36,7 @@ from gateway.errors import (
     InconsistentSnapshotError,
     PublishError,
 )
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, admin_tls
 from gateway.publish import Publisher, load_published
 from gateway.render import RenderOptions, render_options, render_snapshot
 from gateway.rest_routes import SERVER_VERSION
@@ -134,7 +134,8 @@ class GatewayController:
         self.check_ports()
         if self.settings.metrics_port >= 0:
             try:
-                self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+                self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port,
+                                                       tls=admin_tls(self.settings))
             except OSError as exc:  # taken between the check and now
                 raise bind_problem("the gateway's metrics", self.settings.metrics_host, self.settings.metrics_port,
                                    "--metrics-port (-1 turns metrics off)", exc.strerror or str(exc)) from exc
@@ -404,27 +405,34 @@ class GatewayController:
 
     async def _publish(self, wanted: Snapshot, started: float | None) -> str | None:
         """Make ``wanted`` live unless it is; returns why it failed (None: it is live)."""
-        if self._live is not None and not self._live.plans and wanted.content_hash == self._live.content_hash:
-            self._live = wanted  # found on disk at start-up: same content, now with its plans
+        live = self._live
+        if live is not None and wanted.content_hash == live.content_hash:
+            # Nothing to publish, yet what Envoy serves is now ``wanted``: its plans (routing document
+            # and revision) are the ones in force. Kept as they were, a later failed publish would
+            # report the write before as the routing in force (revision 0 after a first document
+            # that renders what no document did). The version stays: it is what Envoy serves.
+            if live.revision != wanted.revision or live.plans != wanted.plans:
+                self._live = replace(live, revision=wanted.revision, plans=wanted.plans)
+            self._failures, self._retry_at = 0, None  # what is wanted is live: nothing left to retry
+            return None
         try:
-            if self._live is None or wanted.content_hash != self._live.content_hash:
-                async with self._publishing:
-                    phases = await self._apply(wanted)
-                self._live, self._live_published_at = wanted, datetime.now(timezone.utc)
-                self._failures, self._retry_at = 0, None
-                self.metrics.publishes.labels("ok").inc()
-                if started is not None:
-                    self.metrics.publish_seconds.observe(time.monotonic() - started)
-                self.metrics.snapshot_revision.set(wanted.revision)
-                self.metrics.snapshot.info({"version": wanted.version})
-                self.metrics.models.set(len(wanted.plans))
-                log.info("gateway_published", version=wanted.version, revision=wanted.revision,
-                         models={n: dict(p.weights) for n, p in wanted.plans.items()},
-                         seconds=round(time.monotonic() - started, 4) if started is not None else None,
-                         phases=phases)
+            async with self._publishing:
+                phases = await self._apply(wanted)
         except GatewayError as exc:
             log.error("gateway_publish_failed", version=wanted.version, error=str(exc))
             return f"{exc}; the last good config ({self._live.version if self._live else 'none'}) stays live"
+        self._live, self._live_published_at = wanted, datetime.now(timezone.utc)
+        self._failures, self._retry_at = 0, None
+        self.metrics.publishes.labels("ok").inc()
+        if started is not None:
+            self.metrics.publish_seconds.observe(time.monotonic() - started)
+        self.metrics.snapshot_revision.set(wanted.revision)
+        self.metrics.snapshot.info({"version": wanted.version})
+        self.metrics.models.set(len(wanted.plans))
+        log.info("gateway_published", version=wanted.version, revision=wanted.revision,
+                 models={n: dict(p.weights) for n, p in wanted.plans.items()},
+                 seconds=round(time.monotonic() - started, 4) if started is not None else None,
+                 phases=phases)
         return None
 
     async def _apply(self, wanted: Snapshot) -> dict[str, float]:

@@ -1,12 +1,37 @@
-"""Prometheus metrics of the gateway controller (one Prometheus registry per controller, so tests can run several)."""
+"""Prometheus metrics of the gateway controller (one Prometheus registry per controller, so tests can run several),
+served with ``/debug/`` on its metrics (admin) port; HTTPS with the admin identity under
+``--admin-tls-client-ca`` (:func:`admin_tls`).
+"""
 
 from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from mesh.observability.admin import AdminServer
+from mesh.observability.admin_tls import AdminTls
+
+if TYPE_CHECKING:
+    from gateway.settings import GatewaySettings
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def admin_tls(settings: GatewaySettings) -> AdminTls | None:
+    """The metrics port's TLS (None: plain HTTP): --admin-tls-cert/--admin-tls-key, else the listener's
+    --tls-cert/--tls-key, and a client certificate signed by --admin-tls-client-ca required. The
+    settings checked the files; renewed ones serve new connections without a restart."""
+    if settings.admin_tls_client_ca is None:
+        return None
+    if settings.admin_tls_cert is not None and settings.admin_tls_key is not None:
+        return AdminTls(settings.admin_tls_cert, settings.admin_tls_key, settings.admin_tls_client_ca,
+                        flags=("--admin-tls-cert", "--admin-tls-key", "--admin-tls-client-ca"))
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    return AdminTls(settings.tls_cert, settings.tls_key, settings.admin_tls_client_ca)
 
 
 class GatewayMetrics:
@@ -45,8 +70,8 @@ class GatewayMetrics:
         self.models = Gauge("sluice_gateway_models", "Models in the live snapshot.", registry=r)
         self.admin: AdminServer | None = None
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` and ``/debug/...`` (mesh/observability/admin.py; /debug/ only from and to loopback);
-        returns the bound port (``port`` 0 picks a free one)."""
-        self.admin = AdminServer(self.prometheus_registry, component="sluice-gateway")
+    def serve(self, host: str, port: int, tls: Callable[[], ssl.SSLContext] | None = None) -> int:
+        """Expose ``/metrics`` and ``/debug/...`` (mesh/observability/admin.py; /debug/ only from and to loopback,
+        or over HTTPS to the admin identity with ``tls``); returns the bound port (``port`` 0 picks a free one)."""
+        self.admin = AdminServer(self.prometheus_registry, component="sluice-gateway", tls=tls)
         return self.admin.start(host, port)

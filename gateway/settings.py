@@ -95,6 +95,15 @@ class GatewaySettings(BaseSettings):
     tls_client_ca: Path | None = None
     """PEM CA of the clients' certificates: the listener then requires a client certificate it
     signed (mTLS). Needs --tls-cert."""
+    admin_tls_client_ca: Path | None = None
+    """PEM CA bundle of the admin identity: the controller's metrics (admin) port speaks HTTPS
+    (--admin-tls-cert/--admin-tls-key, else --tls-cert/--tls-key) and answers /metrics and /debug/
+    only to callers presenting a certificate it signed (docs/security.md). Renewed files serve new
+    connections without a restart."""
+    admin_tls_cert: Path | None = None
+    """PEM certificate of the metrics (admin) port with --admin-tls-client-ca (default: --tls-cert)."""
+    admin_tls_key: Path | None = None
+    """PEM private key of --admin-tls-cert (default: --tls-key)."""
     upstream_tls_ca: Path | None = None
     """PEM CA that signed the services' certificates: Envoy speaks TLS to them (health checks too)
     and checks their certificate against it. Needed by the other upstream TLS settings."""
@@ -158,6 +167,23 @@ class GatewaySettings(BaseSettings):
     def _check_listener_tls(self) -> GatewaySettings:
         # Read and checked here, so a bad file stops the start with one line naming the flag.
         read_server_files(self.tls_cert, self.tls_key, self.tls_client_ca)
+        return self
+
+    @model_validator(mode="after")
+    def _check_admin_tls(self) -> GatewaySettings:
+        if (self.admin_tls_cert is None) != (self.admin_tls_key is None):
+            raise ValueError("--admin-tls-cert and --admin-tls-key go together: give both or neither")
+        if self.admin_tls_client_ca is None:
+            if self.admin_tls_cert is not None:
+                raise ValueError("--admin-tls-cert/--admin-tls-key need --admin-tls-client-ca (the admin "
+                                 "identity is what HTTPS on the metrics port is for)")
+            return self
+        if self.admin_tls_cert is not None and self.admin_tls_key is not None:
+            read_key_pair(self.admin_tls_cert, self.admin_tls_key, "--admin-tls-cert", "--admin-tls-key")
+        elif self.tls_cert is None:
+            raise ValueError("--admin-tls-client-ca needs --admin-tls-cert and --admin-tls-key, or --tls-cert "
+                             "and --tls-key (the metrics port then presents the listener's certificate)")
+        read_ca(self.admin_tls_client_ca, "--admin-tls-client-ca")
         return self
 
     @model_validator(mode="after")

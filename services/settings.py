@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from mesh.observability.component import cli
-from mesh.tls_files import read_ca
+from mesh.tls_files import read_ca, read_key_pair
 from services.tls import load_server_tls
 
 OLD_REGISTER_ENV = "SLUICE_REGISTRY"
@@ -50,9 +50,15 @@ class ServiceSettings(BaseSettings):
     tls_client_ca: Path | None = None
     """PEM CA bundle: callers of the gRPC and REST ports must present a certificate it signed (mTLS)."""
     admin_tls_client_ca: Path | None = None
-    """PEM CA bundle of the admin identity: the metrics (admin) port speaks HTTPS with --tls-cert and
-    --tls-key and answers /metrics and /debug/ only to callers presenting a certificate it signed
-    (then --debug-endpoints auto answers them beyond loopback too; docs/security.md)."""
+    """PEM CA bundle of the admin identity: the metrics (admin) port speaks HTTPS (--admin-tls-cert and
+    --admin-tls-key, else --tls-cert and --tls-key) and answers /metrics and /debug/ only to callers
+    presenting a certificate it signed (then --debug-endpoints auto answers them beyond loopback too;
+    docs/security.md)."""
+    admin_tls_cert: Path | None = None
+    """PEM certificate of the admin port with --admin-tls-client-ca (default: --tls-cert), so the admin
+    port can speak HTTPS while the gRPC and REST ports stay plaintext."""
+    admin_tls_key: Path | None = None
+    """PEM private key of --admin-tls-cert (default: --tls-key)."""
     rest_host: str | None = None
     """KServe v2 REST (HTTP/1.1) listen address; default: host."""
     rest_port: int = Field(8003, ge=-1, le=65535)
@@ -85,6 +91,10 @@ class ServiceSettings(BaseSettings):
     """MiB of inputs and outputs the queued shadow comparisons may hold; more are dropped."""
     shadow_cpu_share: float = Field(0.25, gt=0.0, le=1.0)
     """Share of one core the shadow worker may use (it idles after each comparison to keep to it)."""
+    shadow_policy: Literal["idle", "nice"] = "idle"
+    """Linux scheduling of the shadow worker: ``idle`` (SCHED_IDLE: it runs only on CPU no other
+    thread wants, so it can starve on a saturated service) or ``nice`` (nice 19: a small share even
+    there, but a waking handler thread waits for it; docs/rollouts.md)."""
     max_calls_per_connection: int = Field(100, ge=1, le=65535)
     """Calls one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; clients
     and Envoy queue or open another connection beyond it). A call whose answer the client does not
@@ -173,11 +183,19 @@ class ServiceSettings(BaseSettings):
     @model_validator(mode="after")
     def _tls_files_usable(self) -> ServiceSettings:
         load_server_tls(self.tls_cert, self.tls_key, self.tls_client_ca)  # TlsSettingsError is a ValueError
-        if self.admin_tls_client_ca is not None:
-            if self.tls_cert is None:
-                raise ValueError("--admin-tls-client-ca needs --tls-cert and --tls-key (the admin port "
-                                 "presents the service's certificate)")
-            read_ca(self.admin_tls_client_ca, "--admin-tls-client-ca")
+        if (self.admin_tls_cert is None) != (self.admin_tls_key is None):
+            raise ValueError("--admin-tls-cert and --admin-tls-key go together: give both or neither")
+        if self.admin_tls_client_ca is None:
+            if self.admin_tls_cert is not None:
+                raise ValueError("--admin-tls-cert/--admin-tls-key need --admin-tls-client-ca (the admin "
+                                 "identity is what HTTPS on the admin port is for)")
+            return self
+        if self.admin_tls_cert is not None and self.admin_tls_key is not None:
+            read_key_pair(self.admin_tls_cert, self.admin_tls_key, "--admin-tls-cert", "--admin-tls-key")
+        elif self.tls_cert is None:
+            raise ValueError("--admin-tls-client-ca needs --admin-tls-cert and --admin-tls-key, or --tls-cert "
+                             "and --tls-key (the admin port then presents the service's certificate)")
+        read_ca(self.admin_tls_client_ca, "--admin-tls-client-ca")
         return self
 
     @model_validator(mode="after")

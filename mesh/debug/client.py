@@ -24,7 +24,8 @@ from mesh.tls_files import TlsFileError, read_ca, read_key_pair
 
 MAX_ANSWER = 256 * 1024 * 1024
 """Largest answer read from an admin port (a profile of many threads and deep stacks stays far below)."""
-_HTTPS_HINT = "(an HTTPS admin port that wants the admin identity? give --admin-cert, --admin-key and --admin-ca)"
+_HTTPS_HINT = ("(an HTTPS admin port that wants the admin identity? give --admin-cert, --admin-key and --admin-ca, "
+               "or $SLUICE_ADMIN_CERT/_KEY/_CA: eval \"$(sluice env)\" exports them for a `sluice up --secure`)")
 _ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
 
 

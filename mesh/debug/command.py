@@ -4,8 +4,9 @@ the stack of every thread of a running service or gateway controller, from its a
 INSTANCE is an instance id as ``sluice status`` prints it (the admin address comes from its etcd
 record; the etcd flags say which etcd) or the admin port's host:port (``kubectl port-forward``).
 An admin port that requires the admin identity (``--admin-tls-client-ca``) is called over HTTPS
-with ``--admin-cert``/``--admin-key`` (or $SLUICE_CLIENT_CERT / $SLUICE_CLIENT_KEY) and ``--admin-ca``
-($SLUICE_CA); ``--cert``/``--key`` are etcd's.
+with ``--admin-cert``/``--admin-key`` and ``--admin-ca``; their defaults are $SLUICE_ADMIN_CERT,
+$SLUICE_ADMIN_KEY and $SLUICE_ADMIN_CA (what ``sluice env`` exports for a ``sluice up --secure``),
+then $SLUICE_CLIENT_CERT, $SLUICE_CLIENT_KEY and $SLUICE_CA. ``--cert``/``--key`` are etcd's.
 Errors are one line on stderr with exit code 1.
 """
 
@@ -44,10 +45,13 @@ def register(subparsers: Any) -> None:
     tls = common.add_argument_group("admin identity (an admin port started with --admin-tls-client-ca)")
     # --cert/--key/--ca-cert are etcd's (etcd_flags): the admin identity's flags say whose they are.
     tls.add_argument("--admin-cert", type=Path, help="PEM client certificate the admin CA signed: speak HTTPS "
-                                                      "and present it (default $SLUICE_CLIENT_CERT)")
-    tls.add_argument("--admin-key", type=Path, help="PEM private key of --admin-cert (default $SLUICE_CLIENT_KEY)")
+                                                      "and present it (default $SLUICE_ADMIN_CERT, then "
+                                                      "$SLUICE_CLIENT_CERT)")
+    tls.add_argument("--admin-key", type=Path, help="PEM private key of --admin-cert (default $SLUICE_ADMIN_KEY, "
+                                                     "then $SLUICE_CLIENT_KEY)")
     tls.add_argument("--admin-ca", type=Path, help="PEM CA that signed the admin port's certificate (default "
-                                                    "$SLUICE_CA; alone: HTTPS without a client certificate)")
+                                                    "$SLUICE_ADMIN_CA, then $SLUICE_CA; alone: HTTPS without a "
+                                                    "client certificate)")
 
     profile = actions.add_parser("profile", parents=[common], help="sample every thread for --seconds",
                                  description="A wall-clock CPU profile of every thread (handler threads inside "
@@ -103,13 +107,15 @@ def _target(args: argparse.Namespace) -> Target:
 
 
 def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """HTTPS when a client certificate (flag or $SLUICE_CLIENT_CERT / _KEY) or --admin-ca is given; $SLUICE_CA
-    alone (what ``sluice env`` exports for the gateway) leaves a plain admin port plain."""
-    cert = args.admin_cert or _env_path("SLUICE_CLIENT_CERT")
-    key = args.admin_key or _env_path("SLUICE_CLIENT_KEY")
-    if cert is None and key is None and args.admin_ca is None:
+    """HTTPS when a client certificate (flag, $SLUICE_ADMIN_CERT / _KEY or $SLUICE_CLIENT_CERT / _KEY),
+    --admin-ca or $SLUICE_ADMIN_CA is given; $SLUICE_CA alone (the gateway's CA for model calls)
+    leaves a plain admin port plain. A flag beats both variables, the admin ones beat the others."""
+    cert = args.admin_cert or _env_path("SLUICE_ADMIN_CERT") or _env_path("SLUICE_CLIENT_CERT")
+    key = args.admin_key or _env_path("SLUICE_ADMIN_KEY") or _env_path("SLUICE_CLIENT_KEY")
+    ca = args.admin_ca or _env_path("SLUICE_ADMIN_CA")
+    if cert is None and key is None and ca is None:
         return None
-    return client_tls(args.admin_ca or _env_path("SLUICE_CA"), cert, key)
+    return client_tls(ca or _env_path("SLUICE_CA"), cert, key)
 
 
 def _guarded(args: argparse.Namespace, run: Any) -> int:

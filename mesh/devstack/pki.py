@@ -10,6 +10,12 @@ a developer from running openssl by hand. What it makes, under ``<run-dir>/pki/`
 * ``gateway-client.crt`` / ``gateway-client.key``: the certificate Envoy presents to the services
   (mTLS), its SAN ``spiffe://sluice.local/gateway``;
 * ``client.crt`` / ``client.key``: a client certificate for callers of an mTLS listener;
+* ``admin-ca.crt`` / ``admin-ca.key``: a CA of its own for the admin identity (the services' and
+  the gateway controller's ``--admin-tls-client-ca``), so that no certificate above opens an
+  admin port;
+* ``admin.crt`` / ``admin.key``: the admin identity it signs, SAN ``spiffe://sluice.local/admin``
+  (what ``sluice debug`` presents via ``SLUICE_ADMIN_CERT``/``_KEY`` and the rollout controller
+  scrapes the services' ``/metrics`` with);
 * ``jwt.key`` / ``jwks.json``: the ES256 key that ``sluice token`` signs with, and its public half
   as the JWKS that the gateway verifies tokens with.
 
@@ -38,6 +44,7 @@ VALIDITY = datetime.timedelta(days=30)
 RENEW_BEFORE = datetime.timedelta(days=1)
 GATEWAY_CLIENT_SAN = "spiffe://sluice.local/gateway"
 CLIENT_SAN = "spiffe://sluice.local/client"
+ADMIN_SAN = "spiffe://sluice.local/admin"
 LOOPBACK_NAMES = ("localhost",)
 LOOPBACK_ADDRESSES = ("127.0.0.1", "::1")
 JWT_KEY_ID = "sluice-dev"
@@ -61,6 +68,10 @@ class DevPki:
     service: Pair
     gateway_client: Pair
     client: Pair
+    admin_ca: Pair
+    """Signs the admin identity only (``--admin-tls-client-ca``)."""
+    admin: Pair
+    """The admin identity: a client certificate of :attr:`admin_ca`."""
     jwt_key: Path
     jwks: Path
 
@@ -132,9 +143,9 @@ def _builder(subject: str, issuer: x509.Name | None, public_key: ec.EllipticCurv
             .not_valid_after(now + VALIDITY))
 
 
-def _make_ca(pair: Pair) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _make_ca(pair: Pair, subject: str = "sluice dev CA") -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _new_key()
-    cert = (_builder("sluice dev CA", None, key.public_key())
+    cert = (_builder(subject, None, key.public_key())
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False,
@@ -183,6 +194,13 @@ def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
     return _load_key(path)
 
 
+def _ensure_ca(pair: Pair, subject: str) -> tuple[tuple[x509.Certificate, ec.EllipticCurvePrivateKey], bool]:
+    """The CA of ``pair`` (made anew unless still valid) and whether it was made anew."""
+    if not _still_valid(pair, None):
+        return _make_ca(pair, subject), True
+    return (x509.load_pem_x509_certificate(pair.cert.read_bytes()), _load_key(pair.key)), False
+
+
 def ensure_dev_pki(directory: Path) -> DevPki:
     """Make (or keep, while valid) the throwaway PKI under ``directory``; see the module docstring."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -192,13 +210,9 @@ def ensure_dev_pki(directory: Path) -> DevPki:
         return Pair(directory / f"{name}.crt", directory / f"{name}.key")
 
     pki = DevPki(directory=directory, ca=pair("ca"), gateway=pair("gateway"), service=pair("service"),
-                 gateway_client=pair("gateway-client"), client=pair("client"),
-                 jwt_key=directory / "jwt.key", jwks=directory / "jwks.json")
-    renewed = not _still_valid(pki.ca, None)
-    if renewed:
-        ca = _make_ca(pki.ca)
-    else:
-        ca = (x509.load_pem_x509_certificate(pki.ca.cert.read_bytes()), _load_key(pki.ca.key))
+                 gateway_client=pair("gateway-client"), client=pair("client"), admin_ca=pair("admin-ca"),
+                 admin=pair("admin"), jwt_key=directory / "jwt.key", jwks=directory / "jwks.json")
+    ca, renewed = _ensure_ca(pki.ca, "sluice dev CA")
     leaves = ((pki.gateway, "sluice gateway", True, ()),
               (pki.service, "sluice service", True, ()),
               (pki.gateway_client, "sluice gateway client", False, (GATEWAY_CLIENT_SAN,)),
@@ -206,6 +220,9 @@ def ensure_dev_pki(directory: Path) -> DevPki:
     for leaf, subject, server, uris in leaves:
         if renewed or not _still_valid(leaf, ca[0]):
             _make_leaf(leaf, subject, ca, server=server, uris=uris)
+    admin_ca, admin_renewed = _ensure_ca(pki.admin_ca, "sluice dev admin CA")
+    if admin_renewed or not _still_valid(pki.admin, admin_ca[0]):
+        _make_leaf(pki.admin, "sluice admin", admin_ca, server=False, uris=(ADMIN_SAN,))
     try:
         signing = _load_key(pki.jwt_key)
     except (OSError, ValueError):

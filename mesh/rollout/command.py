@@ -12,9 +12,10 @@ import asyncio
 import re
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh.errors import ConflictError, InvalidDocumentError, MeshError
@@ -45,6 +46,26 @@ class RolloutControllerSettings(BaseSettings):
     such a gate stays inconclusive and holds its step."""
     prometheus_timeout: float = Field(5.0, gt=0, le=60)
     """Seconds to wait for one PromQL gate's answer (then it is inconclusive, and says so)."""
+    metrics_ca: Path | None = None
+    """PEM CA that signed the services' certificates: scrape their /metrics over HTTPS (services
+    started with --admin-tls-client-ca) and check their certificate against it."""
+    metrics_cert: Path | None = None
+    """PEM client certificate signed by the services' --admin-tls-client-ca (the admin identity),
+    presented when scraping."""
+    metrics_key: Path | None = None
+    """PEM private key of --metrics-cert."""
+    metrics_server_name: str | None = Field(None, max_length=253)
+    """Name the services' certificates must carry (default: the host of each instance's admin
+    address; a pod IP is rarely in a certificate)."""
+
+    @model_validator(mode="after")
+    def _scrape_tls_usable(self) -> RolloutControllerSettings:
+        from mesh.rollout.figures import scrape_tls  # here, as the other imports: `sluice --help` stays light
+
+        if self.metrics_server_name is not None and self.metrics_ca is None:
+            raise ValueError("--metrics-server-name needs --metrics-ca (it names the certificate to check)")
+        scrape_tls(self.metrics_ca, self.metrics_cert, self.metrics_key)  # a bad file: one line naming the flag
+        return self
 
     @field_validator("prometheus_url")
     @classmethod
@@ -163,6 +184,7 @@ def run_controller(args: argparse.Namespace) -> int:
     from mesh.observability.component import fail, given_flags, one_line, run_component
     from mesh.registry.command import settings_from_args
     from mesh.rollout.controller import RolloutController
+    from mesh.rollout.figures import scrape_tls
 
     try:
         settings = RolloutControllerSettings(**given_flags(args, RolloutControllerSettings.model_fields))
@@ -178,7 +200,10 @@ def run_controller(args: argparse.Namespace) -> int:
                                            tick=settings.tick, lease_ttl=settings.leader_ttl,
                                            scrape_timeout=settings.scrape_timeout,
                                            prometheus_url=settings.prometheus_url,
-                                           prometheus_timeout=settings.prometheus_timeout)
+                                           prometheus_timeout=settings.prometheus_timeout,
+                                           scrape_tls=scrape_tls(settings.metrics_ca, settings.metrics_cert,
+                                                                 settings.metrics_key),
+                                           scrape_server_name=settings.metrics_server_name)
             await controller.run(stop)
         finally:
             await client.close()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from datetime import datetime, timezone
@@ -61,8 +62,12 @@ async def call_webhook(hook: Webhook | None, payload: dict[str, Any]) -> tuple[b
 class RolloutController:
     def __init__(self, client: EtcdClient, schema: KeySchema, *, identity: str | None = None,
                  tick: float = 1.0, lease_ttl: int = 5, scrape_timeout: float = 2.0,
-                 prometheus_url: str | None = None, prometheus_timeout: float = 5.0) -> None:
+                 prometheus_url: str | None = None, prometheus_timeout: float = 5.0,
+                 scrape_tls: ssl.SSLContext | None = None, scrape_server_name: str | None = None) -> None:
         self.client = client
+        self.scrape_tls = scrape_tls
+        """HTTPS with the admin identity to the services' /metrics (figures.scrape_tls); None: HTTP."""
+        self.scrape_server_name = scrape_server_name
         self.prometheus_url = prometheus_url
         self.prometheus_timeout = prometheus_timeout
         self.schema = schema
@@ -158,7 +163,8 @@ class RolloutController:
                     if record.state is InstanceState.SERVING:
                         targets[instance_id] = metrics_address(record.address, record.admin_address)
         counters, problems = await scrape(targets, doc.model, doc.baseline, doc.candidate,
-                                          timeout=self.scrape_timeout)
+                                          timeout=self.scrape_timeout, tls=self.scrape_tls,
+                                          server_name=self.scrape_server_name)
         started = {i: r.started for v in (doc.baseline, doc.candidate)
                    for i, r in (model.instances.get(v, {}) if model is not None else {}).items()}
         new = joined(doc.state.window_start, counters, started, doc.state.step_started)

@@ -3,21 +3,26 @@
 Each scrape gives cumulative counters per instance; a step's figures are the difference between
 now and the counters when the step began (kept in the rollout document, so a restarted
 controller judges the same window). An instance whose counters went backwards restarted: its
-current counts are all new. Pure functions except :func:`scrape`.
+current counts are all new. Pure functions except :func:`scrape`, which reads HTTPS with a client
+certificate (:func:`scrape_tls`) where the services' admin ports require the admin identity.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import math
-import urllib.error
-import urllib.request
+import socket
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from mesh.tls_files import read_ca, read_key_pair
 
 SCRAPE_MAX_BYTES = 8 * 1024 * 1024
 """A service's /metrics is a few kB per model version; more is refused unread."""
@@ -187,20 +192,74 @@ def metrics_address(address: str, admin_address: str | None) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-def _fetch(url: str, timeout: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # http:// built here
-        data: bytes = response.read(SCRAPE_MAX_BYTES + 1)
+def scrape_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The context to scrape services whose admin port requires the admin identity: their
+    certificates checked against ``ca``, ``cert``/``key`` presented; None (plain HTTP) when none is
+    given. ValueError (TlsFileError) names a bad flag."""
+    if ca is None and cert is None and key is None:
+        return None
+    if ca is None:
+        raise ValueError("--metrics-cert/--metrics-key need --metrics-ca (the CA that signed the services' "
+                         "certificates)")
+    if (cert is None) != (key is None):
+        raise ValueError("--metrics-cert and --metrics-key go together: give both or neither")
+    context = ssl.create_default_context(cadata=read_ca(ca, "--metrics-ca").decode("ascii", errors="replace"))
+    if cert is not None and key is not None:
+        read_key_pair(cert, key, "--metrics-cert", "--metrics-key")
+        context.load_cert_chain(cert, key)
+    return context
+
+
+class ScrapeError(ValueError):
+    """An instance's /metrics could not be read; the message says what happened."""
+
+
+def _fetch(address: str, timeout: float, tls: ssl.SSLContext | None, server_name: str | None) -> str:
+    """``GET /metrics`` of ``address`` (host:port), over HTTPS with ``tls``; every socket operation
+    (connect, handshake, each read) waits at most ``timeout`` seconds."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        if tls is not None:
+            try:
+                sock = tls.wrap_socket(sock, server_hostname=server_name or host)
+            except ssl.SSLCertVerificationError as exc:
+                raise ScrapeError(f"TLS: {exc.verify_message or exc} (--metrics-ca, --metrics-server-name)") from exc
+            except ssl.SSLError as exc:
+                raise ScrapeError(f"TLS handshake failed: {exc.reason or exc}") from exc
+        connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        connection.sock = sock
+        try:
+            connection.request("GET", "/metrics", headers={"Accept": "text/plain"})
+            response = connection.getresponse()
+            data: bytes = response.read(SCRAPE_MAX_BYTES + 1)
+        except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
+            # TLS 1.3: a refused client certificate shows as an alert on the first read.
+            hint = "" if tls is not None else " (an HTTPS admin port? give --metrics-ca/--metrics-cert/--metrics-key)"
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise ScrapeError(f"connection refused the request: {reason}{hint}") from exc
+        finally:
+            connection.close()
+    finally:
+        sock.close()
+    if response.status != 200:
+        raise ScrapeError(f"/metrics answered HTTP {response.status}")
     if len(data) > SCRAPE_MAX_BYTES:
-        raise ValueError(f"more than {SCRAPE_MAX_BYTES} bytes")
+        raise ScrapeError(f"more than {SCRAPE_MAX_BYTES} bytes")
     return data.decode("utf-8", "replace")
 
 
 async def scrape(targets: Mapping[str, str], model: str, baseline: int, candidate: int, *,
-                 timeout: float = 2.0) -> tuple[dict[str, Counters], dict[str, str]]:
-    """Scrape ``instance id → metrics address`` at once; returns (counters, problems) by instance."""
+                 timeout: float = 2.0, tls: ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> tuple[dict[str, Counters], dict[str, str]]:
+    """Scrape ``instance id → metrics address`` at once (HTTPS with ``tls``, the services'
+    certificates checked for ``server_name``, else the address's host); returns (counters,
+    problems) by instance. A stalled instance is given up after a few ``timeout``s in all."""
 
     async def one(address: str) -> Counters:
-        text = await asyncio.to_thread(_fetch, f"http://{address}/metrics", timeout)
+        # The socket timeout bounds each operation; this bounds them together (a slow drip).
+        text = await asyncio.wait_for(asyncio.to_thread(_fetch, address, timeout, tls, server_name), 4 * timeout)
         return parse_metrics(text, model, baseline, candidate)
 
     items = sorted(targets.items())
@@ -209,7 +268,10 @@ async def scrape(targets: Mapping[str, str], model: str, baseline: int, candidat
     problems: dict[str, str] = {}
     for (instance, address), result in zip(items, results, strict=True):
         if isinstance(result, BaseException):
-            if not isinstance(result, (OSError, ValueError, urllib.error.URLError)):
+            if isinstance(result, TimeoutError):
+                problems[instance] = f"{address}: no answer within {timeout:g}s"
+                continue
+            if not isinstance(result, (OSError, ValueError, http.client.HTTPException)):
                 raise result
             problems[instance] = f"{address}: {type(result).__name__}: {result}"[:300]
         else:

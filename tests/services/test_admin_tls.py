@@ -127,7 +127,8 @@ def test_auto_answers_the_admin_identity_beyond_loopback(start_service: Callable
 
 
 def _debug(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("SLUICE_CA", "SLUICE_CLIENT_CERT", "SLUICE_CLIENT_KEY")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("SLUICE_CA", "SLUICE_CLIENT_CERT", "SLUICE_CLIENT_KEY")
+             and not k.startswith("SLUICE_ADMIN_")}
     return subprocess.run(sluice_argv("debug", *args), capture_output=True, text=True, timeout=60, check=False,
                           env={**clean, **(env or {})})
 
@@ -187,7 +188,13 @@ def test_renewed_certificate_serves_the_admin_port_without_a_restart(
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (("--admin-tls-client-ca", "{ca.cert}"), "--admin-tls-client-ca needs --tls-cert and --tls-key"),
+    (("--admin-tls-client-ca", "{ca.cert}"),
+     "--admin-tls-client-ca needs --admin-tls-cert and --admin-tls-key, or --tls-cert and --tls-key"),
+    (("--admin-tls-cert", "{service.cert}", "--admin-tls-key", "{service.key}"), "need --admin-tls-client-ca"),
+    (("--admin-tls-cert", "{service.cert}", "--admin-tls-client-ca", "{ca.cert}"),
+     "--admin-tls-cert and --admin-tls-key go together"),
+    (("--admin-tls-cert", "{service.cert}", "--admin-tls-key", "{client.key}", "--admin-tls-client-ca", "{ca.cert}"),
+     "--admin-tls-key"),
     (("--tls-cert", "{service.cert}", "--tls-key", "{service.key}", "--admin-tls-client-ca", "{service.key}"),
      "--admin-tls-client-ca"),
     (("--tls-cert", "{service.cert}", "--tls-key", "{service.key}", "--admin-tls-client-ca", "{missing}"),
@@ -196,7 +203,7 @@ def test_renewed_certificate_serves_the_admin_port_without_a_restart(
 def test_unusable_admin_ca_stops_the_start_with_one_line(pki: DevPki, repo: Path, tmp_path: Path,
                                                          flags: tuple[str, ...], message: str) -> None:
     paths = {"{service.cert}": pki.service.cert, "{service.key}": pki.service.key, "{ca.cert}": pki.ca.cert,
-             "{missing}": tmp_path / "nope.crt"}
+             "{client.key}": pki.client.key, "{missing}": tmp_path / "nope.crt"}
     argv = sluice_argv("serve", "--repo", str(repo), "--port", "0", "--metrics-port", "0", "--rest-port", "-1",
                        *(str(paths.get(flag, flag)) for flag in flags))
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -211,3 +218,20 @@ def test_debug_on_beyond_loopback_without_the_admin_identity_warns(
     wait_for(lambda: "debug_endpoints_unauthenticated" in handle.process.log_text(), 10, "the warning")
     quiet = start_service(repo, "--debug-endpoints", "on")  # loopback only: no warning
     assert "debug_endpoints_unauthenticated" not in quiet.process.log_text()
+
+
+def test_admin_port_speaks_https_with_its_own_certificate_while_the_model_ports_stay_plain(
+        start_service: Callable[..., ServiceHandle], pki: DevPki, repo: Path) -> None:
+    """--admin-tls-cert/--admin-tls-key: the admin identity without TLS on gRPC and REST (the Helm
+    chart's case: Envoy reaches the services in plaintext or through the mesh)."""
+    handle = start_service(repo, "--admin-tls-cert", str(pki.service.cert), "--admin-tls-key", str(pki.service.key),
+                           "--admin-tls-client-ca", str(pki.admin_ca.cert))
+    with grpc.insecure_channel(handle.address) as channel:  # the gRPC port is plaintext
+        assert pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    base = f"https://127.0.0.1:{handle.metrics_port}"
+    admin = _context(pki.ca.cert, (pki.admin.cert, pki.admin.key))
+    status, text = _get(f"{base}/metrics", admin)
+    assert status == 200 and "sluice_loaded_versions" in text
+    # The admin CA is its own: the model client's certificate (another CA) opens nothing here.
+    assert _refused(f"{base}/metrics", _context(pki.ca.cert, (pki.client.cert, pki.client.key)))
+    assert _refused(f"http://127.0.0.1:{handle.metrics_port}/metrics", None)

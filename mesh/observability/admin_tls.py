@@ -1,0 +1,67 @@
+"""The admin identity of an admin port (mesh/observability/admin.py), as files that may be renewed.
+
+A service (``sluice serve --admin-tls-client-ca``) and the gateway controller (``sluice gateway
+--admin-tls-client-ca``) serve ``/metrics`` and ``/debug/`` over HTTPS with a certificate and key
+of their own, and require a client certificate that the admin CA signed. :class:`AdminTls` is the
+function the admin port calls for each new connection's context: it makes the context again when
+the files change, so a renewed certificate (or admin CA) serves new connections without a restart.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from mesh.observability.admin import admin_tls_context
+from mesh.tls_files import FileStamps, TlsFileError, file_stamps, read_ca, read_key_pair
+
+log = structlog.get_logger(__name__)
+
+
+class AdminTls:
+    """The admin port's SSL context, made again when its files change. Called once per connection;
+    the files' (mtime, size, inode) are looked at most once per ``interval`` seconds, and a changed
+    set that fails the checks of mesh.tls_files keeps the old context and is logged once.
+
+    ``flags`` name the three files in log lines (the component's own flag names)."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path, interval: float = 1.0, *,
+                 flags: tuple[str, str, str] = ("--tls-cert", "--tls-key", "--admin-tls-client-ca")) -> None:
+        self.paths = (cert, key, client_ca)
+        self.flags = flags
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._stamp = self._stamps()
+        self._refused: FileStamps | None = None
+        self._context = admin_tls_context(cert, key, client_ca)
+        self._checked_at = time.monotonic()
+
+    def _stamps(self) -> FileStamps:
+        return file_stamps(self.paths)
+
+    def __call__(self) -> ssl.SSLContext:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at < self.interval:
+                return self._context
+            self._checked_at = now
+            stamp = self._stamps()
+            if stamp in (self._stamp, self._refused):
+                return self._context
+            cert, key, client_ca = self.paths
+            cert_flag, key_flag, ca_flag = self.flags
+            try:
+                read_key_pair(cert, key, cert_flag, key_flag)
+                read_ca(client_ca, ca_flag)
+                context = admin_tls_context(cert, key, client_ca)
+            except (TlsFileError, ssl.SSLError, OSError) as exc:
+                self._refused = stamp
+                log.warning("admin_tls_reload_refused", reason=str(exc)[:300], serving="the previous certificate")
+                return self._context
+            self._context, self._stamp, self._refused = context, stamp, None
+        log.info("admin_tls_reloaded", cert=str(cert))
+        return context

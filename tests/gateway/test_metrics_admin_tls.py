@@ -1,0 +1,93 @@
+"""The gateway controller's admin identity (``sluice gateway --admin-tls-client-ca``): its
+metrics port (``/metrics`` and ``/debug/``) speaks HTTPS and answers only a client certificate of
+the admin CA. Real handshakes against the controller's own metrics server; the whole `sluice
+gateway` process under `sluice up --secure` is tested in tests/mesh/devstack/test_posture.py."""
+
+from __future__ import annotations
+
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.metrics import GatewayMetrics, admin_tls
+from gateway.settings import GatewaySettings
+from mesh.devstack.pki import DevPki, ensure_dev_pki
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
+
+
+def _context(pki: DevPki, client: tuple[Path, Path] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca.cert))
+    if client is not None:
+        context.load_cert_chain(*client)
+    return context
+
+
+def _get(url: str, context: ssl.SSLContext | None) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10, context=context) as answer:
+        return answer.status, answer.read().decode()
+
+
+def _refused(url: str, context: ssl.SSLContext | None) -> bool:
+    try:
+        _get(url, context)
+    except urllib.error.HTTPError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("own_certificate", [False, True], ids=["listener-cert", "admin-tls-cert"])
+def test_the_metrics_port_answers_only_the_admin_identity(pki: DevPki, own_certificate: bool) -> None:
+    files = ({"admin_tls_cert": pki.service.cert, "admin_tls_key": pki.service.key} if own_certificate
+             else {"tls_cert": pki.gateway.cert, "tls_key": pki.gateway.key})
+    settings = GatewaySettings(admin_tls_client_ca=pki.admin_ca.cert, **files)
+    metrics = GatewayMetrics()
+    port = metrics.serve("127.0.0.1", 0, tls=admin_tls(settings))
+    try:
+        base = f"https://127.0.0.1:{port}"
+        admin = _context(pki, (pki.admin.cert, pki.admin.key))
+        status, text = _get(f"{base}/metrics", admin)
+        assert status == 200 and "sluice_gateway_publishes" in text
+        status, text = _get(f"{base}/debug/threads", admin)
+        assert status == 200 and "Thread MainThread" in text
+        assert _refused(f"{base}/metrics", _context(pki, None))  # no client certificate
+        assert _refused(f"{base}/debug/threads", _context(pki, (pki.client.cert, pki.client.key)))  # another CA
+        assert _refused(f"http://127.0.0.1:{port}/metrics", None)  # plaintext
+    finally:
+        assert metrics.admin is not None
+        metrics.admin.close()
+
+
+def test_without_the_admin_ca_the_metrics_port_stays_plain(pki: DevPki) -> None:
+    settings = GatewaySettings(tls_cert=pki.gateway.cert, tls_key=pki.gateway.key)
+    assert admin_tls(settings) is None
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"admin_tls_client_ca": "{admin_ca}"},
+     "--admin-tls-client-ca needs --admin-tls-cert and --admin-tls-key, or --tls-cert and --tls-key"),
+    ({"admin_tls_cert": "{cert}", "admin_tls_key": "{key}"}, "need --admin-tls-client-ca"),
+    ({"admin_tls_cert": "{cert}", "admin_tls_client_ca": "{admin_ca}"}, "go together"),
+    ({"admin_tls_cert": "{cert}", "admin_tls_key": "{other_key}", "admin_tls_client_ca": "{admin_ca}"},
+     "--admin-tls-key"),
+    ({"tls_cert": "{cert}", "tls_key": "{key}", "admin_tls_client_ca": "{key}"}, "--admin-tls-client-ca"),
+    ({"tls_cert": "{cert}", "tls_key": "{key}", "admin_tls_client_ca": "{missing}"}, "No such file"),
+])
+def test_unusable_admin_files_are_refused_naming_the_flag(pki: DevPki, tmp_path: Path, fields: dict[str, str],
+                                                          message: str) -> None:
+    paths = {"{admin_ca}": pki.admin_ca.cert, "{cert}": pki.gateway.cert, "{key}": pki.gateway.key,
+             "{other_key}": pki.client.key, "{missing}": tmp_path / "nope.crt"}
+    with pytest.raises(ValidationError) as refused:
+        GatewaySettings(**{name: paths[value] for name, value in fields.items()})
+    assert message in str(refused.value)

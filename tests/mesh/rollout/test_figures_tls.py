@@ -1,0 +1,125 @@
+"""The rollout controller's scrape of a service whose admin port requires the admin identity
+(``sluice serve --admin-tls-client-ca``): a real `sluice serve`, real handshakes. Without the
+admin certificate the scrape is a clear problem of that instance; with it, the counters."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.rollout.command import RolloutControllerSettings
+from mesh.rollout.figures import scrape, scrape_tls
+from tests.fixtures.service import ServiceHandle
+from tests.services.clients import raw_request, stub_for
+from tests.services.models import identity, write_model
+
+pytestmark = pytest.mark.timeout(120)
+MODEL = "echo"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
+
+
+@pytest.fixture
+def service(start_service: Callable[..., ServiceHandle], pki: DevPki, tmp_path: Path) -> ServiceHandle:
+    repo = tmp_path / "repo"
+    write_model(repo, MODEL, identity("FP32", [1, 4]), version=1)
+    handle = start_service(repo, "--admin-tls-cert", str(pki.service.cert), "--admin-tls-key", str(pki.service.key),
+                           "--admin-tls-client-ca", str(pki.admin_ca.cert))
+    with stub_for(handle) as stub:
+        stub.ModelInfer(raw_request(MODEL, {"x": ("FP32", np.ones((1, 4), np.float32))}), timeout=10)
+    return handle
+
+
+def _scrape(handle: ServiceHandle, **kwargs: object) -> tuple[dict[str, object], dict[str, str]]:
+    targets = {"up-1": f"127.0.0.1:{handle.metrics_port}"}
+    return asyncio.run(scrape(targets, MODEL, 1, 2, timeout=5.0, **kwargs))  # type: ignore[arg-type]
+
+
+def test_the_scrape_needs_the_admin_certificate(service: ServiceHandle, pki: DevPki) -> None:
+    counters, problems = _scrape(service)  # plain HTTP to an HTTPS port
+    assert not counters and "up-1" in problems
+    assert f"127.0.0.1:{service.metrics_port}" in problems["up-1"] and "--metrics-ca" in problems["up-1"]
+
+    counters, problems = _scrape(service, tls=scrape_tls(pki.ca.cert, None, None))  # HTTPS, no client certificate
+    assert not counters and "up-1" in problems, problems
+
+    counters, problems = _scrape(service, tls=scrape_tls(pki.ca.cert, pki.client.cert, pki.client.key))  # other CA
+    assert not counters and "up-1" in problems, problems
+
+    counters, problems = _scrape(service, tls=scrape_tls(pki.ca.cert, pki.admin.cert, pki.admin.key))
+    assert problems == {}
+    assert counters["up-1"]["versions"]["1"]["codes"] == {"OK": 1.0}  # type: ignore[index]
+    assert service.process.alive()
+
+
+def test_the_services_certificate_is_checked(service: ServiceHandle, pki: DevPki, tmp_path: Path) -> None:
+    stranger = ensure_dev_pki(tmp_path / "stranger")
+    counters, problems = _scrape(service, tls=scrape_tls(stranger.ca.cert, pki.admin.cert, pki.admin.key))
+    assert not counters and "--metrics-ca" in problems["up-1"], problems  # not signed by that CA
+    good = scrape_tls(pki.ca.cert, pki.admin.cert, pki.admin.key)
+    counters, problems = _scrape(service, tls=good, server_name="sluice-elsewhere.example")
+    assert not counters and "up-1" in problems, problems  # the certificate names localhost and 127.0.0.1
+    counters, problems = _scrape(service, tls=good, server_name="localhost")
+    assert problems == {} and "up-1" in counters
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never says anything (a stalled handshake)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        for connection in held:
+            connection.close()
+        listener.close()
+
+
+def test_a_silent_admin_port_is_a_problem_within_the_timeout(silent_port: int, pki: DevPki) -> None:
+    targets = {"stalled": f"127.0.0.1:{silent_port}"}
+    tls = scrape_tls(pki.ca.cert, pki.admin.cert, pki.admin.key)
+    counters, problems = asyncio.run(scrape(targets, MODEL, 1, 2, timeout=0.5, tls=tls))
+    assert not counters and "no answer within 0.5s" in problems["stalled"]
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"metrics_cert": "{admin.cert}", "metrics_key": "{admin.key}"}, "need --metrics-ca"),
+    ({"metrics_ca": "{ca}", "metrics_cert": "{admin.cert}"}, "--metrics-cert and --metrics-key go together"),
+    ({"metrics_ca": "{admin.key}"}, "--metrics-ca"),
+    ({"metrics_ca": "{ca}", "metrics_cert": "{admin.cert}", "metrics_key": "{client.key}"}, "--metrics-key"),
+    ({"metrics_server_name": "localhost"}, "--metrics-server-name needs --metrics-ca"),
+])
+def test_rollout_controller_refuses_unusable_scrape_files(pki: DevPki, fields: dict[str, str], message: str) -> None:
+    paths = {"{ca}": pki.ca.cert, "{admin.cert}": pki.admin.cert, "{admin.key}": pki.admin.key,
+             "{client.key}": pki.client.key}
+    with pytest.raises(ValidationError) as refused:
+        RolloutControllerSettings(**{name: paths.get(value, value) for name, value in fields.items()})
+    assert message in str(refused.value)
