@@ -1,15 +1,22 @@
-"""What shadow comparison costs the callers: one real service, shadow at 0 %, 10 % and 100 %,
-callers' p50 latency and throughput at 1 and 32 concurrent gRPC clients, rounds interleaved.
+"""What shadow comparison costs the callers: one real service, shadow off, at 10 % and at 100 %,
+with the worker under SCHED_IDLE (``--shadow-policy idle``, the default) and at nice 19
+(``nice``); callers' p50 latency and throughput at 1 and 32 concurrent gRPC clients, rounds
+interleaved (the order of the configurations rotates from round to round).
 
-    python -m bench.shadow [--seconds 3] [--rounds 2]
+    python -m bench.shadow [--seconds 3] [--rounds 3] [--policies idle,nice]
 
 The model is a stack of 256x256 MatMuls (about 0.3 ms per call on one core), baseline and
-candidate the same graph, so every comparison agrees and costs one full candidate run.
+candidate the same graph, so every comparison agrees and costs one full candidate run. Ratios to
+"off" are medians of same-round ratios. ``worker CPU``: the shadow worker thread's own CPU time
+(/proc/<pid>/task/<tid>/schedstat) over the measurement, in % of one core: what
+``--shadow-cpu-share`` bounds. The load average before and after is printed with the table: the
+callers, the service and its worker share the machine's cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -17,6 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -28,6 +36,62 @@ from onnx import TensorProto, helper, numpy_helper
 from mesh.ports import free_port
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+CLIENTS = (1, 32)
+
+
+@dataclass(frozen=True)
+class Config:
+    fraction: float
+    policy: str = "idle"
+
+    @property
+    def label(self) -> str:
+        if not self.fraction:
+            return "off"
+        return f"{100 * self.fraction:.0f} % {self.policy}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    p50_ms: float
+    rate: float
+    compared_per_s: float
+    worker_cpu: float
+    """Share of one core the worker thread used over the measurement (0 without shadow)."""
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[Config, int], list[Sample]] = field(default_factory=dict)
+
+    def add(self, config: Config, clients: int, sample: Sample) -> None:
+        self.samples.setdefault((config, clients), []).append(sample)
+
+    def median(self, config: Config, clients: int, attribute: str) -> float:
+        return statistics.median(float(getattr(s, attribute)) for s in self.samples[(config, clients)])
+
+    def ratio(self, config: Config, base: Config, clients: int, attribute: str) -> float:
+        """Median over the rounds of this configuration's value over ``base``'s in the same round."""
+        return statistics.median(
+            float(getattr(mine, attribute)) / float(getattr(theirs, attribute))
+            for mine, theirs in zip(self.samples[(config, clients)], self.samples[(base, clients)], strict=True))
+
+
+def render(results: Results, configs: list[Config]) -> str:
+    """The docs table: one row per configuration and client count, ratios to "off"."""
+    off = configs[0]
+    lines = ["| shadow | clients | p50 ms | req/s | p50 / off | req/s / off | compared/s | worker CPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for clients in CLIENTS:
+        for config in configs:
+            lines.append(
+                f"| {config.label} | {clients} | {results.median(config, clients, 'p50_ms'):.3f} "
+                f"| {results.median(config, clients, 'rate'):,.0f} "
+                f"| {results.ratio(config, off, clients, 'p50_ms'):.2f} "
+                f"| {results.ratio(config, off, clients, 'rate'):.2f} "
+                f"| {results.median(config, clients, 'compared_per_s'):,.0f} "
+                f"| {100 * results.median(config, clients, 'worker_cpu'):.1f} % |")
+    return "\n".join(lines)
 
 
 def _model(layers: int = 6, size: int = 256) -> onnx.ModelProto:
@@ -56,13 +120,13 @@ def _request(size: int = 256) -> bytes:
         raw_input_contents=[x.tobytes()]).SerializeToString()
 
 
-def _start(repo: Path, fraction: float, log: Path) -> tuple[subprocess.Popen[bytes], int, int]:
-    config = {"max_batch_size": 0, **({"shadow": {"candidate": 3, "baseline": 2, "fraction": fraction}}
-                                     if fraction > 0 else {})}
-    (repo / "m" / "config.yaml").write_text(yaml.safe_dump(config))
+def _start(repo: Path, config: Config, log: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    shadow = ({"shadow": {"candidate": 3, "baseline": 2, "fraction": config.fraction}} if config.fraction else {})
+    (repo / "m" / "config.yaml").write_text(yaml.safe_dump({"max_batch_size": 0, **shadow}))
     port, metrics = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--repo", str(repo), "--port", str(port),
-                             "--metrics-port", str(metrics), "--log-level", "warning"],
+                             "--metrics-port", str(metrics), "--log-level", "warning",
+                             "--shadow-policy", config.policy],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
     body = _request()
     deadline = time.monotonic() + 60
@@ -75,6 +139,7 @@ def _start(repo: Path, fraction: float, log: Path) -> tuple[subprocess.Popen[byt
         except grpc.RpcError:
             time.sleep(0.2)
     proc.kill()
+    proc.wait(10)
     raise SystemExit(f"the service did not serve within 60 s: {log.read_text()[-2000:]}")
 
 
@@ -108,39 +173,73 @@ def _compared(metrics: int) -> float:
                if line.startswith("sluice_shadow_compared_total"))
 
 
+def worker_tids(pid: int) -> list[int]:
+    """The service's threads at nice 19: the shadow worker (under either policy)."""
+    tids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[16]) == 19:  # field 19: nice
+            tids.append(int(task.name))
+    return tids
+
+
+def thread_cpu_seconds(pid: int, tids: list[int]) -> float:
+    """CPU seconds the threads ran (schedstat: nanoseconds on a CPU), 0 for threads that are gone."""
+    total = 0.0
+    for tid in tids:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def measure(port: int, metrics: int, pid: int, clients: int, seconds: float) -> Sample:
+    _load(port, clients, 0.5)  # warm-up (and the worker has started)
+    tids = worker_tids(pid)
+    compared, cpu, started = _compared(metrics), thread_cpu_seconds(pid, tids), time.monotonic()
+    p50, rate = _load(port, clients, seconds)
+    elapsed = time.monotonic() - started
+    return Sample(p50, rate, (_compared(metrics) - compared) / seconds,
+                  (thread_cpu_seconds(pid, tids) - cpu) / elapsed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--policies", default="idle,nice", help="comma-separated --shadow-policy values")
     args = parser.parse_args()
-    results: dict[tuple[float, int], list[tuple[float, float, float]]] = {}
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    configs = [Config(0.0)] + [Config(f, p) for p in policies for f in (0.1, 1.0)]
+    results = Results()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         for version in (2, 3):
             (repo / "m" / str(version)).mkdir(parents=True)
             (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
-        for _ in range(args.rounds):
-            for fraction in (0.0, 0.1, 1.0):
-                proc, port, metrics = _start(repo, fraction, Path(tmp) / "service.log")
+        for round_ in range(args.rounds):
+            shift = round_ % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                proc, port, metrics = _start(repo, config, Path(tmp) / "service.log")
                 try:
-                    for clients in (1, 32):
-                        _load(port, clients, 0.5)  # warm-up
-                        before = _compared(metrics)
-                        p50, rate = _load(port, clients, args.seconds)
-                        shadowed = (_compared(metrics) - before) / args.seconds
-                        results.setdefault((fraction, clients), []).append((p50, rate, shadowed))
+                    for clients in CLIENTS:
+                        results.add(config, clients, measure(port, metrics, proc.pid, clients, args.seconds))
                 finally:
                     proc.terminate()
-                    proc.wait(20)
-    print(f"{'shadow':>7} {'clients':>7} {'p50 ms':>8} {'req/s':>8} {'p50/off':>8} {'req/s/off':>10} "
-          f"{'compared/s':>10}")
-    for (fraction, clients), rows in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        p50 = statistics.median(r[0] for r in rows)
-        rate = statistics.median(r[1] for r in rows)
-        off = results[(0.0, clients)]
-        p50_off, rate_off = statistics.median(r[0] for r in off), statistics.median(r[1] for r in off)
-        print(f"{100 * fraction:>6.0f}% {clients:>7} {p50:>8.3f} {rate:>8.0f} {p50 / p50_off:>8.2f} "
-              f"{rate / rate_off:>10.2f} {statistics.median(r[2] for r in rows):>10.0f}")
+                    try:
+                        proc.wait(20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait(10)
+    load_after = os.getloadavg()
+    print(render(results, configs))
+    print(f"\n{os.cpu_count()} cores; load average (1, 5, 15 min) before: "
+          f"{', '.join(f'{v:.2f}' for v in load_before)}; after: {', '.join(f'{v:.2f}' for v in load_after)}")
 
 
 if __name__ == "__main__":

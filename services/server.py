@@ -83,7 +83,8 @@ class ModelServer:
                                           settings.watch_polling) if settings.watch else None)
         self.plane = DataPlane(self.catalog, self.manager)
         self.shadow = Shadow(self.catalog, queue_size=settings.shadow_queue,
-                             queue_bytes=settings.shadow_queue_mb * 1024 * 1024, cpu_share=settings.shadow_cpu_share)
+                             queue_bytes=settings.shadow_queue_mb * 1024 * 1024, cpu_share=settings.shadow_cpu_share,
+                             policy=settings.shadow_policy)
         self.metrics.prometheus_registry.register(self.shadow.collector())
         self.plane.shadow = self.shadow
         self._shadow_follow: asyncio.Task[None] | None = None

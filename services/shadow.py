@@ -3,9 +3,10 @@ after the caller has its answer, and the outputs compared.
 
 Never on the caller's time or at its expense: :meth:`Shadow.offer` (on the request thread, after
 the answer is built) only draws a random number and puts a reference into a queue bounded in jobs
-and in bytes held — a full queue drops the job. One low-priority worker thread (nice 19) runs the candidate through
-ONNX Runtime directly (not its batcher, so the candidate's own request figures stay those of real
-callers) and sleeps after each job so that it uses at most ``cpu_share`` of one core.
+and in bytes held — a full queue drops the job. One worker thread runs the candidate through ONNX
+Runtime directly (not its batcher, so the candidate's own request figures stay those of real
+callers) under Linux's SCHED_IDLE policy (:func:`lower_priority`), and idles after each job so that
+its CPU time stays within ``cpu_share`` of one core (:func:`idle_after`).
 
 What to compare comes from the model's rollout document (:mod:`mesh.rollout.document`, followed
 in etcd by :func:`follow_rollouts`) or, without one, from the ``shadow`` block of the model's
@@ -17,14 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import random
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -38,6 +38,7 @@ from mesh.registry.keys import KeySchema
 from mesh.registry.settings import EtcdSettings
 from mesh.rollout.document import RolloutDocument, parse_rollout_document
 from services.catalog import ModelCatalog
+from services.config import ShadowConfig
 from services.errors import ServiceError
 from services.model import OnnxModel
 
@@ -48,7 +49,64 @@ QUEUE_BYTES = 256 * 1024 * 1024
 requests, 64 queued jobs could otherwise hold 8 GiB of inputs and outputs."""
 SAMPLE_IDS = 10
 """Disagreeing request ids kept (and logged) per (model, baseline, candidate)."""
+POLL_S = 0.005
+IDLE_S = 0.1
+"""With the queue empty the worker looks again every POLL_S seconds, and only after IDLE_S of
+that sleeps until an offer wakes it: while jobs keep coming, an offer wakes no thread."""
 _FLOAT_KINDS = "fc"
+
+Policy = Literal["idle", "nice"]
+"""How the worker thread gives way to the callers: ``idle`` (SCHED_IDLE, nice 19 where refused) or
+``nice`` (nice 19 under the default policy)."""
+
+
+def lower_priority(policy: Policy) -> str:
+    """Lower the calling thread's scheduling priority (Linux applies both to one thread only, pid 0
+    being the calling thread); threads it creates later inherit it. Returns what it got:
+    ``"idle"``, ``"nice"`` or ``"normal"`` (a platform with neither).
+
+    ``idle``: SCHED_IDLE, because nice 19 alone does not keep the worker off the callers' time.
+    The handler threads run under SCHED_BATCH (``--handler-policy batch``), and a waking SCHED_BATCH
+    thread never preempts a running SCHED_OTHER one, however niced: a handler given a new call
+    waited for the worker's ONNX Runtime call or its time slice to end. A SCHED_IDLE thread is
+    preempted by any waking thread of another policy, SCHED_BATCH included, and gets a core only
+    when no one else wants it. ``nice``: the worker keeps a small share (about 1.5 % of a core
+    against one busy thread) even on a saturated service, so a rollout's shadow step can still
+    reach its comparisons there, at the cost of the delays above."""
+    got = "normal"
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        got = "nice"
+    if policy == "idle":
+        setter, idle = getattr(os, "sched_setscheduler", None), getattr(os, "SCHED_IDLE", None)
+        if setter is not None and idle is not None:
+            try:
+                setter(0, idle, os.sched_param(0))
+                got = "idle"
+            except OSError as exc:
+                log.warning("shadow_sched_idle_refused", error=str(exc), consequence=f"the worker runs at {got}")
+    return got
+
+
+def charged_cpu(thread_cpu: float, wall: float, intra_op_threads: int) -> float:
+    """The CPU a job is charged: the worker thread's own CPU time when the candidate computes on
+    the calling thread only (``intra_op_threads`` 1, the default); otherwise its intra-op pool
+    computed too, on threads whose CPU this thread's clock misses, and every pool thread counts
+    as busy for the whole job (0: ONNX Runtime's default, one per core)."""
+    if intra_op_threads == 1:
+        return thread_cpu
+    return max(thread_cpu, wall * (intra_op_threads or os.cpu_count() or 1))
+
+
+def idle_after(cpu: float, wall: float, share: float) -> float:
+    """Seconds to idle after a job that used ``cpu`` seconds of CPU in ``wall`` seconds, so that
+    the job's CPU is at most ``share`` of the wall time from its start to the end of the idling.
+
+    CPU time, not wall time: a worker preempted by the callers (it is meant to be) spends wall
+    time without CPU, and a wall-time duty cycle then idled for CPU it never used."""
+    if share >= 1.0:
+        return 0.0
+    return max(0.0, cpu / share - wall)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,18 +188,31 @@ def compare_outputs(baseline: npt.NDArray[Any], candidate: npt.NDArray[Any], pla
 
 class Shadow:
     def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, queue_bytes: int = QUEUE_BYTES,
-                 cpu_share: float = 0.25) -> None:
+                 cpu_share: float = 0.25, policy: Policy = "idle") -> None:
         self.catalog = catalog
         self.cpu_share = cpu_share
+        self.policy: Policy = policy
+        self.worker_priority = ""
+        """What :func:`lower_priority` got for the worker thread (set once it runs)."""
         self.queue_bytes = queue_bytes
         """Bytes of inputs and outputs the queued jobs may hold together; a job beyond is dropped."""
         self.queued_bytes = 0
-        self._bytes_lock = threading.Lock()
+        self.queue_size = queue_size
+        self._jobs: deque[_Job] = deque()
+        self._lock = threading.Lock()
+        """Guards ``_jobs`` and ``queued_bytes`` together, so both bounds hold exactly."""
+        self._waiting = False
+        """The worker sleeps on ``_wake`` (set only then: most offers wake nothing)."""
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        """Set by :meth:`stop`: ends the worker's idling at once."""
         self.rollout_plans: dict[str, ShadowPlan] = {}
         """Model → plan from its rollout document (replaced whole by :func:`follow_rollouts`)."""
+        self._config_plans: dict[str, tuple[ShadowConfig, ShadowPlan]] = {}
+        """Model → its ``config.yaml`` shadow block and the plan made from it (made once, not per request)."""
         self.pairs: dict[tuple[str, int, int], PairFigures] = {}
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
+        self._running = False
         self._random = random.Random()
 
     # -- the request thread ---------------------------------------------------------------------
@@ -150,31 +221,43 @@ class Shadow:
         """Called after ``served`` answered; cheap, never blocks, never raises into the request."""
         model, version = served.name, served.version
         plan = self.rollout_plans.get(model)
-        if plan is None and served.config.shadow is not None:
-            c = served.config.shadow
-            plan = ShadowPlan(c.candidate, c.baseline, c.fraction, c.rtol, c.atol, c.compare)
-        if plan is None or self._thread is None or version == plan.candidate:
+        if plan is None:
+            config = served.config.shadow
+            if config is None:
+                return
+            plan = self._config_plan(model, config)
+        if not self._running or version == plan.candidate:
             return
         if plan.baseline is not None and version != plan.baseline:
             return
         if plan.fraction < 1.0 and self._random.random() >= plan.fraction:
             return
         size = job_bytes(feeds.values(), answers)
-        with self._bytes_lock:
-            if self.queued_bytes + size > self.queue_bytes:
+        with self._lock:
+            if len(self._jobs) >= self.queue_size or self.queued_bytes + size > self.queue_bytes:
                 self._pair(model, version, plan.candidate).dropped += 1
                 return
             self.queued_bytes += size
-        try:
-            self._queue.put_nowait(_Job(model, version, plan, request_id, feeds, tuple(names), tuple(answers),
-                                        size))
-        except queue.Full:
-            self._release(size)
-            self._pair(model, version, plan.candidate).dropped += 1
+            self._jobs.append(_Job(model, version, plan, request_id, feeds, tuple(names), tuple(answers), size))
+        if self._waiting:
+            self._wake.set()
 
-    def _release(self, size: int) -> None:
-        with self._bytes_lock:
-            self.queued_bytes -= size
+    def _config_plan(self, model: str, config: ShadowConfig) -> ShadowPlan:
+        cached = self._config_plans.get(model)
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        plan = ShadowPlan(config.candidate, config.baseline, config.fraction, config.rtol, config.atol,
+                          config.compare)
+        self._config_plans[model] = (config, plan)
+        return plan
+
+    def _take(self) -> _Job | None:
+        with self._lock:
+            if not self._jobs:
+                return None
+            job = self._jobs.popleft()
+            self.queued_bytes -= job.size
+            return job
 
     # -- the worker -----------------------------------------------------------------------------
     def _pair(self, model: str, baseline: int, candidate: int) -> PairFigures:
@@ -186,6 +269,8 @@ class Shadow:
 
     def start(self) -> None:
         if self._thread is None:
+            self._running = True
+            self._stopped.clear()
             self._thread = threading.Thread(target=self._work, name="shadow", daemon=True)
             self._thread.start()
 
@@ -193,50 +278,68 @@ class Shadow:
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        with contextlib.suppress(queue.Full):
-            # Make room for the sentinel: queued comparisons are not worth a slow shutdown.
-            while True:
-                try:
-                    dropped = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if dropped is not None:
-                    self._release(dropped.size)
-            self._queue.put_nowait(None)
+        self._running = False
+        self._stopped.set()
+        with self._lock:  # queued comparisons are not worth a slow shutdown
+            self._jobs.clear()
+            self.queued_bytes = 0
+        self._wake.set()
         thread.join(timeout)
 
     def _work(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # lowest priority for this thread only (Linux)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        while True:
-            job = self._queue.get()
+        self.worker_priority = lower_priority(self.policy)
+        log.debug("shadow_worker", priority=self.worker_priority, tid=threading.get_native_id(),
+                  cpu_share=self.cpu_share)
+        charged_from = time.thread_time()
+        idle_since: float | None = None
+        while self._running:
+            job = self._take()
             if job is None:
-                return
-            self._release(job.size)
+                now = time.monotonic()
+                if idle_since is None:
+                    idle_since = now
+                if now - idle_since < IDLE_S:
+                    self._stopped.wait(POLL_S)
+                else:
+                    self._waiting = True
+                    if not self._jobs:  # an offer after this check sees _waiting and wakes us
+                        self._wake.wait(1.0)
+                    self._waiting = False
+                    self._wake.clear()
+                continue
+            idle_since = None
             started = time.monotonic()
             try:
-                self._run(job)
+                intra_op = self._run(job)
             except Exception:  # a comparison must never end the worker
                 log.exception("shadow_failed", model=job.model, candidate=job.plan.candidate)
-            busy = time.monotonic() - started
-            if self.cpu_share < 1.0:
-                # Duty cycle: after busy seconds, idle long enough that busy is at most cpu_share.
-                time.sleep(busy * (1.0 - self.cpu_share) / self.cpu_share)
+                intra_op = 1
+            wall = time.monotonic() - started
+            # All of the thread's CPU since the last job's is charged: taking the job from the
+            # queue and the idling's own system calls count too.
+            now = time.thread_time()
+            cpu, charged_from = now - charged_from, now
+            pause = idle_after(charged_cpu(cpu, wall, intra_op), wall, self.cpu_share)
+            if pause > 0:
+                self._stopped.wait(pause)
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: _Job) -> int:
+        """Run and compare one job; returns the candidate's intra-op thread setting (1: ONNX
+        Runtime computed on this thread only)."""
         plan = job.plan
         pair = self._pair(job.model, job.baseline, plan.candidate)
         try:
             served = self.catalog.resolve(job.model, plan.candidate)
         except ServiceError:
             pair.dropped += 1  # the candidate is not (or no longer) loaded here
-            return
+            return 1
+        intra_op = served.model.config.session.intra_op_threads
         try:
             outputs = served.model.run(job.feeds, job.names)
         except ServiceError as exc:
             pair.errors += 1
             self._remember(pair, job, "candidate_error", error=str(exc)[:300])
-            return
+            return intra_op
         agreed, diffs = True, []
         for name, answer, got in zip(job.names, job.answers, outputs, strict=True):
             ok, diff = compare_outputs(answer, got, plan)
@@ -253,6 +356,7 @@ class Shadow:
             pair.agreed += 1
         else:
             self._remember(pair, job, "disagreed", mean_abs_diff=diff)
+        return intra_op
 
     def _remember(self, pair: PairFigures, job: _Job, what: str, **fields: Any) -> None:
         """A bounded sample: the first SAMPLE_IDS cases one by one, then one line per 100 more."""

@@ -4,6 +4,8 @@ after the callers have their answers, compared, counted per (model, baseline, ca
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.shadow import ShadowPlan, compare_outputs, job_bytes
+from services.shadow import ShadowPlan, charged_cpu, compare_outputs, idle_after, job_bytes
 from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
@@ -153,3 +155,71 @@ def test_config_shadow_block_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError) as caught:
         load_model_config(tmp_path / "m")
     assert "shadow.candidate" in str(caught.value) and "shadow.fraction" in str(caught.value)
+
+
+def niced_threads(pid: int) -> dict[int, int]:
+    """Thread id -> scheduling policy of the process's threads at nice 19 (fields 19 and 41 of
+    /proc/<pid>/task/<tid>/stat)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[16]) == 19:
+            found[int(task.name)] = int(fields[38])
+    return found
+
+
+def thread_cpu(pid: int, tids: list[int]) -> float:
+    return sum(int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9 for tid in tids)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or not Path("/proc/self/task").is_dir(),
+                    reason="reads Linux thread policies from /proc")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("flag", "expected"), [(None, "SCHED_IDLE"), ("nice", "SCHED_OTHER")])
+def test_the_shadow_worker_runs_at_the_lowest_priority_and_computes_on_its_own_thread(
+        tmp_path: Path, start_service: Callable[..., ServiceHandle], flag: str | None, expected: str) -> None:
+    extra = ("--shadow-policy", flag) if flag else ()
+    service = start_service(repo_with(tmp_path, models.doubler_by_adding(), SHADOW_ALL), *extra)
+    send(service, [1.0] * 5)
+    wait_for(lambda: shadow_counts(service).get("compared", 0) >= 5, 30, "5 comparisons")
+    # One thread at nice 19: the worker, which ran the candidate itself (intra_op_threads 1: ONNX
+    # Runtime made no pool threads that would run at the loading thread's priority).
+    assert list(niced_threads(service.process.pid).values()) == [getattr(os, expected)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread CPU times from /proc")
+@pytest.mark.timeout(120)
+def test_the_shadow_worker_keeps_to_its_cpu_share_under_load(
+        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+    share = 0.1
+    service = start_service(repo_with(tmp_path, models.slow(matmuls=4, size=256), {
+        "shadow": {"candidate": 3, "baseline": 2, "fraction": 1.0, "rtol": 1.0, "atol": 1e6}}),
+        "--shadow-cpu-share", str(share))
+    send(service, [1.0] * 20)
+    wait_for(lambda: bool(niced_threads(service.process.pid)), 30, "the shadow worker")
+    tids = list(niced_threads(service.process.pid))
+    cpu, started = thread_cpu(service.process.pid, tids), time.monotonic()
+    sent = 0
+    while time.monotonic() - started < 3.0:  # every request offers a job: the worker never runs out
+        send(service, [1.0] * 50)
+        sent += 50
+    used = (thread_cpu(service.process.pid, tids) - cpu) / (time.monotonic() - started)
+    counts = shadow_counts(service)
+    assert counts["compared"] > 0 and counts["compared"] + counts["dropped"] <= sent + 20
+    # Within the share, up to the job under way at the end of the window (a few ms of CPU).
+    assert used <= share * 1.1 + 0.01 / 3.0, used
+
+
+def test_the_duty_cycle_charges_cpu_time_not_wall_time() -> None:
+    assert idle_after(0.01, 0.01, 0.25) == pytest.approx(0.03)  # busy 10 ms, idle 30 ms: 25 %
+    # Preempted for 40 of 50 ms (what SCHED_IDLE is for): 10 ms of CPU in 50 ms is already 20 %.
+    assert idle_after(0.01, 0.05, 0.25) == 0.0
+    assert idle_after(0.01, 0.02, 0.25) == pytest.approx(0.02)
+    assert idle_after(0.5, 0.5, 1.0) == 0.0
+    for cpu, wall in ((0.002, 0.002), (0.002, 0.005), (0.004, 0.01)):
+        assert cpu / (wall + idle_after(cpu, wall, 0.25)) <= 0.25 + 1e-12
+    # An intra-op pool computes beside the worker: each of its threads counts as busy all along.
+    assert charged_cpu(0.002, 0.01, 1) == 0.002
+    assert charged_cpu(0.002, 0.01, 4) == pytest.approx(0.04)
+    assert charged_cpu(0.002, 0.01, 0) == pytest.approx(0.01 * (os.cpu_count() or 1))
