@@ -1,5 +1,6 @@
 """The gateway controller in process, against a real etcd: its own measurements (no Envoy needed)
-and the key set it keeps when a real Envoy refuses a new one."""
+and the key set it keeps when a real Envoy refuses a new one; the plans of a render that equals the
+live config (nothing to publish, no process needed)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.auth import JWT_FILTER, PROVIDER
 from gateway.controller import GatewayController
+from gateway.render import render_snapshot
 from gateway.settings import GatewaySettings
+from gateway.status import status_documents
 from mesh.devstack.pki import jwks_of
 from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
+from mesh.registry.etcd.client import KeyValue
 from mesh.registry.keys import KeySchema
-from mesh.registry.records import InstanceRecord
+from mesh.registry.records import InstanceRecord, RoutingDocument
 from mesh.registry.settings import EtcdSettings
 from mesh.registry.state import build_state
 from tests.fixtures.etcd import EtcdServer
@@ -112,3 +116,38 @@ async def test_a_key_set_envoy_refuses_never_replaces_the_one_in_force(shared_et
         await cleanup.connect()
         await cleanup.delete_prefix(prefix)
         await cleanup.close()
+
+
+async def test_a_render_equal_to_the_live_config_takes_over_its_plans(tmp_path: Path) -> None:
+    """Nothing is published for a routing write whose render is what Envoy serves, yet its plans are
+    in force: a later refused snapshot's status names that write as the routing in force (not the
+    plan before it) and the refused one as failed; the live version stays the one Envoy serves."""
+    schema = KeySchema("/sluice-test/controller-same-render/")
+    controller = GatewayController(GatewaySettings(xds_dir=tmp_path / "xds", metrics_port=-1),
+                                   EtcdSettings(endpoints=["127.0.0.1:2379"], prefix=schema.prefix))
+    record = InstanceRecord(address="127.0.0.1:7001", model="iris", version=1, instance_id="a")
+    instance = KeyValue(schema.instance("iris", 1, "a").encode(), record.to_json(), 5, 5, 1, 0)
+
+    def routing(document: bytes, revision: int) -> KeyValue:
+        return KeyValue(schema.routing("iris").encode(), document, revision, revision, 1, 0)
+
+    try:
+        live = render_snapshot(build_state(schema, 5, [instance]), {}, controller.options)
+        controller._live = live  # what Envoy serves: no routing document, version 1 takes all
+        same = render_snapshot(build_state(schema, 12, [instance, routing(b'{"weights": {"1": 100}}', 12)]), {},
+                               controller.options)
+        assert same.content_hash == live.content_hash and same.version != live.version
+        assert await controller._publish(same, None) is None
+        assert controller.live is not None and controller.live.version == live.version
+        assert controller.live.revision == 12 and controller.live.plans == same.plans
+
+        refused = render_snapshot(build_state(schema, 13, [instance, routing(
+            b'{"weights": {"1": 100}, "sticky_header": "x-user"}', 13)]), {}, controller.options)
+        document = status_documents(refused, controller.live, None, failure="Envoy rejected it")["iris"]
+        assert (document.routing_revision, document.routing_source, document.failed_routing_revision) == (
+            12, "document", 13)
+        assert document.routing == RoutingDocument.from_weights({1: 100})
+        assert document.envoy_config_version == live.version and document.applied_revision == 12
+    finally:
+        controller._io.shutdown(wait=True)
+        controller.admin.close()
