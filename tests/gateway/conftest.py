@@ -9,6 +9,7 @@ to etcd, as a service's registrar would.
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from examples.build_models import build_iris
-from mesh.devstack.pki import DevPki
+from gateway.envoy import find_envoy
+from mesh.devstack.pki import DevPki, ensure_dev_pki
 from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
@@ -83,9 +85,10 @@ def gateway_prefix(request: pytest.FixtureRequest) -> str:
     return f"/sluice-gw-{request.module.__name__.rpartition('.')[2].replace('_', '-')}/"
 
 
-def running_gateway(shared_etcd: EtcdServer, prefix: str, directory: Path) -> Iterator[GatewayHandle]:
+def running_gateway(shared_etcd: EtcdServer, prefix: str, directory: Path, *,
+                    envoy_binary: str | None = None) -> Iterator[GatewayHandle]:
     """A gateway process for a fixture to yield (``yield from``); stopped when the fixture ends."""
-    handle = start_gateway(shared_etcd, prefix, directory)
+    handle = start_gateway(shared_etcd, prefix, directory, envoy_binary=envoy_binary)
     try:
         yield handle
     finally:
@@ -136,6 +139,58 @@ def mtls_service(repo: Path, pki: DevPki, workdir: Path, name: str) -> Iterator[
         yield handle
     finally:
         handle.process.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    """The module's dev PKI: a CA and the gateway's, the services' and a client's pairs."""
+    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
+
+
+@pytest.fixture(scope="module")
+def secure_service(iris_repos: dict[int, Path], pki: DevPki,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
+    """iris version 1 served over TLS, a client certificate of the module's CA required (:func:`mtls_service`)."""
+    yield from mtls_service(iris_repos[1], pki, tmp_path_factory.mktemp("secure-service"), "iris-mtls")
+
+
+REJECTING_ENVOY = """\
+#!{python}
+import os, sys, tempfile
+import yaml
+REAL, MARKER = {real!r}, {marker!r}
+args = sys.argv[1:]
+if "--mode" in args and os.path.exists(MARKER):
+    path = args[args.index("-c") + 1]
+    with open(path) as handle:
+        config = yaml.safe_load(handle)
+    config["static_resources"]["listeners"][0]["no_such_field"] = 1
+    fd, broken = tempfile.mkstemp(suffix=".yaml")
+    with os.fdopen(fd, "w") as handle:
+        yaml.safe_dump(config, handle)
+    args[args.index("-c") + 1] = broken
+os.execv(REAL, [REAL, *args])
+"""
+"""A wrapper around the real Envoy: while the marker file exists, the config it is asked to validate
+gets an unknown field, and the real ``envoy --mode validate`` refuses it (a real rejection)."""
+
+
+@pytest.fixture(scope="module")
+def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """While this file exists, the :func:`rejecting_gateway`'s Envoy refuses every config it validates."""
+    return tmp_path_factory.mktemp("marker") / "reject"
+
+
+@pytest.fixture(scope="module")
+def rejecting_gateway(shared_etcd: EtcdServer, gateway_prefix: str, marker: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
+    """The module's gateway, its Envoy run through :data:`REJECTING_ENVOY` (validations fail while
+    ``marker`` exists)."""
+    workdir = tmp_path_factory.mktemp("rejecting-gateway")
+    wrapper = workdir / "envoy-wrapper"
+    wrapper.write_text(REJECTING_ENVOY.format(python=sys.executable, real=find_envoy(), marker=str(marker)))
+    wrapper.chmod(0o755)
+    yield from running_gateway(shared_etcd, gateway_prefix, workdir, envoy_binary=str(wrapper))
 
 
 @pytest.fixture(scope="module")

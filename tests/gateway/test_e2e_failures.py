@@ -1,7 +1,8 @@
 """Failures never break the gateway: Envoy rejecting a snapshot, Envoy crashing, an instance dying.
 
-Envoy's rejection is real: a wrapper around the real binary adds an unknown field to the config it
-is asked to validate while a marker file exists, and the real ``envoy --mode validate`` refuses it.
+Envoy's rejection is real: the ``rejecting_gateway`` of tests/gateway/conftest.py runs the real
+binary through a wrapper that adds an unknown field to the config it is asked to validate while a
+marker file exists, and the real ``envoy --mode validate`` refuses it.
 """
 
 from __future__ import annotations
@@ -10,14 +11,11 @@ import asyncio
 import json
 import os
 import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from gateway.envoy import find_envoy
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.state import set_weights
@@ -30,48 +28,11 @@ from tests.gateway.traffic import count_versions, eventually, infer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
-WRAPPER = """\
-#!{python}
-import os, sys, tempfile
-import yaml
-REAL, MARKER = {real!r}, {marker!r}
-args = sys.argv[1:]
-if "--mode" in args and os.path.exists(MARKER):
-    path = args[args.index("-c") + 1]
-    with open(path) as handle:
-        config = yaml.safe_load(handle)
-    config["static_resources"]["listeners"][0]["no_such_field"] = 1
-    fd, broken = tempfile.mkstemp(suffix=".yaml")
-    with os.fdopen(fd, "w") as handle:
-        yaml.safe_dump(config, handle)
-    args[args.index("-c") + 1] = broken
-os.execv(REAL, [REAL, *args])
-"""
-
-
-def rejecting_gateway(etcd: EtcdServer, prefix: str, workdir: Path, marker: Path) -> Iterator[GatewayHandle]:
-    """A gateway for a fixture to yield (``yield from``) whose Envoy runs through :data:`WRAPPER`:
-    its validations fail while ``marker`` exists. Stopped when the fixture ends."""
-    wrapper = workdir / "envoy-wrapper"
-    wrapper.write_text(WRAPPER.format(python=sys.executable, real=find_envoy(), marker=str(marker)))
-    wrapper.chmod(0o755)
-    handle = start_gateway(etcd, prefix, workdir, envoy_binary=str(wrapper))
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
 
 @pytest.fixture(scope="module")
-def marker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("marker") / "reject"
-
-
-@pytest.fixture(scope="module")
-def gateway(shared_etcd: EtcdServer, gateway_prefix: str, marker: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    """This module's gateway runs Envoy through the rejecting wrapper."""
-    yield from rejecting_gateway(shared_etcd, gateway_prefix, tmp_path_factory.mktemp("gateway-failures"), marker)
+def gateway(rejecting_gateway: GatewayHandle) -> GatewayHandle:
+    """This module's gateway runs Envoy through the rejecting wrapper (tests/gateway/conftest.py)."""
+    return rejecting_gateway
 
 
 HEADER = [("x-model-name", "iris")]

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,17 +17,19 @@ import grpc
 import pytest
 from cryptography import x509
 
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
 from mesh.ports import free_port
 from mesh.registry.keys import KeySchema
-from mesh.registry.records import InstanceRecord, InstanceState, StatusDocument
+from mesh.registry.records import StatusDocument
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import ManagedProcess, wait_for
 from tests.fixtures.service import ServiceHandle, sluice_argv
 from tests.gateway.certs import copied_pair, issue_pair
+from tests.gateway.conftest import gateway_serving
+from tests.gateway.traffic import CallsAllAlong, grpc_caller
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -37,11 +38,6 @@ ROTATION_TIMEOUT_S = 20.0
 ROW = [5.1, 3.5, 1.4, 0.2]
 TLS_PREFIX = "/sluice-gw-listener-tls/"
 MTLS_PREFIX = "/sluice-gw-listener-mtls/"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +55,6 @@ def service(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactor
         handle.process.stop()
 
 
-def _gateway(etcd: EtcdServer, prefix: str, workdir: Path, service: ServiceHandle, *extra: str
-             ) -> Iterator[GatewayHandle]:
-    handle = start_gateway(etcd, prefix, workdir, *extra)
-    try:
-        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
-                             version=1, instance_id="plain-1", state=InstanceState.SERVING)
-        etcd.etcdctl("put", KeySchema(prefix).instance("iris", 1, "plain-1"), doc.to_json().decode())
-        yield handle
-    finally:
-        handle.stop()
-
-
 @pytest.fixture(scope="module")
 def certs(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Copies of the gateway's pair that the rotation test renews in place."""
@@ -80,16 +64,16 @@ def certs(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
 @pytest.fixture(scope="module")
 def tls_gateway(shared_etcd: EtcdServer, certs: tuple[Path, Path], service: ServiceHandle,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    yield from _gateway(shared_etcd, TLS_PREFIX, tmp_path_factory.mktemp("tls-gw"), service,
-                        "--tls-cert", str(certs[0]), "--tls-key", str(certs[1]))
+    yield from gateway_serving(shared_etcd, TLS_PREFIX, tmp_path_factory.mktemp("tls-gw"), service,
+                               "--tls-cert", str(certs[0]), "--tls-key", str(certs[1]), instance_id="plain-1")
 
 
 @pytest.fixture(scope="module")
 def mtls_gateway(shared_etcd: EtcdServer, pki: DevPki, service: ServiceHandle,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    yield from _gateway(shared_etcd, MTLS_PREFIX, tmp_path_factory.mktemp("mtls-gw"), service,
-                        "--tls-cert", str(pki.gateway.cert), "--tls-key", str(pki.gateway.key),
-                        "--tls-client-ca", str(pki.ca.cert))
+    yield from gateway_serving(shared_etcd, MTLS_PREFIX, tmp_path_factory.mktemp("mtls-gw"), service,
+                               "--tls-cert", str(pki.gateway.cert), "--tls-key", str(pki.gateway.key),
+                               "--tls-client-ca", str(pki.ca.cert), instance_id="plain-1")
 
 
 def _request() -> pb.ModelInferRequest:
@@ -194,50 +178,28 @@ def test_a_renewed_certificate_is_served_under_load_without_a_failure(
         tls_gateway: GatewayHandle, pki: DevPki, certs: tuple[Path, Path]) -> None:
     _wait_answering(tls_gateway, pki)
     old_serial = _serial(tls_gateway, pki)
-    stop = threading.Event()
-    ok: list[int] = [0, 0, 0, 0]
-    failures: list[str] = []
 
-    def grpc_client(slot: int) -> None:  # one long-lived HTTP/2 connection
-        with _channel(tls_gateway.address, pki) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while not stop.is_set():
-                try:
-                    stub.ModelInfer(_request(), timeout=10)
-                    ok[slot] += 1
-                except grpc.RpcError as exc:
-                    failures.append(f"grpc: {exc.code()} {exc.details()}")
-
-    def rest_client(slot: int) -> None:  # a new TLS handshake for every request
+    def rest_client(calls: CallsAllAlong, slot: int) -> None:  # a new TLS handshake for every request
         context = _context(pki)
-        while not stop.is_set():
+        while calls.running():
             try:
                 status, doc = _rest_infer(tls_gateway, context)
                 if status == 200:
-                    ok[slot] += 1
+                    calls.answered(slot)
                 else:
-                    failures.append(f"rest: {status} {doc}")
+                    calls.failed(f"rest: {status} {doc}")
             except (OSError, http.client.HTTPException) as exc:
-                failures.append(f"rest: {exc!r}")
+                calls.failed(f"rest: {exc!r}")
 
-    threads = [threading.Thread(target=grpc_client, args=(0,)), threading.Thread(target=grpc_client, args=(1,)),
-               threading.Thread(target=rest_client, args=(2,)), threading.Thread(target=rest_client, args=(3,))]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_for(lambda: all(count > 0 for count in ok), ROUTABLE_TIMEOUT_S, "every client answered once")
+    grpc_client = grpc_caller(lambda: _channel(tls_gateway.address, pki), _request)  # one long-lived connection
+    with CallsAllAlong(grpc_client, grpc_client, rest_client, rest_client) as calls:
+        calls.wait_all_answered(ROUTABLE_TIMEOUT_S, "every client answered once")
         new_serial = issue_pair(pki, *certs)
         wait_for(lambda: _serial(tls_gateway, pki) == new_serial, ROTATION_TIMEOUT_S,
                  "new connections shown the renewed certificate")
-        before = list(ok)
-        wait_for(lambda: all(now > then for now, then in zip(ok, before, strict=True)), ROUTABLE_TIMEOUT_S,
-                 "every client answered after the renewal")
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
+        calls.wait_all_answered(ROUTABLE_TIMEOUT_S, "every client answered after the renewal")
     assert new_serial != old_serial
-    assert failures == [], failures[:5]
+    assert calls.failures == [], calls.failures[:5]
     # The controller confirmed Envoy's secret at the renewed version (config dump).
     wait_for(lambda: "tls_published" in tls_gateway.process.log_text(), ROTATION_TIMEOUT_S,
              "the renewal confirmed in the gateway's log")

@@ -5,40 +5,27 @@ files are renewed while clients call all along (0 failed requests), Envoy then u
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from mesh.devstack.pki import DevPki, ensure_dev_pki
-from mesh.registry.keys import KeySchema
-from mesh.registry.records import InstanceRecord, InstanceState
+from mesh.devstack.pki import DevPki
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.fixtures.envoy import GatewayHandle, start_gateway
+from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
 from tests.gateway.certs import copied_pair, issue_pair
-from tests.gateway.conftest import mtls_service
+from tests.gateway.conftest import gateway_serving
+from tests.gateway.traffic import CallsAllAlong, grpc_caller
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
 TIMEOUT_S = 30.0
 PREFIX = "/sluice-gw-upstream-rotation/"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
-
-
-@pytest.fixture(scope="module")
-def secure_service(iris_repos: dict[int, Path], pki: DevPki,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
-    yield from mtls_service(iris_repos[1], pki, tmp_path_factory.mktemp("rotation-service"), "iris-mtls")
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +36,10 @@ def client_pair(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 @pytest.fixture(scope="module")
 def gateway(shared_etcd: EtcdServer, pki: DevPki, secure_service: ServiceHandle, client_pair: tuple[Path, Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayHandle]:
-    handle = start_gateway(shared_etcd, PREFIX, tmp_path_factory.mktemp("gw"), "--upstream-tls-ca", str(pki.ca.cert),
-                           "--upstream-tls-cert", str(client_pair[0]), "--upstream-tls-key", str(client_pair[1]),
-                           "--upstream-tls-san", "localhost")
-    try:
-        doc = InstanceRecord(address=secure_service.address, model="iris", version=1, instance_id="mtls-1",
-                             state=InstanceState.SERVING)
-        shared_etcd.etcdctl("put", KeySchema(PREFIX).instance("iris", 1, "mtls-1"), doc.to_json().decode())
-        yield handle
-    finally:
-        handle.stop()
+    yield from gateway_serving(shared_etcd, PREFIX, tmp_path_factory.mktemp("gw"), secure_service,
+                               "--upstream-tls-ca", str(pki.ca.cert), "--upstream-tls-cert", str(client_pair[0]),
+                               "--upstream-tls-key", str(client_pair[1]), "--upstream-tls-san", "localhost",
+                               instance_id="mtls-1")
 
 
 def _request() -> pb.ModelInferRequest:
@@ -87,32 +68,10 @@ def test_a_renewed_upstream_client_certificate_is_used_without_a_failure(
             return False
 
     wait_for(answered, TIMEOUT_S, "iris answering through the gateway over mTLS")
-    stop = threading.Event()
-    ok = [0, 0]
-    failures: list[str] = []
-
-    def client(slot: int) -> None:
-        with grpc.insecure_channel(gateway.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while not stop.is_set():
-                try:
-                    stub.ModelInfer(_request(), timeout=10)
-                    ok[slot] += 1
-                except grpc.RpcError as exc:
-                    failures.append(f"{exc.code()} {exc.details()}")
-
-    threads = [threading.Thread(target=client, args=(slot,)) for slot in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_for(lambda: all(ok), TIMEOUT_S, "both clients answered")
+    client = grpc_caller(lambda: grpc.insecure_channel(gateway.address), _request)
+    with CallsAllAlong(client, client) as calls:
+        calls.wait_all_answered(TIMEOUT_S, "both clients answered")
         serial = issue_pair(pki, *client_pair)
         wait_for(lambda: serial in _client_serials(gateway), TIMEOUT_S, "Envoy holding the renewed certificate")
-        before = list(ok)
-        wait_for(lambda: all(now > then for now, then in zip(ok, before, strict=True)), TIMEOUT_S,
-                 "both clients answered after the renewal")
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-    assert failures == [], failures[:5]
+        calls.wait_all_answered(TIMEOUT_S, "both clients answered after the renewal")
+    assert calls.failures == [], calls.failures[:5]

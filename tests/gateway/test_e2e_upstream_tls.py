@@ -8,35 +8,23 @@ from __future__ import annotations
 import http.client
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle
 from tests.fixtures.etcd import EtcdServer
 from tests.fixtures.service import ServiceHandle
-from tests.gateway.conftest import gateway_serving, mtls_service
+from tests.gateway.conftest import gateway_serving
 from tests.gateway.traffic import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
 ROUTABLE_TIMEOUT_S = 20.0
 ROW = [[5.1, 3.5, 1.4, 0.2]]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
-
-
-@pytest.fixture(scope="module")
-def secure_service(iris_repos: dict[int, Path], pki: DevPki,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
-    yield from mtls_service(iris_repos[1], pki, tmp_path_factory.mktemp("secure-service"), "iris-tls")
 
 
 @pytest.fixture(scope="module")
