@@ -159,6 +159,10 @@ def _tls_reason(exc: ssl.SSLError, target: Target) -> str:
         return f"{reason}: its certificate is not signed by --admin-ca"
     if "CERTIFICATE_REQUIRED" in str(exc) or "HANDSHAKE_FAILURE" in str(exc):
         return f"{reason}: the port wants an admin client certificate (--admin-cert/--admin-key)"
+    if isinstance(exc, ssl.SSLEOFError) or "EOF occurred" in str(exc):
+        # TLS 1.3: a server that refuses the client's certificate may hang up before its alert arrives.
+        return (f"{reason}: the port closed the connection; it may want an admin client certificate "
+                "(--admin-cert/--admin-key) that its admin CA signed")
     return reason
 
 

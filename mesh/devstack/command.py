@@ -36,7 +36,9 @@ def register(subparsers: Any) -> None:
         "env", help="print shell exports for a running `sluice up` (eval \"$(sluice env)\")",
         description="Prints exports of the stack that `sluice up` runs from --run-dir, so later commands "
                     f"find it without flags: {', '.join(ENV_EXPORTS)}; for a `sluice up --secure` also "
-                    f"{', '.join(SECURE_EXPORTS)} (the CA certificate that signed the gateway's certificate); "
+                    f"{', '.join(SECURE_EXPORTS)} (the CA certificate that signed the gateway's and the "
+                    "services' certificates, and the admin identity that `sluice debug` presents to the "
+                    "admin ports); "
                     "and PATH with etcdctl's directory first when etcdctl is not on PATH. Exit 1 (and a "
                     "message) when no stack runs.")
     env.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help=_RUN_DIR_HELP)
@@ -60,7 +62,7 @@ def register(subparsers: Any) -> None:
 ENV_EXPORTS = ("SLUICE_GATEWAY", "SLUICE_ETCD_ENDPOINTS", "SLUICE_ETCD_PREFIX", "SLUICE_REPO", "SLUICE_ENVOY_ADMIN",
                "SLUICE_METRICS", "ETCDCTL_ENDPOINTS", "ETCDCTL_API")
 # ... and after them, for a `sluice up --secure`.
-SECURE_EXPORTS = ("SLUICE_CA",)
+SECURE_EXPORTS = ("SLUICE_CA", "SLUICE_ADMIN_CA", "SLUICE_ADMIN_CERT", "SLUICE_ADMIN_KEY")
 
 
 class _Unbroken:
@@ -200,7 +202,9 @@ def _next_steps(stack: Any) -> str:
     traces = f".venv/bin/sluice traces --last 1{run_dir}"
     token = f"export SLUICE_TOKEN=$(.venv/bin/sluice token --model iris{run_dir})"
     secure = (f"\n  {token:<53} # a token for iris (TLS to $SLUICE_CA)" if stack.config.secure else "")
-    return f"""Metrics (Prometheus):
+    admin = (" (HTTPS with the admin identity: curl --cacert $SLUICE_ADMIN_CA --cert $SLUICE_ADMIN_CERT "
+             "--key $SLUICE_ADMIN_KEY)" if stack.config.secure else "")
+    return f"""Metrics (Prometheus){admin}:
 {metrics}
 
 Next, in another terminal (README.md has the whole tour):
@@ -255,6 +259,12 @@ def run_env(args: argparse.Namespace) -> int:
     }
     if state.get("secure") and state.get("ca"):
         exports["SLUICE_CA"] = state["ca"]
+        if state.get("admin_cert") and state.get("admin_key"):
+            # What `sluice debug` reads for the admin ports (the CA that signed their certificates,
+            # and the admin identity), under names no other command reads.
+            exports["SLUICE_ADMIN_CA"] = state["ca"]
+            exports["SLUICE_ADMIN_CERT"] = state["admin_cert"]
+            exports["SLUICE_ADMIN_KEY"] = state["admin_key"]
     for name, value in exports.items():
         print(f"export {name}={shlex.quote(str(value))}")
     etcdctl = find_etcd("etcdctl")

@@ -10,8 +10,11 @@ start time, so ``sluice down`` stops what is left on any platform (:mod:`mesh.de
 ``--secure`` adds TLS and JWT wherever model traffic flows (docs/security.md, "Local secure mode"):
 a throwaway CA under ``<run-dir>/pki/`` (:mod:`mesh.devstack.pki`), TLS on the gateway listener, JWT
 verification at the gateway with that PKI's JWKS, mTLS from Envoy to the services, and the stack's
-own readiness calls made as a client of each. The admin ports (metrics and debug, Envoy admin,
-etcd, the trace receiver) stay plain HTTP on 127.0.0.1.
+own readiness calls made as a client of each. The admin ports of the services and of the gateway
+controller (``/metrics`` and ``/debug/``) require the admin identity (``--admin-tls-client-ca``
+with the PKI's admin CA): HTTPS, and a client certificate of that CA, which the rollout controller
+scrapes with and ``sluice env`` exports for ``sluice debug`` (``SLUICE_ADMIN_CERT``, ``_KEY``,
+``_CA``). Envoy admin, etcd and the trace receiver stay plain HTTP on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -158,8 +161,9 @@ class StackConfig(BaseModel):
     """Record traces of every request in <run-dir>/traces.jsonl (`sluice traces` shows them)."""
     secure: bool = False
     """TLS on the gateway port, JWT authentication and per-model authorization there, mTLS from
-    Envoy to the services; a throwaway CA and signing key in <run-dir>/pki (`sluice token` signs
-    tokens with it, `sluice env` exports SLUICE_CA)."""
+    Envoy to the services, the admin identity on the services' and the gateway's metrics ports; a
+    throwaway CA and signing key in <run-dir>/pki (`sluice token` signs tokens with it, `sluice env`
+    exports SLUICE_CA and the admin certificate for `sluice debug`)."""
 
 
 @dataclass
@@ -284,14 +288,20 @@ class LocalStack:
         # command run where only the runtime lock is installed.
         from mesh.devstack.pki import ensure_dev_pki  # noqa: PLC0415
         self.pki = ensure_dev_pki((self.config.run_dir / "pki").resolve())
-        self._save(secure=True, ca=str(self.pki.ca.cert), pki=str(self.pki.directory))
+        self._save(secure=True, ca=str(self.pki.ca.cert), pki=str(self.pki.directory),
+                   admin_cert=str(self.pki.admin.cert), admin_key=str(self.pki.admin.key))
         self.progress(f"  pki         {self.pki.directory} (CA {self.pki.ca.cert.name}, JWKS {self.pki.jwks.name})")
 
     def _service_tls(self) -> list[str]:
         if self.pki is None:
             return []
         return ["--tls-cert", str(self.pki.service.cert), "--tls-key", str(self.pki.service.key),
-                "--tls-client-ca", str(self.pki.ca.cert)]
+                "--tls-client-ca", str(self.pki.ca.cert), "--admin-tls-client-ca", str(self.pki.admin_ca.cert)]
+
+    @property
+    def _metrics_scheme(self) -> str:
+        """The admin ports speak HTTPS (the admin identity) in a secure stack."""
+        return "http" if self.pki is None else "https"
 
     def _gateway_security(self) -> list[str]:
         if self.pki is None:
@@ -301,7 +311,8 @@ class LocalStack:
                 "--jwt-issuer", tokens.ISSUER, "--jwt-audience", tokens.AUDIENCE, "--jwt-jwks", str(self.pki.jwks),
                 "--access-claim", tokens.MODELS_CLAIM, "--admin-claim", tokens.ADMIN_CLAIM,
                 "--upstream-tls-ca", str(self.pki.ca.cert), "--upstream-tls-cert", str(self.pki.gateway_client.cert),
-                "--upstream-tls-key", str(self.pki.gateway_client.key), "--upstream-tls-san", "localhost"]
+                "--upstream-tls-key", str(self.pki.gateway_client.key), "--upstream-tls-san", "localhost",
+                "--admin-tls-client-ca", str(self.pki.admin_ca.cert)]
 
     def service_credentials(self) -> grpc.ChannelCredentials | None:
         """How the stack itself calls a service: with the CA's client certificate (mTLS), or plaintext."""
@@ -363,7 +374,7 @@ class LocalStack:
                 *self._service_tls(),
             ])
             children.append((child, f"127.0.0.1:{port}"))
-            self.metrics_urls.append(f"http://127.0.0.1:{metrics}/metrics")
+            self.metrics_urls.append(f"{self._metrics_scheme}://127.0.0.1:{metrics}/metrics")
         credentials = self.service_credentials()
         for child, address in children:
             self._wait(child, functools.partial(_server_ready, address, credentials),
@@ -390,17 +401,21 @@ class LocalStack:
         self._wait(child, lambda: _model_ready(self.gateway_address, probe, credentials, token),
                    f"model {probe!r} through Envoy{secured}")
         self.progress(f"  gateway     {self.gateway_address} (Envoy admin 127.0.0.1:{admin}){secured}")
-        self.metrics_urls.append(f"http://127.0.0.1:{gateway_metrics}/metrics")
+        self.metrics_urls.append(f"{self._metrics_scheme}://127.0.0.1:{gateway_metrics}/metrics")
         self._save(gateway=self.gateway_address, etcd=self.etcd_endpoint, prefix=self.config.prefix,
                    services=self.service_addresses, repo=str(self.repo), envoy_admin=f"http://127.0.0.1:{admin}",
                    metrics=self.metrics_urls)
         self.start_rollout_controller()
 
     def start_rollout_controller(self) -> None:
-        """Drives `sluice rollout start` rollouts (docs/rollouts.md); it needs no readiness wait."""
+        """Drives `sluice rollout start` rollouts (docs/rollouts.md); it needs no readiness wait. In a
+        secure stack it scrapes the services' /metrics with the admin identity."""
+        scrape = [] if self.pki is None else [
+            "--metrics-ca", str(self.pki.ca.cert), "--metrics-cert", str(self.pki.admin.cert),
+            "--metrics-key", str(self.pki.admin.key)]
         self._child("rollout-controller", [
             *sluice_command(), "rollout-controller", "--etcd", self.etcd_endpoint, "--prefix", self.config.prefix,
-            "--log-format", "json",
+            "--log-format", "json", *scrape,
         ])
         self.progress("  rollout-controller started")
 

@@ -22,6 +22,8 @@ import shlex
 import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,7 +312,11 @@ def test_no_log_and_no_error_message_contains_a_token(stack: Stack) -> None:
 
 # -- the secure stack as a client sees it -----------------------------------------------------
 def test_sluice_env_exports_the_ca_only_for_a_secure_stack(plain_stack: Stack, secure_stack: Stack) -> None:
-    assert "SLUICE_CA" not in plain_stack.env
+    assert not {"SLUICE_CA", *ADMIN_ENV} & set(plain_stack.env)
+    pki = (secure_stack.run_dir / "pki").resolve()
+    assert {name: secure_stack.env.get(name) for name in ADMIN_ENV} == {
+        "SLUICE_ADMIN_CA": str(pki / "ca.crt"), "SLUICE_ADMIN_CERT": str(pki / "admin.crt"),
+        "SLUICE_ADMIN_KEY": str(pki / "admin.key")}
     assert secure_stack.ca is not None and secure_stack.ca.is_file()
     assert secure_stack.ca == (secure_stack.run_dir / "pki" / "ca.crt").resolve()
     refused = sluice("token", "--model", "iris", "--run-dir", str(plain_stack.run_dir), check=False)
@@ -363,6 +369,54 @@ def test_the_secure_stacks_services_refuse_a_caller_without_a_client_certificate
     with grpc.secure_channel(service, mutual) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerReady(pb.ServerReadyRequest(), timeout=CALL_TIMEOUT).ready
+
+
+ADMIN_ENV = ("SLUICE_ADMIN_CA", "SLUICE_ADMIN_CERT", "SLUICE_ADMIN_KEY")
+
+
+def _debug(stack: Stack, *args: str, drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """`sluice debug` in a shell that ran `eval "$(sluice env)"` (less the variables in ``drop``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "ETCDCTL_"))}
+    env.update({k: v for k, v in stack.env.items() if k not in drop})
+    return subprocess.run([*SLUICE, "debug", *args], capture_output=True, text=True, timeout=60, check=False,
+                          env=env)
+
+
+def test_sluice_debug_works_against_the_secure_stack_with_the_env_alone(secure_stack: Stack) -> None:
+    """The admin identity is on for the services and the gateway controller: `sluice debug` works as
+    docs/observability.md writes it, from `sluice env`, and a caller without the admin certificate
+    gets no answer from either admin port (not even /metrics)."""
+    gateway_metrics = secure_stack.env["SLUICE_METRICS"].split()[-1]
+    assert gateway_metrics.startswith("https://127.0.0.1:")
+    gateway_admin = gateway_metrics.removeprefix("https://").removesuffix("/metrics")
+    for target in ("up-service-1", gateway_admin):
+        done = _debug(secure_stack, "threads", target)
+        assert done.returncode == 0, done.stderr
+        assert "Thread MainThread" in done.stdout
+        refused = _debug(secure_stack, "threads", target, drop=("SLUICE_ADMIN_CERT", "SLUICE_ADMIN_KEY"))
+        assert refused.returncode == 1 and "admin client certificate" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+    memory = _debug(secure_stack, "memory", "up-service-1", "--top", "0")
+    assert memory.returncode == 0 and "loaded versions: " in memory.stdout, memory.stderr
+
+    admin = ssl.create_default_context(cafile=secure_stack.env["SLUICE_ADMIN_CA"])
+    admin.load_cert_chain(secure_stack.env["SLUICE_ADMIN_CERT"], secure_stack.env["SLUICE_ADMIN_KEY"])
+    anonymous = ssl.create_default_context(cafile=secure_stack.env["SLUICE_ADMIN_CA"])
+    for url in secure_stack.env["SLUICE_METRICS"].split():
+        with urllib.request.urlopen(url, timeout=CALL_TIMEOUT, context=admin) as answer:
+            assert answer.status == 200 and b"sluice_" in answer.read()
+        assert _no_http_answer(url, anonymous)  # a failed handshake, not a 403
+        assert _no_http_answer(url.replace("https://", "http://"), None)  # plaintext
+
+
+def _no_http_answer(url: str, context: ssl.SSLContext | None) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=CALL_TIMEOUT, context=context).close()
+    except urllib.error.HTTPError:
+        return False
+    except OSError:
+        return True
+    return False
 
 
 # -- the status document ----------------------------------------------------------------------
