@@ -12,6 +12,8 @@ non-zero ``grpc-status`` trailer), so before every measurement:
 
 from __future__ import annotations
 
+import http.client
+import json
 import math
 import re
 import resource
@@ -25,6 +27,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -172,11 +175,20 @@ class H2Result:
     p99_ms: float = math.nan
     server_core_other: float = math.nan  # share of the server core used by other processes
     client_core_other: float = math.nan  # share of the client core used by others than h2load
+    not_2xx: int = 0
+    """Answers with an HTTP status other than 2xx (REST errors; gRPC errors come as 200)."""
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def avg_response_bytes(self) -> float:
         return self.data_bytes / self.succeeded if self.succeeded else 0.0
+
+    def answers_are(self, size: int, concurrency: int, tolerance: float = 0.02) -> bool:
+        """Whether the average answer is ``size`` bytes (errors would change it): within
+        ``tolerance``, plus the bytes of the up to ``concurrency`` answers still arriving when a
+        timed run ends (h2load counts their bytes but not them; it matters in short runs)."""
+        slack = tolerance * size + concurrency * size / max(self.succeeded, 1)
+        return abs(self.avg_response_bytes - size) <= slack
 
 
 _FINISHED = re.compile(r"finished in ([\d.]+)(us|ms|s|m)\b")
@@ -185,11 +197,28 @@ _REQUESTS = re.compile(
     r"(\d+) timeout"
 )
 _TRAFFIC = re.compile(r"traffic: .*?\((\d+)\) total, .*?\((\d+)\) headers .*?\((\d+)\) data")
+_STATUS = re.compile(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 
 
 def h2load_path() -> str | None:
     return shutil.which("h2load")
+
+
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What h2load sends besides the body: the path, the protocol's own headers, HTTP/1.1 or HTTP/2."""
+
+    path: str = MODEL_INFER_PATH
+    headers: tuple[str, ...] = GRPC_HEADERS
+    h1: bool = False
+    """HTTP/1.1 (``--h1``): ``concurrency`` keep-alive connections, one request at a time on each."""
+
+
+GRPC = Protocol()
 
 
 def h2load_command(
@@ -204,26 +233,31 @@ def h2load_command(
     nice: int = 0,
     headers: Sequence[str] = (),
     scheme: str = "http",
+    protocol: Protocol = GRPC,
 ) -> list[str]:
-    """One HTTP/2 connection (-c 1) carrying ``concurrency`` concurrent streams (-m).
+    """gRPC (the default ``protocol``): one HTTP/2 connection (-c 1) carrying ``concurrency``
+    concurrent streams (-m). HTTP/1.1 (``protocol.h1``): ``concurrency`` connections (-c), each with
+    one request in flight (-m 1), as that many keep-alive REST clients.
 
     ``headers`` are extra ``name: value`` request headers (e.g. the gateway's ``x-model-name``);
     ``scheme`` ``https`` makes h2load speak TLS (h2 by ALPN; it does not check the certificate).
     """
     cmd = launch_prefix(cpu, nice)
-    cmd += [h2load_path() or "h2load", "-c", "1", "-t", "1", "-m", str(concurrency)]
-    cmd += ["-D", f"{duration:g}"] if duration else ["-n", str(requests)]
+    if protocol.h1:
+        cmd += [h2load_path() or "h2load", "--h1", "-c", str(concurrency), "-t", "1", "-m", "1"]
+    else:
+        cmd += [h2load_path() or "h2load", "-c", "1", "-t", "1", "-m", str(concurrency)]
+    if duration:  # h2load takes whole seconds, or a unit: 0.5 s is "500ms"
+        cmd += ["-D", f"{duration:g}" if float(duration).is_integer() else f"{round(duration * 1000)}ms"]
+    else:
+        cmd += ["-n", str(requests)]
     if log_path is not None:
         cmd.append(f"--log-file={log_path}")
     cmd += [
         "--data",
         str(body_path),
-        "-H",
-        "content-type: application/grpc",
-        "-H",
-        "te: trailers",
-        *(arg for header in headers for arg in ("-H", header)),
-        f"{scheme}://127.0.0.1:{port}{MODEL_INFER_PATH}",
+        *(arg for header in (*protocol.headers, *headers) for arg in ("-H", header)),
+        f"{scheme}://127.0.0.1:{port}{protocol.path}",
     ]
     return cmd
 
@@ -241,11 +275,12 @@ def run_h2load(
     server_probe: CoreProbe | None = None,
     headers: Sequence[str] = (),
     scheme: str = "http",
+    protocol: Protocol = GRPC,
 ) -> H2Result:
     """Warm up with a fixed request count, then measure for ``duration`` seconds."""
     warm = h2load_command(
         port, body_path, concurrency, requests=max(warmup_requests, 10 * concurrency), cpu=cpu, nice=nice,
-        headers=headers, scheme=scheme,
+        headers=headers, scheme=scheme, protocol=protocol,
     )
     try:
         subprocess.run(warm, capture_output=True, text=True, timeout=60, check=False)
@@ -253,7 +288,7 @@ def run_h2load(
         return H2Result(False, "h2load warm-up did not finish within 60s")
     log_path.unlink(missing_ok=True)
     cmd = h2load_command(port, body_path, concurrency, duration=duration, log_path=log_path, cpu=cpu, nice=nice,
-                         headers=headers, scheme=scheme)
+                         headers=headers, scheme=scheme, protocol=protocol)
     client_core = single_core(cpu)
     client_probe = CoreProbe(client_core) if client_core is not None else None
     for probe in (server_probe, client_probe):
@@ -292,7 +327,10 @@ def parse_h2load(returncode: int, output: str, log_path: Path) -> H2Result:
             if len(cols) >= 3 and cols[1] == "200":
                 latencies.append(int(cols[2]) / 1000.0)
     latencies.sort()
+    statuses = _STATUS.search(output)
+    not_2xx = sum(int(statuses.group(i)) for i in (2, 3, 4)) if statuses else 0
     return H2Result(
+        not_2xx=not_2xx,
         ok=succeeded > 0,
         message="ok" if succeeded else "no request succeeded",
         seconds=seconds,
@@ -304,3 +342,133 @@ def parse_h2load(returncode: int, output: str, log_path: Path) -> H2Result:
         p99_ms=percentile(latencies, 99),
         latencies_ms=latencies,
     )
+
+
+# --------------------------------------------------------------------------------------------- REST
+# KServe v2 REST over HTTP/1.1: a pre-encoded POST /v2/models/{model}/infer, as JSON (``data``
+# arrays, what curl sends) or with Triton's binary tensor extension (what tritonclient.http sends by
+# default: a JSON header of Inference-Header-Content-Length bytes, then the raw tensors).
+
+REST_KINDS = ("json", "binary")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True)
+class RestBody:
+    """One REST inference request, ready for h2load: its bytes and the headers they need."""
+
+    kind: str  # json | binary
+    body: bytes
+    headers: tuple[str, ...]
+
+    def protocol(self, model: str) -> Protocol:
+        return Protocol(path=rest_path(model), headers=self.headers, h1=True)
+
+
+def rest_path(model: str) -> str:
+    return f"/v2/models/{model}/infer"
+
+
+def encode_rest(inputs: dict[str, np.ndarray], kind: str) -> RestBody:
+    """``json``: every input as a flat ``data`` array, outputs answered as JSON. ``binary``: the exact
+    body tritonclient.http sends (inputs as binary sections, ``binary_data_output`` true)."""
+    if kind == "json":
+        doc = {"inputs": [{"name": name, "shape": list(array.shape), "datatype": np_to_triton_dtype(array.dtype),
+                           "data": array.reshape(-1).tolist()} for name, array in inputs.items()]}
+        return RestBody(kind, json.dumps(doc).encode(), ("content-type: application/json",))
+    if kind != "binary":
+        raise ValueError(f"unknown REST body kind {kind!r}; choose from {REST_KINDS}")
+    tensors = []
+    for name, array in inputs.items():
+        tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array, binary_data=True)
+        tensors.append(tensor)
+    body, json_size = httpclient.InferenceServerClient.generate_request_body(tensors)
+    return RestBody(kind, body, ("content-type: application/octet-stream", f"{HEADER_LENGTH}: {json_size}"))
+
+
+def rest_call(port: int, path: str, body: RestBody, timeout: float) -> tuple[int, dict[str, str], bytes] | str:
+    """POST ``body`` on a fresh connection: (status, lower-cased headers, answer) or an error line."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = dict(h.split(": ", 1) for h in body.headers)
+        connection.request("POST", path, body=body.body, headers=headers)
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        connection.close()
+
+
+def decode_rest(headers: dict[str, str], answer: bytes) -> dict[str, np.ndarray]:
+    """The outputs of a REST inference answer, JSON or binary."""
+    length = headers.get(HEADER_LENGTH.lower())
+    result = httpclient.InferResult.from_response_body(
+        answer, header_length=int(length) if length else None, content_encoding=headers.get("content-encoding"))
+    return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+
+
+def check_rest(
+    port: int,
+    model: str,
+    inputs: dict[str, np.ndarray],
+    expected: dict[str, np.ndarray],
+    body: RestBody,
+    *,
+    timeout: float = 15.0,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    client_check: bool = True,
+) -> CheckResult:
+    """One tritonclient.http call (JSON or binary as ``body``) and one raw POST of the exact bytes
+    h2load will send; both must match onnxruntime. ``response_bytes`` is the raw answer's size."""
+    binary = body.kind == "binary"
+    if client_check:
+        try:
+            with httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", connection_timeout=timeout,
+                                                  network_timeout=timeout) as client:
+                tensors = []
+                for name, array in inputs.items():
+                    tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                    tensor.set_data_from_numpy(array, binary_data=binary)
+                    tensors.append(tensor)
+                outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in expected]
+                result = client.infer(model, tensors, outputs=outputs)
+                got = {name: result.as_numpy(name) for name in expected}
+        except InferenceServerException as exc:
+            return CheckResult(False, f"tritonclient.http infer ({body.kind}) failed: {exc.status()} {exc.message()}")
+        problem = _compare({k: v for k, v in got.items() if v is not None}, expected, rtol, atol)
+        if problem:
+            return CheckResult(False, f"tritonclient.http ({body.kind}): {problem}")
+    raw = rest_call(port, rest_path(model), body, timeout)
+    if isinstance(raw, str):
+        return CheckResult(False, f"raw POST with the h2load body ({body.kind}) failed: {raw}")
+    status, headers, answer = raw
+    if status != 200:
+        return CheckResult(False, f"raw POST ({body.kind}) answered HTTP {status}: {answer[:200]!r}")
+    try:
+        got_raw = decode_rest(headers, answer)
+    except (ValueError, KeyError, TypeError, InferenceServerException) as exc:
+        return CheckResult(False, f"raw POST ({body.kind}): answer does not decode: {exc}")
+    problem = _compare(got_raw, expected, rtol, atol)
+    if problem:
+        return CheckResult(False, f"raw POST ({body.kind}): {problem}")
+    return CheckResult(True, "ok", response_bytes=len(answer))
+
+
+def wait_until_rest(port: int, model: str, body: RestBody, timeout: float, alive: object = None) -> str | None:
+    """Poll the REST inference until it answers 200; None when ready, else the last error."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if callable(alive):
+            died = alive()
+            if died:
+                return died
+        result = rest_call(port, rest_path(model), body, 2.0)
+        if not isinstance(result, str) and result[0] == 200:
+            return None
+        last = result if isinstance(result, str) else f"HTTP {result[0]}: {result[2][:200]!r}"
+        time.sleep(0.5)
+    return f"REST not serving after {timeout:.0f}s: {last}"

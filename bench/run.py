@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 
@@ -61,6 +61,10 @@ PEER_PACKAGES = {
     "mlserver": ["mlserver==1.7.*", "uvloop==0.21.0", f"onnxruntime=={ort.__version__}", "numpy"],
     "pytriton": ["nvidia-pytriton==0.7.*", f"onnxruntime=={ort.__version__}", "numpy"],
 }
+GRANIAN_PACKAGES = ["granian==2.8.*"]
+"""For bench.rest_servers only, into a ``pip install --target`` folder (bench/.venvs/granian): the
+sluice REST app under granian runs on .venv's interpreter with that folder on its PYTHONPATH."""
+REST_LABELS = {"json": "REST JSON", "binary": "REST binary"}
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Point:
     client_other: float = math.nan  # share of the client core used by others than h2load
     note: str = ""
     round: int = 0
+    protocol: str = "grpc"  # grpc | json | binary (KServe v2 REST bodies)
 
 
 @dataclass
@@ -89,6 +94,8 @@ class ModelCase:
     expected: dict[str, np.ndarray]
     body: bytes  # serialized ModelInferRequest
     body_path: Path  # gRPC-framed body for h2load
+    rest: dict[str, loadgen.RestBody] = field(default_factory=dict)  # REST bodies by kind (json, binary)
+    rest_paths: dict[str, Path] = field(default_factory=dict)  # the same bytes in files for h2load
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -112,8 +119,9 @@ def _run_step(cmd: list[str], timeout: float) -> bool:
     return proc.returncode == 0
 
 
-def setup(peers: list[str]) -> int:
-    """apt-get install h2load if missing; create/refresh the peer venvs. Returns an exit code."""
+def setup(peers: list[str], granian: bool = True) -> int:
+    """apt-get install h2load if missing; create/refresh the peer venvs (and granian's folder, for
+    bench.rest_servers). Returns an exit code."""
     ok = True
     if loadgen.h2load_path() is None:
         if os.geteuid() != 0:
@@ -132,6 +140,9 @@ def setup(peers: list[str]) -> int:
             ok = False
             continue
         ok = _run_step([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *PEER_PACKAGES[peer]], 1800) and ok
+    if granian:
+        ok = _run_step([sys.executable, "-m", "pip", "install", "-q", "--upgrade", "--target", str(VENVS / "granian"),
+                        *GRANIAN_PACKAGES], 900) and ok
     print("[setup] done" if ok else "[setup] finished with errors (see above)")
     return 0 if ok else 1
 
@@ -165,7 +176,11 @@ def prepare_cases(repo: Path, models: list[str], batch: int, workdir: Path) -> d
         (workdir / f"{name}.response.bin").write_bytes(loadgen.encode_response(name, expected))
         for arg_name, array in inputs.items():
             np.save(workdir / f"{name}.{arg_name}.npy", array)
-        cases[name] = ModelCase(name, path, inputs, expected, body, body_path)
+        rest = {kind: loadgen.encode_rest(inputs, kind) for kind in loadgen.REST_KINDS}
+        rest_paths = {kind: workdir / f"{name}.rest-{kind}.bin" for kind in rest}
+        for kind, rest_body in rest.items():
+            rest_paths[kind].write_bytes(rest_body.body)
+        cases[name] = ModelCase(name, path, inputs, expected, body, body_path, rest, rest_paths)
     return cases
 
 
@@ -230,11 +245,24 @@ def _quiet(args: argparse.Namespace) -> None:
 
 
 def measure_point(
-    server: ServerProcess, case: ModelCase, concurrency: int, args: argparse.Namespace, workdir: Path
+    server: ServerProcess, case: ModelCase, concurrency: int, args: argparse.Namespace, workdir: Path,
+    *, protocol: str = "grpc",
 ) -> Point:
-    """Check the answer, then run h2load ``--repeat`` times and keep the fastest run."""
-    point = Point(server.name, case.name, concurrency, "failed")
-    check = loadgen.check_target(server.port, case.name, case.inputs, case.expected, case.body)
+    """Check the answer, then run h2load ``--repeat`` times and keep the fastest run.
+
+    ``protocol`` ``grpc``: ModelInfer on the gRPC port (1 HTTP/2 connection, CONC streams); ``json``
+    or ``binary``: the KServe v2 REST inference on the HTTP port (HTTP/1.1, CONC connections)."""
+    point = Point(server.name, case.name, concurrency, "failed", protocol=protocol)
+    if protocol == "grpc":
+        port, body_path, h2_protocol = server.port, case.body_path, loadgen.GRPC
+        check = loadgen.check_target(server.port, case.name, case.inputs, case.expected, case.body)
+    else:
+        if server.http_port is None:
+            point.status, point.note = "skipped", "no REST port"
+            return point
+        port, body_path = server.http_port, case.rest_paths[protocol]
+        h2_protocol = case.rest[protocol].protocol(case.name)
+        check = loadgen.check_rest(server.http_port, case.name, case.inputs, case.expected, case.rest[protocol])
     if not check.ok:
         point.note = f"check before run: {check.message}"
         return point
@@ -242,30 +270,31 @@ def measure_point(
     best: loadgen.H2Result | None = None
     for attempt in range(args.repeat):
         _quiet(args)
-        log_path = workdir / "logs" / f"h2load-{server.name}-{case.name}-c{concurrency}-{attempt}.tsv"
+        log_path = workdir / "logs" / f"h2load-{server.name}-{protocol}-{case.name}-c{concurrency}-{attempt}.tsv"
         probe = cpu.CoreProbe(server_core, server.proc.pid) if server_core is not None else None
         result = loadgen.run_h2load(
-            server.port,
-            case.body_path,
+            port,
+            body_path,
             concurrency,
             args.duration,
             log_path=log_path,
             cpu=args.client_cpu,
             nice=args.nice,
             server_probe=probe,
+            protocol=h2_protocol,
         )
         if not result.ok:
             point.note = result.message
             return point
         avg = result.avg_response_bytes
-        if abs(avg - check.response_bytes) > SIZE_TOLERANCE * check.response_bytes:
+        if not result.answers_are(check.response_bytes, concurrency, SIZE_TOLERANCE):
             point.note = (
                 f"h2load's average response is {avg:.0f} B but a correct one is {check.response_bytes} B: "
                 "errors counted as successes?"
             )
             return point
-        if result.failed:
-            point.note = f"{result.failed} requests failed/errored/timed out"
+        if result.failed or result.not_2xx:
+            point.note = f"{result.failed} requests failed/errored/timed out, {result.not_2xx} non-2xx answers"
             return point
         if best is None or result.rps > best.rps:
             best = result
@@ -289,13 +318,14 @@ def bench_target(
 ) -> None:
     """Start one server, measure every (model, concurrency) into ``points``, always stop it."""
     combos = [(m, c) for m in cases for c in args.concurrency]
+    kinds = ["grpc", *(args.rest if target.rest else [])]
     try:
         reason = target.unavailable()
     except Exception as exc:  # a broken install must not end the whole run
         reason = f"availability check failed: {type(exc).__name__}: {exc}"
     if reason:
         print(f"[{target.name}] skipped: {reason}", flush=True)
-        points += [Point(target.name, m, c, "skipped", note=reason) for m, c in combos]
+        points += [Point(target.name, m, c, "skipped", note=reason, protocol=k) for k in kinds for m, c in combos]
         return
     server: ServerProcess | None = None
     started = time.monotonic()
@@ -320,12 +350,26 @@ def bench_target(
                 flush=True,
             )
             points.append(point)
+        for kind in args.rest if target.rest else []:
+            for model, concurrency in combos:
+                case = cases[model]
+                assert server.http_port is not None
+                error = loadgen.wait_until_rest(server.http_port, model, case.rest["json"], 60, alive=server.died)
+                point = (Point(target.name, model, concurrency, "failed", note=error, protocol=kind) if error
+                         else measure_point(server, case, concurrency, args, ctx.workdir, protocol=kind))
+                print(
+                    f"[{target.name}] {model:<6} c={concurrency:<3} {REST_LABELS[kind]:<11} {point.status:<6} "
+                    f"{point.rps:9.1f} req/s  p50 {point.p50_ms:7.3f} ms  p99 {point.p99_ms:7.3f} ms  {point.note}",
+                    flush=True,
+                )
+                points.append(point)
     except Exception as exc:  # TargetError, or anything unexpected: report it in the table, go on
         if not isinstance(exc, TargetError):
             exc = TargetError(f"{type(exc).__name__}: {exc}")
         print(f"[{target.name}] failed: {exc}", flush=True)
-        done = {(p.model, p.concurrency) for p in points if p.target == target.name}
-        points += [Point(target.name, m, c, "failed", note=str(exc)) for m, c in combos if (m, c) not in done]
+        done = {(p.model, p.concurrency, p.protocol) for p in points if p.target == target.name}
+        points += [Point(target.name, m, c, "failed", note=str(exc), protocol=k)
+                   for k in kinds for m, c in combos if (m, c, k) not in done]
     finally:
         if server is not None:
             server.stop()
@@ -382,6 +426,41 @@ def render_table(points: list[Point], targets: list[str], labels: dict[str, str]
                     f"{_fmt(p.p99_ms, 3)} | {_ratio(p.rps, floor)} | {_ratio(p.rps, pytriton)} | "
                     f"{_ratio(p.rps, mlserver)} | {_pct(p.server_other)}/{_pct(p.client_other)} | {p.note} |"
                 )
+    return "\n".join(lines)
+
+
+def render_rest_table(points: list[Point], targets: list[str], labels: dict[str, str], kinds: list[str]) -> str:
+    """REST rows: per model and concurrency, each body kind on each server, with ratios to the same
+    server's gRPC, to PyTriton with the same body and to MLServer's JSON."""
+    by_key = {(p.target, p.model, p.concurrency, p.protocol): p for p in points}
+    rest = [p for p in points if p.protocol != "grpc"]
+    if not rest or not kinds:
+        return ""
+    lines = [
+        "| model | conc | target | body | req/s | p50 ms | p99 ms | vs its gRPC | vs PyTriton, same body "
+        "| vs MLServer JSON | others' CPU srv/cli | notes |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for model in dict.fromkeys(p.model for p in rest):
+        for conc in sorted({p.concurrency for p in rest}):
+            mlserver = by_key.get(("mlserver", model, conc, "json"))
+            for kind in kinds:
+                pytriton = by_key.get(("pytriton", model, conc, kind))
+                for target in targets:
+                    p = by_key.get((target, model, conc, kind))
+                    if p is None:
+                        continue
+                    label, body = labels.get(target, target), REST_LABELS.get(kind, kind)
+                    if p.status != "ok":
+                        note = p.note.replace("|", "/")[:200]
+                        lines.append(f"| {model} | {conc} | {label} | {body} | {p.status} | | | | | | | {note} |")
+                        continue
+                    grpc = by_key.get((target, model, conc, "grpc"))
+                    lines.append(
+                        f"| {model} | {conc} | {label} | {body} | {_fmt(p.rps, 0)} | {_fmt(p.p50_ms, 3)} | "
+                        f"{_fmt(p.p99_ms, 3)} | {_ratio(p.rps, grpc)} | {_ratio(p.rps, pytriton)} | "
+                        f"{_ratio(p.rps, mlserver)} | {_pct(p.server_other)}/{_pct(p.client_other)} | {p.note} |"
+                    )
     return "\n".join(lines)
 
 
@@ -497,6 +576,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--quiet-wait {args.quiet_wait:g}")
     if args.nice:
         parts.append(f"--nice {args.nice}")
+    if args.rest:
+        parts.append(f"--rest {','.join(args.rest)}")
     if args.mlserver_workers:
         parts.append(f"--mlserver-workers {args.mlserver_workers}")
     return " ".join(parts)
@@ -543,6 +624,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="nice value for servers, h2load and the ort loop (negative = ahead of other work; needs root)",
     )
+    parser.add_argument("--rest", type=_csv(), default=[],
+                        help="also KServe v2 REST rows for the servers that have REST (sluice, mlserver, pytriton): "
+                             "comma-separated bodies from json,binary (default none)")
     parser.add_argument("--mlserver-workers", type=int, default=0, help="MLServer parallel_workers (default 0)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds a server may take to start")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/.results/<time>)")
@@ -552,6 +636,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [t for t in args.targets if t not in ALL_TARGETS]
     if unknown:
         parser.error(f"unknown targets {unknown}; choose from {ALL_TARGETS}")
+    bad_bodies = [k for k in args.rest if k not in loadgen.REST_KINDS]
+    if bad_bodies:
+        parser.error(f"unknown REST bodies {bad_bodies}; choose from {','.join(loadgen.REST_KINDS)}")
     args.server_cpu = args.server_cpu or None
     args.client_cpu = args.client_cpu or None
     return args
@@ -573,7 +660,7 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.setup or args.setup_only:
         peers = [t for t in args.targets if t in PEER_PACKAGES] if not args.setup_only else list(PEER_PACKAGES)
-        rc = setup(peers)
+        rc = setup(peers, granian=args.setup_only)
         if rc or args.setup_only:
             return rc
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so `finally` blocks stop the servers
@@ -624,9 +711,9 @@ def _one_round(args: argparse.Namespace, cases: dict[str, ModelCase], ctx: RunCo
 def median_points(points: list[Point]) -> list[Point]:
     """One point per (target, model, concurrency): the round with the median throughput (the lower
     middle one for an even count), noting the spread when there were several rounds."""
-    groups: dict[tuple[str, str, int], list[Point]] = {}
+    groups: dict[tuple[str, str, int, str], list[Point]] = {}
     for point in points:
-        groups.setdefault((point.target, point.model, point.concurrency), []).append(point)
+        groups.setdefault((point.target, point.model, point.concurrency, point.protocol), []).append(point)
     chosen: list[Point] = []
     for group in groups.values():
         ok = sorted((p for p in group if p.status == "ok"), key=lambda p: p.rps)
@@ -687,13 +774,18 @@ def _measure(args: argparse.Namespace) -> int:
 
     rounds = points
     points = median_points(points)
-    table = render_table(points, _table_targets(args.targets), labels)
-    bounds = render_bounds(points, _table_targets(args.targets), labels)
+    grpc_points = [p for p in points if p.protocol == "grpc"]
+    table = render_table(grpc_points, _table_targets(args.targets), labels)
+    bounds = render_bounds(grpc_points, _table_targets(args.targets), labels)
     if bounds:
         table += "\n\n" + bounds
-    pairs = render_latency_pairs(rounds, _table_targets(args.targets), labels)
+    pairs = render_latency_pairs([p for p in rounds if p.protocol == "grpc"], _table_targets(args.targets), labels)
     if pairs:
         table += "\n\n" + pairs
+    rest_table = render_rest_table(points, _table_targets(args.targets), labels, args.rest)
+    if rest_table:
+        table += ("\n\nKServe v2 REST (HTTP/1.1: h2load --h1, CONC keep-alive connections with one request each; "
+                  "the gRPC rows above use 1 HTTP/2 connection with CONC streams):\n\n" + rest_table)
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     pin = f"servers on core {args.server_cpu}, h2load on core {args.client_cpu}"
     if args.nice:

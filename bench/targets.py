@@ -48,13 +48,15 @@ def log_tail(path: Path, lines: int = 6) -> str:
 
 @dataclass
 class ServerProcess:
-    """A started server: its process group, the gRPC port and the log file."""
+    """A started server: its process group, the gRPC port, the REST port (if any) and the log file."""
 
     name: str
     proc: subprocess.Popen[bytes]
     port: int
     log_path: Path
     _log_file: object = field(default=None, repr=False)
+    http_port: int | None = None
+    """The KServe v2 REST (HTTP/1.1) port; None when the target serves gRPC only."""
 
     def died(self) -> str | None:
         """None while running; otherwise why it stopped (exit code + log tail)."""
@@ -111,6 +113,7 @@ def spawn(
     nice: int = 0,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    http_port: int | None = None,
 ) -> ServerProcess:
     cmd = [*launch_prefix(cpu, nice), *cmd]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,7 @@ def spawn(
     )
     if nice:
         set_autogroup_nice(proc.pid, nice)  # the server leads its own session, hence its own autogroup
-    return ServerProcess(name=name, proc=proc, port=port, log_path=log_path, _log_file=log_file)
+    return ServerProcess(name=name, proc=proc, port=port, log_path=log_path, _log_file=log_file, http_port=http_port)
 
 
 @dataclass
@@ -150,6 +153,8 @@ class Target(ABC):
 
     name: str = ""
     label: str = ""
+    rest = False
+    """Whether the server also answers KServe v2 REST (``ServerProcess.http_port``)."""
 
     def unavailable(self) -> str | None:
         return None
@@ -195,6 +200,7 @@ class MinimalOrtTarget(FloorTarget):
 class SluiceTarget(Target):
     name = "sluice"
     label = "sluice"
+    rest = True
 
     def unavailable(self) -> str | None:
         if not SLUICE_BIN.exists():
@@ -211,9 +217,11 @@ class SluiceTarget(Target):
         return None
 
     def start(self, ctx: RunContext) -> ServerProcess:
-        port = free_port()
-        cmd = [str(SLUICE_BIN), "serve", "--repo", str(ctx.repo), "--port", str(port), "--metrics-port", "0"]
-        return spawn(self.name, cmd, ctx.workdir / "logs" / "sluice.log", port, cpu=ctx.server_cpu, nice=ctx.nice)
+        port, http_port = free_port(), free_port()
+        cmd = [str(SLUICE_BIN), "serve", "--repo", str(ctx.repo), "--port", str(port), "--metrics-port", "0",
+               "--rest-port", str(http_port)]
+        return spawn(self.name, cmd, ctx.workdir / "logs" / "sluice.log", port, cpu=ctx.server_cpu, nice=ctx.nice,
+                     http_port=http_port)
 
 
 def _tensor_meta(values: list[ort.NodeArg]) -> list[dict[str, object]]:
@@ -229,6 +237,7 @@ class MLServerTarget(Target):
     name = "mlserver"
     label = "MLServer 1.7"
     venv = VENVS / "mlserver"
+    rest = True
 
     def __init__(self, parallel_workers: int = 0) -> None:
         self.parallel_workers = parallel_workers
@@ -238,11 +247,11 @@ class MLServerTarget(Target):
             return f"{self.venv} missing: run `python -m bench --setup`"
         return None
 
-    def write_workspace(self, ctx: RunContext, grpc_port: int) -> Path:
+    def write_workspace(self, ctx: RunContext, grpc_port: int, http_port: int = 0) -> Path:
         ws = ctx.workdir / "mlserver"
         ws.mkdir(parents=True, exist_ok=True)
         settings = {
-            "http_port": free_port(),
+            "http_port": http_port or free_port(),
             "grpc_port": grpc_port,
             "metrics_port": free_port(),
             # 0 = inference in the server process. With workers (the default, 1) every request also
@@ -268,12 +277,13 @@ class MLServerTarget(Target):
         return ws
 
     def start(self, ctx: RunContext) -> ServerProcess:
-        port = free_port()
-        ws = self.write_workspace(ctx, port)
+        port, http_port = free_port(), free_port()
+        ws = self.write_workspace(ctx, port, http_port)
         env = {"PYTHONPATH": str(BENCH_DIR / "peers"), "BENCH_ORT_THREADS": "1"}
         cmd = [str(self.venv / "bin" / "mlserver"), "start", str(ws)]
         return spawn(
-            self.name, cmd, ctx.workdir / "logs" / "mlserver.log", port, cpu=ctx.server_cpu, nice=ctx.nice, env=env
+            self.name, cmd, ctx.workdir / "logs" / "mlserver.log", port, cpu=ctx.server_cpu, nice=ctx.nice, env=env,
+            http_port=http_port,
         )
 
 
@@ -283,6 +293,7 @@ class PyTritonTarget(Target):
     name = "pytriton"
     label = "PyTriton 0.7"
     venv = VENVS / "pytriton"
+    rest = True
 
     def unavailable(self) -> str | None:
         if not (self.venv / "bin" / "python").exists():
@@ -301,7 +312,7 @@ class PyTritonTarget(Target):
         return out.stdout.strip()
 
     def start(self, ctx: RunContext) -> ServerProcess:
-        port = free_port()
+        port, http_port = free_port(), free_port()
         workspace = ctx.workdir / "pytriton-ws"
         if workspace.exists():
             shutil.rmtree(workspace)
@@ -324,7 +335,7 @@ class PyTritonTarget(Target):
             "--grpc-port",
             str(port),
             "--http-port",
-            str(free_port()),
+            str(http_port),
             "--metrics-port",
             str(free_port()),
             "--workspace",
@@ -333,7 +344,8 @@ class PyTritonTarget(Target):
             "1",
         ]
         return spawn(
-            self.name, cmd, ctx.workdir / "logs" / "pytriton.log", port, cpu=ctx.server_cpu, nice=ctx.nice, env=env
+            self.name, cmd, ctx.workdir / "logs" / "pytriton.log", port, cpu=ctx.server_cpu, nice=ctx.nice, env=env,
+            http_port=http_port,
         )
 
 
