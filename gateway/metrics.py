@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from mesh.observability.admin import AdminServer
-from mesh.observability.admin_tls import AdminTls
+from mesh.observability.admin_tls import AdminTls, admin_tls_of
 
 if TYPE_CHECKING:
     from gateway.settings import GatewaySettings
@@ -24,14 +24,8 @@ def admin_tls(settings: GatewaySettings) -> AdminTls | None:
     """The metrics port's TLS (None: plain HTTP): --admin-tls-cert/--admin-tls-key, else the listener's
     --tls-cert/--tls-key, and a client certificate signed by --admin-tls-client-ca required. The
     settings checked the files; renewed ones serve new connections without a restart."""
-    if settings.admin_tls_client_ca is None:
-        return None
-    if settings.admin_tls_cert is not None and settings.admin_tls_key is not None:
-        return AdminTls(settings.admin_tls_cert, settings.admin_tls_key, settings.admin_tls_client_ca,
-                        flags=("--admin-tls-cert", "--admin-tls-key", "--admin-tls-client-ca"))
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    return AdminTls(settings.tls_cert, settings.tls_key, settings.admin_tls_client_ca)
+    return admin_tls_of(settings.admin_tls_client_ca, (settings.admin_tls_cert, settings.admin_tls_key),
+                        (settings.tls_cert, settings.tls_key))
 
 
 class GatewayMetrics:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from mesh.observability.admin_tls import AdminTls
+from mesh.observability.admin_tls import AdminTls, admin_tls_of
 from services.catalog import ModelCatalog
 
 if TYPE_CHECKING:
@@ -28,14 +28,8 @@ def admin_tls(settings: ServiceSettings) -> AdminTls | None:
     """The admin port's TLS (None: plain HTTP): --admin-tls-cert/--admin-tls-key (else the service's
     --tls-cert/--tls-key), and a client certificate signed by --admin-tls-client-ca required. The
     settings checked the files."""
-    if settings.admin_tls_client_ca is None:
-        return None
-    if settings.admin_tls_cert is not None and settings.admin_tls_key is not None:
-        return AdminTls(settings.admin_tls_cert, settings.admin_tls_key, settings.admin_tls_client_ca,
-                        flags=("--admin-tls-cert", "--admin-tls-key", "--admin-tls-client-ca"))
-    if settings.tls_cert is None or settings.tls_key is None:
-        return None
-    return AdminTls(settings.tls_cert, settings.tls_key, settings.admin_tls_client_ca)
+    return admin_tls_of(settings.admin_tls_client_ca, (settings.admin_tls_cert, settings.admin_tls_key),
+                        (settings.tls_cert, settings.tls_key))
 
 
 def version_memory(catalog: ModelCatalog) -> dict[str, Any]:

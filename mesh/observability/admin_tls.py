@@ -65,3 +65,20 @@ class AdminTls:
             self._context, self._stamp, self._refused = context, stamp, None
         log.info("admin_tls_reloaded", cert=str(cert))
         return context
+
+
+def admin_tls_of(client_ca: Path | None, admin_pair: tuple[Path | None, Path | None],
+                 own_pair: tuple[Path | None, Path | None]) -> AdminTls | None:
+    """A component's admin TLS from its flags (None: plain HTTP): with ``--admin-tls-client-ca``
+    (``client_ca``), the admin pair (``--admin-tls-cert``/``--admin-tls-key``) when both are given,
+    else the component's own ``--tls-cert``/``--tls-key``; a client certificate that CA signed is
+    required. The service and the gateway controller share this rule; their settings checked the files."""
+    if client_ca is None:
+        return None
+    cert, key = admin_pair
+    if cert is not None and key is not None:
+        return AdminTls(cert, key, client_ca, flags=("--admin-tls-cert", "--admin-tls-key", "--admin-tls-client-ca"))
+    cert, key = own_pair
+    if cert is None or key is None:
+        return None
+    return AdminTls(cert, key, client_ca)
