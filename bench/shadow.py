@@ -3,7 +3,7 @@ with the worker under SCHED_IDLE (``--shadow-policy idle``, the default) and at 
 (``nice``); callers' p50 latency and throughput at 1 and 32 concurrent gRPC clients, rounds
 interleaved (the order of the configurations rotates from round to round).
 
-    python -m bench.shadow [--seconds 3] [--rounds 3] [--policies idle,nice]
+    python -m bench.shadow [--seconds 3] [--rounds 3] [--policies idle,nice] [--serve-args "..."]
 
 The model is a stack of 256x256 MatMuls (about 0.3 ms per call on one core), baseline and
 candidate the same graph, so every comparison agrees and costs one full candidate run. Ratios to
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,8 @@ class Sample:
     compared_per_s: float
     worker_cpu: float
     """Share of one core the worker thread used over the measurement (0 without shadow)."""
+    failed: int = 0
+    """Calls that failed (counted, not timed; the caller goes on)."""
 
 
 @dataclass
@@ -120,13 +123,13 @@ def _request(size: int = 256) -> bytes:
         raw_input_contents=[x.tobytes()]).SerializeToString()
 
 
-def _start(repo: Path, config: Config, log: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+def _start(repo: Path, config: Config, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
     shadow = ({"shadow": {"candidate": 3, "baseline": 2, "fraction": config.fraction}} if config.fraction else {})
     (repo / "m" / "config.yaml").write_text(yaml.safe_dump({"max_batch_size": 0, **shadow}))
     port, metrics = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--repo", str(repo), "--port", str(port),
                              "--metrics-port", str(metrics), "--log-level", "warning",
-                             "--shadow-policy", config.policy],
+                             "--shadow-policy", config.policy, *extra],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
     body = _request()
     deadline = time.monotonic() + 60
@@ -143,10 +146,12 @@ def _start(repo: Path, config: Config, log: Path) -> tuple[subprocess.Popen[byte
     raise SystemExit(f"the service did not serve within 60 s: {log.read_text()[-2000:]}")
 
 
-def _load(port: int, clients: int, seconds: float) -> tuple[float, float]:
-    """(p50 ms, requests per second) over ``seconds`` of ``clients`` closed-loop callers."""
+def _load(port: int, clients: int, seconds: float) -> tuple[float, float, int]:
+    """(p50 ms, answered requests per second, failed calls) over ``seconds`` of ``clients``
+    closed-loop callers."""
     body = _request()
     latencies: list[list[float]] = [[] for _ in range(clients)]
+    failures: list[str] = []
     stop = time.monotonic() + seconds
 
     def caller(mine: list[float]) -> None:
@@ -154,7 +159,11 @@ def _load(port: int, clients: int, seconds: float) -> tuple[float, float]:
             call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
             while time.monotonic() < stop:
                 started = time.perf_counter()
-                call(body, timeout=10)
+                try:
+                    call(body, timeout=10)
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code()}: {exc.details()}")
+                    continue
                 mine.append(time.perf_counter() - started)
 
     threads = [threading.Thread(target=caller, args=(mine,)) for mine in latencies]
@@ -162,8 +171,10 @@ def _load(port: int, clients: int, seconds: float) -> tuple[float, float]:
         thread.start()
     for thread in threads:
         thread.join()
+    if failures:
+        print(f"{len(failures)} failed calls at {clients} clients, first: {failures[0]}", file=sys.stderr)
     flat = [v for mine in latencies for v in mine]
-    return 1000 * statistics.median(flat), len(flat) / seconds
+    return 1000 * statistics.median(flat), len(flat) / seconds, len(failures)
 
 
 def _compared(metrics: int) -> float:
@@ -201,10 +212,10 @@ def measure(port: int, metrics: int, pid: int, clients: int, seconds: float) -> 
     _load(port, clients, 0.5)  # warm-up (and the worker has started)
     tids = worker_tids(pid)
     compared, cpu, started = _compared(metrics), thread_cpu_seconds(pid, tids), time.monotonic()
-    p50, rate = _load(port, clients, seconds)
+    p50, rate, failed = _load(port, clients, seconds)
     elapsed = time.monotonic() - started
     return Sample(p50, rate, (_compared(metrics) - compared) / seconds,
-                  (thread_cpu_seconds(pid, tids) - cpu) / elapsed)
+                  (thread_cpu_seconds(pid, tids) - cpu) / elapsed, failed)
 
 
 def main() -> None:
@@ -212,6 +223,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--policies", default="idle,nice", help="comma-separated --shadow-policy values")
+    parser.add_argument("--serve-args", default="", help="more sluice serve flags, for every configuration "
+                        "(e.g. \"--handler-policy normal\")")
     args = parser.parse_args()
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     configs = [Config(0.0)] + [Config(f, p) for p in policies for f in (0.1, 1.0)]
@@ -225,7 +238,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             shift = round_ % len(configs)
             for config in configs[shift:] + configs[:shift]:
-                proc, port, metrics = _start(repo, config, Path(tmp) / "service.log")
+                proc, port, metrics = _start(repo, config, Path(tmp) / "service.log", shlex.split(args.serve_args))
                 try:
                     for clients in CLIENTS:
                         results.add(config, clients, measure(port, metrics, proc.pid, clients, args.seconds))
@@ -238,6 +251,9 @@ def main() -> None:
                         proc.wait(10)
     load_after = os.getloadavg()
     print(render(results, configs))
+    failed = sum(s.failed for samples in results.samples.values() for s in samples)
+    if failed:
+        print(f"\n{failed} calls failed (not in the figures)")
     print(f"\n{os.cpu_count()} cores; load average (1, 5, 15 min) before: "
           f"{', '.join(f'{v:.2f}' for v in load_before)}; after: {', '.join(f'{v:.2f}' for v in load_after)}")
 
