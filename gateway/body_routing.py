@@ -14,10 +14,13 @@ Pure: the functions return config dicts; nothing here reads files or talks to En
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+from google.protobuf import descriptor_pb2
+
 from mesh.protocol import CLIENT_TEXT_MAX, MODEL_HEADER, MODEL_NAME_MAX, MODEL_NAME_RULE, VERSION_HEADER, VERSION_RULE
-from protos.descriptors import SERVICE, descriptor_set_base64
+from protos.descriptors import SERVICE, descriptor_set, descriptor_set_base64
 
 Resource = dict[str, Any]
 
@@ -120,6 +123,18 @@ def lua_source() -> str:
                        ("NAME_RULE", MODEL_NAME_RULE), ("VERSION_RULE", VERSION_RULE)):
         source = source.replace(key, value)
     return source
+
+
+@functools.cache
+def service_methods() -> tuple[str, ...]:
+    """The method names of the inference service, as the committed descriptor set declares them."""
+    package, _, name = SERVICE.rpartition(".")
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set())
+    for file in files.file:
+        for service in file.service:
+            if file.package == package and service.name == name:
+                return tuple(method.name for method in service.method)
+    raise LookupError(f"{SERVICE} is not in the descriptor set")
 
 
 def _header_input(header: str) -> Resource:

@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.answers import ANSWERED_PATHS, ANSWERS_CLUSTER
 from gateway.auth import AuthOptions, auth_filters, auth_options, auth_reply_mappers, open_routes, protect_model_routes
-from gateway.body_routing import body_routing_filters
+from gateway.body_routing import body_routing_filters, service_methods
 from gateway.rest_routes import (
     gateway_rest_routes,
     model_rest_routes,
@@ -37,6 +37,7 @@ from gateway.tls import LISTENER_CERT, LISTENER_CLIENT_CA, UPSTREAM_CA, UPSTREAM
 from mesh.protocol import MODEL_HEADER, VERSION_HEADER, VERSION_PATTERN, VERSION_RULE, health_service_name
 from mesh.registry.records import InstanceState, RoutingDocument
 from mesh.registry.state import ModelState, RegistryState, resolve_weights
+from protos.descriptors import SERVICE
 
 STREAM_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
 # Load and unload change what a service serves for every client: an admin surface, not traffic.
@@ -330,9 +331,13 @@ def _listener(options: RenderOptions) -> Resource:
         http_filters.append({"name": _RATE_LIMIT_FILTER, "typed_config": {
             "@type": _LOCAL_RATE_LIMIT, "stat_prefix": "sluice_rate_limit"}})
     # Per-cluster gRPC status counts (cluster.<model>.v<N>.grpc.…): what a canary analysis compares.
+    # The methods of our service by name, every other path as "grpc.*": stats_for_all_methods would
+    # make a stat name of each path a client sends (unbounded), built on every request.
     http_filters.append({"name": "envoy.filters.http.grpc_stats", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
-        "stats_for_all_methods": True, "enable_upstream_stats": True}})
+        "individual_method_stats_allowlist": {"services": [{"name": SERVICE, "method_names": list(
+            service_methods())}]},
+        "enable_upstream_stats": True}})
     http_filters.append({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}})
     too_large = f"request larger than {options.max_request_bytes} bytes (the gateway's max_request_bytes)"
@@ -481,7 +486,7 @@ def _answers_routes(options: RenderOptions) -> list[Resource]:
     """ServerLive/Ready/Metadata and RepositoryIndex without a model header: the gateway answers."""
     if not options.answers_address:
         return []
-    return [{"name": f"gateway/{path.rpartition('/')[2]}", "match": {"path": path},
+    return [{"name": f"gateway/{path.rpartition('/')[2]}", "match": {"path": path, "grpc": {}},
              "route": {"cluster": ANSWERS_CLUSTER, "timeout": "5s",
                        "retry_policy": {"retry_on": "connect-failure,refused-stream,unavailable", "num_retries": 2}}}
             for path in ANSWERED_PATHS]
@@ -517,7 +522,9 @@ def _match(name: str | None = None, version: int | None = None, version_present:
         # Envoy's safe_regex matches the whole value; an absent header never matches, inverted or not.
         headers.append({"name": VERSION_HEADER, "string_match": {"safe_regex": {"regex": VERSION_PATTERN}},
                         "invert_match": True})
-    match: Resource = {"prefix": "/"}
+    # gRPC requests only (content-type application/grpc[+…]): every other request goes on to the
+    # REST routes and the final 404, never to a gRPC cluster.
+    match: Resource = {"prefix": "/", "grpc": {}}
     if headers:
         match["headers"] = headers
     return match
@@ -660,10 +667,11 @@ def _protect(routes: list[Resource], name: str, plan: ModelPlan, options: Render
 
 def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
             rest_serving: Mapping[str, list[int]], options: RenderOptions) -> Resource:
-    # REST first: they match /v2/... paths only, which no gRPC method has, while the gRPC routes
-    # match on headers alone and would take a REST request carrying x-model-name.
-    routes: list[Resource] = _rest_routes(plans, serving, rest_serving, options)
-    routes += _repository_control_routes(options)
+    # gRPC first: the hot path is then compared with a few header rules, not with every REST
+    # route's path regex. Each gRPC route matches gRPC requests only (``grpc`` in the match), and
+    # one of them takes every gRPC request (the catch-alls below), so a REST request, even one
+    # carrying x-model-name, goes on to the REST routes; what matches none of those gets a 404.
+    routes: list[Resource] = _repository_control_routes(options)
     for name, plan in plans.items():
         routes += _protect(_model_routes(name, plan, serving[name], options, by_header=True), name, plan, options)
     names = ", ".join(plans) or "none"
@@ -685,6 +693,7 @@ def _routes(plans: Mapping[str, ModelPlan], serving: Mapping[str, list[int]],
     else:
         routes.append({"name": "no-models", "match": _match(),
                        **_grpc_error(GRPC_UNAVAILABLE, "no model is registered with the gateway")})
+    routes += _rest_routes(plans, serving, rest_serving, options)
     return {
         "name": ROUTE_CONFIG_NAME,
         # Envoy then rejects a route config naming a cluster it does not know, instead of 503s.

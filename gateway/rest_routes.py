@@ -2,8 +2,9 @@
 
 gRPC routes match on the ``x-model-name`` / ``x-model-version`` headers (set by the client or
 from the body, see gateway/body_routing.py); a REST request names its model in the path
-(``/v2/models/{name}[/versions/{v}]/...``), so its routes match the path, anchored, and come
-before every gRPC route. gRPC paths start with ``/inference.``, so they never match one of them.
+(``/v2/models/{name}[/versions/{v}]/...``), so its routes match the path, anchored. They come
+after the gRPC routes, which match gRPC requests only (and take all of those), and end with a 404
+for any other path: a request that is neither gRPC nor KServe v2 REST is answered by the gateway.
 The weights, pins, sticky header, retries, timeouts and rate limits are the model's, as for gRPC;
 what the gateway answers for itself (health, server metadata, the repository index and every
 refusal) is a direct response rendered from the same state, as KServe's JSON.
@@ -155,7 +156,8 @@ def gateway_rest_routes(models: list[str], index: list[tuple[str, int]], *, rout
 
     ``index`` lists every (model, version) the gateway routes; ``routable`` says whether any model
     has a split. Before: health, server metadata, the index, and the repository control refusal
-    (it must come before the model routes). After: unknown models and every other ``/v2`` path.
+    (it must come before the model routes). After: unknown models, then every other path (the
+    last route: gRPC requests never get this far).
     """
     get = "GET|HEAD"
     before: list[Resource] = [
@@ -177,7 +179,7 @@ def gateway_rest_routes(models: list[str], index: list[tuple[str, int]], *, rout
     after: list[Resource] = [
         {"name": "rest/unknown-model", "match": _path("/v2/(models|repository/models)/[^/]+(/.*)?"),
          **_error(404, f"the model named in the path is not served here; served models: {served}")},
-        {"name": "rest/unknown-endpoint", "match": {"prefix": "/v2/"}, **_NO_ENDPOINT},
+        {"name": "rest/unknown-endpoint", "match": {"prefix": "/"}, **_NO_ENDPOINT},
     ]
     return before, after
 

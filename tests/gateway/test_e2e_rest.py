@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -29,8 +30,7 @@ from mesh.registry.records import InstanceRecord, InstanceState, StatusDocument
 from mesh.registry.state import set_weights
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
-from tests.fixtures.service import ServiceHandle
-from tests.gateway.conftest import Fleet
+from tests.gateway.conftest import Fleet, register_fleet
 from tests.gateway.traffic import assert_binomial, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -41,17 +41,9 @@ ROW = [[5.1, 3.5, 1.4, 0.2]]
 INFER_BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW}]}).encode()
 
 
-def register_rest(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, version: int, instance_id: str) -> None:
-    doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
-                         version=version, instance_id=instance_id, state=InstanceState.SERVING)
-    etcd.etcdctl("put", schema.instance("iris", version, instance_id), doc.to_json().decode())
-
-
 @pytest.fixture(scope="module")
 def rest_gateway(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
-    register_rest(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
-    register_rest(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
-    register_rest(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
+    register_fleet(shared_etcd, schema, fleet, rest=True)
     return gateway
 
 
@@ -282,6 +274,38 @@ async def test_a_rate_limited_rest_call_is_429_as_json_and_others_still_pass(
     finally:
         limited.stop()
     assert (await acall(rest_gateway.address, "GET", "/v2/health/ready"))[0] == 200
+
+
+async def test_unknown_paths_are_a_json_404_and_unknown_grpc_methods_a_grpc_status(
+        rest_gateway: GatewayHandle) -> None:
+    # One model behind the gateway: its gRPC routes take calls without a header, and they used to
+    # take every other request too (503 after the retries against the gRPC port).
+    address = rest_gateway.address
+    await wait_rest_routed(address)
+    for method, path, body in (("GET", "/v2/nothing", None), ("POST", "/foo", b"{}"), ("GET", "/", None),
+                               ("GET", "/v2/models/unknown/infer", None), ("POST", "/v2/models/unknown/infer",
+                                                                           INFER_BODY)):
+        status, content_type, doc = await acall(address, method, path, body)
+        assert status == 404 and content_type == "application/json", (method, path, status, doc)
+        assert doc["error"], (method, path, doc)
+    status, _, doc = await acall(address, "GET", "/v2/models/unknown/infer")
+    assert "served models: iris" in doc["error"], doc
+    # A REST client naming the model in the header gets the same 404, not a gRPC route.
+    status, content_type, doc = await acall(address, "POST", "/foo", b"{}", {"x-model-name": "iris"})
+    assert status == 404 and content_type == "application/json" and doc["error"], doc
+    # gRPC calls to a method nobody serves still reach the model's service, which names the status.
+    async with grpc.aio.insecure_channel(address) as channel:
+        for name in ("/foo.Bar/Baz", "/inference.GRPCInferenceService/NoSuchMethod"):
+            call = channel.unary_unary(name, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+                await call(b"", timeout=HTTP_TIMEOUT_S)
+            assert excinfo.value.code() is grpc.StatusCode.UNIMPLEMENTED, (name, excinfo.value)
+        with pytest.raises(grpc.aio.AioRpcError) as excinfo:
+            await channel.unary_unary("/foo.Bar/Baz")(b"", metadata=(("x-model-name", "resnet"),),
+                                                      timeout=HTTP_TIMEOUT_S)
+        assert excinfo.value.code() is grpc.StatusCode.NOT_FOUND and "served models: iris" in \
+            (excinfo.value.details() or "")
+    assert (await acall(address, "POST", "/v2/models/iris/infer", INFER_BODY))[0] == 200
 
 
 async def test_envoy_own_failures_reach_rest_clients_as_json(rest_gateway: GatewayHandle, shared_etcd: EtcdServer,

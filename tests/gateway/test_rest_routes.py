@@ -59,12 +59,18 @@ def header_matches(rule: dict[str, Any], headers: dict[str, str]) -> bool:
     return hit != bool(rule.get("invert_match"))
 
 
+GRPC_CONTENT_TYPE = re.compile(r"application/grpc([+;].*)?")
+"""What Envoy's ``grpc`` route match takes for a gRPC request (Grpc::Common::isGrpcRequestHeaders)."""
+
+
 def route_for(snapshot: Snapshot, path: str, method: str = "POST",
               headers: dict[str, str] | None = None) -> dict[str, Any]:
     """The first route Envoy would pick (anchored regexes, header rules as Envoy reads them)."""
-    request = {":method": method, **(headers or {})}
+    request = {":method": method, "content-type": "application/json", **(headers or {})}
     for route in routes(snapshot):
         match = route["match"]
+        if "grpc" in match and GRPC_CONTENT_TYPE.fullmatch(request["content-type"]) is None:
+            continue
         if "safe_regex" in match:
             if re.fullmatch(match["safe_regex"]["regex"], path) is None:
                 continue
@@ -204,16 +210,35 @@ def test_repository_control_over_rest_is_refused_unless_allowed() -> None:
     assert body(route_for(allowed, "/v2/repository/models/resnet/load"))[0] == 404
 
 
-def test_grpc_paths_never_match_a_rest_route() -> None:
-    snapshot = render_snapshot(state(*IRIS), {}, OPTIONS)
-    for route in routes(snapshot):
-        if route["name"].startswith("rest/"):
-            match = route["match"]
-            assert "safe_regex" in match or match.get("prefix") == "/v2/"
-            if "safe_regex" in match:
-                assert not re.fullmatch(match["safe_regex"]["regex"], "/inference.GRPCInferenceService/ModelInfer")
-    names = [r["name"] for r in routes(snapshot)]
-    assert all(name.startswith("rest/") for name in names[:names.index("repository-control/RepositoryModelLoad")])
+def test_grpc_routes_come_first_and_take_grpc_requests_only() -> None:
+    for models in ((), IRIS, (*IRIS, instance("mlp", 1, "m", 7031))):
+        snapshot = render_snapshot(state(*models), {}, OPTIONS)
+        names = [r["name"] for r in routes(snapshot)]
+        first_rest = next(i for i, name in enumerate(names) if name.startswith("rest/"))
+        assert all(name.startswith("rest/") for name in names[first_rest:])
+        assert names[-1] == "rest/unknown-endpoint"
+        for route in routes(snapshot)[:first_rest]:
+            # The repository control refusals take any request on their gRPC paths.
+            assert "grpc" in route["match"] or route["name"].startswith("repository-control/"), route["name"]
+        # Every gRPC request is taken before the REST routes, whatever its path and headers.
+        for path in ("/inference.GRPCInferenceService/ModelInfer", "/v2/models/iris/infer", "/foo"):
+            for headers in ({}, {"x-model-name": "iris"}, {"x-model-name": "iris", "x-model-version": "x"}):
+                grpc = {"content-type": "application/grpc", **headers}
+                assert not route_for(snapshot, path, headers=grpc)["name"].startswith("rest/")
+        # A REST request carrying the model header still gets the REST route.
+        if models:
+            assert route_for(snapshot, "/v2/models/iris/infer",
+                             headers={"x-model-name": "iris"})["name"].startswith("rest/iris/")
+
+
+def test_a_request_that_is_neither_grpc_nor_kserve_rest_is_a_json_404() -> None:
+    for models in ((), IRIS, (*IRIS, instance("mlp", 1, "m", 7031))):
+        snapshot = render_snapshot(state(*models), {}, OPTIONS)
+        for method, path in (("POST", "/foo"), ("GET", "/"), ("GET", "/v2/nothing"), ("POST", "/v2"),
+                             ("POST", "/inference.GRPCInferenceService/ModelInfer")):
+            route = route_for(snapshot, path, method)
+            assert route["name"] == "rest/unknown-endpoint", (method, path, route["name"])
+            assert body(route) == (404, {"error": "no KServe v2 endpoint at this path and method"})
 
 
 def test_rate_limits_apply_to_rest_routes() -> None:
