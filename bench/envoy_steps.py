@@ -6,7 +6,12 @@ with the router and one route to the service; every later step adds one feature 
 snapshot (``gateway.bootstrap.validation_config``) with tracing on, as ``sluice up`` runs it.
 Timing each step side by side shows what each feature costs per request.
 
-Pure: ``step_configs`` returns config dicts; nothing here starts Envoy or writes files.
+The variants are that last config with one earlier default put back (the REST routes first,
+Envoy's span export every 5 spans, gRPC stats for every path) or one setting changed (1 %
+sampling): timed in the same rounds, each shows what its change is worth.
+
+Pure: ``step_configs`` and ``variant_config`` return config dicts; nothing here starts Envoy or
+writes files.
 """
 
 from __future__ import annotations
@@ -56,6 +61,15 @@ STEPS = (
     Step("tracing", "+ OpenTelemetry tracing, 100 % sampled (as `sluice up`)"),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
+
+VARIANTS = (
+    Step("rest-first", "before: REST routes first, gRPC routes matched on headers alone"),
+    Step("flush-5", "before: a span export call every 5 spans (Envoy's default)"),
+    Step("stats-all-methods", "before: grpc_stats with stats_for_all_methods"),
+    Step("sampling-1", "tracing 1 % sampled"),
+)
+"""Variants of the whole config (the last step), each timed against it."""
+VARIANT_NAMES = tuple(variant.name for variant in VARIANTS)
 
 
 def full_config(service_address: str, *, listen_port: int, admin_port: int, access_log: str,
@@ -123,6 +137,33 @@ def step_config(full: Resource, step: str) -> Resource:
         hcm["route_config"] = {"name": "bare", "virtual_hosts": [{"name": "bare", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": target, "timeout": "60s"}}]}]}
         config["static_resources"]["clusters"] = [c for c in clusters if c["name"] == target]
+    return config
+
+
+def variant_config(full: Resource, variant: str) -> Resource:
+    """``full`` with the one change of ``variant`` (from :data:`VARIANT_NAMES`)."""
+    config = copy.deepcopy(full)
+    hcm = _hcm(config)
+    if variant == "rest-first":
+        routes = _routes(hcm)
+        rest = [route for route in routes if route["name"].startswith("rest/")]
+        for route in rest:
+            if route["name"] == "rest/unknown-endpoint":
+                route["match"] = {"prefix": "/v2/"}
+        grpc = [{**route, "match": {k: v for k, v in route["match"].items() if k != "grpc"}}
+                for route in routes if not route["name"].startswith("rest/")]
+        hcm["route_config"]["virtual_hosts"][0]["routes"] = rest + grpc
+    elif variant == "flush-5":
+        config["layered_runtime"]["layers"] = [layer for layer in config["layered_runtime"]["layers"]
+                                               if "static_layer" not in layer]
+    elif variant == "stats-all-methods":
+        stats = next(f for f in hcm["http_filters"] if f["name"] == GRPC_STATS_FILTER)["typed_config"]
+        stats.pop("individual_method_stats_allowlist")
+        stats["stats_for_all_methods"] = True
+    elif variant == "sampling-1":
+        hcm["tracing"]["random_sampling"] = {"value": 1.0}
+    else:
+        raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANT_NAMES)}")
     return config
 
 

@@ -12,7 +12,9 @@ gateway / direct ratios and the machine's load during the runs.
 With ``--steps`` it also runs one static Envoy per step of ``bench/envoy_steps.py`` (a bare Envoy,
 then one feature of the rendered gateway config added at a time, up to the whole config with
 tracing) in the same rounds, and prints what each step adds: the median over the rounds of the
-step's p50 minus the previous step's p50 in the same round.
+step's p50 minus the previous step's p50 in the same round. The variants of bench/envoy_steps.py
+(the whole config with one earlier default put back, or 1 % sampling) run in the same rounds too,
+each paired with the whole config: what each change to the default is worth, in one run.
 
     python -m bench.gateway_hop [--duration 10] [--rounds 3] [--envoy-concurrency 1] [--steps]
 """
@@ -38,7 +40,7 @@ import onnxruntime as ort
 
 from bench import loadgen
 from bench.cpu import core_ticks
-from bench.envoy_steps import STEPS, full_config, step_config, with_ports
+from bench.envoy_steps import STEPS, VARIANTS, full_config, step_config, variant_config, with_ports
 from bench.propagation import Admin, etcd_binary, start, tear_down, wait
 from examples.build_models import build_iris
 from gateway.envoy import find_envoy
@@ -173,21 +175,41 @@ def render_steps(direct: Target, steps: list[Target]) -> str:
     return "\n".join(lines)
 
 
+def render_variants(whole: Target, variants: list[Target]) -> str:
+    """Each variant against the whole config, paired by round (positive: the variant is slower)."""
+    lines = [
+        f"Against the last step ({whole.name}), same rounds:",
+        "",
+        "| variant | c=1 p50 ms | vs the whole config, c=1 p50 ms | c=32 req/s | c=32 vs the whole config "
+        "| CPU µs/req (c=1 / c=32) | CPU vs the whole config (c=1 / c=32) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for target in variants:
+        lines.append(
+            f"| {target.name} | {target.median(1, 'p50_ms'):.3f} | {target.paired(whole, 1, 'p50_ms'):+.3f} "
+            f"| {target.median(32, 'rps'):,.0f} | {target.median(32, 'rps') / whole.median(32, 'rps'):.2f}x "
+            f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} "
+            f"| {target.paired(whole, 1, 'cpu_us'):+.0f} / {target.paired(whole, 32, 'cpu_us'):+.0f} |")
+    return "\n".join(lines)
+
+
 def start_steps(service_address: str, workdir: Path, concurrency: int, receiver: TraceReceiver,
-                procs: list[subprocess.Popen[bytes]]) -> list[tuple[Target, Admin]]:
-    """One static Envoy per step of bench/envoy_steps.py, each on its own ports."""
+                procs: list[subprocess.Popen[bytes]]) -> tuple[list[tuple[Target, Admin]], list[tuple[Target, Admin]]]:
+    """One static Envoy per step and per variant of bench/envoy_steps.py, each on its own ports."""
     full = full_config(service_address, listen_port=0, admin_port=0, access_log=str(workdir / "steps-access.log"),
                        otlp_endpoint=receiver.endpoint)
-    started = []
-    for step in STEPS:
+
+    def run(name: str, label: str, config: dict[str, object]) -> tuple[Target, Admin]:
         listen_port, admin_port = free_port(), free_port()
-        path = workdir / f"envoy-{step.name}.yaml"
-        path.write_bytes(dump_yaml(with_ports(step_config(full, step.name), listen_port=listen_port,
-                                              admin_port=admin_port)))
+        path = workdir / f"envoy-{name}.yaml"
+        path.write_bytes(dump_yaml(with_ports(config, listen_port=listen_port, admin_port=admin_port)))
         procs.append(start([find_envoy(), "-c", str(path), "-l", "warning", "--disable-hot-restart",
-                            "--concurrency", str(concurrency)], workdir / f"envoy-{step.name}.log"))
-        started.append((Target(step.label, listen_port), Admin(admin_port)))
-    return started
+                            "--concurrency", str(concurrency)], workdir / f"envoy-{name}.log"))
+        return Target(label, listen_port), Admin(admin_port)
+
+    steps = [run(step.name, step.label, step_config(full, step.name)) for step in STEPS]
+    variants = [run(variant.name, variant.label, variant_config(full, variant.name)) for variant in VARIANTS]
+    return steps, variants
 
 
 def iris_repo(workdir: Path) -> Path:
@@ -252,11 +274,11 @@ def main() -> None:
 
         direct, gateway = Target("direct", service_port), Target("gateway, header routing", listen_port)
         body_routed = Target("gateway, body routing (no header)", listen_port, headers=())
-        steps = start_steps(f"127.0.0.1:{service_port}", workdir, args.envoy_concurrency, receiver, procs) \
-            if args.steps else []
-        for _, step_admin in steps:
+        steps, variants = start_steps(f"127.0.0.1:{service_port}", workdir, args.envoy_concurrency, receiver,
+                                      procs) if args.steps else ([], [])
+        for _, step_admin in steps + variants:
             wait(lambda a=step_admin: a.get("/ready").strip() == b"LIVE", 60, "a step's Envoy ready")
-        targets = (direct, gateway, body_routed, *(target for target, _ in steps))
+        targets = (direct, gateway, body_routed, *(target for target, _ in steps + variants))
         for target in targets:
             error = loadgen.wait_until_serving(target.port, body, 60.0)
             if error:
@@ -281,6 +303,7 @@ def main() -> None:
         print("\n" + render(direct, gateway, body_routed, args, (load_before, load_after)))
         if steps:
             print("\n" + render_steps(direct, [target for target, _ in steps]))
+            print("\n" + render_variants(steps[-1][0], [target for target, _ in variants]))
     finally:
         tear_down(procs, workdir, keep=args.keep)
         receiver.stop()

@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from bench.envoy_steps import STEP_NAMES, full_config, step_config, step_configs, with_ports
+from bench.envoy_steps import (
+    STEP_NAMES,
+    VARIANT_NAMES,
+    full_config,
+    step_config,
+    step_configs,
+    variant_config,
+    with_ports,
+)
 from gateway.envoy import find_envoy
 from gateway.snapshot import dump_yaml
 
@@ -53,8 +61,34 @@ def test_an_unknown_step_is_named() -> None:
         step_config(FULL, "lua")
 
 
+def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+    return routes
+
+
+def test_each_variant_puts_back_one_earlier_default() -> None:
+    rest_first = variant_config(FULL, "rest-first")
+    names = [r["name"] for r in _routes(rest_first)]
+    assert sorted(names) == sorted(r["name"] for r in _routes(FULL))
+    first_grpc = names.index("repository-control/RepositoryModelLoad")
+    assert all(name.startswith("rest/") for name in names[:first_grpc])
+    assert not any(name.startswith("rest/") for name in names[first_grpc:])
+    assert not any("grpc" in r["match"] for r in _routes(rest_first))
+    assert {"prefix": "/v2/"} in [r["match"] for r in _routes(rest_first)]
+    assert "static_layer" not in str(variant_config(FULL, "flush-5")["layered_runtime"])
+    assert "static_layer" in str(FULL["layered_runtime"])
+    stats = [f["typed_config"] for f in _hcm(variant_config(FULL, "stats-all-methods"))["http_filters"]
+             if f["name"] == "envoy.filters.http.grpc_stats"]
+    assert stats[0]["stats_for_all_methods"] is True and "individual_method_stats_allowlist" not in stats[0]
+    assert _hcm(variant_config(FULL, "sampling-1"))["tracing"]["random_sampling"] == {"value": 1.0}
+    assert _hcm(FULL)["tracing"]["random_sampling"] == {"value": 100.0}
+    with pytest.raises(ValueError, match="unknown variant 'lua'"):
+        variant_config(FULL, "lua")
+
+
 def test_every_step_is_a_config_envoy_accepts(tmp_path: Path) -> None:
-    for name, config in step_configs(FULL).items():
+    configs = {**step_configs(FULL), **{name: variant_config(FULL, name) for name in VARIANT_NAMES}}
+    for name, config in configs.items():
         path = tmp_path / f"{name}.yaml"
         path.write_bytes(dump_yaml(with_ports(config, listen_port=18090, admin_port=18091)))
         proc = subprocess.run([find_envoy(), "--mode", "validate", "-c", str(path), "-l", "error",
