@@ -282,6 +282,52 @@ def test_gateway_tls_and_jwt_come_from_secrets_mounted_into_the_controller_only(
     assert {m["name"] for m in envoy["volumeMounts"]} == {"xds", "envoy-config", "tmp"}
 
 
+def test_the_admin_identity_reaches_every_admin_port_and_every_scraper() -> None:
+    objects = documents(render(CHART / "ci" / "admin-tls-gateway.yaml"))
+    deployments = {d["metadata"]["name"].removeprefix(f"{RELEASE}-sluice-"): d["spec"]["template"]["spec"]
+                   for d in of_kind(objects, "Deployment")}
+    admin_mount = {"name": "admin-tls", "mountPath": "/etc/sluice/admin-tls", "readOnly": True}
+    for name, container, prefix in (("iris-v1", deployments["iris-v1"]["containers"][0], "SLUICE_"),
+                                    ("gateway", deployments["gateway"]["initContainers"][0], "SLUICE_GATEWAY_")):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env[f"{prefix}ADMIN_TLS_CERT"] == "/etc/sluice/admin-tls/tls.crt", name
+        assert env[f"{prefix}ADMIN_TLS_KEY"] == "/etc/sluice/admin-tls/tls.key", name
+        assert env[f"{prefix}ADMIN_TLS_CLIENT_CA"] == "/etc/sluice/admin-tls/ca.crt", name
+        # A directory mount (no subPath): the kubelet's ..data swap brings renewed files along.
+        assert admin_mount in container["volumeMounts"], name
+        assert not [k for k in env if k in (f"{prefix}TLS_CERT", f"{prefix}TLS_KEY")], name  # model ports unchanged
+        volumes = {v["name"]: v for v in deployments[name]["volumes"]}
+        assert volumes["admin-tls"]["secret"]["secretName"] == "sluice-admin-tls", name
+    # The kubelet has no admin certificate: the controller's liveness probe only connects.
+    assert deployments["gateway"]["initContainers"][0]["livenessProbe"]["tcpSocket"] == {"port": "http-metrics"}
+    # Istio must not parse HTTPS as HTTP on the metrics ports.
+    for service in of_kind(objects, "Service"):
+        for port in service["spec"]["ports"]:
+            if port["name"] == "http-metrics":
+                assert port["appProtocol"] == "https", service["metadata"]["name"]
+    rollout = deployments["rollout-controller"]
+    env = {e["name"]: e.get("value") for e in rollout["containers"][0]["env"]}
+    assert env["SLUICE_ROLLOUT_METRICS_CA"] == "/etc/sluice/admin-scrape/ca.crt"
+    assert env["SLUICE_ROLLOUT_METRICS_CERT"] == "/etc/sluice/admin-scrape/tls.crt"
+    assert env["SLUICE_ROLLOUT_METRICS_KEY"] == "/etc/sluice/admin-scrape/tls.key"
+    assert env["SLUICE_ROLLOUT_METRICS_SERVER_NAME"] == "sluice-admin.models.svc"
+    assert {v["name"]: v for v in rollout["volumes"]}["admin-scrape"]["secret"]["secretName"] == "sluice-admin-scraper"
+    monitors = of_kind(objects, "ServiceMonitor")
+    assert {m["metadata"]["labels"]["app.kubernetes.io/component"] for m in monitors} == {"model", "gateway"}
+    for monitor in monitors:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["scheme"] == "https"
+        assert endpoint["tlsConfig"]["keySecret"] == {"name": "sluice-admin-scraper", "key": "tls.key"}
+        assert endpoint["tlsConfig"]["serverName"] == "sluice-admin.models.svc"
+
+
+def test_without_the_admin_identity_admin_ports_stay_plain() -> None:
+    for values in ("one-model", "standalone-gateway", "canary", "secure-gateway"):
+        rendered = render(CHART / "ci" / f"{values}.yaml")
+        assert "ADMIN_TLS" not in rendered and "admin-tls" not in rendered and "METRICS_CA" not in rendered, values
+        assert "appProtocol: https" not in rendered and "tlsConfig" not in rendered, values
+
+
 def test_no_auth_values_no_auth_objects_or_settings() -> None:
     for values in ("one-model", "standalone-gateway"):
         objects = documents(render(CHART / "ci" / f"{values}.yaml"))
@@ -358,6 +404,12 @@ INVALID = [
     pytest.param([*GATEWAY_BASE, "auth.jwt.claimHeaders.sub=X Bad"], "auth/jwt/claimHeaders", id="claim-header"),
     pytest.param([*AUTH_BASE, "rolloutController.leaderTtlSeconds=1"], "rolloutController/leaderTtlSeconds",
                  id="leader-ttl"),
+    pytest.param([*GATEWAY_BASE, "adminTls.enabled=true"], "adminTls.secretName: name the kubernetes.io/tls Secret",
+                 id="admin-tls-secret"),
+    pytest.param([*GATEWAY_BASE, "adminTls.enabled=true", "adminTls.secretName=admin", "serviceMonitor.enabled=true"],
+                 "adminTls.scrapeSecretName: the rollout controller and the ServiceMonitors", id="admin-tls-scrape"),
+    pytest.param([*GATEWAY_BASE, "adminTls.enabled=true", "adminTls.secretName=admin", "adminTls.clientCaKey=a/b"],
+                 "adminTls/clientCaKey", id="admin-tls-ca-key"),
 
     pytest.param(["models[0].name=iris", "models[0].versions[0].version=1", "models[0].versions[0].weight=100",
                   "replicaCount=2"], "additional properties 'replicaCount' not allowed", id="unknown-key"),

@@ -69,6 +69,11 @@ Called from validate.yaml, so `helm template`/`install` fail before anything is 
 {{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) -}}
 {{- $problems = append $problems "gateway.autoscaling.minReplicas is above gateway.autoscaling.maxReplicas" -}}
 {{- end -}}
+{{- range (splitList "\n" (include "sluice.adminTlsProblems" .)) -}}
+{{- if trim . -}}
+{{- $problems = append $problems (trim .) -}}
+{{- end -}}
+{{- end -}}
 {{- range (splitList "\n" (include "sluice.authProblems" .)) -}}
 {{- if trim . -}}
 {{- $problems = append $problems (trim .) -}}
