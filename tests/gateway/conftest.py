@@ -101,9 +101,7 @@ def gateway_serving(etcd: EtcdServer, prefix: str, workdir: Path, service: Servi
     1, REST address included, as its registrar writes it; stopped when the fixture ends."""
     handle = start_gateway(etcd, prefix, workdir, *extra)
     try:
-        doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}", model="iris",
-                             version=1, instance_id=instance_id, state=InstanceState.SERVING)
-        etcd.etcdctl("put", KeySchema(prefix).instance("iris", 1, instance_id), doc.to_json().decode())
+        register(etcd, KeySchema(prefix), service, 1, instance_id, rest=True)
         yield handle
     finally:
         handle.stop()
@@ -200,17 +198,27 @@ def gateway(shared_etcd: EtcdServer, gateway_prefix: str,
 
 
 def record(schema: KeySchema, service: ServiceHandle, version: int, instance_id: str, *,
-           state: InstanceState = InstanceState.SERVING, model: str = "iris") -> tuple[str, str]:
-    """(key, value) of an instance record for ``service``, as its registrar would write it."""
-    doc = InstanceRecord(address=service.address, model=model, version=version, instance_id=instance_id, state=state)
+           state: InstanceState = InstanceState.SERVING, model: str = "iris", rest: bool = False) -> tuple[str, str]:
+    """(key, value) of an instance record for ``service``, as its registrar would write it (``rest``:
+    with the service's REST address)."""
+    doc = InstanceRecord(address=service.address, rest_address=f"127.0.0.1:{service.rest_port}" if rest else None,
+                         model=model, version=version, instance_id=instance_id, state=state)
     return schema.instance(model, version, instance_id), doc.to_json().decode()
 
 
 def register(etcd: EtcdServer, schema: KeySchema, service: ServiceHandle, version: int, instance_id: str, *,
-             state: InstanceState = InstanceState.SERVING, model: str = "iris") -> str:
-    key, value = record(schema, service, version, instance_id, state=state, model=model)
+             state: InstanceState = InstanceState.SERVING, model: str = "iris", rest: bool = False) -> str:
+    key, value = record(schema, service, version, instance_id, state=state, model=model, rest=rest)
     etcd.etcdctl("put", key, value)
     return key
+
+
+def register_fleet(etcd: EtcdServer, schema: KeySchema, fleet: Fleet, *, rest: bool = False) -> None:
+    """Register the fleet as iris v1 twice (``v1-a``, ``v1-b``) and v2 once (``v2-a``); ``rest``:
+    with their REST addresses."""
+    register(etcd, schema, fleet.v1[0], 1, "v1-a", rest=rest)
+    register(etcd, schema, fleet.v1[1], 1, "v1-b", rest=rest)
+    register(etcd, schema, fleet.v2[0], 2, "v2-a", rest=rest)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +239,5 @@ async def client(shared_etcd: EtcdServer, gateway_prefix: str) -> AsyncIterator[
 @pytest.fixture(scope="module")
 def registered(shared_etcd: EtcdServer, schema: KeySchema, fleet: Fleet, gateway: GatewayHandle) -> GatewayHandle:
     """The module's gateway once the fleet is registered: iris v1 twice, v2 once."""
-    register(shared_etcd, schema, fleet.v1[0], 1, "v1-a")
-    register(shared_etcd, schema, fleet.v1[1], 1, "v1-b")
-    register(shared_etcd, schema, fleet.v2[0], 2, "v2-a")
+    register_fleet(shared_etcd, schema, fleet)
     return gateway
