@@ -8,6 +8,9 @@ non-zero ``grpc-status`` trailer), so before every measurement:
 * one real call with ``tritonclient.grpc`` checks the outputs against in-process onnxruntime, and
 * one raw call with the exact bytes h2load will send returns the correct response's size, which is
   compared with the average response size h2load reports afterwards.
+
+KServe v2 REST (the section at the end) goes over HTTP/1.1 (``h2load --h1``) with pre-encoded JSON
+or binary-extension bodies, checked the same way with ``tritonclient.http`` and a raw POST.
 """
 
 from __future__ import annotations
@@ -437,7 +440,10 @@ def check_rest(
                 result = client.infer(model, tensors, outputs=outputs)
                 got = {name: result.as_numpy(name) for name in expected}
         except InferenceServerException as exc:
-            return CheckResult(False, f"tritonclient.http infer ({body.kind}) failed: {exc.status()} {exc.message()}")
+            raw = rest_call(port, rest_path(model), body, timeout)  # what the server says to the exact bytes
+            said = raw if isinstance(raw, str) else f"HTTP {raw[0]} {raw[2][:160].decode(errors='replace')}"
+            return CheckResult(False, f"tritonclient.http infer ({body.kind}) failed: {exc.status()} {exc.message()}; "
+                                      f"the raw POST answers {said}")
         problem = _compare({k: v for k, v in got.items() if v is not None}, expected, rtol, atol)
         if problem:
             return CheckResult(False, f"tritonclient.http ({body.kind}): {problem}")

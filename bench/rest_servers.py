@@ -49,7 +49,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench import loadgen
-from bench.cpu import clock_ticks_per_second, group_ticks
+from bench.cpu import autogroup_nice, clock_ticks_per_second, group_ticks, set_autogroup_nice
 from bench.targets import SLUICE_BIN, VENVS, ServerProcess, spawn
 from examples.build_models import build_all
 from mesh.ports import free_port
@@ -318,6 +318,18 @@ def main(argv: list[str] | None = None) -> int:
     if loadgen.h2load_path() is None:
         print("h2load not found: `python -m bench --setup-only` (apt package nghttp2-client)", file=sys.stderr)
         return 2
+    # h2load runs in this process's session: raise its autogroup with the servers' (as python -m bench).
+    saved_nice = autogroup_nice("self") if args.nice else None
+    if args.nice:
+        set_autogroup_nice("self", args.nice)
+    try:
+        return _run(args)
+    finally:
+        if saved_nice is not None:
+            set_autogroup_nice("self", saved_nice)
+
+
+def _run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="sluice-rest-servers-"))
     servers = [Server(UVICORN, free_port(), free_port()), Server(GRANIAN, free_port(), free_port()),
                Server(REST_OFF, free_port(), None)]
@@ -382,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {index + 1} {server.name} {what} c={concurrency}: {sample.rps:,.0f} req/s "
                       f"p50 {sample.p50_ms:.3f} ms{extra}", flush=True)
         load_after = os.getloadavg()
+        nice = f" --nice {args.nice}" if args.nice else ""
         print(f"\nCommand: `python -m bench.rest_servers --model {args.model} --concurrency "
               f"{','.join(map(str, args.concurrency))} --bodies {','.join(args.bodies)} --duration "
-              f"{args.duration:g} --rounds {args.rounds} --mixed-body {args.mixed_body}`")
+              f"{args.duration:g} --rounds {args.rounds} --mixed-body {args.mixed_body}{nice}`")
         print(f"{args.model}, batch 1, {args.rounds} rounds x {args.duration:g} s per point (median; comparisons "
               f"paired by round), servers on core {args.server_cpu}, h2load on core {args.client_cpu}, "
               f"{os.cpu_count()} cores, load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; "

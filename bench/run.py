@@ -9,6 +9,8 @@ Targets (``--targets``):
 
 Load: h2load, one HTTP/2 connection with CONC concurrent streams, posting a pre-encoded gRPC
 ModelInfer body. Servers are pinned to core 0 and h2load to core 1 (``--server-cpu``/``--client-cpu``).
+With ``--rest json,binary`` the servers with a KServe v2 REST port (sluice, mlserver, pytriton) are
+also measured over HTTP/1.1 (``h2load --h1``, CONC connections), JSON and binary-extension bodies.
 
     python -m bench --setup                      # peer venvs + h2load, once
     python -m bench                              # all targets, mlp+heavy, concurrency 1,8,32, 5 s each
@@ -631,7 +633,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds a server may take to start")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/.results/<time>)")
     parser.add_argument("--setup", action="store_true", help="install h2load and the peer venvs first")
-    parser.add_argument("--setup-only", action="store_true", help="only do --setup, measure nothing")
+    parser.add_argument("--setup-only", action="store_true",
+                        help="only do --setup (and granian into bench/.venvs/granian), measure nothing")
     args = parser.parse_args(argv)
     unknown = [t for t in args.targets if t not in ALL_TARGETS]
     if unknown:
