@@ -5,6 +5,8 @@ certificate (the admin identity) where the port requires one (:func:`client_tls`
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.client
 import json
 import re
 import ssl
@@ -41,6 +43,9 @@ class Target:
     """host:port of the admin port."""
     tls: ssl.SSLContext | None = None
     """HTTPS with this context (:func:`client_tls`); None: plain HTTP."""
+    server_name: str | None = None
+    """The name the admin port's certificate must carry (default: the host of :attr:`address`;
+    through ``kubectl port-forward`` that is 127.0.0.1, which a pod's certificate rarely names)."""
 
     @property
     def shown(self) -> str:
@@ -73,6 +78,36 @@ def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLC
     return context
 
 
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to one address with the certificate checked for another name (``--admin-server-name``)."""
+
+    def __init__(self, host: str, *, server_name: str, context: ssl.SSLContext, timeout: float) -> None:
+        super().__init__(host, context=context, timeout=timeout)
+        self._server_name = server_name
+        self._tls = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
+class _NamedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, context: ssl.SSLContext, server_name: str) -> None:
+        super().__init__(context=context)
+        self._tls, self._server_name = context, server_name
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        connection = functools.partial(_NamedHTTPSConnection, server_name=self._server_name, context=self._tls)
+        return self.do_open(connection, req)
+
+
+def _open(target: Target, request: urllib.request.Request, timeout: float) -> Any:
+    if target.tls is not None and target.server_name:
+        return urllib.request.build_opener(_NamedHTTPSHandler(target.tls, target.server_name)).open(
+            request, timeout=timeout)
+    return urllib.request.urlopen(request, timeout=timeout, context=target.tls)
+
+
 def parse_address(text: str) -> str | None:
     """``text`` if it is host:port with a port 1-65535, else None."""
     match = _ADDRESS.fullmatch(text)
@@ -100,12 +135,13 @@ async def _admin_address_from_etcd(instance: str, settings: EtcdSettings) -> str
     return addresses[0]
 
 
-def resolve(instance: str, settings: EtcdSettings, tls: ssl.SSLContext | None = None) -> Target:
+def resolve(instance: str, settings: EtcdSettings, tls: ssl.SSLContext | None = None,
+            server_name: str | None = None) -> Target:
     """The admin port of ``instance``: host:port as given, else the instance id's record in etcd."""
     address = parse_address(instance)
     if address is not None:
-        return Target(instance, address, tls)
-    return Target(instance, asyncio.run(_admin_address_from_etcd(instance, settings)), tls)
+        return Target(instance, address, tls, server_name)
+    return Target(instance, asyncio.run(_admin_address_from_etcd(instance, settings)), tls, server_name)
 
 
 def call(target: Target, path: str, params: dict[str, Any] | None = None, *, method: str = "GET",
@@ -115,7 +151,7 @@ def call(target: Target, path: str, params: dict[str, Any] | None = None, *, met
     url = f"{target.url}{path}" + (f"?{query}" if query else "")
     request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=target.tls) as answer:
+        with _open(target, request, timeout) as answer:
             body = answer.read(MAX_ANSWER + 1)
             kind = answer.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
@@ -156,6 +192,10 @@ def call_json(target: Target, path: str, params: dict[str, Any] | None = None, *
 def _tls_reason(exc: ssl.SSLError, target: Target) -> str:
     reason = str(exc.reason or exc)
     if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        if isinstance(exc, ssl.SSLCertVerificationError) and "mismatch" in str(exc.verify_message):
+            name = target.server_name or target.address.rpartition(":")[0]
+            return (f"{exc.verify_message}: its certificate does not name {name!r} "
+                    "(--admin-server-name: the name it carries)")
         return f"{reason}: its certificate is not signed by --admin-ca"
     if "CERTIFICATE_REQUIRED" in str(exc) or "HANDSHAKE_FAILURE" in str(exc):
         return f"{reason}: the port wants an admin client certificate (--admin-cert/--admin-key)"

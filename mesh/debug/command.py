@@ -52,6 +52,9 @@ def register(subparsers: Any) -> None:
     tls.add_argument("--admin-ca", type=Path, help="PEM CA that signed the admin port's certificate (default "
                                                     "$SLUICE_ADMIN_CA, then $SLUICE_CA; alone: HTTPS without a "
                                                     "client certificate)")
+    tls.add_argument("--admin-server-name", metavar="NAME",
+                     help="name the admin port's certificate must carry (default $SLUICE_ADMIN_SERVER_NAME, else the "
+                          "host of the address; through kubectl port-forward that is 127.0.0.1)")
 
     profile = actions.add_parser("profile", parents=[common], help="sample every thread for --seconds",
                                  description="A wall-clock CPU profile of every thread (handler threads inside "
@@ -103,7 +106,11 @@ def _target(args: argparse.Namespace) -> Target:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise DebugError(f"invalid etcd settings: {one_line(exc)}") from exc
-    return resolve(args.instance, settings, _client_tls(args))
+    tls = _client_tls(args)
+    server_name = args.admin_server_name or os.environ.get("SLUICE_ADMIN_SERVER_NAME") or None
+    if server_name is not None and tls is None:
+        raise DebugError("--admin-server-name needs HTTPS: give --admin-ca (and the admin certificate)")
+    return resolve(args.instance, settings, tls, server_name)
 
 
 def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
