@@ -9,6 +9,7 @@ import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -51,7 +52,7 @@ def _refused(url: str, context: ssl.SSLContext | None) -> bool:
 def test_the_metrics_port_answers_only_the_admin_identity(pki: DevPki, own_certificate: bool) -> None:
     files = ({"admin_tls_cert": pki.service.cert, "admin_tls_key": pki.service.key} if own_certificate
              else {"tls_cert": pki.gateway.cert, "tls_key": pki.gateway.key})
-    settings = GatewaySettings(admin_tls_client_ca=pki.admin_ca.cert, **files)
+    settings = GatewaySettings(admin_tls_client_ca=pki.admin_ca.cert, **files)  # type: ignore[arg-type]
     metrics = GatewayMetrics()
     port = metrics.serve("127.0.0.1", 0, tls=admin_tls(settings))
     try:
@@ -88,6 +89,7 @@ def test_unusable_admin_files_are_refused_naming_the_flag(pki: DevPki, tmp_path:
                                                           message: str) -> None:
     paths = {"{admin_ca}": pki.admin_ca.cert, "{cert}": pki.gateway.cert, "{key}": pki.gateway.key,
              "{other_key}": pki.client.key, "{missing}": tmp_path / "nope.crt"}
+    values: dict[str, Any] = {name: paths[value] for name, value in fields.items()}
     with pytest.raises(ValidationError) as refused:
-        GatewaySettings(**{name: paths[value] for name, value in fields.items()})
+        GatewaySettings(**values)
     assert message in str(refused.value)

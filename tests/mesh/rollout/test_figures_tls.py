@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,9 +43,10 @@ def service(start_service: Callable[..., ServiceHandle], pki: DevPki, tmp_path: 
     return handle
 
 
-def _scrape(handle: ServiceHandle, **kwargs: object) -> tuple[dict[str, object], dict[str, str]]:
+def _scrape(handle: ServiceHandle, tls: ssl.SSLContext | None = None,
+            server_name: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     targets = {"up-1": f"127.0.0.1:{handle.metrics_port}"}
-    return asyncio.run(scrape(targets, MODEL, 1, 2, timeout=5.0, **kwargs))  # type: ignore[arg-type]
+    return asyncio.run(scrape(targets, MODEL, 1, 2, timeout=5.0, tls=tls, server_name=server_name))
 
 
 def test_the_scrape_needs_the_admin_certificate(service: ServiceHandle, pki: DevPki) -> None:
@@ -59,7 +62,7 @@ def test_the_scrape_needs_the_admin_certificate(service: ServiceHandle, pki: Dev
 
     counters, problems = _scrape(service, tls=scrape_tls(pki.ca.cert, pki.admin.cert, pki.admin.key))
     assert problems == {}
-    assert counters["up-1"]["versions"]["1"]["codes"] == {"OK": 1.0}  # type: ignore[index]
+    assert counters["up-1"]["versions"]["1"]["codes"] == {"OK": 1.0}
     assert service.process.alive()
 
 
@@ -120,6 +123,7 @@ def test_a_silent_admin_port_is_a_problem_within_the_timeout(silent_port: int, p
 def test_rollout_controller_refuses_unusable_scrape_files(pki: DevPki, fields: dict[str, str], message: str) -> None:
     paths = {"{ca}": pki.ca.cert, "{admin.cert}": pki.admin.cert, "{admin.key}": pki.admin.key,
              "{client.key}": pki.client.key}
+    values: dict[str, Any] = {name: paths.get(value, value) for name, value in fields.items()}
     with pytest.raises(ValidationError) as refused:
-        RolloutControllerSettings(**{name: paths.get(value, value) for name, value in fields.items()})
+        RolloutControllerSettings(**values)
     assert message in str(refused.value)
