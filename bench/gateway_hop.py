@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,11 @@ class Sample:
     machine_busy: float
     cpu_us: float
     """CPU time of the whole machine per request (µs): every process on the path, and the noise."""
+    envoy_us: float = 0.0
+    """CPU time of the target's Envoy per request (µs), all its threads: what its config costs,
+    barely touched by the rest of the machine's load (0 for the direct path)."""
+    receiver_us: float = 0.0
+    """CPU time of this process per request (µs): the OTLP receiver the tracing targets export to."""
 
 
 @dataclass
@@ -80,6 +86,8 @@ class Target:
     samples: dict[int, list[Sample]] = field(default_factory=dict)
     scheme: str = "http"
     """``https``: h2load speaks TLS to this target."""
+    envoy_pid: int | None = None
+    """The Envoy process that serves this target (None: no Envoy on the path)."""
 
     def median(self, concurrency: int, attribute: str) -> float:
         return statistics.median(float(getattr(s, attribute)) for s in self.samples[concurrency])
@@ -99,20 +107,55 @@ def machine_busy_since(before: list[tuple[int, int]]) -> float:
     return busy / max(total, 1)
 
 
+def process_cpu_ns(pid: int | None) -> int:
+    """CPU time of every thread of ``pid`` so far, in ns (the scheduler's own count, not ticks)."""
+    if pid is None:
+        return 0
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    return total
+
+
+def child_pid(parent: int, name: str, timeout: float = 30.0) -> int | None:
+    """The pid of ``parent``'s child process called ``name`` (the Envoy a ``sluice gateway`` runs),
+    None if there is none within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text()
+            except OSError:
+                continue
+            comm, _, rest = fields.rpartition(")")
+            if comm.partition("(")[2] == name and int(rest.split()[1]) == parent:
+                return int(stat.parent.name)
+        time.sleep(0.1)
+    return None
+
+
 def measure(target: Target, body_path: Path, concurrency: int, *, duration: float, log_dir: Path,
             index: int) -> Sample:
     cores = os.cpu_count() or 1
+    envoy_before, receiver_before = process_cpu_ns(target.envoy_pid), process_cpu_ns(os.getpid())
     before = [core_ticks(core) for core in range(cores)]
     result = loadgen.run_h2load(target.port, body_path, concurrency, duration, cpu=None, headers=target.headers,
                                 scheme=target.scheme,
                                 log_path=log_dir / f"h2load-{target.name}-c{concurrency}-{index}.tsv")
     busy = machine_busy_since(before)
+    envoy_ns = process_cpu_ns(target.envoy_pid) - envoy_before
+    receiver_ns = process_cpu_ns(os.getpid()) - receiver_before
     if not result.ok or result.failed:
         raise SystemExit(f"{target.name} c={concurrency}: {result.message}, {result.failed} failed")
     if abs(result.avg_response_bytes - target.response_bytes) > SIZE_TOLERANCE * target.response_bytes:
         raise SystemExit(f"{target.name} c={concurrency}: average response {result.avg_response_bytes:.0f} B, "
                          f"a correct one is {target.response_bytes} B: errors counted as successes?")
-    return Sample(result.rps, result.p50_ms, result.p99_ms, busy, busy * cores / max(result.rps, 1e-9) * 1e6)
+    requests = max(result.succeeded, 1)
+    return Sample(result.rps, result.p50_ms, result.p99_ms, busy, busy * cores / max(result.rps, 1e-9) * 1e6,
+                  envoy_ns / requests / 1e3, receiver_ns / requests / 1e3)
 
 
 async def register(settings: EtcdSettings, address: str) -> None:
@@ -128,7 +171,8 @@ def render(direct: Target, gateway: Target, body: Target, args: argparse.Namespa
                 f"| {target.median(1, 'rps'):,.0f} | {target.median(32, 'rps'):,.0f} "
                 f"| {target.median(32, 'p50_ms'):.2f} "
                 f"| {100 * target.median(1, 'machine_busy'):.0f} / {100 * target.median(32, 'machine_busy'):.0f} "
-                f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} |")
+                f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} "
+                f"| {target.median(1, 'envoy_us'):.0f} / {target.median(32, 'envoy_us'):.0f} |")
 
     p50_ratio = gateway.median(1, "p50_ms") / direct.median(1, "p50_ms")
     p50_added = gateway.median(1, "p50_ms") - direct.median(1, "p50_ms")
@@ -139,19 +183,19 @@ def render(direct: Target, gateway: Target, body: Target, args: argparse.Namespa
         f"load average before {load[0]:.2f}, after {load[1]:.2f}",
         "",
         "| path | c=1 p50 ms | c=1 p99 ms | c=1 req/s | c=32 req/s | c=32 p50 ms | machine busy % (c=1 / c=32) "
-        "| CPU µs/req (c=1 / c=32) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU µs/req (c=1 / c=32) | Envoy CPU µs/req (c=1 / c=32) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         row(direct),
         row(gateway),
         row(body),
         f"| gateway / direct | {p50_ratio:.2f}x (+{p50_added:.3f} ms) | "
         f"{gateway.median(1, 'p99_ms') / direct.median(1, 'p99_ms'):.2f}x "
         f"| {gateway.median(1, 'rps') / direct.median(1, 'rps'):.2f}x | {rps_ratio:.2f}x "
-        f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}x | | |",
-        f"| body / header routing | {body.median(1, 'p50_ms') - gateway.median(1, 'p50_ms'):+.3f} ms "
+        f"| {gateway.median(32, 'p50_ms') / direct.median(32, 'p50_ms'):.2f}x | | | |",
+        f"| body / header routing (paired) | {body.paired(gateway, 1, 'p50_ms'):+.3f} ms "
         f"| | | {body.median(32, 'rps') / gateway.median(32, 'rps'):.2f}x | | "
-        f"| {body.median(1, 'cpu_us') - gateway.median(1, 'cpu_us'):+.0f} / "
-        f"{body.median(32, 'cpu_us') - gateway.median(32, 'cpu_us'):+.0f} |",
+        f"| {body.paired(gateway, 1, 'cpu_us'):+.0f} / {body.paired(gateway, 32, 'cpu_us'):+.0f} "
+        f"| {body.paired(gateway, 1, 'envoy_us'):+.0f} / {body.paired(gateway, 32, 'envoy_us'):+.0f} |",
     ]
     return "\n".join(lines)
 
@@ -160,8 +204,9 @@ def render_steps(direct: Target, steps: list[Target]) -> str:
     """What each step adds to the one before (paired by round), and the whole hop over direct."""
     lines = [
         "| step | c=1 p50 ms | added to the step before, c=1 p50 ms | over direct, c=1 p50 ms "
-        "| c=32 req/s | c=32 / step before | CPU µs/req (c=1 / c=32) | CPU added (c=1 / c=32) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| c=32 req/s | c=32 / step before | CPU µs/req (c=1 / c=32) | CPU added (c=1 / c=32) "
+        "| Envoy CPU µs/req (c=1 / c=32) | Envoy CPU added (c=1 / c=32) | receiver CPU µs/req (c=1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     previous = direct
     for target in steps:
@@ -170,7 +215,10 @@ def render_steps(direct: Target, steps: list[Target]) -> str:
             f"| {target.paired(previous, 1, 'p50_ms'):+.3f} | {target.paired(direct, 1, 'p50_ms'):+.3f} "
             f"| {target.median(32, 'rps'):,.0f} | {target.median(32, 'rps') / previous.median(32, 'rps'):.2f}x "
             f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} "
-            f"| {target.paired(previous, 1, 'cpu_us'):+.0f} / {target.paired(previous, 32, 'cpu_us'):+.0f} |")
+            f"| {target.paired(previous, 1, 'cpu_us'):+.0f} / {target.paired(previous, 32, 'cpu_us'):+.0f} "
+            f"| {target.median(1, 'envoy_us'):.0f} / {target.median(32, 'envoy_us'):.0f} "
+            f"| {target.paired(previous, 1, 'envoy_us'):+.0f} / {target.paired(previous, 32, 'envoy_us'):+.0f} "
+            f"| {target.median(1, 'receiver_us'):.0f} |")
         previous = target
     return "\n".join(lines)
 
@@ -181,15 +229,19 @@ def render_variants(whole: Target, variants: list[Target]) -> str:
         f"Against the last step ({whole.name}), same rounds:",
         "",
         "| variant | c=1 p50 ms | vs the whole config, c=1 p50 ms | c=32 req/s | c=32 vs the whole config "
-        "| CPU µs/req (c=1 / c=32) | CPU vs the whole config (c=1 / c=32) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| CPU µs/req (c=1 / c=32) | CPU vs the whole config (c=1 / c=32) | Envoy CPU µs/req (c=1 / c=32) "
+        "| Envoy CPU vs the whole config (c=1 / c=32) | receiver CPU µs/req (c=1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for target in variants:
         lines.append(
             f"| {target.name} | {target.median(1, 'p50_ms'):.3f} | {target.paired(whole, 1, 'p50_ms'):+.3f} "
             f"| {target.median(32, 'rps'):,.0f} | {target.median(32, 'rps') / whole.median(32, 'rps'):.2f}x "
             f"| {target.median(1, 'cpu_us'):.0f} / {target.median(32, 'cpu_us'):.0f} "
-            f"| {target.paired(whole, 1, 'cpu_us'):+.0f} / {target.paired(whole, 32, 'cpu_us'):+.0f} |")
+            f"| {target.paired(whole, 1, 'cpu_us'):+.0f} / {target.paired(whole, 32, 'cpu_us'):+.0f} "
+            f"| {target.median(1, 'envoy_us'):.0f} / {target.median(32, 'envoy_us'):.0f} "
+            f"| {target.paired(whole, 1, 'envoy_us'):+.0f} / {target.paired(whole, 32, 'envoy_us'):+.0f} "
+            f"| {target.median(1, 'receiver_us'):.0f} |")
     return "\n".join(lines)
 
 
@@ -205,7 +257,7 @@ def start_steps(service_address: str, workdir: Path, concurrency: int, receiver:
         path.write_bytes(dump_yaml(with_ports(config, listen_port=listen_port, admin_port=admin_port)))
         procs.append(start([find_envoy(), "-c", str(path), "-l", "warning", "--disable-hot-restart",
                             "--concurrency", str(concurrency)], workdir / f"envoy-{name}.log"))
-        return Target(label, listen_port), Admin(admin_port)
+        return Target(label, listen_port, envoy_pid=procs[-1].pid), Admin(admin_port)
 
     steps = [run(step.name, step.label, step_config(full, step.name)) for step in STEPS]
     variants = [run(variant.name, variant.label, variant_config(full, variant.name)) for variant in VARIANTS]
@@ -259,6 +311,7 @@ def main() -> None:
                            workdir / "serve.log"))
         procs.append(start(gateway_argv(etcd_port, listen_port, admin_port, workdir / "xds", args.envoy_concurrency),
                            workdir / "gateway.log"))
+        gateway_pid = procs[-1].pid
         admin = Admin(admin_port)
         wait(lambda: admin.get("/ready").strip() == b"LIVE", 60, "Envoy ready")
         settings = EtcdSettings(endpoints=[f"127.0.0.1:{etcd_port}"], prefix=PREFIX)
@@ -272,8 +325,12 @@ def main() -> None:
         body_path = workdir / "iris.body.bin"
         body_path.write_bytes(loadgen.grpc_frame(body))
 
-        direct, gateway = Target("direct", service_port), Target("gateway, header routing", listen_port)
-        body_routed = Target("gateway, body routing (no header)", listen_port, headers=())
+        envoy_pid = child_pid(gateway_pid, "envoy")
+        if envoy_pid is None:
+            raise SystemExit(f"no envoy process under the gateway (pid {gateway_pid})")
+        direct = Target("direct", service_port)
+        gateway = Target("gateway, header routing", listen_port, envoy_pid=envoy_pid)
+        body_routed = Target("gateway, body routing (no header)", listen_port, headers=(), envoy_pid=envoy_pid)
         steps, variants = start_steps(f"127.0.0.1:{service_port}", workdir, args.envoy_concurrency, receiver,
                                       procs) if args.steps else ([], [])
         for _, step_admin in steps + variants:
@@ -298,7 +355,8 @@ def main() -> None:
                                      index=index)
                     target.samples.setdefault(concurrency, []).append(sample)
                     print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
-                          f"p50 {sample.p50_ms:.3f} ms, machine {100 * sample.machine_busy:.0f} % busy", flush=True)
+                          f"p50 {sample.p50_ms:.3f} ms, Envoy {sample.envoy_us:.0f} µs/req, "
+                          f"machine {100 * sample.machine_busy:.0f} % busy", flush=True)
         load_after = os.getloadavg()[0]
         print("\n" + render(direct, gateway, body_routed, args, (load_before, load_after)))
         if steps:

@@ -57,7 +57,7 @@ def routes_by_name(snapshot: Snapshot) -> dict[str, dict[str, Any]]:
 
 
 def route_names(snapshot: Snapshot) -> list[str]:
-    """The gRPC routes in order (the REST routes come first of all: tests/gateway/test_rest_routes.py)."""
+    """The gRPC routes in order (the REST routes come after them: tests/gateway/test_rest_routes.py)."""
     return [r["name"] for r in snapshot.routes["virtual_hosts"][0]["routes"] if not r["name"].startswith("rest/")]
 
 
@@ -192,6 +192,26 @@ def test_repository_control_routes_like_any_call_when_allowed() -> None:
     snapshot = render_snapshot(state(*IRIS), {}, options)
     assert not any(name.startswith("repository-control/") for name in route_names(snapshot))
     assert route_names(snapshot)[0] == "iris/pin/v1"
+
+
+def test_grpc_stats_name_the_services_methods_and_no_client_path() -> None:
+    hcm = render_snapshot(state(*IRIS), {}, OPTIONS).listener["filter_chains"][0]["filters"][0]["typed_config"]
+    stats = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.grpc_stats")["typed_config"]
+    assert "stats_for_all_methods" not in stats  # a stat name per path a client sends: unbounded
+    [service] = stats["individual_method_stats_allowlist"]["services"]
+    assert service["name"] == "inference.GRPCInferenceService"
+    assert {"ModelInfer", "ModelStreamInfer", "ModelReady", "RepositoryIndex"} <= set(service["method_names"])
+    assert len(service["method_names"]) == len(set(service["method_names"])) == 20
+
+
+def test_every_grpc_route_but_the_repository_refusals_takes_grpc_requests_only() -> None:
+    for allowed in (False, True):
+        options = default_render_options(xds_dir="/tmp/x", allow_repository_control=allowed,
+                                         answers_address="127.0.0.1:7999")
+        for models in ((), IRIS, (*IRIS, instance("mlp", 1, "m", 7004))):
+            for route in routes_by_name(render_snapshot(state(*models), {}, options)).values():
+                if not route["name"].startswith(("rest/", "repository-control/")):
+                    assert route["match"].get("grpc") == {}, route["name"]
 
 
 def test_non_ip_addresses_are_left_out_with_a_warning() -> None:
