@@ -442,8 +442,9 @@ def check_rest(
         except InferenceServerException as exc:
             raw = rest_call(port, rest_path(model), body, timeout)  # what the server says to the exact bytes
             said = raw if isinstance(raw, str) else f"HTTP {raw[0]} {raw[2][:160].decode(errors='replace')}"
-            return CheckResult(False, f"tritonclient.http infer ({body.kind}) failed: {exc.status()} {exc.message()}; "
-                                      f"the raw POST answers {said}")
+            message = " ".join(f"{exc.status()} {exc.message()}".split())  # tritonclient's holds newlines
+            return CheckResult(False, f"tritonclient.http infer ({body.kind}) failed: {message}; "
+                                      f"the raw POST answers {' '.join(said.split())}")
         problem = _compare({k: v for k, v in got.items() if v is not None}, expected, rtol, atol)
         if problem:
             return CheckResult(False, f"tritonclient.http ({body.kind}): {problem}")

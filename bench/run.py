@@ -380,6 +380,11 @@ def bench_target(
 # -------------------------------------------------------------------------------------------- table
 
 
+def _cell(text: str, limit: int) -> str:
+    """``text`` fit for one Markdown table cell: one line, no ``|``, at most ``limit`` characters."""
+    return " ".join(text.split()).replace("|", "/")[:limit]
+
+
 def _fmt(value: float, digits: int) -> str:
     return "-" if math.isnan(value) else f"{value:,.{digits}f}"
 
@@ -420,7 +425,7 @@ def render_table(points: list[Point], targets: list[str], labels: dict[str, str]
                     continue
                 label = labels.get(target, target)
                 if p.status != "ok":
-                    note = p.note.replace("|", "/")[:160]
+                    note = _cell(p.note, 160)
                     lines.append(f"| {model} | {conc} | {label} | {p.status} | | | | | | | {note} |")
                     continue
                 lines.append(
@@ -454,7 +459,7 @@ def render_rest_table(points: list[Point], targets: list[str], labels: dict[str,
                         continue
                     label, body = labels.get(target, target), REST_LABELS.get(kind, kind)
                     if p.status != "ok":
-                        note = p.note.replace("|", "/")[:200]
+                        note = _cell(p.note, 200)
                         lines.append(f"| {model} | {conc} | {label} | {body} | {p.status} | | | | | | | {note} |")
                         continue
                     grpc = by_key.get((target, model, conc, "grpc"))
