@@ -193,8 +193,13 @@ def measure_mixed(server: Server, concurrency: int, ctx: Context) -> Sample:
             background.kill()
             background.wait(timeout=10)
     problem = _checked(server, result, ctx.grpc_bytes, concurrency)
+    problem = f"gRPC: {problem}" if problem else ""
     rest = loadgen.parse_h2load(background.returncode, output, rest_log)
-    problem = problem or _checked(server, rest, server.rest_bytes[kind], concurrency)
+    rest_problem = _checked(server, rest, server.rest_bytes[kind], concurrency)
+    if rest_problem:
+        tail = " | ".join(output.strip().splitlines()[-6:])
+        problem = f"{problem}; " if problem else ""
+        problem += f"REST {kind}: {rest_problem} (h2load: {tail})"
     if problem:
         raise SystemExit(f"{server.name} gRPC under REST load c={concurrency}: {problem}")
     return Sample(result.rps, result.p50_ms, result.p99_ms, float("nan"), other_rps=rest.rps)
