@@ -223,3 +223,20 @@ def test_the_duty_cycle_charges_cpu_time_not_wall_time() -> None:
     assert charged_cpu(0.002, 0.01, 1) == 0.002
     assert charged_cpu(0.002, 0.01, 4) == pytest.approx(0.04)
     assert charged_cpu(0.002, 0.01, 0) == pytest.approx(0.01 * (os.cpu_count() or 1))
+
+
+def test_allclose_agrees_with_numpy_on_finite_nan_and_infinite_values() -> None:
+    rng = np.random.default_rng(7)
+    plan = ShadowPlan(candidate=3, rtol=1e-3, atol=1e-4)
+    for dtype in (np.float16, np.float32, np.float64):
+        base = (rng.standard_normal((4, 8)) * 10).astype(dtype)
+        cases = [base.copy(), (base + 1e-5).astype(dtype), (base * 1.01).astype(dtype)]
+        for special, other in ((np.nan, np.nan), (np.inf, np.inf), (np.inf, -np.inf), (np.nan, 1.0), (np.inf, 1.0)):
+            left, right = base.copy(), base.copy()
+            left.flat[3], right.flat[3] = special, other
+            cases.append(right)
+            assert compare_outputs(left, right, plan)[0] == np.allclose(left, right, rtol=1e-3, atol=1e-4,
+                                                                         equal_nan=True), (dtype, special, other)
+        for case in cases[:3]:
+            expected = np.allclose(base, case, rtol=1e-3, atol=1e-4, equal_nan=True)
+            assert compare_outputs(base, case, plan)[0] == expected, dtype
