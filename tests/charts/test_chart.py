@@ -408,6 +408,9 @@ INVALID = [
                  id="admin-tls-secret"),
     pytest.param([*GATEWAY_BASE, "adminTls.enabled=true", "adminTls.secretName=admin", "serviceMonitor.enabled=true"],
                  "adminTls.scrapeSecretName: the rollout controller and the ServiceMonitors", id="admin-tls-scrape"),
+    pytest.param([*GATEWAY_BASE, "adminTls.enabled=true", "adminTls.secretName=admin", "serviceMonitor.enabled=true",
+                  "adminTls.scrapeSecretName=scraper"], "adminTls.serverName: the rollout controller and the "
+                 "ServiceMonitors check", id="admin-tls-server-name"),
     pytest.param([*GATEWAY_BASE, "adminTls.enabled=true", "adminTls.secretName=admin", "adminTls.clientCaKey=a/b"],
                  "adminTls/clientCaKey", id="admin-tls-ca-key"),
 

@@ -96,5 +96,8 @@ adminTls.secretName: name the kubernetes.io/tls Secret with the admin ports' cer
 {{- if and (not $a.scrapeSecretName) (or .Values.rolloutController.enabled .Values.serviceMonitor.enabled) }}
 adminTls.scrapeSecretName: the rollout controller and the ServiceMonitors scrape the admin ports: name the kubernetes.io/tls Secret with an admin client certificate (tls.crt, tls.key) and the CA of the admin ports' certificate (ca.crt)
 {{- end }}
+{{- if and (not $a.serverName) (or .Values.rolloutController.enabled .Values.serviceMonitor.enabled) }}
+adminTls.serverName: the rollout controller and the ServiceMonitors check the admin ports' certificate for this name (empty: the pod IP, which the certificate does not name, so every scrape fails): set a DNS name the certificate carries
+{{- end }}
 {{- end }}
 {{- end -}}
