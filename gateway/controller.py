@@ -413,6 +413,8 @@ class GatewayController:
             # that renders what no document did). The version stays: it is what Envoy serves.
             if live.revision != wanted.revision or live.plans != wanted.plans:
                 self._live = replace(live, revision=wanted.revision, plans=wanted.plans)
+            self.metrics.snapshot_revision.set(wanted.revision)  # the gauges follow the plans in force
+            self.metrics.models.set(len(wanted.plans))
             self._failures, self._retry_at = 0, None  # what is wanted is live: nothing left to retry
             return None
         try:

@@ -140,6 +140,9 @@ async def test_a_render_equal_to_the_live_config_takes_over_its_plans(tmp_path: 
         assert await controller._publish(same, None) is None
         assert controller.live is not None and controller.live.version == live.version
         assert controller.live.revision == 12 and controller.live.plans == same.plans
+        registry = controller.metrics.prometheus_registry
+        assert registry.get_sample_value("sluice_gateway_snapshot_revision") == 12
+        assert registry.get_sample_value("sluice_gateway_models") == 1
 
         refused = render_snapshot(build_state(schema, 13, [instance, routing(
             b'{"weights": {"1": 100}, "sticky_header": "x-user"}', 13)]), {}, controller.options)
