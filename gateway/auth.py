@@ -513,7 +513,7 @@ def auth_reply_mappers(auth: AuthOptions | None, *, allow_repository_control: bo
     UNAUTHENTICATED). A 403 after a verified token is an RBAC denial: 403 naming the model and the
     claim (PERMISSION_DENIED), or, for repository load/unload, the admin claim. The one other 403
     after a verified token, the REST repository control refusal (only while it is off), is left
-    as it is. REST requests get ``{"error": …}``.
+    as it is. REST requests (every content-type but gRPC's, or none) get ``{"error": …}``.
     """
     if auth is None:
         return []
@@ -531,9 +531,13 @@ def auth_reply_mappers(auth: AuthOptions | None, *, allow_repository_control: bo
                                                 "value": {"present_match": True} if present else {"null_match": {}}},
                                     "match_if_key_not_found": not present}}
 
-    # "/v2" itself (server metadata) too; gRPC paths start with "/inference.".
-    rest = path({"prefix": "/v2"})
-    grpc = path({"prefix": "/v2"}, invert=True)
+    # gRPC or REST by content-type, as the routes tell them apart (a route's ``grpc: {}`` match:
+    # application/grpc, alone or followed by "+" or ";"), so a REST request to a path outside /v2
+    # gets JSON too. An absent content-type is REST: read as empty, it fails the inverted match.
+    grpc_type = {"safe_regex": {"regex": "application/grpc([+;].*)?"}}
+    grpc = {"header_filter": {"header": {"name": "content-type", "string_match": grpc_type}}}
+    rest = {"header_filter": {"header": {"name": "content-type", "string_match": grpc_type, "invert_match": True,
+                                         "treat_missing_header_as_empty": True}}}
     rest_repository = {"safe_regex": {"regex": "/v2/repository/models/[^/]+/(" + "|".join(REPOSITORY_OPERATIONS)
                                                + ")/?"}}
     repository = {"or_filter": {"filters": [

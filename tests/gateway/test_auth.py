@@ -8,6 +8,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import socketserver
 import threading
 from dataclasses import replace
@@ -209,6 +210,28 @@ def test_reply_mappers_come_first_and_only_when_on() -> None:
     text = json.dumps(added)
     assert "%METADATA(ROUTE:sluice:model)%" in text and "authentication failed: %LOCAL_REPLY_BODY%" in text
     assert "'admin' is true" in text
+
+
+def test_reply_mappers_tell_rest_from_grpc_by_content_type_as_the_routes_do() -> None:
+    """A REST request to any path (not only /v2) gets JSON: the mappers classify by content-type,
+    an absent one counting as REST; gRPC's is application/grpc alone or followed by "+" or ";"."""
+    hcm = render_snapshot(TWO_MODELS, {}, replace(ON, allow_repository_control=True)).listener[
+        "filter_chains"][0]["filters"][0]["typed_config"]
+    added = hcm["local_reply_config"]["mappers"][:6]
+    for found in added:
+        conditions = found["filter"]["and_filter"]["filters"]
+        kinds = [c["header_filter"]["header"] for c in conditions
+                 if c.get("header_filter", {}).get("header", {}).get("name") == "content-type"]
+        assert len(kinds) == 1, conditions
+        (header,) = kinds
+        as_json = "json_format" in found["body_format_override"]
+        assert header.get("invert_match", False) is as_json
+        assert header.get("treat_missing_header_as_empty", False) is as_json
+        pattern = re.compile(header["string_match"]["safe_regex"]["regex"])
+        for value, grpc in (("application/grpc", True), ("application/grpc+proto", True),
+                            ("application/grpc;charset=utf-8", True), ("application/json", False),
+                            ("application/grpc-web", False), ("", False)):
+            assert (pattern.fullmatch(value) is not None) is grpc, value
 
 
 # -- settings -------------------------------------------------------------------------------------------

@@ -194,6 +194,14 @@ async def test_refused_tokens_say_which_part_failed(routable: GatewayHandle, key
         assert status == 401 and body["error"].startswith("authentication failed: ") and reason in body["error"]
 
 
+async def test_a_rest_request_outside_v2_is_refused_in_json(routable: GatewayHandle) -> None:
+    """Any non-gRPC request is REST to the reply mappers, as to the routes: no token on a path
+    outside /v2, with a JSON body or none (no content-type), is a JSON 401."""
+    for body in (b'{"inputs": []}', None):
+        status, answer = _rest(routable.address, "POST", "/foo", None, body)
+        assert status == 401 and answer["error"] == "authentication failed: Jwt is missing", (body, answer)
+
+
 async def test_allowed_calls_pass_over_grpc_and_rest(routable: GatewayHandle,
                                                      key: ec.EllipticCurvePrivateKey) -> None:
     for claims in ({"models": ["iris"]}, {"models": ["mlp", "iris"]}, {"models": ["*"]}, {"models": "iris"}):
