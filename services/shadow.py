@@ -5,7 +5,8 @@ Never on the caller's time or at its expense: :meth:`Shadow.offer` (on the reque
 the answer is built) only draws a random number and puts a reference into a queue bounded in jobs
 and in bytes held — a full queue drops the job. One worker thread runs the candidate through ONNX
 Runtime directly (not its batcher, so the candidate's own request figures stay those of real
-callers) under Linux's SCHED_IDLE policy (:func:`lower_priority`), and idles after each job so that
+callers) at nice 19, under Linux's SCHED_IDLE policy only while ONNX Runtime computes
+(:func:`lower_priority`, :class:`WorkerPriority`), and idles after each job so that
 its CPU time stays within ``cpu_share`` of one core (:func:`idle_after`).
 
 What to compare comes from the model's rollout document (:mod:`mesh.rollout.document`, followed
@@ -61,32 +62,108 @@ Policy = Literal["idle", "nice"]
 ``nice`` (nice 19 under the default policy)."""
 
 
+def can_leave_idle() -> bool:
+    """Whether a thread of this process may go back from SCHED_IDLE to the default policy, tried
+    on a throwaway thread (one refused stays under SCHED_IDLE: it must not be the worker). Linux
+    allows it an unprivileged thread only where its nice value is within RLIMIT_NICE (nice 19
+    needs a soft limit of at least 1; the usual default is 0) or with CAP_SYS_NICE."""
+    setter, idle = getattr(os, "sched_setscheduler", None), getattr(os, "SCHED_IDLE", None)
+    if setter is None or idle is None:
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            setter(0, idle, os.sched_param(0))
+            setter(0, os.SCHED_OTHER, os.sched_param(0))
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, name="shadow-probe", daemon=True)
+    thread.start()
+    thread.join(5.0)
+    return result == [True]
+
+
 def lower_priority(policy: Policy) -> str:
-    """Lower the calling thread's scheduling priority (Linux applies both to one thread only, pid 0
-    being the calling thread); threads it creates later inherit it. Returns what it got:
-    ``"idle"``, ``"nice"`` or ``"normal"`` (a platform with neither).
+    """Lower the calling thread's scheduling priority to nice 19 under the default policy (Linux
+    applies it to one thread only); threads it creates later inherit it. Returns what the worker
+    may use: ``"idle"`` (nice 19, and SCHED_IDLE around each candidate run: :func:`idle_during`),
+    ``"nice"`` (nice 19 only) or ``"normal"`` (a platform with neither).
 
     ``idle``: SCHED_IDLE, because nice 19 alone does not keep the worker off the callers' time.
     The handler threads run under SCHED_BATCH (``--handler-policy batch``), and a waking SCHED_BATCH
     thread never preempts a running SCHED_OTHER one, however niced: a handler given a new call
     waited for the worker's ONNX Runtime call or its time slice to end. A SCHED_IDLE thread is
     preempted by any waking thread of another policy, SCHED_BATCH included, and gets a core only
-    when no one else wants it. ``nice``: the worker keeps a small share (about 1.5 % of a core
+    when no one else wants it. But only around the candidate's ONNX Runtime call, which releases
+    the GIL: a SCHED_IDLE thread preempted in Python code (taking a job, the comparison) holds the
+    GIL every handler thread needs, and runs again only once a core is idle, so on a saturated
+    node every Python thread of the service (handlers, event loop, etcd lease keep-alive) would
+    stall behind it. Where this process may not leave SCHED_IDLE again (:func:`can_leave_idle`)
+    the worker stays at nice 19. ``nice``: the worker keeps a small share (about 1.5 % of a core
     against one busy thread) even on a saturated service, so a rollout's shadow step can still
-    reach its comparisons there, at the cost of the delays above."""
+    reach its comparisons there, at the cost of the delays above.
+
+    The priority is the calling thread's only: a candidate with ``intra_op_threads`` other than
+    1 computes on its session's intra-op pool as well, threads made by the thread that loaded it,
+    at normal priority (:func:`charged_cpu` charges their CPU to the worker's share; it does not
+    lower their priority)."""
     got = "normal"
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         got = "nice"
-    if policy == "idle":
-        setter, idle = getattr(os, "sched_setscheduler", None), getattr(os, "SCHED_IDLE", None)
-        if setter is not None and idle is not None:
-            try:
-                setter(0, idle, os.sched_param(0))
-                got = "idle"
-            except OSError as exc:
-                log.warning("shadow_sched_idle_refused", error=str(exc), consequence=f"the worker runs at {got}")
+    if policy == "idle" and got == "nice":
+        if can_leave_idle():
+            got = "idle"
+        else:
+            log.warning("shadow_sched_idle_refused", error="this process may not leave SCHED_IDLE again",
+                        consequence="the worker runs at nice 19")
     return got
+
+
+class WorkerPriority:
+    """The worker thread's priority: nice 19 throughout (:func:`lower_priority`), SCHED_IDLE only
+    inside :meth:`idle` blocks, which the worker keeps to the GIL-free candidate run."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy: Policy = policy
+        self.got = ""
+        """What :func:`lower_priority` got (set by :meth:`lower`); ``"stuck-idle"`` once going
+        back from SCHED_IDLE failed, ``"nice"`` once going in did."""
+
+    def lower(self) -> str:
+        """On the thread concerned."""
+        self.got = lower_priority(self.policy)
+        return self.got
+
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """The block under SCHED_IDLE where :meth:`lower` got ``"idle"``, back to the default
+        policy at nice 19 right after (Linux keeps the nice value across both changes). Where
+        going in fails SCHED_IDLE is not tried again; where going back fails (the probe said it
+        would not) the thread can do no better than stay, logged once and not tried again."""
+        if self.got != "idle":
+            yield
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:
+            self.got = "nice"
+            log.warning("shadow_sched_idle_refused", error=str(exc), consequence="the worker runs at nice 19")
+            yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            except OSError as exc:
+                self.got = "stuck-idle"
+                log.error("shadow_sched_idle_stuck", error=str(exc),
+                          consequence="the worker stays under SCHED_IDLE, holding the GIL there")
 
 
 def charged_cpu(thread_cpu: float, wall: float, intra_op_threads: int) -> float:
@@ -209,8 +286,8 @@ class Shadow:
         self.catalog = catalog
         self.cpu_share = cpu_share
         self.policy: Policy = policy
-        self.worker_priority = ""
-        """What :func:`lower_priority` got for the worker thread (set once it runs)."""
+        self.priority = WorkerPriority(policy)
+        """The worker thread's (:attr:`WorkerPriority.got` set once it runs)."""
         self.queue_bytes = queue_bytes
         """Bytes of inputs and outputs the queued jobs may hold together; a job beyond is dropped."""
         self.queued_bytes = 0
@@ -304,8 +381,8 @@ class Shadow:
         thread.join(timeout)
 
     def _work(self) -> None:
-        self.worker_priority = lower_priority(self.policy)
-        log.debug("shadow_worker", priority=self.worker_priority, tid=threading.get_native_id(),
+        got = self.priority.lower()
+        log.info("shadow_worker", priority=got, tid=threading.get_native_id(),
                   cpu_share=self.cpu_share)
         charged_from = time.thread_time()
         idle_since: float | None = None
@@ -352,7 +429,8 @@ class Shadow:
             return 1
         intra_op = served.model.config.session.intra_op_threads
         try:
-            outputs = served.model.run(job.feeds, job.names)
+            with self.priority.idle():  # the binding's run releases the GIL; nothing else here does
+                outputs = served.model.run(job.feeds, job.names)
         except ServiceError as exc:
             pair.errors += 1
             self._remember(pair, job, "candidate_error", error=str(exc)[:300])
