@@ -32,11 +32,11 @@ def main() -> None:
         proc, port, metrics = _start(repo, 0.1, Path(tmp) / "service.log")
         try:
             _load(port, 4, args.seconds)
-            url = f"http://127.0.0.1:{metrics}/metrics"
+            address = f"127.0.0.1:{metrics}"
             walls, cpus, sizes = [], [], []
             for _ in range(args.scrapes):
                 wall, cpu = time.perf_counter(), time.process_time()
-                text = _fetch(url, 2.0)
+                text = _fetch(address, 2.0, None, None, 8.0)
                 counters = parse_metrics(text, "m", 2, 3)
                 cpus.append(time.process_time() - cpu)
                 walls.append(time.perf_counter() - wall)

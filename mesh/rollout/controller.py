@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import socket
-import ssl
 import urllib.error
 import urllib.request
 from datetime import datetime, timezone
@@ -28,7 +27,7 @@ from mesh.registry.records import InstanceState
 from mesh.registry.state import ModelState, build_state, set_weights
 from mesh.rollout import machine
 from mesh.rollout.document import SHADOW, RolloutDocument, Webhook, parse_rollout_document
-from mesh.rollout.figures import joined, metrics_address, scrape, window
+from mesh.rollout.figures import TlsSource, joined, metrics_address, scrape, window
 from mesh.rollout.promql import PromQLResult, evaluate
 
 log = structlog.get_logger("mesh.rollout.controller")
@@ -63,10 +62,11 @@ class RolloutController:
     def __init__(self, client: EtcdClient, schema: KeySchema, *, identity: str | None = None,
                  tick: float = 1.0, lease_ttl: int = 5, scrape_timeout: float = 2.0,
                  prometheus_url: str | None = None, prometheus_timeout: float = 5.0,
-                 scrape_tls: ssl.SSLContext | None = None, scrape_server_name: str | None = None) -> None:
+                 scrape_tls: TlsSource = None, scrape_server_name: str | None = None) -> None:
         self.client = client
         self.scrape_tls = scrape_tls
-        """HTTPS with the admin identity to the services' /metrics (figures.scrape_tls); None: HTTP."""
+        """HTTPS with the admin identity to the services' /metrics (figures.scrape_tls: the context is
+        made again when its files are renewed); None: HTTP."""
         self.scrape_server_name = scrape_server_name
         self.prometheus_url = prometheus_url
         self.prometheus_timeout = prometheus_timeout

@@ -11,21 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import math
+import select
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.tls_files import read_ca, read_key_pair
+from mesh.tls_files import FileStamps, TlsFileError, file_stamps, read_ca, read_key_pair
+
+log = structlog.get_logger(__name__)
 
 SCRAPE_MAX_BYTES = 8 * 1024 * 1024
 """A service's /metrics is a few kB per model version; more is refused unread."""
+SCRAPE_TOTAL_TIMEOUTS = 4
+"""An instance's whole scrape (connect, handshake, request, every read) ends within this many
+scrape timeouts: a server dripping bytes keeps no thread busy past it."""
 NOT_ERRORS = frozenset({"OK", "CANCELLED"})
 """gRPC codes that do not count against a version: success, and callers that gave up."""
 SHADOW_FIELDS = ("compared", "agreed", "errors", "diff_sum")
@@ -192,10 +202,54 @@ def metrics_address(address: str, admin_address: str | None) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-def scrape_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+class ScrapeTls:
+    """The scrape's SSL context, made again when its files change (cert-manager renews the scrape
+    Secret and the CA in place). Called once per connection; the files' (mtime, size, inode) are
+    looked at most once per ``interval`` seconds, and a changed set that fails the checks of
+    mesh.tls_files keeps the old context and is logged once."""
+
+    def __init__(self, ca: Path, cert: Path | None, key: Path | None, interval: float = 1.0) -> None:
+        self.ca, self.cert, self.key = ca, cert, key
+        self.paths = tuple(path for path in (ca, cert, key) if path is not None)
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._stamp = file_stamps(self.paths)
+        self._refused: FileStamps | None = None
+        self._context = self._make()
+        self._checked_at = time.monotonic()
+
+    def _make(self) -> ssl.SSLContext:
+        """A context from the files now; TlsFileError (naming the flag) or ssl.SSLError if unusable."""
+        context = ssl.create_default_context(cadata=read_ca(self.ca, "--metrics-ca").decode("ascii", errors="replace"))
+        if self.cert is not None and self.key is not None:
+            read_key_pair(self.cert, self.key, "--metrics-cert", "--metrics-key")
+            context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def __call__(self) -> ssl.SSLContext:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at < self.interval:
+                return self._context
+            self._checked_at = now
+            stamp = file_stamps(self.paths)
+            if stamp in (self._stamp, self._refused):
+                return self._context
+            try:
+                context = self._make()
+            except (TlsFileError, ssl.SSLError, OSError) as exc:
+                self._refused = stamp
+                log.warning("scrape_tls_reload_refused", reason=str(exc)[:300], using="the previous certificate")
+                return self._context
+            self._context, self._stamp, self._refused = context, stamp, None
+        log.info("scrape_tls_reloaded", ca=str(self.ca), cert=str(self.cert))
+        return context
+
+
+def scrape_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ScrapeTls | None:
     """The context to scrape services whose admin port requires the admin identity: their
-    certificates checked against ``ca``, ``cert``/``key`` presented; None (plain HTTP) when none is
-    given. ValueError (TlsFileError) names a bad flag."""
+    certificates checked against ``ca``, ``cert``/``key`` presented, made again when the files are
+    renewed; None (plain HTTP) when none is given. ValueError (TlsFileError) names a bad flag."""
     if ca is None and cert is None and key is None:
         return None
     if ca is None:
@@ -203,40 +257,109 @@ def scrape_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLC
                          "certificates)")
     if (cert is None) != (key is None):
         raise ValueError("--metrics-cert and --metrics-key go together: give both or neither")
-    context = ssl.create_default_context(cadata=read_ca(ca, "--metrics-ca").decode("ascii", errors="replace"))
-    if cert is not None and key is not None:
-        read_key_pair(cert, key, "--metrics-cert", "--metrics-key")
-        context.load_cert_chain(cert, key)
-    return context
+    return ScrapeTls(ca, cert, key)
+
+
+TlsSource = ssl.SSLContext | Callable[[], ssl.SSLContext] | None
+"""How a scrape speaks TLS: a fixed context, a function giving the context now (:class:`ScrapeTls`),
+or None (plain HTTP)."""
 
 
 class ScrapeError(ValueError):
     """An instance's /metrics could not be read; the message says what happened."""
 
 
-def _fetch(address: str, timeout: float, tls: ssl.SSLContext | None, server_name: str | None) -> str:
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the scrape's deadline passed")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The socket's bytes for http.client, each read waiting at most the per-operation timeout and
+    never past the scrape's deadline (a server dripping a byte at a time is cut off at it)."""
+
+    def __init__(self, sock: socket.socket, timeout: float, deadline: float) -> None:
+        super().__init__()
+        self.sock, self.timeout, self.deadline = sock, timeout, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self.sock.settimeout(min(self.timeout, _remaining(self.deadline)))
+        return self.sock.recv_into(buffer)
+
+
+class _DeadlineSocket:
+    """What http.client needs of a socket (sendall, makefile, close), bound by the deadline."""
+
+    def __init__(self, sock: socket.socket, timeout: float, deadline: float) -> None:
+        self.sock, self.timeout, self.deadline = sock, timeout, deadline
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(min(self.timeout, _remaining(self.deadline)))
+        self.sock.sendall(data)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self.sock, self.timeout, self.deadline))
+
+    def close(self) -> None:
+        """Nothing: http.client closes its socket before the body is read (a response that closes
+        the connection); :func:`_fetch` closes the real one when done."""
+
+
+def _handshake(sock: socket.socket, tls: ssl.SSLContext, server_name: str, timeout: float,
+               deadline: float) -> ssl.SSLSocket:
+    """The TLS handshake, each wait at most ``timeout`` and all of it before ``deadline``."""
+    wrapped = tls.wrap_socket(sock, server_hostname=server_name, do_handshake_on_connect=False)
+    try:
+        wrapped.setblocking(False)
+        while True:
+            try:
+                wrapped.do_handshake()
+                return wrapped
+            except ssl.SSLWantReadError:
+                readable: list[ssl.SSLSocket] = [wrapped]
+                writable: list[ssl.SSLSocket] = []
+            except ssl.SSLWantWriteError:
+                readable, writable = [], [wrapped]
+            wait = min(timeout, _remaining(deadline))
+            if not any(select.select(readable, writable, [], wait)[:2]):
+                raise TimeoutError("the TLS handshake stalled")
+    except BaseException:
+        wrapped.close()
+        raise
+
+
+def _fetch(address: str, timeout: float, tls: TlsSource, server_name: str | None, total: float) -> str:
     """``GET /metrics`` of ``address`` (host:port), over HTTPS with ``tls``; every socket operation
-    (connect, handshake, each read) waits at most ``timeout`` seconds."""
+    (connect, handshake, each read) waits at most ``timeout`` seconds, and all of them together
+    at most ``total`` (TimeoutError past either)."""
+    deadline = time.monotonic() + total
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
-    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    context = tls() if callable(tls) else tls
+    sock = socket.create_connection((host, int(port)), timeout=min(timeout, total))
     try:
-        if tls is not None:
+        if context is not None:
             try:
-                sock = tls.wrap_socket(sock, server_hostname=server_name or host)
+                sock = _handshake(sock, context, server_name or host, timeout, deadline)
             except ssl.SSLCertVerificationError as exc:
                 raise ScrapeError(f"TLS: {exc.verify_message or exc} (--metrics-ca, --metrics-server-name)") from exc
             except ssl.SSLError as exc:
                 raise ScrapeError(f"TLS handshake failed: {exc.reason or exc}") from exc
         connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
-        connection.sock = sock
+        connection.sock = _DeadlineSocket(sock, timeout, deadline)
         try:
             connection.request("GET", "/metrics", headers={"Accept": "text/plain"})
             response = connection.getresponse()
             data: bytes = response.read(SCRAPE_MAX_BYTES + 1)
         except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
             # TLS 1.3: a refused client certificate shows as an alert on the first read.
-            hint = "" if tls is not None else " (an HTTPS admin port? give --metrics-ca/--metrics-cert/--metrics-key)"
+            hint = ("" if context is not None
+                    else " (an HTTPS admin port? give --metrics-ca/--metrics-cert/--metrics-key)")
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             raise ScrapeError(f"connection refused the request: {reason}{hint}") from exc
         finally:
@@ -251,15 +374,16 @@ def _fetch(address: str, timeout: float, tls: ssl.SSLContext | None, server_name
 
 
 async def scrape(targets: Mapping[str, str], model: str, baseline: int, candidate: int, *,
-                 timeout: float = 2.0, tls: ssl.SSLContext | None = None,
+                 timeout: float = 2.0, tls: TlsSource = None,
                  server_name: str | None = None) -> tuple[dict[str, Counters], dict[str, str]]:
     """Scrape ``instance id → metrics address`` at once (HTTPS with ``tls``, the services'
     certificates checked for ``server_name``, else the address's host); returns (counters,
-    problems) by instance. A stalled instance is given up after a few ``timeout``s in all."""
+    problems) by instance. Each socket operation waits at most ``timeout``, an instance's whole
+    scrape at most :data:`SCRAPE_TOTAL_TIMEOUTS` times that (a slow drip is cut off)."""
+    total = SCRAPE_TOTAL_TIMEOUTS * timeout
 
     async def one(address: str) -> Counters:
-        # The socket timeout bounds each operation; this bounds them together (a slow drip).
-        text = await asyncio.wait_for(asyncio.to_thread(_fetch, address, timeout, tls, server_name), 4 * timeout)
+        text = await asyncio.to_thread(_fetch, address, timeout, tls, server_name, total)
         return parse_metrics(text, model, baseline, candidate)
 
     items = sorted(targets.items())
@@ -269,7 +393,7 @@ async def scrape(targets: Mapping[str, str], model: str, baseline: int, candidat
     for (instance, address), result in zip(items, results, strict=True):
         if isinstance(result, BaseException):
             if isinstance(result, TimeoutError):
-                problems[instance] = f"{address}: no answer within {timeout:g}s"
+                problems[instance] = f"{address}: no answer within {timeout:g}s (or {total:g}s in all)"
                 continue
             if not isinstance(result, (OSError, ValueError, http.client.HTTPException)):
                 raise result
