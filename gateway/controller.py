@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +47,14 @@ from gateway.status import status_documents
 from gateway.tls import TlsMaterial, auth_mode, tls_sources
 from mesh.control import Changes, ControlLoop
 from mesh.errors import MeshError
+from mesh.observability.admin_tls import AdminTls
 from mesh.ports import bind_problem, check_bindable
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import RoutingDocument, StatusDocument, parse_routing_document
 from mesh.registry.settings import EtcdSettings
 from mesh.registry.state import RegistryState, build_state
+from mesh.tls_files import TlsFileError
 
 T = TypeVar("T")
 log = structlog.get_logger("gateway.controller")
@@ -133,9 +136,10 @@ class GatewayController:
         """
         self.check_ports()
         if self.settings.metrics_port >= 0:
+            tls = self._admin_tls()  # a file problem is not a taken port: built before the bind
             try:
                 self.metrics_port = self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port,
-                                                       tls=admin_tls(self.settings))
+                                                       tls=tls)
             except OSError as exc:  # taken between the check and now
                 raise bind_problem("the gateway's metrics", self.settings.metrics_host, self.settings.metrics_port,
                                    "--metrics-port (-1 turns metrics off)", exc.strerror or str(exc)) from exc
@@ -190,6 +194,18 @@ class GatewayController:
         if jwks is None or self.options.auth is None:
             return self.options
         return replace(self.options, auth=replace(self.options.auth, jwks=jwks))
+
+    def _admin_tls(self) -> AdminTls | None:
+        """The metrics port's TLS, or a one-line :class:`GatewayError` naming the flags of the files
+        that cannot serve it (the settings checked them; they may have changed since)."""
+        s = self.settings
+        try:
+            return admin_tls(s)
+        except (TlsFileError, ssl.SSLError, OSError) as exc:
+            pair = "--admin-tls-cert/--admin-tls-key" if s.admin_tls_cert is not None else "--tls-cert/--tls-key"
+            reason = " ".join(str(exc).split())[:300]
+            raise GatewayError(f"the metrics port's TLS cannot be set up from {pair} and --admin-tls-client-ca: "
+                               f"{reason}") from exc
 
     def check_ports(self) -> None:
         """One :class:`~mesh.ports.PortBindError` naming the flag for a taken port, instead of a

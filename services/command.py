@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from mesh.observability.component import fail, given_flags, one_line, run_component
     from mesh.ports import PortBindError
     from mesh.registry.command import settings_from_args
+    from mesh.tls_files import TlsFileError
     from services.heap import fix_mmap_threshold, limit_arenas
     from services.server import ModelServer
     from services.settings import ServiceSettings, load_settings
@@ -65,4 +66,4 @@ def run(args: argparse.Namespace) -> int:
             stopper.cancel()
 
     return run_component("serve", serve, log=settings, log_levels=settings.log_levels,
-                         errors={PortBindError: 2})
+                         errors={PortBindError: 2, TlsFileError: 2})

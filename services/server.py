@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -30,6 +31,7 @@ from mesh import protocol
 from mesh.observability.tracing import configure_tracing, shutdown_tracing
 from mesh.ports import bind_problem, check_bindable
 from mesh.registry.settings import EtcdSettings
+from mesh.tls_files import TlsFileError
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from protos.inference._pool import POOL
@@ -105,10 +107,16 @@ class ModelServer:
         started = time.perf_counter()
         self.check_ports()
         if s.metrics_port >= 0:
+            try:  # a file problem is not a taken port: the TLS is built before the bind
+                admin = admin_tls(s)  # HTTPS with the admin identity
+            except (TlsFileError, ssl.SSLError, OSError) as exc:  # the files changed since the settings
+                pair = "--admin-tls-cert/--admin-tls-key" if s.admin_tls_cert is not None else "--tls-cert/--tls-key"
+                raise TlsFileError(f"the metrics port's TLS cannot be set up from {pair} and --admin-tls-client-ca: "
+                                   f"{' '.join(str(exc).split())[:300]}") from exc
             try:
                 self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host, s.debug_endpoints,
                                                        memory_extras=lambda: version_memory(self.catalog),
-                                                       tls=admin_tls(s))  # HTTPS with the admin identity
+                                                       tls=admin)
             except OSError as exc:  # taken between the check and now
                 raise bind_problem("metrics", s.metrics_host, s.metrics_port, METRICS_PORT_FLAG,
                                    exc.strerror or str(exc)) from exc

@@ -14,10 +14,11 @@ Who may call them (``--debug-endpoints``):
   from inside the host or pod, which is where ``kubectl port-forward`` arrives.
 * ``on``: anyone who reaches the port. ``off``: 404 for every debug path.
 
-The admin identity (``--admin-tls-client-ca`` of ``sluice serve``): given ``tls``, a function
-that returns the SSL context of each new connection (:func:`admin_tls_context`; the service's
-follows renewed files), the port speaks HTTPS only and the handshake requires a client
-certificate signed by the admin CA, for ``/metrics`` as for ``/debug/``. Every connection that
+The admin identity (``--admin-tls-client-ca`` of ``sluice serve`` and of the ``sluice gateway``
+controller): given ``tls``, a function that returns the SSL context of each new connection
+(:func:`admin_tls_context`; both components' follow renewed files,
+:class:`mesh.observability.admin_tls.AdminTls`), the port speaks HTTPS only and the handshake
+requires a client certificate signed by the admin CA, for ``/metrics`` as for ``/debug/``. Every connection that
 gets as far as a request then belongs to an admin, so ``auto`` answers it from anywhere. The
 handshake runs on the connection's own thread with a timeout, so a caller that connects and
 stays silent holds one thread for :data:`HANDSHAKE_TIMEOUT` seconds, never the accept loop.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.auth import JWT_FILTER, PROVIDER
 from gateway.controller import GatewayController
+from gateway.errors import GatewayError
 from gateway.render import render_snapshot
 from gateway.settings import GatewaySettings
 from gateway.status import status_documents
-from mesh.devstack.pki import jwks_of
+from mesh.devstack.pki import DevPki, jwks_of
 from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.etcd.client import KeyValue
@@ -154,3 +156,33 @@ async def test_a_render_equal_to_the_live_config_takes_over_its_plans(tmp_path: 
     finally:
         controller._io.shutdown(wait=True)
         controller.admin.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broken", ["cert", "client_ca", "removed"])
+async def test_a_tls_file_problem_at_start_names_the_tls_flags_not_the_port(pki: DevPki, tmp_path: Path,
+                                                                           broken: str) -> None:
+    """Files the settings accepted that cannot serve HTTPS by the time the controller starts: one
+    GatewayError naming the admin TLS flags, not "cannot listen on" the metrics port."""
+    cert, key, client_ca = (tmp_path / "admin.crt", tmp_path / "admin.key", tmp_path / "admin-ca.crt")
+    for source, copy in ((pki.service.cert, cert), (pki.service.key, key), (pki.admin_ca.cert, client_ca)):
+        shutil.copyfile(source, copy)
+    settings = GatewaySettings(xds_dir=tmp_path / "xds", metrics_host="127.0.0.1", metrics_port=free_port(),
+                               envoy_admin="http://127.0.0.1:1", admin_tls_cert=cert, admin_tls_key=key,
+                               admin_tls_client_ca=client_ca)
+    if broken == "removed":
+        cert.unlink()
+    else:
+        (cert if broken == "cert" else client_ca).write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    controller = GatewayController(settings, EtcdSettings(endpoints=["127.0.0.1:2379"], prefix="/sluice-test/tls/"))
+    try:
+        with pytest.raises(GatewayError) as refused:
+            await asyncio.wait_for(controller.run(asyncio.Event()), 30)
+        message = str(refused.value)
+        assert "--admin-tls-cert/--admin-tls-key and --admin-tls-client-ca" in message, message
+        assert "cannot listen" not in message and "\n" not in message
+        assert controller.metrics_port is None
+    finally:
+        controller._io.shutdown(wait=True)
+        controller.admin.close()
+
