@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.shadow import _load, _model, _start
+from bench.shadow import Config, _load, _model, _start
 from mesh.rollout.figures import _fetch, parse_metrics
 
 
@@ -29,7 +29,7 @@ def main() -> None:
         for version in (2, 3):
             (repo / "m" / str(version)).mkdir(parents=True)
             (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
-        proc, port, metrics = _start(repo, 0.1, Path(tmp) / "service.log")
+        proc, port, metrics = _start(repo, Config(0.1), Path(tmp) / "service.log", [])
         try:
             _load(port, 4, args.seconds)
             address = f"127.0.0.1:{metrics}"
