@@ -5,8 +5,11 @@ A service (``sluice serve --tls-â€¦``) and the gateway (``sluice gateway --tls-â
 size cap, checked to be PEM of the right kind, and a key is checked to belong to its certificate,
 so a wrong file stops a start with one line naming the flag (or, for a renewed file the gateway
 watches, is refused while the old one stays in force). A certificate outside its validity window
-and a passphrase-protected key are refused too. Standard library only (the services' images have
-no crypto package): the validity dates are read from the DER by :func:`validity`.
+and a passphrase-protected key are refused too. No crypto package (the services' images have
+none): the validity dates are read from the DER by :func:`validity`.
+
+:class:`ReloadingContext` is an SSL context made again when its files are renewed in place (the
+admin port's, mesh/observability/admin_tls.py; the rollout controller's scrape, mesh/rollout/figures.py).
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ import base64
 import binascii
 import re
 import ssl
+import threading
 import time
 from calendar import timegm
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 MAX_PEM_BYTES = 1024 * 1024
 """Largest certificate, key or CA bundle read (a chain of a few certificates is a few KiB)."""
@@ -49,6 +57,48 @@ def file_stamps(paths: tuple[Path, ...] | list[Path]) -> FileStamps:
         except OSError:
             stamps.append(None)
     return tuple(stamps)
+
+
+class ReloadingContext:
+    """An SSL context made by ``make`` from ``paths``, made again when they change; called once per
+    connection for the context to use now. The files' :data:`FileStamps` are looked at most once
+    per ``interval`` seconds; a changed set that ``make`` refuses (TlsFileError naming the flag,
+    ssl.SSLError, OSError) keeps the old context and is logged once, as ``events[1]`` (a
+    successful reload as ``events[0]``), and is tried again when the files change once more.
+
+    ``make`` raises the same at construction: the first context is made from checked files too.
+    """
+
+    def __init__(self, paths: Sequence[Path], make: Callable[[], ssl.SSLContext], *, interval: float = 1.0,
+                 events: tuple[str, str] = ("tls_context_reloaded", "tls_context_reload_refused")) -> None:
+        self.paths = tuple(paths)
+        self.interval = interval
+        self._make = make
+        self._events = events
+        self._lock = threading.Lock()
+        self._stamp = file_stamps(self.paths)
+        self._refused: FileStamps | None = None
+        self._context = make()
+        self._checked_at = time.monotonic()
+
+    def __call__(self) -> ssl.SSLContext:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked_at < self.interval:
+                return self._context
+            self._checked_at = now
+            stamp = file_stamps(self.paths)
+            if stamp in (self._stamp, self._refused):
+                return self._context
+            try:
+                context = self._make()
+            except (TlsFileError, ssl.SSLError, OSError) as exc:
+                self._refused = stamp
+                log.warning(self._events[1], reason=str(exc)[:300], keeping="the previous certificate")
+                return self._context
+            self._context, self._stamp, self._refused = context, stamp, None
+        log.info(self._events[0], files=[str(path) for path in self.paths])
+        return context
 
 
 def _der_item(data: bytes, at: int) -> tuple[int, int, int]:

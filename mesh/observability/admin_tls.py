@@ -10,61 +10,31 @@ the files change, so a renewed certificate (or admin CA) serves new connections 
 from __future__ import annotations
 
 import ssl
-import threading
-import time
 from pathlib import Path
 
-import structlog
-
 from mesh.observability.admin import admin_tls_context
-from mesh.tls_files import FileStamps, TlsFileError, file_stamps, read_ca, read_key_pair
-
-log = structlog.get_logger(__name__)
+from mesh.tls_files import ReloadingContext, read_ca, read_key_pair
 
 
-class AdminTls:
-    """The admin port's SSL context, made again when its files change. Called once per connection;
-    the files' (mtime, size, inode) are looked at most once per ``interval`` seconds, and a changed
-    set that fails the checks of mesh.tls_files keeps the old context and is logged once.
+class AdminTls(ReloadingContext):
+    """The admin port's SSL context, made again when its files change (mesh.tls_files'
+    :class:`~mesh.tls_files.ReloadingContext`: looked at once per ``interval`` at most, a broken
+    renewal keeps the old context and is logged once as ``admin_tls_reload_refused``).
 
-    ``flags`` name the three files in log lines (the component's own flag names)."""
+    ``flags`` name the three files in errors and log lines (the component's own flag names)."""
 
     def __init__(self, cert: Path, key: Path, client_ca: Path, interval: float = 1.0, *,
                  flags: tuple[str, str, str] = ("--tls-cert", "--tls-key", "--admin-tls-client-ca")) -> None:
-        self.paths = (cert, key, client_ca)
         self.flags = flags
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._stamp = self._stamps()
-        self._refused: FileStamps | None = None
-        self._context = admin_tls_context(cert, key, client_ca)
-        self._checked_at = time.monotonic()
+        super().__init__((cert, key, client_ca), self._checked_context, interval=interval,
+                         events=("admin_tls_reloaded", "admin_tls_reload_refused"))
 
-    def _stamps(self) -> FileStamps:
-        return file_stamps(self.paths)
-
-    def __call__(self) -> ssl.SSLContext:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at < self.interval:
-                return self._context
-            self._checked_at = now
-            stamp = self._stamps()
-            if stamp in (self._stamp, self._refused):
-                return self._context
-            cert, key, client_ca = self.paths
-            cert_flag, key_flag, ca_flag = self.flags
-            try:
-                read_key_pair(cert, key, cert_flag, key_flag)
-                read_ca(client_ca, ca_flag)
-                context = admin_tls_context(cert, key, client_ca)
-            except (TlsFileError, ssl.SSLError, OSError) as exc:
-                self._refused = stamp
-                log.warning("admin_tls_reload_refused", reason=str(exc)[:300], serving="the previous certificate")
-                return self._context
-            self._context, self._stamp, self._refused = context, stamp, None
-        log.info("admin_tls_reloaded", cert=str(cert))
-        return context
+    def _checked_context(self) -> ssl.SSLContext:
+        cert, key, client_ca = self.paths
+        cert_flag, key_flag, ca_flag = self.flags
+        read_key_pair(cert, key, cert_flag, key_flag)
+        read_ca(client_ca, ca_flag)
+        return admin_tls_context(cert, key, client_ca)
 
 
 def admin_tls_of(client_ca: Path | None, admin_pair: tuple[Path | None, Path | None],

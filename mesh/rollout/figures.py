@@ -16,7 +16,6 @@ import math
 import select
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,12 +23,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.tls_files import FileStamps, TlsFileError, file_stamps, read_ca, read_key_pair
-
-log = structlog.get_logger(__name__)
+from mesh.tls_files import ReloadingContext, read_ca, read_key_pair
 
 SCRAPE_MAX_BYTES = 8 * 1024 * 1024
 """A service's /metrics is a few kB per model version; more is refused unread."""
@@ -202,47 +198,23 @@ def metrics_address(address: str, admin_address: str | None) -> str:
     return f"{host}:{int(port) + 1}"
 
 
-class ScrapeTls:
+class ScrapeTls(ReloadingContext):
     """The scrape's SSL context, made again when its files change (cert-manager renews the scrape
-    Secret and the CA in place). Called once per connection; the files' (mtime, size, inode) are
-    looked at most once per ``interval`` seconds, and a changed set that fails the checks of
-    mesh.tls_files keeps the old context and is logged once."""
+    Secret and the CA in place): mesh.tls_files' :class:`~mesh.tls_files.ReloadingContext`, looked
+    at once per ``interval`` at most, a broken renewal keeps the old context and is logged once as
+    ``scrape_tls_reload_refused``."""
 
     def __init__(self, ca: Path, cert: Path | None, key: Path | None, interval: float = 1.0) -> None:
         self.ca, self.cert, self.key = ca, cert, key
-        self.paths = tuple(path for path in (ca, cert, key) if path is not None)
-        self.interval = interval
-        self._lock = threading.Lock()
-        self._stamp = file_stamps(self.paths)
-        self._refused: FileStamps | None = None
-        self._context = self._make()
-        self._checked_at = time.monotonic()
+        super().__init__(tuple(path for path in (ca, cert, key) if path is not None), self._checked_context,
+                         interval=interval, events=("scrape_tls_reloaded", "scrape_tls_reload_refused"))
 
-    def _make(self) -> ssl.SSLContext:
+    def _checked_context(self) -> ssl.SSLContext:
         """A context from the files now; TlsFileError (naming the flag) or ssl.SSLError if unusable."""
         context = ssl.create_default_context(cadata=read_ca(self.ca, "--metrics-ca").decode("ascii", errors="replace"))
         if self.cert is not None and self.key is not None:
             read_key_pair(self.cert, self.key, "--metrics-cert", "--metrics-key")
             context.load_cert_chain(self.cert, self.key)
-        return context
-
-    def __call__(self) -> ssl.SSLContext:
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at < self.interval:
-                return self._context
-            self._checked_at = now
-            stamp = file_stamps(self.paths)
-            if stamp in (self._stamp, self._refused):
-                return self._context
-            try:
-                context = self._make()
-            except (TlsFileError, ssl.SSLError, OSError) as exc:
-                self._refused = stamp
-                log.warning("scrape_tls_reload_refused", reason=str(exc)[:300], using="the previous certificate")
-                return self._context
-            self._context, self._stamp, self._refused = context, stamp, None
-        log.info("scrape_tls_reloaded", ca=str(self.ca), cert=str(self.cert))
         return context
 
 

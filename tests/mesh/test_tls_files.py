@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import os
 import re
+import ssl
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from structlog.testing import capture_logs
 
 from mesh.devstack.pki import DevPki, ensure_dev_pki
-from mesh.tls_files import MAX_PEM_BYTES, TlsFileError, read_ca, read_key_pair, read_server_files, validity
+from mesh.tls_files import (
+    MAX_PEM_BYTES,
+    ReloadingContext,
+    TlsFileError,
+    read_ca,
+    read_key_pair,
+    read_server_files,
+    validity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +124,52 @@ def test_a_passphrase_protected_key_is_refused_without_a_prompt(pki: DevPki, tmp
     cert, key, _ = _issue(pki, tmp_path, start=-DAY, end=DAY, password=b"secret")
     with pytest.raises(TlsFileError, match=re.escape(f"--gw-key {key}: the key is protected by a passphrase")):
         read_key_pair(cert, key, "--gw-cert", "--gw-key")
+
+
+def _replace(target: Path, data: bytes) -> None:
+    """A renewal as a mounted Secret sees it: new bytes renamed over the file (a new inode)."""
+    staged = target.with_name(f".{target.name}.new")
+    staged.write_bytes(data)
+    os.replace(staged, target)
+
+
+def test_a_reloading_context_follows_renewals_and_keeps_the_last_good_one(pki: DevPki, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca.cert.read_bytes())
+    made: list[ssl.SSLContext] = []
+
+    def make() -> ssl.SSLContext:
+        context = ssl.create_default_context(cadata=read_ca(ca, "--test-ca").decode())
+        made.append(context)
+        return context
+
+    tls = ReloadingContext([ca], make, interval=0.0, events=("test_reloaded", "test_refused"))
+    first = tls()
+    assert made == [first] and tls() is first  # unchanged files: not made again
+
+    with capture_logs() as logs:
+        _replace(ca, b"not a certificate\n")
+        assert tls() is first and tls() is first  # refused, the old context stays
+        assert len(made) == 1
+        _replace(ca, pki.admin_ca.cert.read_bytes())  # renewed again: tried again, taken
+        renewed = tls()
+    assert renewed is not first and made[-1] is renewed and tls() is renewed
+    events = [entry["event"] for entry in logs]
+    assert events == ["test_refused", "test_reloaded"]  # the broken set is logged once
+    assert logs[0]["reason"].startswith(f"--test-ca {ca}: not PEM") and logs[1]["files"] == [str(ca)]
+
+
+def test_a_reloading_context_looks_at_the_files_once_per_interval(pki: DevPki, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(pki.ca.cert.read_bytes())
+    tls = ReloadingContext([ca], lambda: ssl.create_default_context(cafile=str(ca)), interval=3600.0)
+    first = tls()
+    _replace(ca, pki.admin_ca.cert.read_bytes())
+    assert tls() is first  # within the interval the stamps are not looked at
+
+
+def test_a_reloading_context_refuses_unusable_files_at_the_start(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("hello")
+    with pytest.raises(TlsFileError, match=re.escape(f"--test-ca {ca}: not PEM")):
+        ReloadingContext([ca], lambda: ssl.create_default_context(cadata=read_ca(ca, "--test-ca").decode()))
