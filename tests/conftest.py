@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.processes",
     "tests.fixtures.etcd",
     "tests.fixtures.service",
+    "tests.fixtures.pki",
 ]

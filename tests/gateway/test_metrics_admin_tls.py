@@ -5,9 +5,6 @@ gateway` process under `sluice up --secure` is tested in tests/mesh/devstack/tes
 
 from __future__ import annotations
 
-import ssl
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,36 +13,10 @@ from pydantic import ValidationError
 
 from gateway.metrics import GatewayMetrics, admin_tls
 from gateway.settings import GatewaySettings
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
+from tests.fixtures.pki import check_admin_only, client_context
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
-
-
-def _context(pki: DevPki, client: tuple[Path, Path] | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(pki.ca.cert))
-    if client is not None:
-        context.load_cert_chain(*client)
-    return context
-
-
-def _get(url: str, context: ssl.SSLContext | None) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=10, context=context) as answer:
-        return answer.status, answer.read().decode()
-
-
-def _refused(url: str, context: ssl.SSLContext | None) -> bool:
-    try:
-        _get(url, context)
-    except urllib.error.HTTPError:
-        return False
-    except OSError:
-        return True
-    return False
 
 
 @pytest.mark.parametrize("own_certificate", [False, True], ids=["listener-cert", "admin-tls-cert"])
@@ -56,15 +27,10 @@ def test_the_metrics_port_answers_only_the_admin_identity(pki: DevPki, own_certi
     metrics = GatewayMetrics()
     port = metrics.serve("127.0.0.1", 0, tls=admin_tls(settings))
     try:
-        base = f"https://127.0.0.1:{port}"
-        admin = _context(pki, (pki.admin.cert, pki.admin.key))
-        status, text = _get(f"{base}/metrics", admin)
-        assert status == 200 and "sluice_gateway_publishes" in text
-        status, text = _get(f"{base}/debug/threads", admin)
-        assert status == 200 and "Thread MainThread" in text
-        assert _refused(f"{base}/metrics", _context(pki, None))  # no client certificate
-        assert _refused(f"{base}/debug/threads", _context(pki, (pki.client.cert, pki.client.key)))  # another CA
-        assert _refused(f"http://127.0.0.1:{port}/metrics", None)  # plaintext
+        admin = client_context(pki.ca.cert, (pki.admin.cert, pki.admin.key))
+        no_certificate = client_context(pki.ca.cert)
+        other_ca = client_context(pki.ca.cert, (pki.client.cert, pki.client.key))  # a valid pair of another CA
+        check_admin_only(port, admin, [no_certificate, other_ca], "sluice_gateway_publishes")
     finally:
         assert metrics.admin is not None
         metrics.admin.close()

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
 from mesh.tls_files import (
     MAX_PEM_BYTES,
     ReloadingContext,
@@ -25,11 +25,6 @@ from mesh.tls_files import (
     read_server_files,
     validity,
 )
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("pki") / "pki")
 
 
 def test_a_matching_pair_and_ca_are_read(pki: DevPki) -> None:

@@ -8,10 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import ssl
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,17 +19,13 @@ from cryptography import x509
 from mesh.devstack.pki import DevPki, ensure_dev_pki
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.fixtures.pki import check_admin_only, client_context, https_get, no_answer
 from tests.fixtures.processes import wait_for
-from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.fixtures.service import ServiceHandle, serve_refused, sluice_argv
 from tests.services.models import identity, write_model
 from tests.services.test_debug import own_non_loopback_address
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
 
 
 @pytest.fixture(scope="module")
@@ -66,49 +59,16 @@ def _start(start_service: Callable[..., ServiceHandle], repo: Path, pki: DevPki,
     return handle
 
 
-def _context(ca: Path, client: tuple[Path, Path] | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.check_hostname = False  # the certificate names 127.0.0.1 and localhost; the CA is what counts here
-    if client is not None:
-        context.load_cert_chain(*client)
-    return context
-
-
-def _get(url: str, context: ssl.SSLContext | None) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=10, context=context) as answer:
-        return answer.status, answer.read().decode()
-
-
-def _refused(url: str, context: ssl.SSLContext | None) -> bool:
-    """Whether the connection fails before any HTTP answer (a failed handshake, not a 403)."""
-    try:
-        _get(url, context)
-    except urllib.error.HTTPError:
-        return False
-    except OSError:  # ssl.SSLError, a reset, the server hanging up: URLError and RemoteDisconnected are OSErrors
-        return True
-    return False
-
-
 def test_admin_port_answers_only_the_admin_certificate(start_service: Callable[..., ServiceHandle],
                                                        pki: DevPki, stranger: DevPki, repo: Path) -> None:
     handle = _start(start_service, repo, pki)
-    base = f"https://127.0.0.1:{handle.metrics_port}"
-    admin = _context(pki.ca.cert, (pki.client.cert, pki.client.key))
-    status, text = _get(f"{base}/debug/threads", admin)
-    assert status == 200 and "Thread MainThread" in text
-    status, text = _get(f"{base}/metrics", admin)
-    assert status == 200 and "sluice_loaded_versions" in text
-
-    assert _refused(f"{base}/debug/threads", _context(pki.ca.cert, None))  # no client certificate
-    assert _refused(f"{base}/metrics", _context(pki.ca.cert, None))
-    assert _refused(f"{base}/metrics", _context(pki.ca.cert, (stranger.client.cert, stranger.client.key)))
-    assert _refused(f"http://127.0.0.1:{handle.metrics_port}/metrics", None)  # plaintext
-    assert _refused(f"http://127.0.0.1:{handle.metrics_port}/debug/threads", None)
+    admin = client_context(pki.ca.cert, (pki.client.cert, pki.client.key))
+    stranger_pair = client_context(pki.ca.cert, (stranger.client.cert, stranger.client.key))
+    check_admin_only(handle.metrics_port, admin, [client_context(pki.ca.cert), stranger_pair], "sluice_loaded_versions")
 
     # A caller that connects and says nothing holds a thread, not the port.
     with socket.create_connection(("127.0.0.1", handle.metrics_port), timeout=10):
-        assert _get(f"{base}/debug/threads?format=json", admin)[0] == 200
+        assert https_get(f"https://127.0.0.1:{handle.metrics_port}/debug/threads?format=json", admin)[0] == 200
     assert handle.process.alive()
     assert "Traceback" not in handle.process.log_text()
 
@@ -119,10 +79,11 @@ def test_auto_answers_the_admin_identity_beyond_loopback(start_service: Callable
     if address is None:
         pytest.skip("this machine has no non-loopback address")
     handle = _start(start_service, repo, pki, "--metrics-host", "0.0.0.0")
-    admin = _context(pki.ca.cert, (pki.client.cert, pki.client.key))
+    admin = client_context(pki.ca.cert, (pki.client.cert, pki.client.key), check_hostname=False)
     # Plain --debug-endpoints auto answers 403 from here (tests/services/test_debug.py).
-    assert _get(f"https://{address}:{handle.metrics_port}/debug/threads", admin)[0] == 200
-    assert _refused(f"https://{address}:{handle.metrics_port}/debug/threads", _context(pki.ca.cert, None))
+    assert https_get(f"https://{address}:{handle.metrics_port}/debug/threads", admin)[0] == 200
+    assert no_answer(f"https://{address}:{handle.metrics_port}/debug/threads",
+                     client_context(pki.ca.cert, check_hostname=False))
     assert "debug_endpoints_unauthenticated" not in handle.process.log_text()
 
 
@@ -164,7 +125,7 @@ def test_renewed_certificate_serves_the_admin_port_without_a_restart(
         start_service: Callable[..., ServiceHandle], repo: Path, tmp_path: Path) -> None:
     pki = ensure_dev_pki(tmp_path / "pki")
     handle = _start(start_service, repo, pki)
-    admin = _context(pki.ca.cert, (pki.client.cert, pki.client.key))
+    admin = client_context(pki.ca.cert, (pki.client.cert, pki.client.key))
 
     def serial() -> int:
         with socket.create_connection(("127.0.0.1", handle.metrics_port), timeout=10) as raw, \
@@ -183,7 +144,7 @@ def test_renewed_certificate_serves_the_admin_port_without_a_restart(
         shutil.copyfile(source, staged)
         os.replace(staged, target)
     wait_for(lambda: serial() != old, 20, "the admin port serving the renewed certificate")
-    assert _get(f"https://127.0.0.1:{handle.metrics_port}/metrics", admin)[0] == 200
+    assert https_get(f"https://127.0.0.1:{handle.metrics_port}/metrics", admin)[0] == 200
     assert "admin_tls_reloaded" in handle.process.log_text()
 
 
@@ -204,12 +165,8 @@ def test_unusable_admin_ca_stops_the_start_with_one_line(pki: DevPki, repo: Path
                                                          flags: tuple[str, ...], message: str) -> None:
     paths = {"{service.cert}": pki.service.cert, "{service.key}": pki.service.key, "{ca.cert}": pki.ca.cert,
              "{client.key}": pki.client.key, "{missing}": tmp_path / "nope.crt"}
-    argv = sluice_argv("serve", "--repo", str(repo), "--port", "0", "--metrics-port", "0", "--rest-port", "-1",
-                       *(str(paths.get(flag, flag)) for flag in flags))
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
-    assert "listening" not in done.stdout + done.stderr
+    stderr = serve_refused(repo, *(str(paths.get(flag, flag)) for flag in flags))
+    assert message in stderr, stderr
 
 
 def test_debug_on_beyond_loopback_without_the_admin_identity_warns(
@@ -228,10 +185,7 @@ def test_admin_port_speaks_https_with_its_own_certificate_while_the_model_ports_
                            "--admin-tls-client-ca", str(pki.admin_ca.cert))
     with grpc.insecure_channel(handle.address) as channel:  # the gRPC port is plaintext
         assert pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=10).ready
-    base = f"https://127.0.0.1:{handle.metrics_port}"
-    admin = _context(pki.ca.cert, (pki.admin.cert, pki.admin.key))
-    status, text = _get(f"{base}/metrics", admin)
-    assert status == 200 and "sluice_loaded_versions" in text
+    admin = client_context(pki.ca.cert, (pki.admin.cert, pki.admin.key))
     # The admin CA is its own: the model client's certificate (another CA) opens nothing here.
-    assert _refused(f"{base}/metrics", _context(pki.ca.cert, (pki.client.cert, pki.client.key)))
-    assert _refused(f"http://127.0.0.1:{handle.metrics_port}/metrics", None)
+    model_client = client_context(pki.ca.cert, (pki.client.cert, pki.client.key))
+    check_admin_only(handle.metrics_port, admin, [model_client], "sluice_loaded_versions")

@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -21,16 +20,12 @@ from cryptography import x509
 from mesh.devstack.pki import DevPki, ensure_dev_pki
 from protos.inference import grpc_service_pb2 as pb
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
+from tests.fixtures.pki import client_context
 from tests.fixtures.processes import wait_for
-from tests.fixtures.service import ServiceHandle, sluice_argv
+from tests.fixtures.service import ServiceHandle, serve_refused
 from tests.services.models import identity, write_model
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +64,7 @@ def _rest_live(port: int, context: ssl.SSLContext | None) -> int | str:
 
 
 def _client_context(pki: DevPki, *, client_cert: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(pki.ca.cert))
-    context.check_hostname = False  # 127.0.0.1 is in the certificate; the CA is what is checked here
-    if client_cert:
-        context.load_cert_chain(pki.gateway_client.cert, pki.gateway_client.key)
-    return context
+    return client_context(pki.ca.cert, (pki.gateway_client.cert, pki.gateway_client.key) if client_cert else None)
 
 
 def test_mtls_service_refuses_callers_without_a_certificate(start_service: Callable[..., ServiceHandle],
@@ -109,11 +100,8 @@ def test_unusable_tls_files_stop_the_start_with_one_line(pki: DevPki, repo: Path
                                                          flags: tuple[str, ...], message: str) -> None:
     paths = {"{service.cert}": pki.service.cert, "{service.key}": pki.service.key, "{client.key}": pki.client.key,
              "{ca.cert}": pki.ca.cert, "{missing}": tmp_path / "nope.crt"}
-    argv = sluice_argv("serve", "--repo", str(repo), "--port", "0", "--metrics-port", "-1", "--rest-port", "-1",
-                       *(str(paths.get(flag, flag)) for flag in flags))
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    stderr = serve_refused(repo, *(str(paths.get(flag, flag)) for flag in flags), metrics_port=-1)
+    assert message in stderr, stderr
 
 
 def _served_serial(port: int, pki: DevPki, alpn: str) -> int:
@@ -211,13 +199,6 @@ def _pair_credentials(ca: Path, pair: tuple[Path, Path]) -> grpc.ChannelCredenti
     return grpc.ssl_channel_credentials(ca.read_bytes(), pair[1].read_bytes(), pair[0].read_bytes())
 
 
-def _pair_context(ca: Path, pair: tuple[Path, Path]) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(ca))
-    context.check_hostname = False
-    context.load_cert_chain(*pair)
-    return context
-
-
 def test_a_rotated_client_ca_stops_trusting_the_old_one_on_both_ports(
         start_service: Callable[..., ServiceHandle], repo: Path, tmp_path: Path) -> None:
     """The REST port's trust store is the file's current content, not the old CAs plus the new:
@@ -232,18 +213,18 @@ def test_a_rotated_client_ca_stops_trusting_the_old_one_on_both_ports(
     new_client = (other.gateway_client.cert, other.gateway_client.key)
     wait_for(lambda: _ready(handle.address, _pair_credentials(pki.ca.cert, old_client)) is True, 60,
              "ServerReady over mTLS")
-    assert _rest_live(handle.rest_port, _pair_context(pki.ca.cert, old_client)) == 200
-    assert _rest_live(handle.rest_port, _pair_context(pki.ca.cert, new_client)) != 200
+    assert _rest_live(handle.rest_port, client_context(pki.ca.cert, old_client)) == 200
+    assert _rest_live(handle.rest_port, client_context(pki.ca.cert, new_client)) != 200
 
     staged = tmp_path / "staged-ca.crt"
     shutil.copyfile(other.ca.cert, staged)
     os.replace(staged, client_ca)
     wait_for(lambda: _ready(handle.address, _pair_credentials(pki.ca.cert, new_client)) is True, 20,
              "gRPC trusting the new client CA")
-    wait_for(lambda: _rest_live(handle.rest_port, _pair_context(pki.ca.cert, new_client)) == 200, 20,
+    wait_for(lambda: _rest_live(handle.rest_port, client_context(pki.ca.cert, new_client)) == 200, 20,
              "REST trusting the new client CA")
     assert _ready(handle.address, _pair_credentials(pki.ca.cert, old_client)) == "UNAVAILABLE"
-    assert _rest_live(handle.rest_port, _pair_context(pki.ca.cert, old_client)) != 200
+    assert _rest_live(handle.rest_port, client_context(pki.ca.cert, old_client)) != 200
     # Without a client certificate, and with a plaintext request, the port still refuses.
     assert _rest_live(handle.rest_port, _client_context(pki, client_cert=False)) != 200
     assert handle.process.alive()

@@ -27,11 +27,6 @@ pytestmark = pytest.mark.timeout(120)
 MODEL = "echo"
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
-
-
 @pytest.fixture
 def service(start_service: Callable[..., ServiceHandle], pki: DevPki, tmp_path: Path) -> ServiceHandle:
     repo = tmp_path / "repo"
