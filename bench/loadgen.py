@@ -23,9 +23,10 @@ import resource
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -39,27 +40,39 @@ from bench.cpu import CoreProbe, launch_prefix, single_core
 MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def encode_request(model: str, inputs: dict[str, np.ndarray], version: str = "") -> bytes:
-    """Serialized ModelInferRequest carrying ``inputs`` as raw_input_contents (no gRPC frame)."""
-    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
-    for name, array in inputs.items():
-        tensor = request.inputs.add()
+def _add_raw_tensors(tensors: Any, raw_contents: Any, arrays: dict[str, np.ndarray]) -> None:
+    """Per array, a tensor entry (name, datatype, shape) in ``tensors`` and its bytes in
+    ``raw_contents``: the raw layout of a request's inputs and a response's outputs alike."""
+    for name, array in arrays.items():
+        tensor = tensors.add()
         tensor.name = name
         tensor.datatype = np_to_triton_dtype(array.dtype)
         tensor.shape.extend(array.shape)
-        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        raw_contents.append(np.ascontiguousarray(array).tobytes())
+
+
+def client_inputs(infer_input: Callable[..., Any], arrays: dict[str, np.ndarray], **data_options: bool) -> list[Any]:
+    """tritonclient inputs holding ``arrays``: ``infer_input`` is grpcclient's or httpclient's
+    ``InferInput``, ``data_options`` go to its ``set_data_from_numpy`` (``binary_data`` over REST)."""
+    tensors = []
+    for name, array in arrays.items():
+        tensor = infer_input(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array, **data_options)
+        tensors.append(tensor)
+    return tensors
+
+
+def encode_request(model: str, inputs: dict[str, np.ndarray], version: str = "") -> bytes:
+    """Serialized ModelInferRequest carrying ``inputs`` as raw_input_contents (no gRPC frame)."""
+    request = service_pb2.ModelInferRequest(model_name=model, model_version=version)
+    _add_raw_tensors(request.inputs, request.raw_input_contents, inputs)
     return request.SerializeToString()
 
 
 def encode_response(model: str, outputs: dict[str, np.ndarray], version: str = "1") -> bytes:
     """Serialized ModelInferResponse with raw_output_contents (the floor server's canned answer)."""
     response = service_pb2.ModelInferResponse(model_name=model, model_version=version)
-    for name, array in outputs.items():
-        tensor = response.outputs.add()
-        tensor.name = name
-        tensor.datatype = np_to_triton_dtype(array.dtype)
-        tensor.shape.extend(array.shape)
-        response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+    _add_raw_tensors(response.outputs, response.raw_output_contents, outputs)
     return response.SerializeToString()
 
 
@@ -103,12 +116,7 @@ def check_target(
     url = f"127.0.0.1:{port}"
     try:
         with grpcclient.InferenceServerClient(url=url) as client:
-            tensors = []
-            for name, array in inputs.items():
-                tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-                tensor.set_data_from_numpy(array)
-                tensors.append(tensor)
-            result = client.infer(model, tensors, client_timeout=timeout)
+            result = client.infer(model, client_inputs(grpcclient.InferInput, inputs), client_timeout=timeout)
             got = {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
     except InferenceServerException as exc:
         return CheckResult(False, f"tritonclient infer failed: {exc.status()} {exc.message()}")
@@ -381,11 +389,7 @@ def encode_rest(inputs: dict[str, np.ndarray], kind: str) -> RestBody:
         return RestBody(kind, json.dumps(doc).encode(), ("content-type: application/json",))
     if kind != "binary":
         raise ValueError(f"unknown REST body kind {kind!r}; choose from {REST_KINDS}")
-    tensors = []
-    for name, array in inputs.items():
-        tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array, binary_data=True)
-        tensors.append(tensor)
+    tensors = client_inputs(httpclient.InferInput, inputs, binary_data=True)
     body, json_size = httpclient.InferenceServerClient.generate_request_body(tensors)
     return RestBody(kind, body, ("content-type: application/octet-stream", f"{HEADER_LENGTH}: {json_size}"))
 
@@ -431,11 +435,7 @@ def check_rest(
         try:
             with httpclient.InferenceServerClient(url=f"127.0.0.1:{port}", connection_timeout=timeout,
                                                   network_timeout=timeout) as client:
-                tensors = []
-                for name, array in inputs.items():
-                    tensor = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-                    tensor.set_data_from_numpy(array, binary_data=binary)
-                    tensors.append(tensor)
+                tensors = client_inputs(httpclient.InferInput, inputs, binary_data=binary)
                 outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in expected]
                 result = client.infer(model, tensors, outputs=outputs)
                 got = {name: result.as_numpy(name) for name in expected}
