@@ -48,7 +48,8 @@ from services.registration import Registration
 from services.rest.server import REST_PORT_FLAG, RestServer
 from services.served import ServedVersion
 from services.settings import ServiceSettings
-from services.shadow import Shadow, follow_rollouts
+from services.shadow import follow_rollouts
+from services.shadow_process import make_shadow
 from services.streams import StreamGuard
 from services.tls import CertificateReloader, load_server_tls, uvicorn_options
 from services.watcher import RepositoryWatcher
@@ -84,9 +85,7 @@ class ModelServer:
         self.watcher = (RepositoryWatcher(settings.repo, self.manager, settings.reload_quiet_ms,
                                           settings.watch_polling) if settings.watch else None)
         self.plane = DataPlane(self.catalog, self.manager)
-        self.shadow = Shadow(self.catalog, queue_size=settings.shadow_queue,
-                             queue_bytes=settings.shadow_queue_mb * 1024 * 1024, cpu_share=settings.shadow_cpu_share,
-                             policy=settings.shadow_policy)
+        self.shadow = make_shadow(settings, self.catalog)
         self.metrics.prometheus_registry.register(self.shadow.collector())
         self.plane.shadow = self.shadow
         self._shadow_follow: asyncio.Task[None] | None = None

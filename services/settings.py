@@ -95,6 +95,11 @@ class ServiceSettings(BaseSettings):
     """Linux scheduling of the shadow worker: ``idle`` (SCHED_IDLE: it runs only on CPU no other
     thread wants, so it can starve on a saturated service) or ``nice`` (nice 19: a small share even
     there, but a waking handler thread waits for it; docs/rollouts.md)."""
+    shadow_isolation: Literal["process", "thread"] = "process"
+    """Where the shadow worker runs: ``process`` (a child process, all of it under --shadow-policy,
+    with its own copy of each shadowed candidate: it shares no GIL with the handler threads) or
+    ``thread`` (a thread of the service, which shares the GIL: at 100 % shadow the callers lose
+    throughput to it; docs/rollouts.md)."""
     max_calls_per_connection: int = Field(100, ge=1, le=65535)
     """Calls one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; clients
     and Envoy queue or open another connection beyond it). A call whose answer the client does not

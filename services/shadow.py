@@ -24,7 +24,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -205,7 +205,7 @@ class ShadowPlan:
 
 
 @dataclass(slots=True)
-class _Job:
+class ShadowJob:
     model: str
     baseline: int
     plan: ShadowPlan
@@ -280,6 +280,47 @@ def compare_outputs(baseline: npt.NDArray[Any], candidate: npt.NDArray[Any], pla
     return bool(np.allclose(baseline, candidate, rtol=plan.rtol, atol=plan.atol, equal_nan=True)), diff
 
 
+def run_and_compare(job: ShadowJob, candidate: OnnxModel, pair: PairFigures,
+                    idle: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+    """Run ``job`` on ``candidate`` and count the comparison in ``pair`` (in the worker thread, or
+    in the shadow process: :mod:`services.shadow_child`). ``idle`` wraps the ONNX Runtime call
+    alone, the one part that releases the GIL."""
+    plan = job.plan
+    try:
+        with idle():
+            outputs = candidate.run(job.feeds, job.names)
+    except ServiceError as exc:
+        pair.errors += 1
+        _remember(pair, job, "candidate_error", error=str(exc)[:300])
+        return
+    agreed, diffs = True, []
+    for name, answer, got in zip(job.names, job.answers, outputs, strict=True):
+        ok, diff = compare_outputs(answer, got, plan)
+        agreed = agreed and ok
+        diffs.append(diff)
+        if not ok:
+            log.debug("shadow_output_differs", model=job.model, output=name, mean_abs_diff=diff)
+    diff = max(diffs, default=0.0)
+    pair.compared += 1
+    if np.isfinite(diff):
+        pair.diff_sum += diff
+        pair.diff_max = max(pair.diff_max, diff)
+    if agreed:
+        pair.agreed += 1
+    else:
+        _remember(pair, job, "disagreed", mean_abs_diff=diff)
+
+
+def _remember(pair: PairFigures, job: ShadowJob, what: str, **fields: Any) -> None:
+    """A bounded sample: the first SAMPLE_IDS cases one by one, then one line per 100 more."""
+    pair.disagreeing.append(job.request_id)
+    count = pair.errors + pair.compared - pair.agreed
+    if count <= SAMPLE_IDS or count % 100 == 0:
+        log.warning("shadow_" + what, model=job.model, baseline=job.baseline, candidate=job.plan.candidate,
+                    request_id=job.request_id, recent_request_ids=list(pair.disagreeing), count=count,
+                    **fields)
+
+
 class Shadow:
     def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, queue_bytes: int = QUEUE_BYTES,
                  cpu_share: float = 0.25, policy: Policy = "idle") -> None:
@@ -292,7 +333,7 @@ class Shadow:
         """Bytes of inputs and outputs the queued jobs may hold together; a job beyond is dropped."""
         self.queued_bytes = 0
         self.queue_size = queue_size
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[ShadowJob] = deque()
         self._lock = threading.Lock()
         """Guards ``_jobs`` and ``queued_bytes`` together, so both bounds hold exactly."""
         self._waiting = False
@@ -313,26 +354,39 @@ class Shadow:
     def offer(self, served: OnnxModel, request_id: str, *, feeds: dict[str, npt.NDArray[Any]],
               names: Sequence[str], answers: Sequence[npt.NDArray[Any]]) -> None:
         """Called after ``served`` answered; cheap, never blocks, never raises into the request."""
+        plan = self.plan_for(served)
+        if plan is not None:
+            self._enqueue(served, plan, request_id, feeds=feeds, names=names, answers=answers)
+
+    def plan_for(self, served: OnnxModel) -> ShadowPlan | None:
+        """The plan that shadows this answer of ``served``, None where none does (or this one is
+        not drawn): the rollout document's, else the ``config.yaml`` block of the answering version."""
         model, version = served.name, served.version
         plan = self.rollout_plans.get(model)
         if plan is None:
             config = served.config.shadow
             if config is None:
-                return
+                return None
             plan = self._config_plan(model, config)
         if not self._running or version == plan.candidate:
-            return
+            return None
         if plan.baseline is not None and version != plan.baseline:
-            return
+            return None
         if plan.fraction < 1.0 and self._random.random() >= plan.fraction:
-            return
+            return None
+        return plan
+
+    def _enqueue(self, served: OnnxModel, plan: ShadowPlan, request_id: str, *, feeds: dict[str, npt.NDArray[Any]],
+                 names: Sequence[str], answers: Sequence[npt.NDArray[Any]]) -> None:
+        """Hand one drawn job to the worker (here: the thread's queue) or count it dropped."""
+        model, version = served.name, served.version
         size = job_bytes(feeds.values(), answers)
         with self._lock:
             if len(self._jobs) >= self.queue_size or self.queued_bytes + size > self.queue_bytes:
                 self._pair(model, version, plan.candidate).dropped += 1
                 return
             self.queued_bytes += size
-            self._jobs.append(_Job(model, version, plan, request_id, feeds, tuple(names), tuple(answers), size))
+            self._jobs.append(ShadowJob(model, version, plan, request_id, feeds, tuple(names), tuple(answers), size))
         if self._waiting:
             self._wake.set()
 
@@ -345,7 +399,7 @@ class Shadow:
         self._config_plans[model] = (config, plan)
         return plan
 
-    def _take(self) -> _Job | None:
+    def _take(self) -> ShadowJob | None:
         with self._lock:
             if not self._jobs:
                 return None
@@ -417,50 +471,21 @@ class Shadow:
             if pause > 0:
                 self._stopped.wait(pause)
 
-    def _run(self, job: _Job) -> int:
+    def _run(self, job: ShadowJob) -> int:
         """Run and compare one job; returns the candidate's intra-op thread setting (1: ONNX
         Runtime computed on this thread only)."""
-        plan = job.plan
-        pair = self._pair(job.model, job.baseline, plan.candidate)
+        pair = self._pair(job.model, job.baseline, job.plan.candidate)
         try:
-            served = self.catalog.resolve(job.model, plan.candidate)
+            served = self.catalog.resolve(job.model, job.plan.candidate)
         except ServiceError:
             pair.dropped += 1  # the candidate is not (or no longer) loaded here
             return 1
-        intra_op = served.model.config.session.intra_op_threads
-        try:
-            with self.priority.idle():  # the binding's run releases the GIL; nothing else here does
-                outputs = served.model.run(job.feeds, job.names)
-        except ServiceError as exc:
-            pair.errors += 1
-            self._remember(pair, job, "candidate_error", error=str(exc)[:300])
-            return intra_op
-        agreed, diffs = True, []
-        for name, answer, got in zip(job.names, job.answers, outputs, strict=True):
-            ok, diff = compare_outputs(answer, got, plan)
-            agreed = agreed and ok
-            diffs.append(diff)
-            if not ok:
-                log.debug("shadow_output_differs", model=job.model, output=name, mean_abs_diff=diff)
-        diff = max(diffs, default=0.0)
-        pair.compared += 1
-        if np.isfinite(diff):
-            pair.diff_sum += diff
-            pair.diff_max = max(pair.diff_max, diff)
-        if agreed:
-            pair.agreed += 1
-        else:
-            self._remember(pair, job, "disagreed", mean_abs_diff=diff)
-        return intra_op
+        run_and_compare(job, served.model, pair, self.priority.idle)
+        return served.model.config.session.intra_op_threads
 
-    def _remember(self, pair: PairFigures, job: _Job, what: str, **fields: Any) -> None:
-        """A bounded sample: the first SAMPLE_IDS cases one by one, then one line per 100 more."""
-        pair.disagreeing.append(job.request_id)
-        count = pair.errors + pair.compared - pair.agreed
-        if count <= SAMPLE_IDS or count % 100 == 0:
-            log.warning("shadow_" + what, model=job.model, baseline=job.baseline, candidate=job.plan.candidate,
-                        request_id=job.request_id, recent_request_ids=list(pair.disagreeing), count=count,
-                        **fields)
+    def figures(self) -> list[tuple[tuple[str, int, int], PairFigures]]:
+        """Every (model, baseline, candidate) with its figures so far, for /metrics."""
+        return list(self.pairs.items())
 
     def collector(self) -> Collector:
         return _ShadowCollector(self)
@@ -486,7 +511,7 @@ class _ShadowCollector(Collector):
         }
         diff_max = GaugeMetricFamily("sluice_shadow_diff_max", "Largest mean absolute output difference seen",
                                      labels=labels)
-        for (model, baseline, candidate), pair in list(self._shadow.pairs.items()):
+        for (model, baseline, candidate), pair in self._shadow.figures():
             values = [model, str(baseline), str(candidate)]
             for name, family in families.items():
                 family.add_metric(values, float(getattr(pair, name)))

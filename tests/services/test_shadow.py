@@ -31,6 +31,12 @@ from tests.services.clients import RPC_TIMEOUT_S, decode_outputs, raw_request, s
 SHADOW_ALL = {"shadow": {"candidate": 3, "baseline": 2, "fraction": 1.0}}
 
 
+@pytest.fixture(params=["process", "thread"])
+def isolation(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The service flags of each shadow isolation: the figures and bounds hold in both."""
+    return ("--shadow-isolation", str(request.param))
+
+
 def shadow_counts(service: ServiceHandle) -> dict[str, float]:
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(service.metrics_text()):
@@ -86,8 +92,8 @@ def test_compare_outputs_by_kind() -> None:
 
 @pytest.mark.timeout(120)
 def test_agreeing_candidate_is_compared_without_touching_its_live_figures(
-        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
-    service = start_service(repo_with(tmp_path, models.doubler_by_adding(), SHADOW_ALL))
+        tmp_path: Path, start_service: Callable[..., ServiceHandle], isolation: tuple[str, ...]) -> None:
+    service = start_service(repo_with(tmp_path, models.doubler_by_adding(), SHADOW_ALL), *isolation)
     assert send(service, [float(i) for i in range(40)]) == [2.0 * i for i in range(40)]
     wait_for(lambda: shadow_counts(service).get("compared", 0) >= 40, 30, "40 comparisons")
     counts = shadow_counts(service)
@@ -98,8 +104,8 @@ def test_agreeing_candidate_is_compared_without_touching_its_live_figures(
 
 @pytest.mark.timeout(120)
 def test_disagreement_and_candidate_errors_are_counted_and_sampled_in_the_log(
-        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
-    service = start_service(repo_with(tmp_path, models.doubler_off_by(0.5), SHADOW_ALL))
+        tmp_path: Path, start_service: Callable[..., ServiceHandle], isolation: tuple[str, ...]) -> None:
+    service = start_service(repo_with(tmp_path, models.doubler_off_by(0.5), SHADOW_ALL), *isolation)
     assert send(service, [1.0] * 20) == [2.0] * 20  # callers get the baseline's answers
     wait_for(lambda: shadow_counts(service).get("compared", 0) >= 20, 30, "20 comparisons")
     counts = shadow_counts(service)
@@ -108,7 +114,7 @@ def test_disagreement_and_candidate_errors_are_counted_and_sampled_in_the_log(
     assert 1 <= len(lines) <= 10  # a bounded sample, not one line per request
     assert lines[0]["request_id"] == "req-0" and lines[0]["candidate"] == 3
 
-    failing = start_service(repo_with(tmp_path / "f", models.doubler_failing_above_table(), SHADOW_ALL))
+    failing = start_service(repo_with(tmp_path / "f", models.doubler_failing_above_table(), SHADOW_ALL), *isolation)
     big = float(models.ROLLOUT_TABLE_SIZE + 10)
     assert send(failing, [1.0, big, 2.0, big]) == [2.0, 2 * big, 4.0, 2 * big]
     wait_for(lambda: shadow_counts(failing).get("errors", 0) >= 2, 30, "2 candidate errors")
@@ -119,10 +125,10 @@ def test_disagreement_and_candidate_errors_are_counted_and_sampled_in_the_log(
 
 @pytest.mark.timeout(120)
 def test_a_full_queue_drops_shadow_jobs_and_never_the_callers(
-        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+        tmp_path: Path, start_service: Callable[..., ServiceHandle], isolation: tuple[str, ...]) -> None:
     service = start_service(repo_with(tmp_path, models.slow(matmuls=8, size=256), {
         "shadow": {"candidate": 3, "baseline": 2, "fraction": 1.0, "rtol": 1.0, "atol": 1e6}}),
-        "--shadow-queue", "1", "--shadow-cpu-share", "0.05")
+        "--shadow-queue", "1", "--shadow-cpu-share", "0.05", *isolation)
     assert send(service, [1.0] * 60) == [2.0] * 60
     counts = shadow_counts(service)
     assert counts["dropped"] > 0
@@ -131,11 +137,11 @@ def test_a_full_queue_drops_shadow_jobs_and_never_the_callers(
 
 @pytest.mark.timeout(120)
 def test_the_queue_is_bounded_in_bytes_not_only_in_jobs(
-        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+        tmp_path: Path, start_service: Callable[..., ServiceHandle], isolation: tuple[str, ...]) -> None:
     # Each job holds 2 x 400 kB (input and answer): a 1 MiB bound queues one, whatever the 64 jobs allow.
     service = start_service(repo_with(tmp_path, models.slow(matmuls=8, size=256), {
         "max_batch_size": 0, "shadow": {"candidate": 3, "baseline": 2, "fraction": 1.0, "rtol": 1.0, "atol": 1e6}}),
-        "--shadow-queue", "64", "--shadow-queue-mb", "1", "--shadow-cpu-share", "0.05")
+        "--shadow-queue", "64", "--shadow-queue-mb", "1", "--shadow-cpu-share", "0.05", *isolation)
     rows = 100_000
     assert job_bytes([np.zeros((rows, 1), np.float32)], [np.zeros((rows, 1), np.float32)]) == 800_000
     with stub_for(service) as stub:
@@ -185,7 +191,8 @@ def niced_threads(pid: int) -> dict[int, int]:
 def test_the_shadow_worker_runs_at_nice_19_and_computes_on_its_own_thread(
         tmp_path: Path, start_service: Callable[..., ServiceHandle], flag: str | None) -> None:
     extra = ("--shadow-policy", flag) if flag else ()
-    service = start_service(repo_with(tmp_path, models.doubler_by_adding(), SHADOW_ALL), *extra)
+    service = start_service(repo_with(tmp_path, models.doubler_by_adding(), SHADOW_ALL), *extra,
+                            "--shadow-isolation", "thread")
     send(service, [1.0] * 5)
     wait_for(lambda: shadow_counts(service).get("compared", 0) >= 5, 30, "5 comparisons")
     # One thread at nice 19: the worker, which ran the candidate itself (intra_op_threads 1: ONNX
