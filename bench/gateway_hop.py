@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,21 +284,55 @@ def gateway_argv(etcd_port: int, listen_port: int, admin_port: int, xds_dir: Pat
             "--access-log", "/dev/null", "--log-format", "json", *flags]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per h2load run (default 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="direct/gateway rounds; medians reported (default 3)")
+def serve_argv(repo: Path, port: int, *flags: str) -> list[str]:
+    """``sluice serve`` over ``repo`` on loopback for a benchmark: no metrics port, warnings only."""
+    return [sys.executable, "-m", "mesh.cli", "serve", "--repo", str(repo), "--port", str(port),
+            "--metrics-port", "-1", "--log-format", "json", "--log-level", "warning", *flags]
+
+
+def bench_parser(description: str | None, duration: float) -> argparse.ArgumentParser:
+    """The flags of every gateway benchmark: --duration (default ``duration``), --rounds,
+    --envoy-concurrency, --keep."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=duration,
+                        help=f"seconds per h2load run (default {duration:g})")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, h2load logs)")
-    parser.add_argument("--steps", action="store_true",
-                        help="also time the gateway config built up one feature at a time (bench/envoy_steps.py)")
-    args = parser.parse_args()
+    return parser
+
+
+def require_h2load() -> None:
     if loadgen.h2load_path() is None:
         raise SystemExit("h2load not found (apt-get install nghttp2-client)")
 
+
+def measure_rounds(targets: Sequence[Target], body_path: Path, args: argparse.Namespace, log_dir: Path) -> None:
+    """Every target at c=1 and c=32 in ``args.rounds`` rounds, every other round in reverse order
+    (drift in the machine's load hits every target alike); the samples go to each target, a line
+    per run to stdout (with the Envoy's CPU where the target has one)."""
+    log_dir.mkdir()
+    for index in range(args.rounds):
+        for concurrency in (1, 32):
+            for target in targets if index % 2 == 0 else targets[::-1]:
+                sample = measure(target, body_path, concurrency, duration=args.duration, log_dir=log_dir,
+                                 index=index)
+                target.samples.setdefault(concurrency, []).append(sample)
+                envoy = "" if target.envoy_pid is None else f", Envoy {sample.envoy_us:.0f} µs/req"
+                print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
+                      f"p50 {sample.p50_ms:.3f} ms{envoy}, machine {100 * sample.machine_busy:.0f} % busy",
+                      flush=True)
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, duration=10.0)
+    parser.add_argument("--steps", action="store_true",
+                        help="also time the gateway config built up one feature at a time (bench/envoy_steps.py)")
+    args = parser.parse_args()
+    require_h2load()
+
     workdir = Path(tempfile.mkdtemp(prefix="sluice-gateway-hop-"))
     procs: list[subprocess.Popen[bytes]] = []
-    python = [sys.executable, "-m", "mesh.cli"]
     receiver = TraceReceiver(workdir / "traces.jsonl")
     receiver.start()
     try:
@@ -306,9 +341,7 @@ def main() -> None:
                            workdir / "etcd.log"))
         repo = iris_repo(workdir)
         service_port, listen_port, admin_port = free_port(), free_port(), free_port()
-        procs.append(start([*python, "serve", "--repo", str(repo.parent), "--port", str(service_port),
-                            "--metrics-port", "-1", "--log-format", "json", "--log-level", "warning"],
-                           workdir / "serve.log"))
+        procs.append(start(serve_argv(repo.parent, service_port), workdir / "serve.log"))
         procs.append(start(gateway_argv(etcd_port, listen_port, admin_port, workdir / "xds", args.envoy_concurrency),
                            workdir / "gateway.log"))
         gateway_pid = procs[-1].pid
@@ -346,17 +379,7 @@ def main() -> None:
             target.response_bytes = check.response_bytes
 
         load_before = os.getloadavg()[0]
-        log_dir = workdir / "h2load"
-        log_dir.mkdir()
-        for index in range(args.rounds):
-            for concurrency in (1, 32):
-                for target in targets if index % 2 == 0 else targets[::-1]:
-                    sample = measure(target, body_path, concurrency, duration=args.duration, log_dir=log_dir,
-                                     index=index)
-                    target.samples.setdefault(concurrency, []).append(sample)
-                    print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
-                          f"p50 {sample.p50_ms:.3f} ms, Envoy {sample.envoy_us:.0f} µs/req, "
-                          f"machine {100 * sample.machine_busy:.0f} % busy", flush=True)
+        measure_rounds(targets, body_path, args, workdir / "h2load")
         load_after = os.getloadavg()[0]
         print("\n" + render(direct, gateway, body_routed, args, (load_before, load_after)))
         if steps:

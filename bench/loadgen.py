@@ -150,19 +150,30 @@ def wait_until_serving(port: int, body: bytes, timeout: float, alive: object = N
 
     ``alive`` is an optional callable returning an error string once the server process has died.
     """
+    def attempt() -> str | None:
+        result = raw_call(port, body, timeout=2.0)
+        return None if isinstance(result, bytes) else result
+
+    return _poll(attempt, timeout, alive, "not serving")
+
+
+def _poll(attempt: Callable[[], str | None], timeout: float, alive: object, what: str) -> str | None:
+    """Call ``attempt`` (None once it succeeds, else what failed) every half second until it
+    succeeds: None then, else what ``alive`` says once the server died, or the last failure after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
         if callable(alive):
             died = alive()
             if died:
-                return died
-        result = raw_call(port, body, timeout=2.0)
-        if isinstance(result, bytes):
+                return str(died)
+        failure = attempt()
+        if failure is None:
             return None
-        last = result
+        last = failure
         time.sleep(0.5)
-    return f"not serving after {timeout:.0f}s: {last}"
+    return f"{what} after {timeout:.0f}s: {last}"
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -466,16 +477,10 @@ def check_rest(
 
 def wait_until_rest(port: int, model: str, body: RestBody, timeout: float, alive: object = None) -> str | None:
     """Poll the REST inference until it answers 200; None when ready, else the last error."""
-    deadline = time.monotonic() + timeout
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        if callable(alive):
-            died = alive()
-            if died:
-                return died
+    def attempt() -> str | None:
         result = rest_call(port, rest_path(model), body, 2.0)
-        if not isinstance(result, str) and result[0] == 200:
-            return None
-        last = result if isinstance(result, str) else f"HTTP {result[0]}: {result[2][:200]!r}"
-        time.sleep(0.5)
-    return f"REST not serving after {timeout:.0f}s: {last}"
+        if isinstance(result, str):
+            return result
+        return None if result[0] == 200 else f"HTTP {result[0]}: {result[2][:200]!r}"
+
+    return _poll(attempt, timeout, alive, "REST not serving")

@@ -31,7 +31,18 @@ import grpc
 import numpy as np
 
 from bench import loadgen
-from bench.gateway_hop import HEADERS, PREFIX, Target, gateway_argv, iris_repo, measure, register
+from bench.gateway_hop import (
+    HEADERS,
+    PREFIX,
+    Target,
+    bench_parser,
+    gateway_argv,
+    iris_repo,
+    measure_rounds,
+    register,
+    require_h2load,
+    serve_argv,
+)
 from bench.propagation import Admin, etcd_binary, start, tear_down, wait
 from mesh.devstack import tokens
 from mesh.devstack.pki import ensure_dev_pki, load_signing_key
@@ -75,18 +86,11 @@ def render(direct: Target, targets: list[Target], args: argparse.Namespace) -> s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per h2load run (default 5)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians reported (default 3)")
-    parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads (default 1)")
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, h2load logs)")
-    args = parser.parse_args()
-    if loadgen.h2load_path() is None:
-        raise SystemExit("h2load not found (apt-get install nghttp2-client)")
+    args = bench_parser(__doc__, duration=5.0).parse_args()
+    require_h2load()
 
     workdir = Path(tempfile.mkdtemp(prefix="sluice-security-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    python = [sys.executable, "-m", "mesh.cli"]
     try:
         pki = ensure_dev_pki(workdir / "pki")
         token = tokens.mint(load_signing_key(pki.jwt_key), subject="bench", models=["iris"])
@@ -95,9 +99,7 @@ def main() -> None:
                            workdir / "etcd.log"))
         repo = iris_repo(workdir)
         service_port = free_port()
-        procs.append(start([*python, "serve", "--repo", str(repo.parent), "--port", str(service_port),
-                            "--metrics-port", "-1", "--rest-port", "-1", "--log-format", "json",
-                            "--log-level", "warning"], workdir / "serve.log"))
+        procs.append(start(serve_argv(repo.parent, service_port, "--rest-port", "-1"), workdir / "serve.log"))
         tls = ["--tls-cert", str(pki.gateway.cert), "--tls-key", str(pki.gateway.key)]
         jwt = ["--jwt-issuer", tokens.ISSUER, "--jwt-audience", tokens.AUDIENCE, "--jwt-jwks", str(pki.jwks),
                "--access-claim", tokens.MODELS_CLAIM, "--admin-claim", tokens.ADMIN_CLAIM]
@@ -139,17 +141,7 @@ def main() -> None:
             raise SystemExit(f"the JWT gateway answered a call without a token: {refused!r}")
 
         load_before = os.getloadavg()[0]
-        log_dir = workdir / "h2load"
-        log_dir.mkdir()
-        every = [direct, *targets]
-        for index in range(args.rounds):
-            for concurrency in (1, 32):
-                for target in every if index % 2 == 0 else every[::-1]:
-                    sample = measure(target, body_path, concurrency, duration=args.duration, log_dir=log_dir,
-                                     index=index)
-                    target.samples.setdefault(concurrency, []).append(sample)
-                    print(f"round {index + 1} {target.name} c={concurrency}: {sample.rps:,.0f} req/s "
-                          f"p50 {sample.p50_ms:.3f} ms, machine {100 * sample.machine_busy:.0f} % busy", flush=True)
+        measure_rounds([direct, *targets], body_path, args, workdir / "h2load")
         print(f"\nload average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
         print(render(direct, targets, args))
     finally:
