@@ -62,7 +62,8 @@ CASTS = [("INT32", "FP64"), ("FP32", "INT64"), ("UINT8", "FP16"), ("FP64", "FP32
 
 def start_handle(repo: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None
                  ) -> ServiceHandle:
-    """Start ``sluice serve`` outside the function-scoped fixtures; the caller must stop it."""
+    """Start ``sluice serve`` outside the function-scoped fixtures; the caller must stop it (``with
+    start_handle(...) as handle:`` does)."""
     port, metrics_port = free_port(), free_port()
     rest_port = rest_port_of(extra)
     if rest_port is None:  # the default (--port + 2) would be a port nobody reserved
@@ -72,11 +73,7 @@ def start_handle(repo: Path, log_dir: Path, *extra: str, env: dict[str, str] | N
                        str(metrics_port), "--log-format", "json", *extra)
     process = ManagedProcess("sluice-serve", argv, log_dir / f"sluice-{next(_counter)}.log", env=env)
     handle = ServiceHandle(process, port, metrics_port, repo, rest_port)
-    try:
-        process.wait_until(handle.ready, START_TIMEOUT_S, "ServerReady")
-    except BaseException:
-        process.stop()
-        raise
+    process.wait_until_or_stop(handle.ready, START_TIMEOUT_S, "ServerReady")
     return handle
 
 
@@ -88,11 +85,8 @@ def zoo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def zoo(zoo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
     """The shared service over :func:`build_zoo`'s repository."""
-    handle = start_handle(zoo_repo, tmp_path_factory.mktemp("zoo-logs"))
-    try:
+    with start_handle(zoo_repo, tmp_path_factory.mktemp("zoo-logs")) as handle:
         yield handle
-    finally:
-        handle.process.stop()
 
 
 @pytest.fixture

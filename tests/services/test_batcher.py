@@ -137,11 +137,8 @@ def slow_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHa
     models.write_model(repo, "slow_q1", models.slow(), config={
         "max_batch_size": 0, "dynamic_batching": {"max_queue_size": 1}, "warmup_runs": 0})
     models.write_model(repo, "slow", models.slow(), config={"warmup_runs": 0})
-    handle = start_handle(repo, repo.parent)
-    try:
+    with start_handle(repo, repo.parent) as handle:
         yield handle
-    finally:
-        handle.process.stop()
 
 
 ONE = np.ones((1, 1), dtype=np.float32)

@@ -61,12 +61,9 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def service(layout: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceHandle]:
     # Explicit control switched on the way a deployment would: the flag is used in test_hot_reload.
-    handle = start_handle(layout[0], tmp_path_factory.mktemp("hostile-logs"), "--reload-quiet-ms", "50",
-                          env={"SLUICE_REPOSITORY_CONTROL": "true"})
-    try:
+    with start_handle(layout[0], tmp_path_factory.mktemp("hostile-logs"), "--reload-quiet-ms", "50",
+                      env={"SLUICE_REPOSITORY_CONTROL": "true"}) as handle:
         yield handle
-    finally:
-        handle.process.stop()
 
 
 @pytest.fixture

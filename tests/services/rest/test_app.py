@@ -37,12 +37,9 @@ MAX_MB = 1
 @pytest.fixture(scope="module")
 def rest(zoo_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceHandle, str]]:
     port = free_port()
-    handle = start_handle(zoo_repo, tmp_path_factory.mktemp("rest-logs"), "--rest-port", str(port),
-                          "--max-message-mb", str(MAX_MB))
-    try:
+    with start_handle(zoo_repo, tmp_path_factory.mktemp("rest-logs"), "--rest-port", str(port),
+                      "--max-message-mb", str(MAX_MB)) as handle:
         yield handle, f"127.0.0.1:{port}"
-    finally:
-        handle.process.stop()
 
 
 def _post(address: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
