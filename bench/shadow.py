@@ -1,16 +1,22 @@
 """What shadow comparison costs the callers: one real service, shadow off, at 10 % and at 100 %,
-with the worker under SCHED_IDLE (``--shadow-policy idle``, the default) and at nice 19
-(``nice``); callers' p50 latency and throughput at 1 and 32 concurrent gRPC clients, rounds
-interleaved (the order of the configurations rotates from round to round).
+with the worker in a thread of the service and in a process of its own (``--shadow-isolation``),
+under SCHED_IDLE (``--shadow-policy idle``, the default; ``nice`` on request); callers' p50
+latency and throughput at 1 and 32 concurrent gRPC clients, rounds interleaved (the order of the
+configurations rotates from round to round).
 
-    python -m bench.shadow [--seconds 3] [--rounds 3] [--policies idle,nice] [--serve-args "..."]
+    python -m bench.shadow [--seconds 3] [--rounds 3] [--isolations thread,process] [--policies idle]
+                           [--serve-args "..."] [--offers 3000]
 
 The model is a stack of 256x256 MatMuls (about 0.3 ms per call on one core), baseline and
 candidate the same graph, so every comparison agrees and costs one full candidate run. Ratios to
 "off" are medians of same-round ratios. ``worker CPU``: the shadow worker thread's own CPU time
 (/proc/<pid>/task/<tid>/schedstat) over the measurement, in % of one core: what
-``--shadow-cpu-share`` bounds. The load average before and after is printed with the table: the
-callers, the service and its worker share the machine's cores.
+``--shadow-cpu-share`` bounds; in the process isolation, all the child's threads
+(/proc/<child>/task/*/schedstat). ``child RSS``: the shadow process's resident memory at the end
+of the measurement (its own interpreter, ONNX Runtime and copy of the candidate). A second table
+gives what :meth:`Shadow.offer` costs the request thread, in µs per call, measured in this process
+with the real classes and a real child (:mod:`bench.shadow_offer`). The load average before and
+after is printed with the tables: the callers, the service and its worker share the machine's cores.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.shadow_offer import offer_cost
 from mesh.ports import free_port
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -44,12 +51,13 @@ CLIENTS = (1, 32)
 class Config:
     fraction: float
     policy: str = "idle"
+    isolation: str = "process"
 
     @property
     def label(self) -> str:
         if not self.fraction:
             return "off"
-        return f"{100 * self.fraction:.0f} % {self.policy}"
+        return f"{100 * self.fraction:.0f} % {self.isolation}" + ("" if self.policy == "idle" else f" {self.policy}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,8 @@ class Sample:
     """Share of one core the worker thread used over the measurement (0 without shadow)."""
     failed: int = 0
     """Calls that failed (counted, not timed; the caller goes on)."""
+    child_rss_mb: float = 0.0
+    """Resident memory of the shadow process (0 without one)."""
 
 
 @dataclass
@@ -83,8 +93,8 @@ class Results:
 def render(results: Results, configs: list[Config]) -> str:
     """The docs table: one row per configuration and client count, ratios to "off"."""
     off = configs[0]
-    lines = ["| shadow | clients | p50 ms | req/s | p50 / off | req/s / off | compared/s | worker CPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| shadow | clients | p50 ms | req/s | p50 / off | req/s / off | compared/s | worker CPU | child RSS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for clients in CLIENTS:
         for config in configs:
             lines.append(
@@ -93,8 +103,13 @@ def render(results: Results, configs: list[Config]) -> str:
                 f"| {results.ratio(config, off, clients, 'p50_ms'):.2f} "
                 f"| {results.ratio(config, off, clients, 'rate'):.2f} "
                 f"| {results.median(config, clients, 'compared_per_s'):,.0f} "
-                f"| {100 * results.median(config, clients, 'worker_cpu'):.1f} % |")
+                f"| {100 * results.median(config, clients, 'worker_cpu'):.1f} % "
+                f"| {_mb(results.median(config, clients, 'child_rss_mb'))} |")
     return "\n".join(lines)
+
+
+def _mb(value: float) -> str:
+    return f"{value:.0f} MB" if value else "-"
 
 
 def _model(layers: int = 6, size: int = 256) -> onnx.ModelProto:
@@ -129,7 +144,7 @@ def _start(repo: Path, config: Config, log: Path, extra: list[str]) -> tuple[sub
     port, metrics = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--repo", str(repo), "--port", str(port),
                              "--metrics-port", str(metrics), "--log-level", "warning",
-                             "--shadow-policy", config.policy, *extra],
+                             "--shadow-policy", config.policy, "--shadow-isolation", config.isolation, *extra],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
     body = _request()
     deadline = time.monotonic() + 60
@@ -197,6 +212,30 @@ def worker_tids(pid: int) -> list[int]:
     return tids
 
 
+def shadow_child(pid: int) -> int | None:
+    """The service's shadow process, None where it has none (thread isolation, shadow off)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        if children:
+            return int(children[0])
+    return None
+
+
+def child_rss_mb(child: int | None) -> float:
+    if child is None:
+        return 0.0
+    try:
+        for line in Path(f"/proc/{child}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def thread_cpu_seconds(pid: int, tids: list[int]) -> float:
     """CPU seconds the threads ran (schedstat: nanoseconds on a CPU), 0 for threads that are gone."""
     total = 0.0
@@ -210,24 +249,29 @@ def thread_cpu_seconds(pid: int, tids: list[int]) -> float:
 
 def measure(port: int, metrics: int, pid: int, clients: int, seconds: float) -> Sample:
     _load(port, clients, 0.5)  # warm-up (and the worker has started)
-    tids = worker_tids(pid)
-    compared, cpu, started = _compared(metrics), thread_cpu_seconds(pid, tids), time.monotonic()
+    child = shadow_child(pid)
+    owner = pid if child is None else child
+    tids = worker_tids(pid) if child is None else [int(t.name) for t in Path(f"/proc/{child}/task").iterdir()]
+    compared, cpu, started = _compared(metrics), thread_cpu_seconds(owner, tids), time.monotonic()
     p50, rate, failed = _load(port, clients, seconds)
     elapsed = time.monotonic() - started
     return Sample(p50, rate, (_compared(metrics) - compared) / seconds,
-                  (thread_cpu_seconds(pid, tids) - cpu) / elapsed, failed)
+                  (thread_cpu_seconds(owner, tids) - cpu) / elapsed, failed, child_rss_mb(child))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--policies", default="idle,nice", help="comma-separated --shadow-policy values")
+    parser.add_argument("--policies", default="idle", help="comma-separated --shadow-policy values")
+    parser.add_argument("--isolations", default="thread,process", help="comma-separated --shadow-isolation values")
+    parser.add_argument("--offers", type=int, default=3000, help="offers timed per isolation (0: none)")
     parser.add_argument("--serve-args", default="", help="more sluice serve flags, for every configuration "
                         "(e.g. \"--handler-policy normal\")")
     args = parser.parse_args()
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    configs = [Config(0.0)] + [Config(f, p) for p in policies for f in (0.1, 1.0)]
+    isolations = [i.strip() for i in args.isolations.split(",") if i.strip()]
+    configs = [Config(0.0)] + [Config(f, p, i) for i in isolations for p in policies for f in (0.1, 1.0)]
     results = Results()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,8 +293,15 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait(10)
+        offers = {i: offer_cost(repo / "m" / "2" / "model.onnx", i, args.offers)
+                  for i in isolations} if args.offers else {}
     load_after = os.getloadavg()
     print(render(results, configs))
+    if offers:
+        print("\n| isolation | offer µs p50 | offer µs p90 | offer µs p99 | offers dropped |")
+        print("|---|---:|---:|---:|---:|")
+        for isolation, cost in offers.items():
+            print(f"| {isolation} | {cost.p50_us:.1f} | {cost.p90_us:.1f} | {cost.p99_us:.1f} | {cost.dropped} |")
     failed = sum(s.failed for samples in results.samples.values() for s in samples)
     if failed:
         print(f"\n{failed} calls failed (not in the figures)")

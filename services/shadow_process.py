@@ -107,7 +107,9 @@ class ProcessShadow(Shadow):
             self._drop(tag)
             return
         try:
-            header, raws, size = encode_job((model, version, plan, request_id, tuple(names), feeds, tuple(answers)))
+            meta = (model, version, plan.candidate, plan.rtol, plan.atol, plan.compare, request_id, tuple(names),
+                    tuple(feeds))
+            header, raws, size = encode_job(meta, (*feeds.values(), *answers))
         except Exception:  # an array pickle refuses: the caller has its answer, the comparison is lost
             log.exception("shadow_encode_failed", model=model, candidate=plan.candidate)
             self._drop(tag)

@@ -15,7 +15,7 @@ import structlog
 
 from services.errors import ServiceError
 from services.model import OnnxModel
-from services.shadow import IDLE_S, POLL_S, PairFigures, ShadowJob, idle_after, run_and_compare
+from services.shadow import IDLE_S, POLL_S, PairFigures, ShadowJob, ShadowPlan, idle_after, run_and_compare
 from services.shadow_ring import FREED, JOB, FrameReader, Want, frame, read_available, read_job
 
 log = structlog.get_logger("services.shadow")
@@ -117,16 +117,19 @@ class ChildWorker:
         del self._job_bytes[:whole]
 
     def _one(self, offset: int, length: int) -> None:
-        fields = read_job(self._view, offset, length)
-        model, baseline, plan, request_id, names, feeds, answers = fields
-        pair = self.pairs.get((model, baseline, plan.candidate))
+        meta, arrays = read_job(self._view, offset, length)
+        model, baseline, candidate, rtol, atol, compare, request_id, names, feed_names = meta
+        pair = self.pairs.get((model, baseline, candidate))
         if pair is None:
-            pair = self.pairs[(model, baseline, plan.candidate)] = PairFigures()
+            pair = self.pairs[(model, baseline, candidate)] = PairFigures()
         self._dirty = True
-        copy = self.copies.get((model, plan.candidate))
+        copy = self.copies.get((model, candidate))
         if not isinstance(copy, OnnxModel):
             pair.dropped += 1
             return
+        plan = ShadowPlan(candidate, baseline, 1.0, rtol, atol, compare)
+        feeds = dict(zip(feed_names, arrays, strict=False))
+        answers = tuple(arrays[len(feed_names):])
         job = ShadowJob(model, baseline, plan, request_id, feeds, names, answers, length)
         run_and_compare(job, copy, pair, contextlib.nullcontext)  # the whole process is under its policy already
 

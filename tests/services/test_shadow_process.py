@@ -14,7 +14,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from services.shadow import ShadowPlan
 from services.shadow_ring import FrameReader, Ring, encode_job, frame, read_job, write_job
 from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
@@ -56,18 +55,18 @@ def test_a_job_round_trips_through_the_arena_with_its_arrays_in_place() -> None:
     arena = memoryview(bytearray(1 << 16))
     feeds: dict[str, npt.NDArray[Any]] = {"x": np.arange(12, dtype=np.float32).reshape(3, 4),
              "t": np.arange(20, dtype=np.int64).reshape(4, 5)[:, ::2],  # not contiguous: pickled in band
-             "w": np.array([b"abc", b""], dtype=np.object_)}
+             "w": np.array([b"abc", b""], dtype=np.object_),
+             "e": np.zeros((0, 3), dtype=np.float32), "s": np.array(2.5, dtype=np.float64)}
     answers = (np.ones((3, 2), dtype=np.float16),)
-    plan = ShadowPlan(candidate=3, baseline=2, rtol=0.5)
-    header, raws, size = encode_job(("m", 2, plan, "id-1", ("y",), feeds, answers))
+    meta = ("m", 2, 3, 0.5, 1e-6, "auto", "id-1", ("y",), tuple(feeds))
+    header, raws, size = encode_job(meta, (*feeds.values(), *answers))
     write_job(arena, 128, header, raws)
-    model, baseline, got_plan, request_id, names, got_feeds, got_answers = read_job(arena, 128, size)
-    assert (model, baseline, got_plan, request_id, names) == ("m", 2, plan, "id-1", ("y",))
-    for name, array in feeds.items():
-        assert np.array_equal(got_feeds[name], array) and got_feeds[name].dtype == array.dtype
-    assert np.array_equal(got_answers[0], answers[0])
+    got_meta, arrays = read_job(arena, 128, size)
+    assert got_meta == meta
+    for got, array in zip(arrays, (*feeds.values(), *answers), strict=True):
+        assert np.array_equal(got, array) and got.dtype == array.dtype and got.shape == array.shape
     # The float32 input is a view of the arena, not a copy: the child reads it where the service wrote it.
-    assert np.shares_memory(got_feeds["x"], np.frombuffer(arena, dtype=np.uint8))
+    assert np.shares_memory(arrays[0], np.frombuffer(arena, dtype=np.uint8))
 
 
 def test_frames_survive_reads_that_split_them() -> None:

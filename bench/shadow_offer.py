@@ -1,0 +1,106 @@
+"""What :meth:`services.shadow.Shadow.offer` costs the request thread, per isolation: the real
+thread worker or the real shadow process (with its child consuming), bench.shadow's model as
+baseline and candidate, one offer every ``--interval`` (slower than the worker takes them at its
+CPU share, so the offers measured are handed over, not dropped), each call timed on its own.
+
+    python -m bench.shadow_offer [--offers 2000] [--interval 0.002]
+
+bench.shadow runs it after its service measurements and prints the table beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import structlog
+
+from services.config import ModelConfig
+from services.model import OnnxModel
+from services.shadow import Shadow, ShadowPlan
+from services.shadow_process import ProcessShadow
+
+
+@dataclass(frozen=True)
+class OfferCost:
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    dropped: int
+
+
+class _Served:
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+
+
+class _Catalog:
+    """What the shadow reads of a catalog: the served versions (to load the candidate) and the
+    candidate's lookup (thread worker)."""
+
+    def __init__(self, baseline: OnnxModel, candidate: OnnxModel) -> None:
+        self._versions = {2: _Served(baseline), 3: _Served(candidate)}
+        self._served = MappingProxyType({"m": MappingProxyType(self._versions)})
+
+    def served(self) -> Any:
+        return self._served
+
+    def resolve(self, name: str, version: int | None) -> _Served:
+        return self._versions[version or 3]
+
+
+def offer_cost(baseline_path: Path, isolation: str, offers: int, interval: float = 0.002) -> OfferCost:
+    """Time ``offers`` offers of one request (1x256 FP32 in and out) at 100 % shadow."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    config = ModelConfig(max_batch_size=0)
+    baseline = OnnxModel("m", 2, baseline_path, config)
+    candidate = OnnxModel("m", 3, baseline_path.parent.parent / "3" / baseline_path.name, config)
+    catalog: Any = _Catalog(baseline, candidate)
+    shadow = (ProcessShadow(catalog, log_level="warning") if isolation == "process" else Shadow(catalog))
+    shadow.rollout_plans = {"m": ShadowPlan(candidate=3, baseline=2, fraction=1.0)}
+    shadow.start()
+    feeds = {"x": np.ones((1, 256), dtype=np.float32)}
+    answers = baseline.run(feeds)
+    try:
+        time.sleep(2.0)  # the child's interpreter, ONNX Runtime and candidate copy
+        times = []
+        for i in range(offers):
+            started = time.perf_counter_ns()
+            shadow.offer(baseline, f"r{i}", feeds=feeds, names=("y",), answers=answers)
+            times.append(time.perf_counter_ns() - started)
+            time.sleep(interval)
+        dropped = sum(pair.dropped for _key, pair in shadow.figures())
+    finally:
+        shadow.stop()
+    cuts = statistics.quantiles(times, n=100)
+    return OfferCost(statistics.median(times) / 1000, cuts[89] / 1000, cuts[98] / 1000, dropped)
+
+
+def main() -> None:
+    from bench.shadow import _model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--offers", type=int, default=2000)
+    parser.add_argument("--interval", type=float, default=0.002)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for version in (2, 3):
+            (Path(tmp) / str(version)).mkdir()
+            (Path(tmp) / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
+        print("| isolation | offer µs p50 | offer µs p90 | offer µs p99 | offers dropped |\n|---|---:|---:|---:|---:|")
+        for isolation in ("thread", "process"):
+            cost = offer_cost(Path(tmp) / "2" / "model.onnx", isolation, args.offers, args.interval)
+            print(f"| {isolation} | {cost.p50_us:.1f} | {cost.p90_us:.1f} | {cost.p99_us:.1f} | {cost.dropped} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
