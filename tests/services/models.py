@@ -114,6 +114,37 @@ def slow(matmuls: int = 40, size: int = 768) -> onnx.ModelProto:
                   [eye, zero])
 
 
+def stuck(iterations: int = 3000, size: int = 1024) -> onnx.ModelProto:
+    """``x`` FP32 [batch, 1] -> ``y`` = x, after ``iterations`` size x size MatMuls in one ``Loop``.
+
+    The same work as :func:`slow` with ``matmuls=iterations``, but in a graph of a few nodes: a
+    session of it is made in milliseconds, where 3000 MatMul nodes take ONNX Runtime ~12 s to
+    plan. One run takes minutes: what makes a request stuck.
+    """
+    eye = numpy_helper.from_array(np.eye(size, dtype=np.float32), "eye")
+    zero = numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")
+    trips = numpy_helper.from_array(np.array(iterations, dtype=np.int64), "trips")
+    keep_going = numpy_helper.from_array(np.array(True), "keep_going")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("MatMul", ["m_in", "eye"], ["m_out"])],  # "eye" from the outer graph
+        "stuck_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("m_in", TensorProto.FLOAT, [size, size])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("m_out", TensorProto.FLOAT, [size, size])],
+    )
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+             helper.make_node("Add", ["eye", "s"], ["m0"]),
+             helper.make_node("Loop", ["trips", "keep_going", "m0"], ["m"], body=body),
+             helper.make_node("ReduceSum", ["m"], ["t"], keepdims=0),
+             helper.make_node("Mul", ["t", "zero"], ["t0"]),
+             helper.make_node("Add", ["x", "t0"], ["y"])]
+    return _model(nodes, [_value("x", "FP32", ["batch", 1])], [_value("y", "FP32", ["batch", 1])],
+                  [eye, zero, trips, keep_going])
+
+
 def write_model(repo: Path, name: str, model: onnx.ModelProto | bytes, version: int = 1,
                 config: dict[str, Any] | None = None) -> Path:
     """Write ``repo/name/version/model.onnx`` (and ``config.yaml`` when given); returns the file."""

@@ -4,6 +4,7 @@ with a stuck request, a memory diff over 20 loads and unloads, and where the end
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import urllib.error
@@ -65,7 +66,7 @@ def service(tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> Serv
     models.write_model(repo, "slow", models.slow(matmuls=20, size=256))
     models.write_model(repo, "identity", models.identity("FP32"))
     # No warm-up: one run of it takes minutes, which is what makes a request stuck.
-    models.write_model(repo, "stuck", models.slow(matmuls=3000, size=1024), config={"warmup_runs": 0})
+    models.write_model(repo, "stuck", models.stuck(iterations=3000, size=1024), config={"warmup_runs": 0})
     return start_service(repo, "--repository-control", "--max-concurrency", "8", timeout=120.0)
 
 
@@ -129,6 +130,9 @@ def test_thread_dump_shows_the_frame_of_a_stuck_request(service: ServiceHandle) 
             assert "Thread MainThread" in text  # the event loop
         finally:
             future.cancel()
+            # ONNX Runtime goes on with the run for minutes whatever the client does, so a graceful
+            # stop would only wait for the fixture's SIGKILL: send it now.
+            service.process.signal(signal.SIGKILL)
 
 
 def test_memory_diff_after_loading_and_unloading_a_model_20_times(service: ServiceHandle) -> None:
