@@ -153,12 +153,24 @@ def _start(repo: Path, config: Config, log: Path, extra: list[str]) -> tuple[sub
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 probe: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
                 probe(body, timeout=1)
+            if config.fraction:
+                _until_compared(port, metrics, deadline)
             return proc, port, metrics
         except grpc.RpcError:
             time.sleep(0.2)
     proc.kill()
     proc.wait(10)
     raise SystemExit(f"the service did not serve within 60 s: {log.read_text()[-2000:]}")
+
+
+def _until_compared(port: int, metrics: int, deadline: float) -> None:
+    """Requests until a first comparison: measurements start once the worker (the shadow
+    process: its interpreter, ONNX Runtime and candidate copy) is ready."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
+        while not _compared(metrics) and time.monotonic() < deadline:
+            call(_request(), timeout=5)
+            time.sleep(0.05)
 
 
 def _load(port: int, clients: int, seconds: float) -> tuple[float, float, int]:

@@ -13,7 +13,8 @@ read of the freed pipe), allocate the job's space in the shared arena (:class:`R
 offset to the jobs pipe without blocking. No space, a full pipe, a child not running, a
 candidate the child was not told of: the job is dropped and counted.
 
-A supervisor thread starts the child, tells it which candidates to load (from the catalog and the
+A supervisor thread starts the child once a plan in force has its candidate served here (a
+service that shadows nothing has no child), tells it which candidates to load (from the catalog and the
 rollout plans, whenever either changes), drains its figures, and restarts it with backoff when it
 dies (its jobs in flight counted dropped). The figures on /metrics are the service's own drops
 plus the child's cumulative counts plus those of children that died before.
@@ -90,6 +91,8 @@ class ProcessShadow(Shadow):
         """(model, candidate) the child was told to load: only their jobs are handed over."""
         self._sent_wants: dict[tuple[str, int], Want] | None = None
         self._followed: tuple[object, object] = (None, None)
+        self._needed_for: tuple[object, object] = (None, None)
+        self._need = False
         self._proc: subprocess.Popen[bytes] | None = None
         self.child_pid: int | None = None
         self.restarts = 0
@@ -198,6 +201,13 @@ class ProcessShadow(Shadow):
                     wants[(model, candidate)] = Want(str(m.path), m.config, m.sha256, m.fingerprint)
         return wants
 
+    def _needed(self) -> bool:
+        """Whether any plan in force has its candidate served here (then a child is started)."""
+        now = (self.catalog.served(), self.rollout_plans)
+        if now[0] is not self._needed_for[0] or now[1] is not self._needed_for[1]:
+            self._needed_for, self._need = now, bool(self.wanted())
+        return self._need
+
     def _follow(self) -> None:
         """Tell the child of changed candidates (the catalog and the plans are replaced whole:
         an unchanged pair of references is nothing to do)."""
@@ -295,6 +305,10 @@ class ProcessShadow(Shadow):
     def _supervise(self) -> None:
         delay = BACKOFF_S[0]
         while not self._stopping.is_set():
+            if not self._needed():  # nothing to shadow here: no child, no second interpreter in memory
+                self._spawned.set()
+                self._stopping.wait(TICK_S)
+                continue
             started = time.monotonic()
             try:
                 proc = self._spawn()

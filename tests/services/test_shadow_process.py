@@ -227,3 +227,14 @@ def test_a_killed_service_takes_its_shadow_process_along_and_leaves_no_shared_me
     service.process.proc.wait(10)
     wait_for(lambda: not running(child), 10, "the shadow process gone with the service")
     assert ours() == before
+
+
+@linux_only
+@pytest.mark.timeout(120)
+def test_a_service_that_shadows_nothing_starts_no_shadow_process(
+        tmp_path: Path, start_service: Callable[..., ServiceHandle]) -> None:
+    service = start_service(repo_with(tmp_path, models.doubler_by_adding(), {}), *PROCESS)
+    assert send(service, [1.0] * 3) == [2.0] * 3
+    children = [pid for task in Path(f"/proc/{service.process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    assert children == [] and child_pids(service) == []
