@@ -147,10 +147,13 @@ def make_stack(tmp_path: Path, shared_etcd: EtcdServer, etcd_prefix: str,
                 "--leader-ttl", "2", "--identity", name, "--log-format", "json", *controller_flags))
 
         stack = Stack(shared_etcd, etcd_prefix, service, start_controller)
-        wait_for(lambda: stack.cli("status", MODEL, "-o", "json", check=False).returncode == 0
-                 and '"instance_id": "svc-a"' in stack.cli("status", MODEL, "-o", "json").stdout
-                 and stack.cli("status", MODEL, "-o", "json").stdout.count('"state": "serving"') >= 2 + third,
-                 30, "both versions registered", interval=0.3)
+
+        def registered() -> bool:  # one `sluice status` per look: each is a Python start-up
+            status = stack.cli("status", MODEL, "-o", "json", check=False)
+            return (status.returncode == 0 and '"instance_id": "svc-a"' in status.stdout
+                    and status.stdout.count('"state": "serving"') >= 2 + third)
+
+        wait_for(registered, 30, "both versions registered", interval=0.3)
         stack.cli("weights", "set", MODEL, "2=100")
         return stack
 
