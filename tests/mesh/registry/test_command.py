@@ -236,7 +236,8 @@ def test_a_real_service_registers_a_version_that_failed_to_load(
     whole = (repo / "iris" / "2" / "model.onnx").read_bytes()
     (repo / "iris" / "3" / "model.onnx").write_bytes(whole[: len(whole) // 2])  # a copy cut short
     flags = ["--etcd", shared_etcd.endpoint, "--prefix", etcd_prefix]
-    service = start_service(repo, *flags, "--instance-id", "svc-a")
+    # --deregister-grace: no gateway routes here, so the stop need not wait the default 2 s for one.
+    service = start_service(repo, *flags, "--instance-id", "svc-a", "--deregister-grace", "0")
     failed_key = f"{etcd_prefix}models/iris/instances/3/svc-a"
     wait_for(lambda: bool(shared_etcd.etcdctl("get", failed_key).stdout), 15, "the failed version registered")
     record = InstanceRecord.from_json(shared_etcd.etcdctl("get", "--print-value-only", failed_key).stdout)
@@ -293,7 +294,8 @@ def test_a_reload_that_fails_while_the_older_copy_serves_is_shown_and_still_rout
     model_file = repo / "iris" / "2" / "model.onnx"
     whole = model_file.read_bytes()
     flags = ["--etcd", shared_etcd.endpoint, "--prefix", etcd_prefix]
-    service = start_service(repo, *flags, "--instance-id", "svc-a", "--reload-quiet-ms", "100")
+    service = start_service(repo, *flags, "--instance-id", "svc-a", "--reload-quiet-ms", "100",
+                            "--deregister-grace", "0")
     key = f"{etcd_prefix}models/iris/instances/2/svc-a"
 
     def stored() -> InstanceRecord | None:
