@@ -16,8 +16,10 @@ calls each service directly), so that what it greps for is there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -92,10 +94,22 @@ def test_documented_commands_run_as_written(tmp_path: Path, process_factory: Cal
     (clone / ".venv").symlink_to(Path(sys.executable).parents[1])
     (clone / "examples").symlink_to(ROOT / "examples")
     up = process_factory("sluice-up", [str(clone / ".venv" / "bin" / "sluice"), "up"], env=clean_env(), cwd=clone)
-    up.wait_until(lambda: "Press Ctrl-C" in up.log_text(), 200, "the stack up (README command 1)")
-    # The README's secure mode runs a second stack beside it, as its unmarked command starts it.
+    # The README's secure mode runs a second stack beside it, as its unmarked command starts it;
+    # both start at once (as from two terminals), so their start-ups overlap.
     secure = process_factory("sluice-up-secure", [str(clone / ".venv" / "bin" / "sluice"), *SECURE_UP],
                              env=clean_env(), cwd=clone)
+    try:
+        run_the_blocks(clone, up, secure)
+    finally:  # both stacks stop at once; the fixture forces what is left after 20 s
+        for stack in (secure, up):
+            stack.signal(signal.SIGTERM)
+        for stack in (secure, up):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stack.proc.wait(timeout=20)
+
+
+def run_the_blocks(clone: Path, up: ManagedProcess, secure: ManagedProcess) -> None:
+    up.wait_until(lambda: "Press Ctrl-C" in up.log_text(), 200, "the stack up (README command 1)")
     secure.wait_until(lambda: "Press Ctrl-C" in secure.log_text(), 200, "the secure stack up (README secure mode)")
     assert f".venv/bin/sluice {' '.join(SECURE_UP)}\n" in (ROOT / "README.md").read_text()
     assert 'eval "$(.venv/bin/sluice env)"' in up.log_text()  # the default run directory needs no flag
