@@ -90,16 +90,19 @@ class ServiceSettings(BaseSettings):
     shadow_queue_mb: int = Field(256, ge=1, le=65536)
     """MiB of inputs and outputs the queued shadow comparisons may hold; more are dropped."""
     shadow_cpu_share: float = Field(0.25, gt=0.0, le=1.0)
-    """Share of one core the shadow worker may use (it idles after each comparison to keep to it)."""
+    """Share of one core the shadow worker may use (it idles after each comparison to keep to it,
+    counting its CPU time: all the shadow process's threads, or the worker thread's own)."""
     shadow_policy: Literal["idle", "nice"] = "idle"
-    """Linux scheduling of the shadow worker: ``idle`` (SCHED_IDLE: it runs only on CPU no other
-    thread wants, so it can starve on a saturated service) or ``nice`` (nice 19: a small share even
-    there, but a waking handler thread waits for it; docs/rollouts.md)."""
+    """Linux scheduling of the shadow worker: ``idle`` (SCHED_IDLE, at nice 19: it runs only on CPU
+    no other thread wants, so it can starve on a saturated service; the whole shadow process, or
+    the worker thread around each candidate run only, where the process may leave SCHED_IDLE
+    again) or ``nice`` (nice 19: a small share even there, but a waking handler thread waits for
+    it; docs/rollouts.md)."""
     shadow_isolation: Literal["process", "thread"] = "process"
-    """Where the shadow worker runs: ``process`` (a child process, all of it under --shadow-policy,
-    with its own copy of each shadowed candidate: it shares no GIL with the handler threads) or
-    ``thread`` (a thread of the service, which shares the GIL: at 100 % shadow the callers lose
-    throughput to it; docs/rollouts.md)."""
+    """Where the shadow worker runs: ``process`` (a child process started once a candidate is to be
+    shadowed, all of it under --shadow-policy, with its own copy of each shadowed candidate in
+    memory: it shares no GIL with the handler threads) or ``thread`` (a thread of the service
+    using the candidate's own session, sharing the GIL with the handler threads; docs/rollouts.md)."""
     max_calls_per_connection: int = Field(100, ge=1, le=65535)
     """Calls one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; clients
     and Envoy queue or open another connection beyond it). A call whose answer the client does not

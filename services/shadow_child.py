@@ -1,7 +1,7 @@
 """The shadow process: runs a service's shadow comparisons away from its GIL.
 
 Started by :class:`services.shadow_process.ProcessShadow` as ``python -m services.shadow_child``
-with the arena and the four pipes as inherited file descriptors. The whole process runs under
+with the arena and three pipes as inherited file descriptors. The whole process runs under
 SCHED_IDLE (or nice 19 with ``--policy nice``), set before anything else starts a thread, so
 ONNX Runtime's threads inherit it, and it never needs to come back: no handler thread waits on a
 GIL this process holds. It loads its own copy of each candidate the service tells it about,
@@ -50,7 +50,7 @@ def lower_process(policy: str) -> str:
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="services.shadow_child")
-    for name in ("parent", "arena-fd", "arena-bytes", "jobs-fd", "freed-fd", "control-fd", "figures-fd"):
+    for name in ("parent", "arena-fd", "arena-bytes", "jobs-fd", "control-fd", "figures-fd"):
         parser.add_argument(f"--{name}", type=int, required=True)
     parser.add_argument("--policy", choices=("idle", "nice"), default="idle")
     parser.add_argument("--cpu-share", type=float, default=0.25)
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     sluice_logging.configure(args.log_level, args.log_format, sluice_logging.parse_levels(args.log_levels))
     from services.shadow_worker import ChildWorker  # noqa: PLC0415
 
-    worker = ChildWorker(args.arena_fd, args.arena_bytes, jobs_fd=args.jobs_fd, freed_fd=args.freed_fd,
-                         control_fd=args.control_fd, figures_fd=args.figures_fd, cpu_share=args.cpu_share)
+    worker = ChildWorker(args.arena_fd, args.arena_bytes, jobs_fd=args.jobs_fd, control_fd=args.control_fd,
+                         figures_fd=args.figures_fd, cpu_share=args.cpu_share)
     worker.log_start(got)
     worker.run()
     return 0

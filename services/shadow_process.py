@@ -6,11 +6,12 @@ counting): at 100 % shadow the callers lost 13 to 17 % of their throughput to it
 a child process (:mod:`services.shadow_child`) with its own interpreter, its own copy of each
 candidate, and SCHED_IDLE for all of its life.
 
-The request thread's part (:meth:`ProcessShadow._enqueue`): pickle the job's metadata with its
-arrays out of band, then, under the lock, take back the space of finished jobs (a non-blocking
-read of the freed pipe), allocate the job's space in the shared arena (:class:`Ring`, bounded by
-``--shadow-queue`` jobs and ``--shadow-queue-mb`` bytes), copy it there and write its 16-byte
-offset to the jobs pipe without blocking. No space, a full pipe, a child not running, a
+The request thread's part (:meth:`ProcessShadow._enqueue`): describe the job (its plan's
+metadata pickled once, the request id, dtypes and shapes), then, under the lock, take back the
+space of the jobs the child counted done (one read of the arena's counter, no system call),
+allocate the job's space in the shared arena (:class:`Ring`, bounded by ``--shadow-queue`` jobs
+and ``--shadow-queue-mb`` bytes), copy it there and write its 16-byte offset to the jobs pipe
+without blocking. No space, a full pipe, a child not running, a
 candidate the child was not told of: the job is dropped and counted.
 
 A supervisor thread starts the child once a plan in force has its candidate served here (a
@@ -25,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import pickle
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,18 @@ from services.catalog import ModelCatalog
 from services.model import OnnxModel
 from services.settings import ServiceSettings
 from services.shadow import QUEUE_BYTES, PairFigures, Policy, Shadow, ShadowPlan
-from services.shadow_ring import FREED, JOB, FrameReader, Ring, Want, encode_job, frame, read_available, write_job
+from services.shadow_ring import (
+    BASE,
+    DONE,
+    JOB,
+    FrameReader,
+    Ring,
+    Want,
+    encode_job,
+    frame,
+    read_available,
+    write_job,
+)
 
 log = structlog.get_logger("services.shadow")
 
@@ -78,8 +92,12 @@ class ProcessShadow(Shadow):
         self._arena_fd = -1
         self._arena: mmap.mmap | None = None
         self._view: memoryview | None = None
-        self._jobs_w = self._freed_r = self._control_w = self._figures_r = -1
-        self._freed_bytes = bytearray()
+        self._jobs_w = self._control_w = self._figures_r = -1
+        self._issued: deque[tuple[int, int]] = deque()
+        """(sequence number, ring offset) of the jobs handed over and not yet counted done."""
+        self._sequence = 0
+        self._statics: dict[tuple[Any, ...], bytes] = {}
+        """The pickled metadata each (model, version, plan, outputs, inputs) shares (a few entries)."""
         self._control_pending = bytearray()
         self._figures_lock = threading.Lock()
         """Guards the figures pipe, its reader and the two tables below (supervisor and scrapes)."""
@@ -110,9 +128,14 @@ class ProcessShadow(Shadow):
             self._drop(tag)
             return
         try:
-            meta = (model, version, plan.candidate, plan.rtol, plan.atol, plan.compare, request_id, tuple(names),
-                    tuple(feeds))
-            header, raws, size = encode_job(meta, (*feeds.values(), *answers))
+            key = (model, version, plan, tuple(names), tuple(feeds))
+            static = self._statics.get(key)
+            if static is None:
+                if len(self._statics) >= 256:  # new plans and signatures over a long life: start over
+                    self._statics.clear()
+                static = self._statics[key] = pickle.dumps(
+                    (model, version, plan.candidate, plan.rtol, plan.atol, plan.compare, key[3], key[4]), protocol=5)
+            header, raws, size = encode_job(static, request_id, (*feeds.values(), *answers))
         except Exception:  # an array pickle refuses: the caller has its answer, the comparison is lost
             log.exception("shadow_encode_failed", model=model, candidate=plan.candidate)
             self._drop(tag)
@@ -127,27 +150,29 @@ class ProcessShadow(Shadow):
             if offset is None:  # no room in jobs or bytes (or larger than the whole arena)
                 self._pair(*tag).dropped += 1
                 return
-            write_job(self._view, offset, header, raws)
+            write_job(self._view, BASE + offset, header, raws)
             try:
-                os.write(self._jobs_w, JOB.pack(offset, size))  # 16 bytes: whole or not at all
+                os.write(self._jobs_w, JOB.pack(BASE + offset, size))  # 16 bytes: whole or not at all
             except OSError:  # BlockingIOError: the pipe is full; others: the child's end is gone
                 self._ring.free(offset)
                 self._pair(*tag).dropped += 1
+                return
+            self._issued.append((self._sequence, offset))
+            self._sequence += 1
 
     def _drop(self, tag: tuple[str, int, int]) -> None:
         with self._lock:
             self._pair(*tag).dropped += 1
 
     def _take_back(self) -> None:
-        """Space of the jobs the child is done with (under ``_lock``; never blocks)."""
-        data = read_available(self._freed_r) if self._freed_r >= 0 else None
-        if not data:
+        """Space of the jobs the child counted done (under ``_lock``; never blocks). It takes them
+        in the order they were written to the pipe, which is their order in ``_issued``."""
+        if self._view is None:
             return
-        self._freed_bytes += data
-        whole = len(self._freed_bytes) - len(self._freed_bytes) % FREED.size
-        for (offset,) in FREED.iter_unpack(bytes(self._freed_bytes[:whole])):
-            self._ring.free(offset)
-        del self._freed_bytes[:whole]
+        (done,) = DONE.unpack_from(self._view, 0)
+        issued = self._issued
+        while issued and issued[0][0] < done:
+            self._ring.free(issued.popleft()[1])
 
     # -- figures --------------------------------------------------------------------------------
     def _drain_figures(self) -> None:
@@ -261,36 +286,39 @@ class ProcessShadow(Shadow):
         if self._arena is None:
             # A memfd: shared by inheritance only, no name under /dev/shm to unlink or leak.
             self._arena_fd = os.memfd_create("sluice-shadow", os.MFD_CLOEXEC)
-            os.ftruncate(self._arena_fd, self._ring.capacity)
-            self._arena = mmap.mmap(self._arena_fd, self._ring.capacity)
+            os.ftruncate(self._arena_fd, BASE + self._ring.capacity)
+            self._arena = mmap.mmap(self._arena_fd, BASE + self._ring.capacity)
             self._view = memoryview(self._arena)
+        with self._lock:  # a new child counts from 0
+            if self._view is not None:
+                DONE.pack_into(self._view, 0, 0)
+            self._sequence = 0
+            self._issued.clear()
         jobs_r, jobs_w = os.pipe()
-        freed_r, freed_w = os.pipe()
         control_r, control_w = os.pipe()
         figures_r, figures_w = os.pipe()
-        for fd in (jobs_w, freed_r, control_w, figures_r):
+        for fd in (jobs_w, control_w, figures_r):
             os.set_blocking(fd, False)
-        ours = (jobs_r, freed_w, control_r, figures_w)
+        ours = (jobs_r, control_r, figures_w)
         root = str(Path(services.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "services.shadow_child", "--parent", str(os.getpid()),
-                 "--arena-fd", str(self._arena_fd), "--arena-bytes", str(self._ring.capacity),
-                 "--jobs-fd", str(jobs_r), "--freed-fd", str(freed_w), "--control-fd", str(control_r),
+                 "--arena-fd", str(self._arena_fd), "--arena-bytes", str(BASE + self._ring.capacity),
+                 "--jobs-fd", str(jobs_r), "--control-fd", str(control_r),
                  "--figures-fd", str(figures_w), "--policy", self.policy, "--cpu-share", str(self.cpu_share),
                  *self._log_args],
                 pass_fds=(self._arena_fd, *ours), stdin=subprocess.DEVNULL, env=env)
         except BaseException:
-            for fd in (*ours, jobs_w, freed_r, control_w, figures_r):
+            for fd in (*ours, jobs_w, control_w, figures_r):
                 os.close(fd)
             raise
         for fd in ours:
             os.close(fd)
         with self._lock:
-            self._jobs_w, self._freed_r = jobs_w, freed_r
-            self._freed_bytes.clear()
+            self._jobs_w = jobs_w
         with self._figures_lock:
             self._figures_r, self._reader = figures_r, FrameReader()
         self._control_w = control_w
@@ -336,12 +364,16 @@ class ProcessShadow(Shadow):
             delay = min(delay * 2, BACKOFF_S[1])
 
     def _tick(self) -> None:
-        self._follow()
-        self._flush_control()
-        self._drain_figures()
-        with self._lock:
-            if len(self._ring):
-                self._take_back()
+        # The supervisor must outlive anything a tick meets: the child dies with its thread.
+        try:
+            self._follow()
+            self._flush_control()
+            self._drain_figures()
+            with self._lock:
+                if len(self._ring):
+                    self._take_back()
+        except Exception:
+            log.exception("shadow_supervisor_tick_failed")
 
     def _forget_child(self) -> int:
         """After the child ended: its last figures kept, its jobs in flight counted dropped, its
@@ -358,13 +390,14 @@ class ProcessShadow(Shadow):
                 _add(self._carried, key, values)
             self._child_now = {}
         with self._lock:
+            self._take_back()  # what it finished before it ended was compared, not lost
             lost = self._ring.clear()
+            self._issued.clear()
             for tag in lost:
                 self._pair(*tag).dropped += 1
-            for fd in (self._jobs_w, self._freed_r):
-                if fd >= 0:
-                    os.close(fd)
-            self._jobs_w = self._freed_r = -1
+            if self._jobs_w >= 0:
+                os.close(self._jobs_w)
+            self._jobs_w = -1
         if self._control_w >= 0:
             os.close(self._control_w)
             self._control_w = -1

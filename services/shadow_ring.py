@@ -6,12 +6,15 @@ order, bounded in jobs (``--shadow-queue``) and in bytes (``--shadow-queue-mb``,
 size). A job is its metadata pickled (protocol 5) with the numeric arrays out of band, copied
 straight after it (:func:`encode_job`, :func:`write_job`); the child reads them back as arrays over
 the same memory (:func:`read_job`), without a copy. The offsets travel as fixed-size messages
-(:data:`JOB`, :data:`FREED`) over pipes, each written whole (far below PIPE_BUF, so atomic);
-control messages and figures are length-prefixed pickles on their own pipes (:class:`FrameReader`).
+(:data:`JOB`) over a pipe, each written whole (far below PIPE_BUF, so atomic); the child counts
+the jobs it is done with in the arena's first bytes (:data:`DONE`), which the service reads
+without a system call to take their space back. Control messages and figures are
+length-prefixed pickles on pipes of their own (:class:`FrameReader`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -26,14 +29,17 @@ from services.config import ModelConfig
 
 JOB = struct.Struct("<QQ")
 """Parent → child: (offset, length) of a job in the arena."""
-FREED = struct.Struct("<Q")
-"""Child → parent: the offset of a job the child is done with."""
+DONE = struct.Struct("<Q")
+"""At the arena's start: how many jobs the child is done with (it takes them in order)."""
 _HEAD = struct.Struct("<II")
 """At a job's offset: (length of the pickled metadata, number of out-of-band buffers)."""
 _LENGTH = struct.Struct("<Q")
 _FRAME = struct.Struct("<I")
 ALIGN = 64
 """Arrays start on cache-line boundaries: ONNX Runtime and numpy read them in place."""
+BASE = ALIGN
+"""Jobs start after the :data:`DONE` counter's cache line."""
+_DTYPES: dict[np.dtype[Any], str] = {}
 
 
 def _aligned(n: int) -> int:
@@ -109,25 +115,33 @@ class Ring:
         return tags
 
 
-def encode_job(meta: tuple[Any, ...], arrays: Sequence[npt.NDArray[Any]]) -> tuple[bytes, list[memoryview], int]:
-    """(pickled metadata, array buffers, bytes needed in the arena) of a job: ``meta`` of plain
-    values, ``arrays`` as raw buffers behind it.
+def encode_job(static: bytes, request_id: str, arrays: Sequence[npt.NDArray[Any]]
+               ) -> tuple[bytes, list[memoryview], int]:
+    """(metadata, array buffers, bytes needed in the arena) of a job: ``static`` the pickled
+    metadata its plan shares with every job of the plan (made once), ``arrays`` as raw buffers.
 
     On the request thread, outside any lock: the part of an offer that grows with the job besides
-    the copy. Written out by hand because pickling the arrays themselves (or a dataclass) cost
-    ten times as much: numeric arrays travel as (dtype, shape) and their bytes; BYTES (object)
-    arrays, rare and small, as their items in the metadata."""
+    the copy. Written out by hand because pickling the arrays themselves (or the plan, a
+    dataclass) cost ten times as much: numeric arrays travel as (dtype, shape) and their bytes;
+    BYTES (object) arrays, rare and small, as their items in the metadata."""
     specs: list[tuple[Any, ...]] = []
     raws: list[memoryview] = []
     for array in arrays:
-        if array.dtype.kind == "O":
+        dtype = array.dtype
+        if dtype.kind == "O":
             specs.append(("O", array.shape, list(array.flat)))
+            continue
+        code = _DTYPES.get(dtype)
+        if code is None:
+            code = _DTYPES[dtype] = dtype.str
+        specs.append((code, array.shape))
+        if not array.size:
+            raws.append(memoryview(b""))
             continue
         # A copy only where a caller sliced it (ascontiguousarray would also make 0-d arrays 1-d).
         contiguous = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-        specs.append((contiguous.dtype.str, array.shape))
-        raws.append(contiguous.data.cast("B") if contiguous.size else memoryview(b""))
-    header = pickle.dumps((meta, specs), protocol=5)
+        raws.append(contiguous.data.cast("B"))
+    header = static + pickle.dumps((request_id, specs), protocol=5)
     size = _aligned(_HEAD.size + _LENGTH.size * len(raws) + len(header))
     for raw in raws:
         size += _aligned(raw.nbytes)
@@ -144,14 +158,16 @@ def write_job(arena: memoryview, offset: int, header: bytes, raws: list[memoryvi
         at += _aligned(raw.nbytes)
 
 
-def read_job(arena: memoryview, offset: int, length: int) -> tuple[Any, list[npt.NDArray[Any]]]:
-    """(metadata, arrays) of the job written at ``offset``: numeric arrays are views of the arena
-    (valid until the job is freed)."""
+def read_job(arena: memoryview, offset: int, length: int) -> tuple[Any, str, list[npt.NDArray[Any]]]:
+    """(static metadata, request id, arrays) of the job written at ``offset``: numeric arrays are
+    views of the arena (valid until the job is counted done)."""
     header_len, count = _HEAD.unpack_from(arena, offset)
     at = offset + _HEAD.size
     lengths = [_LENGTH.unpack_from(arena, at + i * _LENGTH.size)[0] for i in range(count)]
     at += _LENGTH.size * count
-    meta, specs = pickle.loads(bytes(arena[at:at + header_len]))  # written by our own parent process only
+    header = io.BytesIO(arena[at:at + header_len])
+    # Written by our own parent process only: two pickles, the plan's and the job's own.
+    static, (request_id, specs) = pickle.load(header), pickle.load(header)
     at = offset + _aligned(_HEAD.size + _LENGTH.size * count + header_len)
     arrays: list[npt.NDArray[Any]] = []
     buffers = iter(lengths)
@@ -166,7 +182,7 @@ def read_job(arena: memoryview, offset: int, length: int) -> tuple[Any, list[npt
             raise ValueError(f"job at {offset}: buffer beyond its {length} bytes")
         arrays.append(np.frombuffer(arena[at:at + n], dtype=np.dtype(spec[0])).reshape(spec[1]))
         at += _aligned(n)
-    return meta, arrays
+    return static, request_id, arrays
 
 
 def frame(message: object) -> bytes:

@@ -16,7 +16,7 @@ import structlog
 from services.errors import ServiceError
 from services.model import OnnxModel
 from services.shadow import IDLE_S, POLL_S, PairFigures, ShadowJob, ShadowPlan, idle_after, run_and_compare
-from services.shadow_ring import FREED, JOB, FrameReader, Want, frame, read_available, read_job
+from services.shadow_ring import DONE, JOB, FrameReader, Want, frame, read_available, read_job
 
 log = structlog.get_logger("services.shadow")
 
@@ -39,11 +39,12 @@ def mismatch(want: Want, copy: OnnxModel) -> str | None:
 
 
 class ChildWorker:
-    def __init__(self, arena_fd: int, arena_bytes: int, *, jobs_fd: int, freed_fd: int, control_fd: int,
-                 figures_fd: int, cpu_share: float) -> None:
+    def __init__(self, arena_fd: int, arena_bytes: int, *, jobs_fd: int, control_fd: int, figures_fd: int,
+                 cpu_share: float) -> None:
         self._arena = mmap.mmap(arena_fd, arena_bytes)
         self._view = memoryview(self._arena)
-        self._jobs_fd, self._freed_fd = jobs_fd, freed_fd
+        self._jobs_fd = jobs_fd
+        self._done = 0
         self._control_fd, self._figures_fd = control_fd, figures_fd
         os.set_blocking(jobs_fd, False)
         os.set_blocking(control_fd, False)
@@ -117,8 +118,8 @@ class ChildWorker:
         del self._job_bytes[:whole]
 
     def _one(self, offset: int, length: int) -> None:
-        meta, arrays = read_job(self._view, offset, length)
-        model, baseline, candidate, rtol, atol, compare, request_id, names, feed_names = meta
+        static, request_id, arrays = read_job(self._view, offset, length)
+        model, baseline, candidate, rtol, atol, compare, names, feed_names = static
         pair = self.pairs.get((model, baseline, candidate))
         if pair is None:
             pair = self.pairs[(model, baseline, candidate)] = PairFigures()
@@ -168,8 +169,9 @@ class ChildWorker:
                 self._one(offset, length)
             except Exception:  # a comparison must never end the worker
                 log.exception("shadow_failed", offset=offset)
-            finally:
-                os.write(self._freed_fd, FREED.pack(offset))
+            finally:  # its space is the service's again (after the comparison: the arrays are views of it)
+                self._done += 1
+                DONE.pack_into(self._view, 0, self._done)
             wall = time.monotonic() - started
             # The whole process's CPU since the last job: ONNX Runtime's pool threads included.
             now_cpu = time.process_time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -58,11 +59,11 @@ def test_a_job_round_trips_through_the_arena_with_its_arrays_in_place() -> None:
              "w": np.array([b"abc", b""], dtype=np.object_),
              "e": np.zeros((0, 3), dtype=np.float32), "s": np.array(2.5, dtype=np.float64)}
     answers = (np.ones((3, 2), dtype=np.float16),)
-    meta = ("m", 2, 3, 0.5, 1e-6, "auto", "id-1", ("y",), tuple(feeds))
-    header, raws, size = encode_job(meta, (*feeds.values(), *answers))
+    static = pickle.dumps(("m", 2, 3, 0.5, 1e-6, "auto", ("y",), tuple(feeds)))
+    header, raws, size = encode_job(static, "id-1", (*feeds.values(), *answers))
     write_job(arena, 128, header, raws)
-    got_meta, arrays = read_job(arena, 128, size)
-    assert got_meta == meta
+    got_static, request_id, arrays = read_job(arena, 128, size)
+    assert (got_static, request_id) == (pickle.loads(static), "id-1")
     for got, array in zip(arrays, (*feeds.values(), *answers), strict=True):
         assert np.array_equal(got, array) and got.dtype == array.dtype and got.shape == array.shape
     # The float32 input is a view of the arena, not a copy: the child reads it where the service wrote it.
