@@ -1,14 +1,18 @@
 """Real processes shared by the gateway's end-to-end tests: etcd, model services, the gateway.
 
-One module of e2e tests shares three ``sluice serve`` processes (iris version 1 twice, iris
+The e2e tests of this folder share three ``sluice serve`` processes (iris version 1 twice, iris
 version 2 once, each from its own repository so ``model_version`` in a response tells them
-apart) and one gateway on its own key prefix. Instances are registered by writing their records
-to etcd, as a service's registrar would.
+apart); each module has one gateway on its own key prefix. Instances are registered by writing
+their records to etcd, as a service's registrar would, so a module routes to the fleet only under
+its own prefix. A module that kills a fleet member starts a fleet of its own (:func:`started_fleet`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -66,9 +70,8 @@ class Fleet:
         return [*self.v1, *self.v2]
 
 
-@pytest.fixture(scope="module")
-def fleet(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    workdir = tmp_path_factory.mktemp("fleet")
+def started_fleet(iris_repos: dict[int, Path], workdir: Path) -> Iterator[Fleet]:
+    """A fleet for a fixture to yield (``yield from``), every member ready; stopped when the fixture ends."""
     handles = [_start_service(iris_repos[1], workdir, "iris-v1-a"), _start_service(iris_repos[1], workdir, "iris-v1-b"),
                _start_service(iris_repos[2], workdir, "iris-v2-a")]
     try:
@@ -76,8 +79,19 @@ def fleet(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory)
             handle.process.wait_until(handle.ready, SERVICE_START_TIMEOUT_S, "ServerReady")
         yield Fleet(handles[:2], handles[2:])
     finally:
+        # All asked to stop at once, so their shutdowns overlap; stop() forces what is left.
         for handle in handles:
+            handle.process.signal(signal.SIGTERM)
+        for handle in handles:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                handle.process.proc.wait(timeout=10)
             handle.process.stop()
+
+
+@pytest.fixture(scope="package")
+def fleet(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """The fleet the e2e modules of this folder share, from the first that asks until the folder's last test."""
+    yield from started_fleet(iris_repos, tmp_path_factory.mktemp("fleet"))
 
 
 @pytest.fixture(scope="module")

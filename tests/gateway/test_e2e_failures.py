@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,7 +23,7 @@ from mesh.registry.state import set_weights
 from protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests.fixtures.envoy import GatewayHandle, start_gateway
 from tests.fixtures.etcd import EtcdServer
-from tests.gateway.conftest import Fleet, register
+from tests.gateway.conftest import Fleet, register, started_fleet
 from tests.gateway.test_e2e_routing import read_status, wait_status
 from tests.gateway.traffic import count_versions, eventually, infer
 
@@ -33,6 +34,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 def gateway(rejecting_gateway: GatewayHandle) -> GatewayHandle:
     """This module's gateway runs Envoy through the rejecting wrapper (tests/gateway/conftest.py)."""
     return rejecting_gateway
+
+
+@pytest.fixture(scope="module")
+def fleet(iris_repos: dict[int, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """A fleet of this module's own: :func:`test_killed_instance_costs_no_request` kills a member."""
+    yield from started_fleet(iris_repos, tmp_path_factory.mktemp("fleet-failures"))
 
 
 HEADER = [("x-model-name", "iris")]
