@@ -5,11 +5,14 @@ latency and throughput at 1 and 32 concurrent gRPC clients, rounds interleaved (
 configurations rotates from round to round).
 
     python -m bench.shadow [--seconds 3] [--rounds 3] [--isolations thread,process] [--policies idle]
-                           [--serve-args "..."] [--offers 3000]
+                           [--shares 0.05,0.25] [--pin]
+                           [--clients 1,32] [--fractions 0.1,1] [--serve-args "..."] [--offers 3000]
 
 The model is a stack of 256x256 MatMuls (about 0.3 ms per call on one core), baseline and
 candidate the same graph, so every comparison agrees and costs one full candidate run. Ratios to
-"off" are medians of same-round ratios. ``worker CPU``: the shadow worker thread's own CPU time
+"off" are medians of same-round ratios; "off (control)" is a second service without shadow,
+measured like the others, so its ratios show how far this run's noise alone moves a row.
+``worker CPU``: the shadow worker thread's own CPU time
 (/proc/<pid>/task/<tid>/schedstat) over the measurement, in % of one core: what
 ``--shadow-cpu-share`` bounds; in the process isolation, all the child's threads
 (/proc/<child>/task/*/schedstat). ``child RSS``: the shadow process's resident memory at the end
@@ -40,7 +43,7 @@ import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from bench.shadow_offer import offer_cost
+from bench.shadow_offer import TABLE_HEAD, offer_cost, row
 from mesh.ports import free_port
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
@@ -52,12 +55,17 @@ class Config:
     fraction: float
     policy: str = "idle"
     isolation: str = "process"
+    share: float | None = None
+    """``--shadow-cpu-share``; None: the service's default."""
+    control: bool = False
+    """A second "off", measured like the others: its ratio to "off" is the noise of this run."""
 
     @property
     def label(self) -> str:
         if not self.fraction:
-            return "off"
-        return f"{100 * self.fraction:.0f} % {self.isolation}" + ("" if self.policy == "idle" else f" {self.policy}")
+            return "off (control)" if self.control else "off"
+        return (f"{100 * self.fraction:.0f} % {self.isolation}" + ("" if self.policy == "idle" else f" {self.policy}")
+                + ("" if self.share is None else f", share {100 * self.share:g} %"))
 
 
 @dataclass(frozen=True)
@@ -90,12 +98,12 @@ class Results:
             for mine, theirs in zip(self.samples[(config, clients)], self.samples[(base, clients)], strict=True))
 
 
-def render(results: Results, configs: list[Config]) -> str:
+def render(results: Results, configs: list[Config], clients_list: tuple[int, ...] = CLIENTS) -> str:
     """The docs table: one row per configuration and client count, ratios to "off"."""
     off = configs[0]
     lines = ["| shadow | clients | p50 ms | req/s | p50 / off | req/s / off | compared/s | worker CPU | child RSS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for clients in CLIENTS:
+    for clients in clients_list:
         for config in configs:
             lines.append(
                 f"| {config.label} | {clients} | {results.median(config, clients, 'p50_ms'):.3f} "
@@ -138,14 +146,18 @@ def _request(size: int = 256) -> bytes:
         raw_input_contents=[x.tobytes()]).SerializeToString()
 
 
-def _start(repo: Path, config: Config, log: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
+def _start(repo: Path, config: Config, log: Path, extra: list[str], cpus: set[int] | None = None
+           ) -> tuple[subprocess.Popen[bytes], int, int]:
     shadow = ({"shadow": {"candidate": 3, "baseline": 2, "fraction": config.fraction}} if config.fraction else {})
     (repo / "m" / "config.yaml").write_text(yaml.safe_dump({"max_batch_size": 0, **shadow}))
     port, metrics = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mesh.cli", "serve", "--repo", str(repo), "--port", str(port),
                              "--metrics-port", str(metrics), "--log-level", "warning",
-                             "--shadow-policy", config.policy, "--shadow-isolation", config.isolation, *extra],
+                             "--shadow-policy", config.policy, "--shadow-isolation", config.isolation,
+                             *([] if config.share is None else ["--shadow-cpu-share", str(config.share)]), *extra],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    if cpus is not None:  # before it starts threads or its shadow process (both inherit the mask)
+        os.sched_setaffinity(proc.pid, cpus)
     body = _request()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -277,13 +289,31 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--policies", default="idle", help="comma-separated --shadow-policy values")
     parser.add_argument("--isolations", default="thread,process", help="comma-separated --shadow-isolation values")
+    parser.add_argument("--clients", default="1,32", help="comma-separated numbers of concurrent callers")
+    parser.add_argument("--fractions", default="0.1,1", help="comma-separated shadow fractions (besides off)")
+    parser.add_argument("--shares", default="", help="comma-separated --shadow-cpu-share values, each a "
+                        "configuration of its own (default: the service's default only)")
     parser.add_argument("--offers", type=int, default=3000, help="offers timed per isolation (0: none)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the callers on the first core, the service (and its shadow process) on the others: "
+                        "the service's cores are its own, as with callers on other machines")
     parser.add_argument("--serve-args", default="", help="more sluice serve flags, for every configuration "
                         "(e.g. \"--handler-policy normal\")")
     args = parser.parse_args()
+    service_cpus = None
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least two cores")
+        os.sched_setaffinity(0, {cpus[0]})  # before any thread: the callers' threads inherit it
+        service_cpus = set(cpus[1:])
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     isolations = [i.strip() for i in args.isolations.split(",") if i.strip()]
-    configs = [Config(0.0)] + [Config(f, p, i) for i in isolations for p in policies for f in (0.1, 1.0)]
+    shares = [float(v) for v in args.shares.split(",") if v.strip()] or [None]
+    configs = [Config(0.0), Config(0.0, control=True)]
+    fractions = [float(v) for v in args.fractions.split(",") if v.strip()]
+    clients_list = tuple(int(v) for v in args.clients.split(",") if v.strip())
+    configs += [Config(f, p, i, share) for i in isolations for p in policies for share in shares for f in fractions]
     results = Results()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -294,9 +324,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             shift = round_ % len(configs)
             for config in configs[shift:] + configs[:shift]:
-                proc, port, metrics = _start(repo, config, Path(tmp) / "service.log", shlex.split(args.serve_args))
+                proc, port, metrics = _start(repo, config, Path(tmp) / "service.log", shlex.split(args.serve_args),
+                                             service_cpus)
                 try:
-                    for clients in CLIENTS:
+                    for clients in clients_list:
                         results.add(config, clients, measure(port, metrics, proc.pid, clients, args.seconds))
                 finally:
                     proc.terminate()
@@ -305,15 +336,14 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait(10)
-        offers = {i: offer_cost(repo / "m" / "2" / "model.onnx", i, args.offers)
-                  for i in isolations} if args.offers else {}
+        offers = {(i, interval): offer_cost(repo / "m" / "2" / "model.onnx", i, args.offers, interval)
+                  for i in isolations for interval in (0.002, 0.0)} if args.offers else {}
     load_after = os.getloadavg()
-    print(render(results, configs))
+    print(render(results, configs, clients_list))
     if offers:
-        print("\n| isolation | offer µs p50 | offer µs p90 | offer µs p99 | offers dropped |")
-        print("|---|---:|---:|---:|---:|")
-        for isolation, cost in offers.items():
-            print(f"| {isolation} | {cost.p50_us:.1f} | {cost.p90_us:.1f} | {cost.p99_us:.1f} | {cost.dropped} |")
+        print("\n" + TABLE_HEAD)
+        for (isolation, interval), cost in offers.items():
+            print(row(isolation, interval, cost, args.offers))
     failed = sum(s.failed for samples in results.samples.values() for s in samples)
     if failed:
         print(f"\n{failed} calls failed (not in the figures)")

@@ -89,7 +89,7 @@ class ServiceSettings(BaseSettings):
     """Shadow comparisons waiting for the shadow worker; more are dropped (docs/rollouts.md)."""
     shadow_queue_mb: int = Field(256, ge=1, le=65536)
     """MiB of inputs and outputs the queued shadow comparisons may hold; more are dropped."""
-    shadow_cpu_share: float = Field(0.25, gt=0.0, le=1.0)
+    shadow_cpu_share: float = Field(0.05, gt=0.0, le=1.0)
     """Share of one core the shadow worker may use (it idles after each comparison to keep to it,
     counting its CPU time: all the shadow process's threads, or the worker thread's own)."""
     shadow_policy: Literal["idle", "nice"] = "idle"

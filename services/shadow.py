@@ -323,7 +323,7 @@ def _remember(pair: PairFigures, job: ShadowJob, what: str, **fields: Any) -> No
 
 class Shadow:
     def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, queue_bytes: int = QUEUE_BYTES,
-                 cpu_share: float = 0.25, policy: Policy = "idle") -> None:
+                 cpu_share: float = 0.05, policy: Policy = "idle") -> None:
         self.catalog = catalog
         self.cpu_share = cpu_share
         self.policy: Policy = policy
@@ -380,6 +380,9 @@ class Shadow:
                  names: Sequence[str], answers: Sequence[npt.NDArray[Any]]) -> None:
         """Hand one drawn job to the worker (here: the thread's queue) or count it dropped."""
         model, version = served.name, served.version
+        if len(self._jobs) >= self.queue_size:  # full (most offers at 100 %): dropped before sizing the job
+            self._drop((model, version, plan.candidate))
+            return
         size = job_bytes(feeds.values(), answers)
         with self._lock:
             if len(self._jobs) >= self.queue_size or self.queued_bytes + size > self.queue_bytes:
@@ -389,6 +392,11 @@ class Shadow:
             self._jobs.append(ShadowJob(model, version, plan, request_id, feeds, tuple(names), tuple(answers), size))
         if self._waiting:
             self._wake.set()
+
+    def _drop(self, tag: tuple[str, int, int]) -> None:
+        """Count one job of (model, baseline, candidate) dropped."""
+        with self._lock:
+            self._pair(*tag).dropped += 1
 
     def _config_plan(self, model: str, config: ShadowConfig) -> ShadowPlan:
         cached = self._config_plans.get(model)

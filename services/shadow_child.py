@@ -53,7 +53,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     for name in ("parent", "arena-fd", "arena-bytes", "jobs-fd", "control-fd", "figures-fd"):
         parser.add_argument(f"--{name}", type=int, required=True)
     parser.add_argument("--policy", choices=("idle", "nice"), default="idle")
-    parser.add_argument("--cpu-share", type=float, default=0.25)
+    parser.add_argument("--cpu-share", type=float, default=0.05)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="auto")
     parser.add_argument("--log-levels", default=None)

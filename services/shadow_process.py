@@ -83,7 +83,7 @@ class ProcessShadow(Shadow):
     """:class:`Shadow` with the worker in a child process; the same plans, offers and metrics."""
 
     def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, queue_bytes: int = QUEUE_BYTES,
-                 cpu_share: float = 0.25, policy: Policy = "idle", log_level: str = "info", log_format: str = "auto",
+                 cpu_share: float = 0.05, policy: Policy = "idle", log_level: str = "info", log_format: str = "auto",
                  log_levels: str | None = None) -> None:
         super().__init__(catalog, queue_size=queue_size, queue_bytes=queue_bytes, cpu_share=cpu_share, policy=policy)
         self._log_args = ["--log-level", log_level, "--log-format", log_format,
@@ -124,7 +124,7 @@ class ProcessShadow(Shadow):
                  names: Sequence[str], answers: Sequence[npt.NDArray[Any]]) -> None:
         model, version = served.name, served.version
         tag = (model, version, plan.candidate)
-        if (model, plan.candidate) not in self._known:
+        if (model, plan.candidate) not in self._known or not self._room():
             self._drop(tag)
             return
         try:
@@ -160,9 +160,19 @@ class ProcessShadow(Shadow):
             self._issued.append((self._sequence, offset))
             self._sequence += 1
 
-    def _drop(self, tag: tuple[str, int, int]) -> None:
-        with self._lock:
-            self._pair(*tag).dropped += 1
+    def _room(self) -> bool:
+        """Whether a job could be handed over now: checked before the job is encoded, so that an
+        offer the child has no room for (at 100 % shadow, most of them while it keeps to its CPU
+        share) costs a counter read, not the encoding. Without the lock: a hint (the jobs handed
+        over less those the child counted done), which the allocation checks again under it."""
+        view = self._view
+        if view is None or self._jobs_w < 0:
+            return False
+        try:
+            (done,) = DONE.unpack_from(view, 0)
+        except ValueError:  # the arena was just released (the child ended)
+            return False
+        return bool(self._sequence - done < self._ring.max_jobs)
 
     def _take_back(self) -> None:
         """Space of the jobs the child counted done (under ``_lock``; never blocks). It takes them

@@ -15,7 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from services.shadow_ring import FrameReader, Ring, encode_job, frame, read_job, write_job
+from services.shadow import ShadowPlan
+from services.shadow_ring import DONE, JOB, FrameReader, Ring, encode_job, frame, read_job, write_job
 from tests.fixtures.processes import wait_for
 from tests.fixtures.service import ServiceHandle
 from tests.services import models
@@ -68,6 +69,50 @@ def test_a_job_round_trips_through_the_arena_with_its_arrays_in_place() -> None:
         assert np.array_equal(got, array) and got.dtype == array.dtype and got.shape == array.shape
     # The float32 input is a view of the arena, not a copy: the child reads it where the service wrote it.
     assert np.shares_memory(arrays[0], np.frombuffer(arena, dtype=np.uint8))
+
+
+class _Served:
+    name, version = "m", 2
+
+
+def test_an_offer_the_child_has_no_room_for_is_dropped_before_it_is_encoded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 100 % shadow most offers find the queue full while the child keeps to its CPU share:
+    they cost a counter read, not the job's encoding (which they would throw away)."""
+    from services import shadow_process
+
+    encoded: list[str] = []
+    real_encode = shadow_process.encode_job
+
+    def spy(static: bytes, request_id: str, arrays: Any) -> Any:
+        encoded.append(request_id)
+        return real_encode(static, request_id, arrays)
+
+    monkeypatch.setattr(shadow_process, "encode_job", spy)
+    shadow = shadow_process.ProcessShadow(None, queue_size=2)  # type: ignore[arg-type]
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        shadow._view, shadow._jobs_w, shadow._known = memoryview(bytearray(1 << 16)), write_end, frozenset({("m", 3)})
+        plan = ShadowPlan(candidate=3, baseline=2)
+        feeds, answers = {"x": np.ones((1, 4), np.float32)}, [np.ones((1, 4), np.float32)]
+
+        def offer(request_id: str) -> None:
+            shadow._enqueue(_Served(), plan, request_id, feeds=feeds,  # type: ignore[arg-type]
+                            names=("y",), answers=answers)
+
+        for i in range(5):
+            offer(f"r{i}")
+        assert encoded == ["r0", "r1"]  # two handed over; the three others never encoded
+        assert shadow.pairs[("m", 2, 3)].dropped == 3
+        assert len(os.read(read_end, 1 << 10)) == 2 * JOB.size
+        DONE.pack_into(shadow._view, 0, 1)  # the child counted the first job done: room for one
+        offer("r5")
+        offer("r6")
+        assert encoded == ["r0", "r1", "r5"] and shadow.pairs[("m", 2, 3)].dropped == 4
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_frames_survive_reads_that_split_them() -> None:
