@@ -211,7 +211,8 @@ def _load(port: int, clients: int, seconds: float) -> tuple[float, float, int]:
     for thread in threads:
         thread.join()
     if failures:
-        print(f"{len(failures)} failed calls at {clients} clients, first: {failures[0]}", file=sys.stderr)
+        print(f"{len(failures)} of {len(failures) + sum(map(len, latencies))} calls failed at {clients} clients, "
+              f"first: {failures[0]}", file=sys.stderr)
     flat = [v for mine in latencies for v in mine]
     return 1000 * statistics.median(flat), len(flat) / seconds, len(failures)
 
