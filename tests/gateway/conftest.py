@@ -22,7 +22,7 @@ import pytest
 
 from examples.build_models import build_iris
 from gateway.envoy import find_envoy
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
 from mesh.ports import free_port
 from mesh.registry.etcd import EtcdClient
 from mesh.registry.keys import KeySchema
@@ -151,12 +151,6 @@ def mtls_service(repo: Path, pki: DevPki, workdir: Path, name: str) -> Iterator[
         yield handle
     finally:
         handle.process.stop()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    """The module's dev PKI: a CA and the gateway's, the services' and a client's pairs."""
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
 
 
 @pytest.fixture(scope="module")

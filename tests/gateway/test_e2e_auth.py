@@ -24,7 +24,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mesh.devstack.pki import JWT_KEY_ID, DevPki, ensure_dev_pki, jwks_of, load_signing_key
+from mesh.devstack.pki import JWT_KEY_ID, DevPki, jwks_of, load_signing_key
 from mesh.devstack.tokens import mint
 from mesh.registry.keys import KeySchema
 from mesh.registry.records import InstanceRecord
@@ -39,11 +39,6 @@ from tests.gateway.traffic import RPC_TIMEOUT_S, eventually, iris_request
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
 
 ROUTABLE_TIMEOUT_S = 20.0
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("auth-pki") / "pki")
 
 
 @pytest.fixture(scope="module")

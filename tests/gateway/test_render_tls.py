@@ -28,7 +28,7 @@ from gateway.tls import (
     secret_file,
     tls_sources,
 )
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
 from mesh.registry.records import InstanceRecord
 from tests.gateway.test_render import OPTIONS, SCHEMA, kv, state
 
@@ -48,11 +48,6 @@ def _sds_source(config: dict[str, Any], secret: str) -> None:
     source = config["sds_config"]["path_config_source"]
     assert source["path"] == f"{XDS}/{secret_file(secret)}"
     assert source["watched_directory"]["path"] == XDS
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
 
 
 def test_no_upstream_tls_renders_plaintext_clusters() -> None:

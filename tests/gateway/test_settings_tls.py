@@ -9,13 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.settings import GatewaySettings
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
 from tests.fixtures.service import sluice_argv
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
 
 
 def test_good_files_are_accepted(pki: DevPki) -> None:

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from mesh.devstack.pki import DevPki, ensure_dev_pki
+from mesh.devstack.pki import DevPki
 from mesh.ports import free_port
 from mesh.tls_files import TlsFileError
 from services.server import ModelServer
 from services.settings import ServiceSettings
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
 
 
 @pytest.mark.parametrize("broken", ["cert", "client_ca", "removed"])

@@ -60,11 +60,6 @@ def _client(pki: DevPki, pair: tuple[Path, Path] | None = None) -> ssl.SSLContex
     return context
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
-    return ensure_dev_pki(tmp_path_factory.mktemp("run") / "pki")
-
-
 @pytest.mark.parametrize("hostname", ["localhost", "127.0.0.1"])
 def test_the_gateway_certificate_verifies_against_the_ca_for_loopback_names(pki: DevPki, hostname: str) -> None:
     assert _handshake(_server(pki, require_client=False), _client(pki), hostname) is None
