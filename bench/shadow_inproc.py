@@ -33,7 +33,7 @@ import numpy as np
 import structlog
 
 from bench.shadow import _model, _request
-from bench.shadow_offer import _Catalog
+from bench.shadow_offer import _Catalog, until_compared
 from services.config import ModelConfig
 from services.model import OnnxModel
 from services.shadow import Shadow, ShadowPlan
@@ -102,15 +102,10 @@ def run(baseline: OnnxModel, candidate: OnnxModel, *, policy: str, isolation: st
 
 
 def _until_compared(shadow: Shadow, baseline: OnnxModel, plan: ShadowPlan) -> None:
-    """Offers until a first comparison: the worker (the shadow process: its interpreter, ONNX
-    Runtime and candidate copy) is ready before the first slice."""
+    """Under ``plan`` until a first comparison, then back to the plans before."""
     feeds = {"x": np.ones((1, 256), dtype=np.float32)}
-    answers = baseline.run(feeds)
     off, shadow.rollout_plans = shadow.rollout_plans, {"m": plan}
-    deadline = time.monotonic() + 60
-    while not any(p.compared for _key, p in shadow.figures()) and time.monotonic() < deadline:
-        shadow.offer(baseline, "warm-up", feeds=feeds, names=("y",), answers=answers)
-        time.sleep(0.05)
+    until_compared(shadow, baseline, feeds, baseline.run(feeds))
     shadow.rollout_plans = off
 
 

@@ -60,6 +60,16 @@ class _Catalog:
         return self._versions[version or 3]
 
 
+def until_compared(shadow: Shadow, baseline: OnnxModel, feeds: dict[str, Any], answers: Any) -> None:
+    """Offers under the plans in force until a first comparison: the worker (the shadow process:
+    its interpreter, ONNX Runtime and candidate copy) is ready. On a busy machine a SCHED_IDLE
+    child takes a while to get there."""
+    deadline = time.monotonic() + 60
+    while not any(p.compared for _k, p in shadow.figures()) and time.monotonic() < deadline:
+        shadow.offer(baseline, "warm-up", feeds=feeds, names=("y",), answers=answers)
+        time.sleep(0.05)
+
+
 def offer_cost(baseline_path: Path, isolation: str, offers: int, interval: float = 0.002,
                cpu_share: float = 0.25) -> OfferCost:
     """Time ``offers`` offers of one request (1x256 FP32 in and out) at 100 % shadow."""
@@ -75,12 +85,7 @@ def offer_cost(baseline_path: Path, isolation: str, offers: int, interval: float
     feeds = {"x": np.ones((1, 256), dtype=np.float32)}
     answers = baseline.run(feeds)
     try:
-        # Until a first comparison: the child's interpreter, ONNX Runtime and candidate copy are
-        # ready (on a busy machine a SCHED_IDLE child takes a while to get there).
-        deadline = time.monotonic() + 60
-        while not any(p.compared for _k, p in shadow.figures()) and time.monotonic() < deadline:
-            shadow.offer(baseline, "warm-up", feeds=feeds, names=("y",), answers=answers)
-            time.sleep(0.05)
+        until_compared(shadow, baseline, feeds, answers)
         before = sum(pair.dropped for _key, pair in shadow.figures())
         times = []
         for i in range(offers):
