@@ -49,6 +49,8 @@ log = structlog.get_logger(__name__)
 QUEUE_BYTES = 256 * 1024 * 1024
 """Default bound on the bytes queued for the shadow worker (``--shadow-queue-mb``): with 64 MiB
 requests, 64 queued jobs could otherwise hold 8 GiB of inputs and outputs."""
+CPU_SHARE = 0.05
+"""The worker's default share of one core (``--shadow-cpu-share``; docs/benchmarks.md for why)."""
 SAMPLE_IDS = 10
 """Disagreeing request ids kept (and logged) per (model, baseline, candidate)."""
 POLL_S = 0.005
@@ -323,7 +325,7 @@ def _remember(pair: PairFigures, job: ShadowJob, what: str, **fields: Any) -> No
 
 class Shadow:
     def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, queue_bytes: int = QUEUE_BYTES,
-                 cpu_share: float = 0.05, policy: Policy = "idle") -> None:
+                 cpu_share: float = CPU_SHARE, policy: Policy = "idle") -> None:
         self.catalog = catalog
         self.cpu_share = cpu_share
         self.policy: Policy = policy

@@ -43,7 +43,7 @@ import services
 from services.catalog import ModelCatalog
 from services.model import OnnxModel
 from services.settings import ServiceSettings
-from services.shadow import QUEUE_BYTES, PairFigures, Policy, Shadow, ShadowPlan
+from services.shadow import CPU_SHARE, QUEUE_BYTES, PairFigures, Policy, Shadow, ShadowPlan
 from services.shadow_ring import (
     BASE,
     DONE,
@@ -83,8 +83,8 @@ class ProcessShadow(Shadow):
     """:class:`Shadow` with the worker in a child process; the same plans, offers and metrics."""
 
     def __init__(self, catalog: ModelCatalog, *, queue_size: int = 64, queue_bytes: int = QUEUE_BYTES,
-                 cpu_share: float = 0.05, policy: Policy = "idle", log_level: str = "info", log_format: str = "auto",
-                 log_levels: str | None = None) -> None:
+                 cpu_share: float = CPU_SHARE, policy: Policy = "idle", log_level: str = "info",
+                 log_format: str = "auto", log_levels: str | None = None) -> None:
         super().__init__(catalog, queue_size=queue_size, queue_bytes=queue_bytes, cpu_share=cpu_share, policy=policy)
         self._log_args = ["--log-level", log_level, "--log-format", log_format,
                           *(["--log-levels", log_levels] if log_levels else [])]
