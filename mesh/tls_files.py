@@ -8,8 +8,11 @@ watches, is refused while the old one stays in force). A certificate outside its
 and a passphrase-protected key are refused too. No crypto package (the services' images have
 none): the validity dates are read from the DER by :func:`validity`.
 
-:class:`ReloadingContext` is an SSL context made again when its files are renewed in place (the
-admin port's, mesh/observability/admin_tls.py; the rollout controller's scrape, mesh/rollout/figures.py).
+:class:`ReloadingFiles` is what a TLS setting made from files is when they are renewed in place:
+made again, checked first, the old one kept when the new files fail. :class:`ReloadingContext`, an
+SSL context made so, serves the admin port (mesh/observability/admin_tls.py) and the rollout
+controller's scrape (mesh/rollout/figures.py); the service's ports use it through
+services/tls.py's :class:`~services.tls.CertificateReloader`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from calendar import timegm
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import structlog
 
@@ -37,6 +41,9 @@ KEY_MARKER = b"PRIVATE KEY-----"
 NOT_BEFORE_LEEWAY_S = 300
 """A certificate that becomes valid this soon is taken (clocks of issuer and host differ a little)."""
 _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\s*([A-Za-z0-9+/=\s]+?)-----END CERTIFICATE-----")
+
+
+T = TypeVar("T")
 
 
 class TlsFileError(ValueError):
@@ -59,46 +66,66 @@ def file_stamps(paths: tuple[Path, ...] | list[Path]) -> FileStamps:
     return tuple(stamps)
 
 
-class ReloadingContext:
-    """An SSL context made by ``make`` from ``paths``, made again when they change; called once per
-    connection for the context to use now. The files' :data:`FileStamps` are looked at most once
-    per ``interval`` seconds; a changed set that ``make`` refuses (TlsFileError naming the flag,
-    ssl.SSLError, OSError) keeps the old context and is logged once, as ``events[1]`` (a
-    successful reload as ``events[0]``), and is tried again when the files change once more.
+class ReloadingFiles(Generic[T]):
+    """A value made by ``make`` from the files at ``paths``, made again when they change: the
+    files' :data:`FileStamps` are looked at most once per ``interval`` seconds (:meth:`check`); a
+    changed set that ``make`` refuses (TlsFileError naming the flag, ssl.SSLError, OSError) keeps
+    the old value and is logged once, as ``events[1]``, and is tried again when the files change
+    once more; a new value is logged as ``events[0]``, with ``fields(value)`` (default: the paths).
 
-    ``make`` raises the same at construction: the first context is made from checked files too.
+    ``make`` raises the same at construction: the first value is made from checked files too
+    (or is ``first``, made by the caller from the files as they are now).
+    Shared by every TLS setting that follows renewed files: :class:`ReloadingContext` (the admin
+    port, the rollout controller's scrape) and the service's ports (services/tls.py).
     """
 
-    def __init__(self, paths: Sequence[Path], make: Callable[[], ssl.SSLContext], *, interval: float = 1.0,
-                 events: tuple[str, str] = ("tls_context_reloaded", "tls_context_reload_refused")) -> None:
+    def __init__(self, paths: Sequence[Path], make: Callable[[], T], *, interval: float = 1.0,
+                 events: tuple[str, str] = ("tls_context_reloaded", "tls_context_reload_refused"),
+                 fields: Callable[[T], dict[str, object]] | None = None, first: T | None = None) -> None:
         self.paths = tuple(paths)
         self.interval = interval
         self._make = make
         self._events = events
+        self._fields = fields
         self._lock = threading.Lock()
         self._stamp = file_stamps(self.paths)
         self._refused: FileStamps | None = None
-        self._context = make()
+        self._value = make() if first is None else first
         self._checked_at = time.monotonic()
 
-    def __call__(self) -> ssl.SSLContext:
+    @property
+    def value(self) -> T:
+        """The value now in force (no look at the files)."""
+        return self._value
+
+    def check(self) -> tuple[T, bool]:
+        """(the value to use now, whether it was made just now from renewed files)."""
         with self._lock:
             now = time.monotonic()
             if now - self._checked_at < self.interval:
-                return self._context
+                return self._value, False
             self._checked_at = now
             stamp = file_stamps(self.paths)
             if stamp in (self._stamp, self._refused):
-                return self._context
+                return self._value, False
             try:
-                context = self._make()
+                value = self._make()
             except (TlsFileError, ssl.SSLError, OSError) as exc:
                 self._refused = stamp
                 log.warning(self._events[1], reason=str(exc)[:300], keeping="the previous certificate")
-                return self._context
-            self._context, self._stamp, self._refused = context, stamp, None
-        log.info(self._events[0], files=[str(path) for path in self.paths])
-        return context
+                return self._value, False
+            self._value, self._stamp, self._refused = value, stamp, None
+        fields = self._fields(value) if self._fields is not None else {"files": [str(path) for path in self.paths]}
+        log.info(self._events[0], **fields)
+        return value, True
+
+
+class ReloadingContext(ReloadingFiles[ssl.SSLContext]):
+    """An SSL context made by ``make`` from ``paths``, made again when they change
+    (:class:`ReloadingFiles`); called once per connection for the context to use now."""
+
+    def __call__(self) -> ssl.SSLContext:
+        return self.check()[0]
 
 
 def _der_item(data: bytes, at: int) -> tuple[int, int, int]:

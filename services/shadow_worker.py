@@ -15,7 +15,16 @@ import structlog
 
 from services.errors import ServiceError
 from services.model import OnnxModel
-from services.shadow import IDLE_S, POLL_S, PairFigures, ShadowJob, ShadowPlan, idle_after, run_and_compare
+from services.shadow import (
+    IDLE_S,
+    POLL_S,
+    PairFigures,
+    ShadowJob,
+    ShadowPlan,
+    Starvation,
+    idle_after,
+    run_and_compare,
+)
 from services.shadow_ring import DONE, JOB, FrameReader, Want, frame, read_available, read_job
 
 log = structlog.get_logger("services.shadow")
@@ -145,9 +154,19 @@ class ChildWorker:
         self._dirty = False
         self._sent_at = time.monotonic()
 
+    def _idle(self, seconds: float) -> None:
+        """Sleep ``seconds``, reading control messages meanwhile: the service's end of file ends
+        the pause (and the worker) at once."""
+        deadline = time.monotonic() + seconds
+        while self._open and (left := deadline - time.monotonic()) > 0:
+            readable, _, _ = select.select([self._control_fd], [], [], left)
+            if readable:
+                self._read_control()
+
     def run(self) -> None:
         charged_from = time.process_time()
         idle_since: float | None = None
+        starvation = Starvation()
         while self._open:
             self._read_control()
             if not self._pending:
@@ -162,7 +181,9 @@ class ChildWorker:
                 else:
                     select.select([self._control_fd, self._jobs_fd], [], [], 1.0)
                 continue
-            idle_since = None
+            if idle_since is not None:  # waiting for jobs is not waiting for the core
+                starvation.restart(time.process_time())
+                idle_since = None
             offset, length = self._pending.popleft()
             started = time.monotonic()
             try:
@@ -178,8 +199,11 @@ class ChildWorker:
             cpu, charged_from = now_cpu - charged_from, now_cpu
             if self._dirty and time.monotonic() - self._sent_at >= FIGURES_EVERY_S:
                 self._send_figures()
-            pause = idle_after(cpu, wall, self.cpu_share)
+            pause = max(idle_after(cpu, wall, self.cpu_share), starvation.pause(now_cpu))
             if pause > 0:
-                time.sleep(pause)
+                if self._dirty:  # a long pause would hold the figures back
+                    self._send_figures()
+                self._idle(pause)
+                starvation.restart(time.process_time())
         if self._dirty:
             self._send_figures()

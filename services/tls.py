@@ -22,7 +22,6 @@ import os
 import ssl
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import grpc
 import structlog
 
-from mesh.tls_files import MAX_PEM_BYTES, FileStamps, file_stamps, read_server_files
+from mesh.tls_files import MAX_PEM_BYTES, ReloadingFiles, read_server_files
 from mesh.tls_files import TlsFileError as TlsSettingsError
 
 __all__ = ["MAX_PEM_BYTES", "CertificateReloader", "ServerTls", "TlsSettingsError", "grpc_credentials",
@@ -82,68 +81,53 @@ def uvicorn_options(tls: ServerTls | None) -> dict[str, Any]:
     return options
 
 
-_Stamp = FileStamps
-
-
 class CertificateReloader:
     """Serves the newest valid set of the TLS files: gRPC asks :meth:`fetch` at each handshake,
     and the REST port's handshakes switch to a context built from that set (:meth:`watch_context`).
 
-    A file's (mtime, size, inode) is looked at most once per ``interval`` seconds; a change is
-    read and checked with :func:`load_server_tls` before anything serves it.
+    The files are followed by :class:`mesh.tls_files.ReloadingFiles` (looked at most once per
+    ``interval`` seconds); a change is read and checked with :func:`load_server_tls` before
+    anything serves it, and a set refused keeps the old one (``tls_reload_refused``, once).
     """
 
     def __init__(self, tls: ServerTls, interval: float = 1.0) -> None:
-        self.interval = interval
         self._lock = threading.Lock()
-        self._tls = tls
         self._generation = 0
         self._fetched = 0
-        self._stamp = self._stamps()
-        self._refused: _Stamp | None = None
-        self._checked_at = time.monotonic()
-        self._rest_context: ssl.SSLContext | None = None  # built from self._tls once watched
+        self._rest_context: ssl.SSLContext | None = None  # built from the set served once watched
+        paths = (tls.cert_path, tls.key_path) + ((tls.client_ca_path,) if tls.client_ca_path else ())
+        self._files: ReloadingFiles[tuple[ServerTls, ssl.SSLContext | None]] = ReloadingFiles(
+            paths, self._load, interval=interval, first=(tls, None),
+                                     events=("tls_reloaded", "tls_reload_refused"),
+                                     fields=lambda value: {"cert": str(value[0].cert_path), "mutual": value[0].mutual})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
+    def interval(self) -> float:
+        return self._files.interval
+
+    @property
     def tls(self) -> ServerTls:
         """The set now served."""
-        return self._tls
+        return self._files.value[0]
 
-    def _paths(self) -> tuple[Path, ...]:
-        tls = self._tls
-        return (tls.cert_path, tls.key_path) + ((tls.client_ca_path,) if tls.client_ca_path else ())
-
-    def _stamps(self) -> _Stamp:
-        return file_stamps(self._paths())
+    def _load(self) -> tuple[ServerTls, ssl.SSLContext | None]:
+        old = self.tls
+        new = load_server_tls(old.cert_path, old.key_path, old.client_ca_path)
+        if new is None:  # cannot be: both paths are given
+            raise TlsSettingsError("no TLS files")
+        return new, None if self._rest_context is None else server_context(new)
 
     def check(self) -> bool:
         """Load the files again if they changed and pass the checks; True when a new set serves."""
-        with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at < self.interval:
-                return False
-            self._checked_at = now
-            stamp = self._stamps()
-            if stamp in (self._stamp, self._refused):
-                return False
-            old = self._tls
-            try:
-                new = load_server_tls(old.cert_path, old.key_path, old.client_ca_path)
-                if new is None:  # cannot be: both paths are given
-                    raise TlsSettingsError("no TLS files")
-                rest = None if self._rest_context is None else server_context(new)
-            except (TlsSettingsError, ssl.SSLError, OSError) as exc:
-                self._refused = stamp  # logged once per state of the files, retried when they change
-                log.warning("tls_reload_refused", reason=str(exc), serving="the previous certificate")
-                return False
-            self._tls, self._stamp, self._refused = new, stamp, None
-            if rest is not None:
-                self._rest_context = rest
-            self._generation += 1
-        log.info("tls_reloaded", cert=str(new.cert_path), mutual=new.mutual)
-        return True
+        (_, rest), changed = self._files.check()
+        if changed:
+            with self._lock:
+                if rest is not None:
+                    self._rest_context = rest
+                self._generation += 1
+        return changed
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's certificate configuration fetcher: a new configuration after a reload, else None
@@ -156,15 +140,15 @@ class CertificateReloader:
             if self._fetched == self._generation:
                 return None
             self._fetched = self._generation
-            return _certificate_configuration(self._tls)
+            return _certificate_configuration(self.tls)
 
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials that follow the files (see :meth:`fetch`)."""
         # grpcio documents None from the fetcher as "keep the current configuration"; its stub
         # does not say so.
         fetcher: Any = self.fetch
-        return grpc.dynamic_ssl_server_credentials(_certificate_configuration(self._tls), fetcher,
-                                                   require_client_authentication=self._tls.mutual)
+        return grpc.dynamic_ssl_server_credentials(_certificate_configuration(self.tls), fetcher,
+                                                   require_client_authentication=self.tls.mutual)
 
     def watch_context(self, context: ssl.SSLContext) -> None:
         """Make every handshake on ``context`` (uvicorn's, for the REST port) use a context built
@@ -172,7 +156,7 @@ class CertificateReloader:
         which OpenSSL runs on every ClientHello, with or without a server name. A thread looks at
         the files once per ``interval`` so that a REST-only caller also gets a new set."""
         with self._lock:
-            self._rest_context = server_context(self._tls)
+            self._rest_context = server_context(self.tls)
             context.sni_callback = self._select
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="tls-reload", daemon=True)

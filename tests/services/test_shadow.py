@@ -14,8 +14,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.shadow import (
+    STARVED_PAUSE_S,
+    STARVED_WINDOW_S,
     Policy,
     ShadowPlan,
+    Starvation,
     WorkerPriority,
     can_leave_idle,
     charged_cpu,
@@ -246,6 +249,26 @@ def test_the_duty_cycle_charges_cpu_time_not_wall_time() -> None:
     assert charged_cpu(0.002, 0.01, 1) == 0.002
     assert charged_cpu(0.002, 0.01, 4) == pytest.approx(0.04)
     assert charged_cpu(0.002, 0.01, 0) == pytest.approx(0.01 * (os.cpu_count() or 1))
+
+
+def test_a_worker_starved_of_its_core_steps_aside_and_looks_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("services.shadow.time.monotonic", lambda: clock[0])
+    starvation = Starvation()
+    starvation.restart(cpu_now=0.0)
+    clock[0] += STARVED_WINDOW_S / 2
+    assert starvation.pause(cpu_now=0.0001) == 0.0  # too short a window to judge
+    clock[0] += STARVED_WINDOW_S / 2
+    # Runnable for a whole window with 1 ms of CPU: a saturated core. It steps aside.
+    assert starvation.pause(cpu_now=0.001) == STARVED_PAUSE_S
+    assert starvation.pauses == 1
+    starvation.restart(cpu_now=0.001)  # after the pause
+    clock[0] += 3 * STARVED_WINDOW_S
+    assert starvation.pause(cpu_now=0.002) == STARVED_PAUSE_S
+    starvation.restart(cpu_now=0.002)
+    clock[0] += STARVED_WINDOW_S
+    assert starvation.pause(cpu_now=0.002 + STARVED_WINDOW_S / 10) == 0.0  # it got its CPU: no pause
+    assert starvation.pauses == 2
 
 
 def test_allclose_agrees_with_numpy_on_finite_nan_and_infinite_values() -> None:
