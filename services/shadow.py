@@ -206,7 +206,10 @@ class Starvation:
     the kernel's doing, not the comparisons'). There a comparison waits about a second anyway;
     sleeping between them keeps the worker off the run queue, and the jobs offered meanwhile are
     dropped (counted). The window covers the time the worker was runnable only: :meth:`restart`
-    after each pause and when jobs come again after none."""
+    after stepping aside and when jobs come again after none, :meth:`idled` for the share's own
+    idling between jobs (which must not restart it: a starved worker's jobs run as soon as it has
+    the core, so the share idles after each of them, and a window restarted there never grew to
+    :data:`STARVED_WINDOW_S`)."""
 
     def __init__(self) -> None:
         self._since: float | None = None
@@ -217,6 +220,11 @@ class Starvation:
     def restart(self, cpu_now: float) -> None:
         """A new window from now (``cpu_now``: the worker's CPU clock)."""
         self._since, self._cpu_at = time.monotonic(), cpu_now
+
+    def idled(self, seconds: float) -> None:
+        """The worker idled ``seconds`` on purpose (the share): not runnable, so not in the window."""
+        if self._since is not None:
+            self._since += seconds
 
     def pause(self, cpu_now: float) -> float:
         """Seconds to step aside after a job (0: none), from the CPU clock ``cpu_now``."""
@@ -532,10 +540,13 @@ class Shadow:
             cpu, charged_from = now - charged_from, now
             # With ONNX Runtime's own threads at work this thread's CPU says nothing of starvation.
             starved = starvation.pause(now) if intra_op == 1 else 0.0
-            pause = max(idle_after(charged_cpu(cpu, wall, intra_op), wall, self.cpu_share), starved)
-            if pause > 0:
-                self._stopped.wait(pause)
+            if starved > 0:
+                self._stopped.wait(starved)
                 starvation.restart(time.thread_time())
+            elif (share := idle_after(charged_cpu(cpu, wall, intra_op), wall, self.cpu_share)) > 0:
+                idled_from = time.monotonic()
+                self._stopped.wait(share)
+                starvation.idled(time.monotonic() - idled_from)
 
     def _run(self, job: ShadowJob) -> int:
         """Run and compare one job; returns the candidate's intra-op thread setting (1: ONNX

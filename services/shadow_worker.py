@@ -199,11 +199,14 @@ class ChildWorker:
             cpu, charged_from = now_cpu - charged_from, now_cpu
             if self._dirty and time.monotonic() - self._sent_at >= FIGURES_EVERY_S:
                 self._send_figures()
-            pause = max(idle_after(cpu, wall, self.cpu_share), starvation.pause(now_cpu))
-            if pause > 0:
+            if (starved := starvation.pause(now_cpu)) > 0:
                 if self._dirty:  # a long pause would hold the figures back
                     self._send_figures()
-                self._idle(pause)
+                self._idle(starved)
                 starvation.restart(time.process_time())
+            elif (share := idle_after(cpu, wall, self.cpu_share)) > 0:
+                idled_from = time.monotonic()
+                self._idle(share)
+                starvation.idled(time.monotonic() - idled_from)
         if self._dirty:
             self._send_figures()

@@ -271,6 +271,38 @@ def test_a_worker_starved_of_its_core_steps_aside_and_looks_again(monkeypatch: p
     assert starvation.pauses == 2
 
 
+def test_the_shares_idling_between_jobs_is_not_counted_as_waiting_for_the_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("services.shadow.time.monotonic", lambda: clock[0])
+
+    def jobs(starvation: Starvation, n: int, waited: float) -> float:
+        """n jobs of 1 ms CPU, each after ``waited`` s for the core and followed by 19 ms of the
+        share's idling; the last job's step-aside (0 for all before it)."""
+        pauses = []
+        for i in range(n):
+            clock[0] += waited + 0.001
+            pauses.append(starvation.pause(cpu_now=0.001 * (i + 1)))
+            clock[0] += 0.019
+            starvation.idled(0.019)
+        assert all(p == 0.0 for p in pauses[:-1])
+        return pauses[-1]
+
+    # Each job runs as soon as it is taken: the core is free. 95 % of the wall time is idling,
+    # and a window made of the rest is never starved, however long it runs.
+    free = Starvation()
+    free.restart(cpu_now=0.0)
+    assert jobs(free, 3000, waited=0.0) == 0.0
+    assert free.pauses == 0
+    # Each job waits 0.3 s for the core and then runs at once, the share idling after it as
+    # before: the waits add up to a window and it steps aside (a window restarted at each idling
+    # would never have grown to STARVED_WINDOW_S).
+    starved = Starvation()
+    starved.restart(cpu_now=0.0)
+    n = int(STARVED_WINDOW_S / 0.301) + 1
+    assert jobs(starved, n, waited=0.3) == STARVED_PAUSE_S
+    assert starved.pauses == 1
+
+
 def test_allclose_agrees_with_numpy_on_finite_nan_and_infinite_values() -> None:
     rng = np.random.default_rng(7)
     plan = ShadowPlan(candidate=3, rtol=1e-3, atol=1e-4)
