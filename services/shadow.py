@@ -201,7 +201,7 @@ class Starvation:
     """When the worker should step aside for a saturated core (:data:`STARVED_WINDOW_S`).
 
     A SCHED_IDLE task that stays runnable on a core its service saturates gets almost none of it
-    (0.03 to 0.1 % measured) yet costs the service about 10 % of its throughput there
+    (0.03 to 0.1 % measured) yet costs the service 3 to 11 % of its throughput there
     (docs/benchmarks.md, "On a core of its own": a plain SCHED_IDLE loop costs the same, so it is
     the kernel's doing, not the comparisons'). There a comparison waits about a second anyway;
     sleeping between them keeps the worker off the run queue, and the jobs offered meanwhile are
