@@ -97,9 +97,8 @@ class CertificateReloader:
         self._rest_context: ssl.SSLContext | None = None  # built from the set served once watched
         paths = (tls.cert_path, tls.key_path) + ((tls.client_ca_path,) if tls.client_ca_path else ())
         self._files: ReloadingFiles[tuple[ServerTls, ssl.SSLContext | None]] = ReloadingFiles(
-            paths, self._load, interval=interval, first=(tls, None),
-                                     events=("tls_reloaded", "tls_reload_refused"),
-                                     fields=lambda value: {"cert": str(value[0].cert_path), "mutual": value[0].mutual})
+            paths, self._load, interval=interval, first=(tls, None), events=("tls_reloaded", "tls_reload_refused"),
+            fields=lambda value: {"cert": str(value[0].cert_path), "mutual": value[0].mutual})
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
