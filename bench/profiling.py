@@ -17,7 +17,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from bench.shadow import _load, _model, _start
+from bench.shadow import _load, _start, write_repo
 
 CONDITIONS = ("off", "profile", "tracemalloc")
 
@@ -57,10 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        for version in (2, 3):  # bench.shadow's request names version 2
-            (repo / "m" / str(version)).mkdir(parents=True)
-            (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
+        repo = write_repo(Path(tmp))  # bench.shadow's request names version 2
         proc, port, metrics = _start(repo, 0.0, Path(tmp) / "service.log")
         try:
             for round_no in range(args.rounds):

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.shadow import Config, _load, _model, _start
+from bench.shadow import Config, _load, _start, write_repo
 from mesh.rollout.figures import _fetch, parse_metrics
 
 
@@ -25,10 +25,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="traffic before scraping (fills the histograms)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        for version in (2, 3):
-            (repo / "m" / str(version)).mkdir(parents=True)
-            (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
+        repo = write_repo(Path(tmp))  # bench.shadow's request names version 2
         proc, port, metrics = _start(repo, Config(0.1), Path(tmp) / "service.log", [])
         try:
             _load(port, 4, args.seconds)

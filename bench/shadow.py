@@ -146,6 +146,25 @@ def _request(size: int = 256) -> bytes:
         raw_input_contents=[x.tobytes()]).SerializeToString()
 
 
+def pin_callers() -> set[int]:
+    """``--pin``: this process (the callers) on the first core; returns the others, the service's.
+    Call before any thread starts: the callers' threads inherit the mask."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two cores")
+    os.sched_setaffinity(0, {cpus[0]})
+    return set(cpus[1:])
+
+
+def write_repo(tmp: Path) -> Path:
+    """A model repository under ``tmp`` with model ``m`` versions 2 and 3, both :func:`_model`."""
+    repo = tmp / "repo"
+    for version in (2, 3):
+        (repo / "m" / str(version)).mkdir(parents=True)
+        (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
+    return repo
+
+
 def _start(repo: Path, config: Config, log: Path, extra: list[str], cpus: set[int] | None = None
            ) -> tuple[subprocess.Popen[bytes], int, int]:
     shadow = ({"shadow": {"candidate": 3, "baseline": 2, "fraction": config.fraction}} if config.fraction else {})
@@ -301,13 +320,7 @@ def main() -> None:
     parser.add_argument("--serve-args", default="", help="more sluice serve flags, for every configuration "
                         "(e.g. \"--handler-policy normal\")")
     args = parser.parse_args()
-    service_cpus = None
-    if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            raise SystemExit("--pin needs at least two cores")
-        os.sched_setaffinity(0, {cpus[0]})  # before any thread: the callers' threads inherit it
-        service_cpus = set(cpus[1:])
+    service_cpus = pin_callers() if args.pin else None
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     isolations = [i.strip() for i in args.isolations.split(",") if i.strip()]
     shares = [float(v) for v in args.shares.split(",") if v.strip()] or [None]
@@ -318,10 +331,7 @@ def main() -> None:
     results = Results()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        for version in (2, 3):
-            (repo / "m" / str(version)).mkdir(parents=True)
-            (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
+        repo = write_repo(Path(tmp))
         for round_ in range(args.rounds):
             shift = round_ % len(configs)
             for config in configs[shift:] + configs[:shift]:

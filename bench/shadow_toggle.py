@@ -32,7 +32,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.shadow import MODEL_INFER, Config, _compared, _model, _request, _start, shadow_child
+from bench.shadow import MODEL_INFER, Config, _compared, _request, _start, pin_callers, shadow_child, write_repo
 
 TARGETS = ("shadow", "spinner", "sleep")
 SPINNER = ("import os\n"
@@ -165,20 +165,11 @@ def main() -> None:
         raise SystemExit(f"unknown target(s) {', '.join(unknown)}: choose from {', '.join(TARGETS)}")
     if not 1 <= args.pairs <= 10_000 or not 0.05 <= args.slice <= 60 or not 1 <= args.clients <= 1024:
         raise SystemExit("--pairs 1..10000, --slice 0.05..60 s, --clients 1..1024")
-    service_cpus = None
-    if args.pin:
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) < 2:
-            raise SystemExit("--pin needs at least two cores")
-        os.sched_setaffinity(0, {cpus[0]})  # before any thread: the callers' threads inherit it
-        service_cpus = set(cpus[1:])
+    service_cpus = pin_callers() if args.pin else None
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp) / "repo"
-        for version in (2, 3):
-            (repo / "m" / str(version)).mkdir(parents=True)
-            (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
+        repo = write_repo(Path(tmp))
         for target in targets:
             print(f"{target}: {args.pairs} pairs of {args.slice:g} s slices ...", file=sys.stderr, flush=True)
             rows.append(run(target, repo, Path(tmp), clients=args.clients, pairs=args.pairs, slice_s=args.slice,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.shadow import _model
+from bench.shadow import write_repo
 from bench.shadow_toggle import Toggled, run
 
 
@@ -19,11 +19,7 @@ def test_each_running_slice_is_divided_by_its_own_pairs_stopped_one() -> None:
 
 
 def test_a_short_run_stops_and_continues_a_target_beside_a_real_service(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    for version in (2, 3):
-        (repo / "m" / str(version)).mkdir(parents=True)
-        (repo / "m" / str(version) / "model.onnx").write_bytes(_model().SerializeToString())
-    toggled = run("sleep", repo, tmp_path, clients=2, pairs=2, slice_s=0.2, extra=[], cpus=None)
+    toggled = run("sleep", write_repo(tmp_path), tmp_path, clients=2, pairs=2, slice_s=0.2, extra=[], cpus=None)
     assert len(toggled.pairs) == 2
     assert all(stopped > 0 and running > 0 for stopped, running in toggled.pairs)
     assert toggled.compared_per_s == 0.0  # no shadow beside a sleep
