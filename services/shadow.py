@@ -211,7 +211,11 @@ class Starvation:
     the core, so the share idles after each of them, and a window restarted there never grew to
     :data:`STARVED_WINDOW_S`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        """False under ``--shadow-policy nice``: chosen so that comparisons progress on a saturated
+        core, and at nice 19 a worker gets about 1.5 % of a contended core, which would read as
+        starved."""
         self._since: float | None = None
         self._cpu_at = 0.0
         self.pauses = 0
@@ -228,6 +232,8 @@ class Starvation:
 
     def pause(self, cpu_now: float) -> float:
         """Seconds to step aside after a job (0: none), from the CPU clock ``cpu_now``."""
+        if not self.enabled:
+            return 0.0
         if self._since is None:
             self.restart(cpu_now)
             return 0.0
@@ -508,7 +514,7 @@ class Shadow:
                   cpu_share=self.cpu_share)
         charged_from = time.thread_time()
         idle_since: float | None = None
-        starvation = Starvation()
+        starvation = Starvation(enabled=self.policy == "idle")
         while self._running:
             job = self._take()
             if job is None:

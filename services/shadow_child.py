@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.shadow_worker import ChildWorker  # noqa: PLC0415
 
     worker = ChildWorker(args.arena_fd, args.arena_bytes, jobs_fd=args.jobs_fd, control_fd=args.control_fd,
-                         figures_fd=args.figures_fd, cpu_share=args.cpu_share)
+                         figures_fd=args.figures_fd, cpu_share=args.cpu_share, step_aside=args.policy == "idle")
     worker.log_start(got)
     worker.run()
     return 0

@@ -49,7 +49,7 @@ def mismatch(want: Want, copy: OnnxModel) -> str | None:
 
 class ChildWorker:
     def __init__(self, arena_fd: int, arena_bytes: int, *, jobs_fd: int, control_fd: int, figures_fd: int,
-                 cpu_share: float) -> None:
+                 cpu_share: float, step_aside: bool = True) -> None:
         self._arena = mmap.mmap(arena_fd, arena_bytes)
         self._view = memoryview(self._arena)
         self._jobs_fd = jobs_fd
@@ -58,6 +58,9 @@ class ChildWorker:
         os.set_blocking(jobs_fd, False)
         os.set_blocking(control_fd, False)
         self.cpu_share = cpu_share
+        self.step_aside = step_aside
+        """Whether a starved worker steps aside (:class:`services.shadow.Starvation`): under
+        ``--policy idle``."""
         self._control = FrameReader()
         self._job_bytes = bytearray()
         self._pending: deque[tuple[int, int]] = deque()
@@ -166,7 +169,7 @@ class ChildWorker:
     def run(self) -> None:
         charged_from = time.process_time()
         idle_since: float | None = None
-        starvation = Starvation()
+        starvation = Starvation(enabled=self.step_aside)
         while self._open:
             self._read_control()
             if not self._pending:

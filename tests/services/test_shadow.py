@@ -269,6 +269,12 @@ def test_a_worker_starved_of_its_core_steps_aside_and_looks_again(monkeypatch: p
     clock[0] += STARVED_WINDOW_S
     assert starvation.pause(cpu_now=0.002 + STARVED_WINDOW_S / 10) == 0.0  # it got its CPU: no pause
     assert starvation.pauses == 2
+    # Under --shadow-policy nice the worker is meant to make progress however little it gets.
+    nice = Starvation(enabled=False)
+    nice.restart(cpu_now=0.0)
+    clock[0] += 3 * STARVED_WINDOW_S
+    assert nice.pause(cpu_now=0.001) == 0.0
+    assert nice.pauses == 0
 
 
 def test_the_shares_idling_between_jobs_is_not_counted_as_waiting_for_the_core(monkeypatch: pytest.MonkeyPatch) -> None:
