@@ -156,6 +156,16 @@ def pin_callers() -> set[int]:
     return set(cpus[1:])
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 20 s: a service (its shadow process follows it) or a helper."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def write_repo(tmp: Path) -> Path:
     """A model repository under ``tmp`` with model ``m`` versions 2 and 3, both :func:`_model`."""
     repo = tmp / "repo"
@@ -210,12 +220,12 @@ def _load(port: int, clients: int, seconds: float) -> tuple[float, float, int]:
     body = _request()
     latencies: list[list[float]] = [[] for _ in range(clients)]
     failures: list[str] = []
-    stop = time.monotonic() + seconds
+    until = time.monotonic() + seconds
 
     def caller(mine: list[float]) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
-            while time.monotonic() < stop:
+            while time.monotonic() < until:
                 started = time.perf_counter()
                 try:
                     call(body, timeout=10)
@@ -341,12 +351,7 @@ def main() -> None:
                     for clients in clients_list:
                         results.add(config, clients, measure(port, metrics, proc.pid, clients, args.seconds))
                 finally:
-                    proc.terminate()
-                    try:
-                        proc.wait(20)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait(10)
+                    stop(proc)
         offers = {(i, interval): offer_cost(repo / "m" / "2" / "model.onnx", i, args.offers, interval)
                   for i in isolations for interval in (0.002, 0.0)} if args.offers else {}
     load_after = os.getloadavg()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.shadow import MODEL_INFER, Config, _compared, _request, _start, pin_callers, shadow_child, write_repo
+from bench.shadow import MODEL_INFER, Config, _compared, _request, _start, pin_callers, shadow_child, stop, write_repo
 
 TARGETS = ("shadow", "spinner", "sleep")
 SPINNER = ("import os\n"
@@ -92,13 +92,13 @@ def _target(name: str, service: subprocess.Popen[bytes], cpus: set[int] | None
 def toggle(port: int, pid: int, clients: int, pairs: int, slice_s: float) -> list[tuple[float, float]]:
     """(stopped, running) req/s for ``pairs`` pairs of slices, ``clients`` closed-loop callers."""
     counts = [0] * clients
-    stop = threading.Event()
+    done = threading.Event()
     body = _request()
 
     def caller(i: int) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(MODEL_INFER)
-            while not stop.is_set():
+            while not done.is_set():
                 try:
                     call(body, timeout=10)
                 except grpc.RpcError:
@@ -121,7 +121,7 @@ def toggle(port: int, pid: int, clients: int, pairs: int, slice_s: float) -> lis
             out.append((rate[False], rate[True]))
     finally:
         os.kill(pid, signal.SIGCONT)
-        stop.set()
+        done.set()
         for thread in threads:
             thread.join(15)
     return out
@@ -141,12 +141,7 @@ def run(target: str, repo: Path, tmp: Path, *, clients: int, pairs: int, slice_s
     finally:
         for proc in (spare, service):
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+                stop(proc)
     return Toggled(target, got, compared, log.read_text().count('"shadow_stepping_aside"'))
 
 
